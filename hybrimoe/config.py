@@ -1,0 +1,387 @@
+"""Typed configuration: hardware profiles and policy knobs, and the only place YAML is read or written.
+
+Design choices:
+- Every config is a frozen dataclass; files are validated once, here, into those dataclasses, and a
+  bad file raises `ProfileError` with one line naming the field.
+- One schema serves measured profiles (`hybrimoe profile`), estimated ones (datasheet roofline,
+  `estimated: true` with their sources) and tuned ones (a `policy` section added by `hybrimoe tune`).
+- A latency curve keeps its raw measured points (with spread) and a linear fit; lookups interpolate
+  the points and extrapolate with the fit, so a profile with only a fit (estimated) works too.
+- YAML is loaded with `yaml.safe_load` only, and written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hybrimoe.errors import ProfileError
+
+SCHEMA_VERSION = 1
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One measured latency: the median over repeats, and the spread (max - min) of those repeats."""
+
+    n_tokens: int
+    ms: float
+    spread_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """ms = intercept_ms + per_token_ms * n_tokens, with its quality on the points it was fit to."""
+
+    intercept_ms: float
+    per_token_ms: float
+    r2: float | None = None
+    max_rel_error: float | None = None
+
+    def ms(self, n_tokens: float) -> float:
+        return self.intercept_ms + self.per_token_ms * n_tokens
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    """Latency of one unit of work (one expert, or the dense part of one layer) against token count."""
+
+    points: tuple[CurvePoint, ...] = ()
+    fit: LinearFit | None = None
+
+    def __post_init__(self) -> None:
+        if not self.points and self.fit is None:
+            raise ProfileError("a latency curve needs measured points or a linear fit")
+        counts = [p.n_tokens for p in self.points]
+        if counts != sorted(set(counts)):
+            raise ProfileError("latency points must have strictly increasing n_tokens")
+
+    def ms(self, n_tokens: float) -> float:
+        """Interpolates the measured points; beyond them, the fit (or the last segment's slope)."""
+        pts = self.points
+        if not pts:
+            return self.fit.ms(n_tokens)
+        if len(pts) == 1:
+            return pts[0].ms if self.fit is None else pts[0].ms + self.fit.per_token_ms * (n_tokens - pts[0].n_tokens)
+        counts = [p.n_tokens for p in pts]
+        i = bisect.bisect_left(counts, n_tokens)
+        if i < len(pts) and pts[i].n_tokens == n_tokens:
+            return pts[i].ms
+        if 0 < i < len(pts):
+            lo, hi = pts[i - 1], pts[i]
+            t = (n_tokens - lo.n_tokens) / (hi.n_tokens - lo.n_tokens)
+            return lo.ms + t * (hi.ms - lo.ms)
+        if i == 0:
+            return pts[0].ms
+        lo, hi = pts[-2], pts[-1]
+        slope = self.fit.per_token_ms if self.fit is not None else (hi.ms - lo.ms) / (hi.n_tokens - lo.n_tokens)
+        return hi.ms + slope * (n_tokens - hi.n_tokens)
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """The shape of one routed expert; a profile's costs apply only to experts of this shape."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: str = "bfloat16"
+    n_matrices: int = 3
+    has_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ProfileError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+        if self.hidden_size <= 0 or self.intermediate_size <= 0 or self.n_matrices <= 0:
+            raise ProfileError("expert shape sizes must be positive")
+
+    @property
+    def expert_bytes(self) -> int:
+        return int(self.n_matrices * self.hidden_size * self.intermediate_size * DTYPE_BYTES[self.dtype])
+
+    def describe(self) -> str:
+        return f"{self.n_matrices} x {self.hidden_size} x {self.intermediate_size} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Host-to-accelerator copy costs."""
+
+    expert_load_ms: float
+    h2d_pinned_gbps: float
+    h2d_pageable_gbps: float | None = None
+    d2h_gbps: float | None = None
+    h2d_pinned_expert_gbps: float | None = None
+
+
+@dataclass(frozen=True)
+class Interference:
+    """Slowdowns when CPU expert compute and host-to-device copies run at once (shared memory bus)."""
+
+    cpu_slowdown: float = 1.0
+    copy_slowdown: float = 1.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str = "unknown"
+    cores: int | None = None
+    threads: int | None = None
+    ram_gb: float | None = None
+    gpu: str | None = None
+    gpu_memory_gb: float | None = None
+    driver: str | None = None
+    cuda: str | None = None
+    torch: str | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    created_by: str
+    created_at: str
+    tool_version: str
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The knobs of the hybrid policy; `hybrimoe tune` searches over them."""
+
+    cache_ratio: float = 0.25
+    cache_layout: str = "shared"
+    cache_policy: str = "mrs"
+    mrs_alpha: float = 0.5
+    mrs_top_p: int | None = None
+    prefetch: str = "impact"
+    prefetch_depth: int = 2
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cache_ratio <= 1.0:
+            raise ProfileError(f"policy.cache_ratio must be in [0, 1], got {self.cache_ratio}")
+        if self.cache_layout not in ("shared", "per-layer"):
+            raise ProfileError(f"policy.cache_layout must be 'shared' or 'per-layer', got {self.cache_layout!r}")
+        if self.cache_policy not in ("mrs", "lru", "lfu", "static"):
+            raise ProfileError(f"policy.cache_policy must be mrs, lru, lfu or static, got {self.cache_policy!r}")
+        if not 0.0 < self.mrs_alpha <= 1.0:
+            raise ProfileError(f"policy.mrs_alpha must be in (0, 1], got {self.mrs_alpha}")
+        if self.prefetch not in ("impact", "top-score", "none"):
+            raise ProfileError(f"policy.prefetch must be impact, top-score or none, got {self.prefetch!r}")
+        if not 0 <= self.prefetch_depth <= 8:
+            raise ProfileError(f"policy.prefetch_depth must be in [0, 8], got {self.prefetch_depth}")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """What the cost model needs about one machine, for one expert shape.
+
+    `gpu_expert` and `transfer` are None on a machine without an accelerator.
+    `dense_layer` is the per-layer time of everything but routed experts (attention, norms, router,
+    shared experts) on the accelerator, so simulated ms/token is end to end.
+    """
+
+    name: str
+    expert_shape: ExpertShape
+    cpu_expert: LatencyCurve
+    dense_layer: LatencyCurve
+    gpu_expert: LatencyCurve | None = None
+    transfer: Transfer | None = None
+    host_memory_gbps: float | None = None
+    layer_overhead_ms: float = 0.0
+    cpu_first_expert_extra_ms: float = 0.0
+    interference: Interference = field(default_factory=Interference)
+    machine: Machine = field(default_factory=Machine)
+    estimated: bool = False
+    sources: tuple[str, ...] = ()
+    notes: str = ""
+    provenance: Provenance | None = None
+    policy: PolicyConfig | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.gpu_expert is None) != (self.transfer is None):
+            raise ProfileError("a profile needs both gpu_expert and transfer sections, or neither")
+
+    @property
+    def has_accelerator(self) -> bool:
+        return self.gpu_expert is not None
+
+    def with_accelerator_from(self, other: HardwareProfile) -> HardwareProfile:
+        """This machine's CPU and memory with another profile's accelerator, for what-if planning."""
+        if other.gpu_expert is None:
+            raise ProfileError(f"profile {other.name!r} has no accelerator section")
+        if other.expert_shape != self.expert_shape:
+            raise ProfileError(
+                f"profile {other.name!r} is for experts {other.expert_shape.describe()}, "
+                f"not {self.expert_shape.describe()}"
+            )
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}+{other.name}",
+            gpu_expert=other.gpu_expert,
+            transfer=other.transfer,
+            dense_layer=other.dense_layer,
+            machine=dataclasses.replace(
+                self.machine, gpu=other.machine.gpu, gpu_memory_gb=other.machine.gpu_memory_gb
+            ),
+        )
+
+    def check_expert_shape(self, shape: ExpertShape) -> None:
+        """Refuses a profile measured for other expert shapes than the model's."""
+        mine = self.expert_shape
+        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices) != (
+            shape.hidden_size,
+            shape.intermediate_size,
+            shape.n_matrices,
+        ):
+            raise ProfileError(
+                f"profile {self.name!r} was made for experts {mine.describe()}, "
+                f"but the model's experts are {shape.describe()}: run `hybrimoe profile` for this model"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass, with one-line errors naming the field
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Builds dataclass `cls` from a mapping, converting nested dataclasses by their annotations."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ProfileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name].type, value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+
+
+_NESTED = {
+    "CurvePoint": CurvePoint,
+    "LinearFit": LinearFit,
+    "LatencyCurve": LatencyCurve,
+    "ExpertShape": ExpertShape,
+    "Transfer": Transfer,
+    "Interference": Interference,
+    "Machine": Machine,
+    "Provenance": Provenance,
+    "PolicyConfig": PolicyConfig,
+}
+
+
+def _convert(annotation: str, value: Any, where: str) -> Any:
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ProfileError(f"{where}: must not be empty")
+    if base in _NESTED:
+        return _build(_NESTED[base], value, where)
+    if base == "tuple[CurvePoint, ...]":
+        if not isinstance(value, list):
+            raise ProfileError(f"{where}: expected a list of [n_tokens, ms, spread_ms]")
+        points = []
+        for i, item in enumerate(value):
+            if not (isinstance(item, list) and len(item) in (2, 3)):
+                raise ProfileError(f"{where}[{i}]: expected [n_tokens, ms] or [n_tokens, ms, spread_ms]")
+            points.append(CurvePoint(int(item[0]), float(item[1]), float(item[2]) if len(item) == 3 else 0.0))
+        return tuple(points)
+    if base == "tuple[str, ...]":
+        if not isinstance(value, list):
+            raise ProfileError(f"{where}: expected a list of strings")
+        return tuple(str(v) for v in value)
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProfileError(f"{where}: expected a number, got {value!r}")
+        if value < 0:
+            raise ProfileError(f"{where}: must not be negative, got {value}")
+        return float(value)
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ProfileError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ProfileError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"no converter for {annotation}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, CurvePoint):
+        return [obj.n_tokens, round(obj.ms, 6), round(obj.spread_ms, 6)]
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) is not None
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 6)
+    return obj
+
+
+def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile must be a YAML mapping")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProfileError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    return _build(HardwareProfile, data, source)
+
+
+def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
+    data = _to_plain(profile)
+    data = {"schema_version": data.pop("schema_version"), **data}
+    return data
+
+
+def load_profile(path: str | os.PathLike) -> HardwareProfile:
+    """Reads and validates a profile; every problem is one line naming the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"profile not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ProfileError(f"{path}: malformed YAML{at}") from None
+    return profile_from_dict(data, str(path))
+
+
+def save_profile(profile: HardwareProfile, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Writes atomically; refuses to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ProfileError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(profile_to_dict(profile), sort_keys=False, default_flow_style=None, width=100)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,22 @@
+"""Errors a user can cause: the CLI prints their message on one line and exits with code 2.
+
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, flag, file contents, model, budget)."""
+
+    exit_code = 2
+
+
+class ProfileError(UserError):
+    """A hardware profile is malformed, of another schema, or made for other expert shapes."""
+
+
+class TraceError(UserError):
+    """A routing trace is malformed or inconsistent with its metadata."""
+
+
+class ModelError(UserError):
+    """A model cannot be loaded: bad path, unsupported architecture, missing or truncated weights."""

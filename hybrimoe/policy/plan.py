@@ -1,0 +1,57 @@
+"""The plan for one MoE layer of one forward step: what the runtime executes and the simulator times.
+
+Expert ids inside a plan are indices within the layer; `ExpertId = (layer, expert)` names an expert
+across layers (prefetches, cache slots). Cache slots are numbered 0..capacity-1 over the whole
+cache, whether it is one shared pool or partitioned per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+ExpertId = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SlotLoad:
+    """Copy expert `expert` into cache slot `slot` (evicting whatever it held)."""
+
+    expert: ExpertId
+    slot: int
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    gpu: tuple[int, ...]  # resident experts computed on the accelerator, in this order
+    load: tuple[int, ...]  # experts copied in first (see `loads`), then computed on the accelerator
+    cpu: tuple[int, ...]  # experts computed on the CPU, in this order
+    slot_of: dict[int, int]  # expert -> cache slot, for every expert in gpu + load
+    loads: tuple[SlotLoad, ...]  # this layer's on-demand copies, in issue order
+    prefetch: tuple[SlotLoad, ...]  # copies for later layers, issued after this layer's loads
+    predicted_ms: float  # the scheduler's simulated time for this layer's experts
+
+
+class Planner(Protocol):
+    """What the runtime and the simulator both call, once per MoE layer of every forward step.
+
+    Shapes: T = tokens in this step, k = top-k, E = routed experts per layer.
+    """
+
+    lookahead_layers: int  # how many later layers' routing `plan_layer` wants predicted
+
+    def initial_loads(self) -> tuple[SlotLoad, ...]:
+        """Copies to make before the first step (a warm cache)."""
+        ...
+
+    def plan_layer(
+        self,
+        layer: int,
+        topk_ids: np.ndarray,  # [T, k] int: this layer's routed experts per token
+        router_probs: np.ndarray | None,  # [T, E] float: full router probabilities, when known
+        predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k] predicted experts
+    ) -> LayerPlan: ...
