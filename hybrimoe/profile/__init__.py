@@ -1,0 +1,5 @@
+"""Hardware profiles: what one machine's CPU, GPU and PCIe cost for one model's experts.
+
+Modules: `presets` (model shapes: built-in presets and transformers config.json parsing),
+`estimate` (datasheet roofline estimates, written as profiles marked `estimated: true`).
+"""

@@ -1,0 +1,674 @@
+"""Routing traces: which experts every token chose in every MoE layer, step by step.
+
+Shapes: L = MoE layers, T = tokens in one step, N = tokens over all steps, k = top-k,
+E = routed experts per layer, D = look-ahead depth (later layers predicted from one layer).
+
+Design choices:
+- A trace is plain numpy in frozen dataclasses: `RoutingTrace(meta, steps)`; a step is one forward
+  pass (a prefill of T tokens, or a decode step of 1 token). Every `RoutingTrace` is validated when
+  it is built, so a trace that exists is consistent with its metadata.
+- The file format is one compressed `.npz` (loaded with `allow_pickle=False`): arrays concatenated
+  over steps along the token axis plus `step_lengths`, and the metadata as a JSON string in the
+  0-d unicode array `meta` (with `format` and `version` keys). No sidecar file.
+- Because attention is causal, a token routes the same way whether it is computed inside a prefill
+  or as its own decode step, so `as_decode()` turns any trace into a decode-order trace.
+- Foreign formats are imported with shape facts given explicitly (arguments or a transformers
+  `config.json`), never guessed from the data; the data is checked against them.
+- Every problem in a file is one `TraceError` line naming the file (and the line, for JSON Lines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hybrimoe.config import DTYPE_BYTES, ExpertShape
+from hybrimoe.errors import TraceError, UserError
+
+FORMAT_NAME = "hybrimoe-routing-trace"
+FORMAT_VERSION = 1
+_ID_DTYPE = np.int16
+
+
+@dataclass(frozen=True)
+class TraceMeta:
+    """The model a trace was recorded on; shape facts needed to size experts and caches."""
+
+    model: str
+    n_layers: int  # MoE layers only
+    n_experts: int  # routed experts per layer
+    top_k: int
+    n_shared_experts: int
+    hidden_size: int
+    intermediate_size: int  # of one routed expert
+    dtype: str  # of the expert weights
+    provenance: str
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_experts", "top_k", "hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TraceError(f"trace metadata: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            raise TraceError(f"trace metadata: n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        if self.top_k > self.n_experts:
+            raise TraceError(f"trace metadata: top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        if self.n_experts > np.iinfo(_ID_DTYPE).max:
+            raise TraceError(f"trace metadata: n_experts {self.n_experts} exceeds {np.iinfo(_ID_DTYPE).max}")
+        if self.dtype not in DTYPE_BYTES:
+            raise TraceError(f"trace metadata: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+        for name in ("model", "provenance"):
+            if not isinstance(getattr(self, name), str):
+                raise TraceError(f"trace metadata: {name} must be a string")
+        if not self.model:
+            raise TraceError("trace metadata: model must not be empty")
+
+    def expert_shape(self) -> ExpertShape:
+        return ExpertShape(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, dtype=self.dtype)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_shape().expert_bytes
+
+
+def _ids(array: Any, name: str) -> np.ndarray:
+    """Integer expert ids as int16, refusing values the cast would wrap."""
+    array = np.asarray(array)
+    if array.dtype == _ID_DTYPE:
+        return array
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TraceError(f"{name} must hold integers, got {array.dtype}")
+    info = np.iinfo(_ID_DTYPE)
+    if array.size and (array.min() < -1 or array.max() > info.max):
+        raise TraceError(f"{name} holds ids outside [-1, {info.max}]")
+    return array.astype(_ID_DTYPE)
+
+
+def _floats(array: Any, name: str, allowed: tuple[type, ...]) -> np.ndarray | None:
+    if array is None:
+        return None
+    array = np.asarray(array)
+    if array.dtype.type not in allowed:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TraceError(f"{name} must hold floats, got {array.dtype}")
+        array = array.astype(allowed[-1])
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class TraceStep:
+    """One forward step of T tokens."""
+
+    topk_ids: np.ndarray  # [L, T, k] int16
+    topk_weights: np.ndarray | None = None  # [L, T, k] float32: routing weights, when recorded
+    router_probs: np.ndarray | None = None  # [L, T, E] float16 or float32: full router probabilities
+    lookahead: np.ndarray | None = None  # [L, D, T, k] int16: ids for layer l+1+d predicted at l; -1 past L
+
+    def __post_init__(self) -> None:
+        ids = _ids(self.topk_ids, "topk_ids")
+        if ids.ndim != 3:
+            raise TraceError(f"topk_ids must be [layers, tokens, k], got shape {ids.shape}")
+        object.__setattr__(self, "topk_ids", ids)
+        object.__setattr__(self, "topk_weights", _floats(self.topk_weights, "topk_weights", (np.float32,)))
+        object.__setattr__(
+            self, "router_probs", _floats(self.router_probs, "router_probs", (np.float16, np.float32))
+        )
+        if self.lookahead is not None:
+            object.__setattr__(self, "lookahead", _ids(self.lookahead, "lookahead"))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.topk_ids.shape[1]
+
+    def tokens(self, start: int, stop: int) -> TraceStep:
+        """Tokens [start, stop) of this step, as views."""
+        cut = slice(start, stop)
+        return TraceStep(
+            topk_ids=self.topk_ids[:, cut],
+            topk_weights=None if self.topk_weights is None else self.topk_weights[:, cut],
+            router_probs=None if self.router_probs is None else self.router_probs[:, cut],
+            lookahead=None if self.lookahead is None else self.lookahead[:, :, cut],
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    """A sequence of forward steps recorded on one model; validated against `meta` when built."""
+
+    meta: TraceMeta
+    steps: tuple[TraceStep, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        _validate(self)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(step.n_tokens for step in self.steps)
+
+    @property
+    def step_lengths(self) -> tuple[int, ...]:
+        return tuple(step.n_tokens for step in self.steps)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.steps[0].topk_weights is not None
+
+    @property
+    def has_router_probs(self) -> bool:
+        return self.steps[0].router_probs is not None
+
+    @property
+    def lookahead_depth(self) -> int:
+        lookahead = self.steps[0].lookahead
+        return 0 if lookahead is None else lookahead.shape[1]
+
+    def topk_ids(self) -> np.ndarray:
+        """[L, N, k] int16: every token's experts, steps concatenated in order."""
+        return np.concatenate([step.topk_ids for step in self.steps], axis=1)
+
+    def as_decode(self) -> RoutingTrace:
+        """Each token of each step as its own 1-token step, in order (valid by causal attention)."""
+        steps = tuple(step.tokens(t, t + 1) for step in self.steps for t in range(step.n_tokens))
+        return RoutingTrace(self.meta, steps)
+
+    def prefill_steps(self) -> RoutingTrace:
+        """Only the steps of more than one token."""
+        return self._where(lambda step: step.n_tokens > 1, "prefill (multi-token)")
+
+    def decode_steps(self) -> RoutingTrace:
+        """Only the 1-token steps."""
+        return self._where(lambda step: step.n_tokens == 1, "decode (1-token)")
+
+    def tokens(self, start: int, stop: int) -> RoutingTrace:
+        """Tokens [start, stop) of the token stream, keeping step boundaries (edge steps are cut)."""
+        if not 0 <= start < stop <= self.n_tokens:
+            raise TraceError(f"token range [{start}, {stop}) is empty or outside the trace's {self.n_tokens} tokens")
+        steps, offset = [], 0
+        for step in self.steps:
+            lo, hi = max(start - offset, 0), min(stop - offset, step.n_tokens)
+            if lo < hi:
+                steps.append(step if (lo, hi) == (0, step.n_tokens) else step.tokens(lo, hi))
+            offset += step.n_tokens
+        return RoutingTrace(self.meta, tuple(steps))
+
+    def split(self, fraction: float) -> tuple[RoutingTrace, RoutingTrace]:
+        """The decode view cut at round(fraction * N) tokens: e.g. a profiling part and a replay part."""
+        n_first = round(fraction * self.n_tokens)
+        if not 0 < n_first < self.n_tokens:
+            raise TraceError(
+                f"split fraction {fraction} leaves an empty part of a trace of {self.n_tokens} tokens"
+            )
+        decode = self.as_decode()
+        return RoutingTrace(self.meta, decode.steps[:n_first]), RoutingTrace(self.meta, decode.steps[n_first:])
+
+    def concat(self, other: RoutingTrace) -> RoutingTrace:
+        """This trace's steps followed by `other`'s; both must be for the same model shape."""
+        mine = dataclasses.replace(self.meta, provenance="")
+        theirs = dataclasses.replace(other.meta, provenance="")
+        if mine != theirs:
+            raise TraceError(f"cannot concatenate traces of different models: {mine} vs {theirs}")
+        return RoutingTrace(self.meta, self.steps + other.steps)
+
+    def expert_frequencies(self) -> np.ndarray:
+        """[L, E] int64: how many tokens activated each expert."""
+        ids = self.topk_ids()
+        n_layers, n_experts = self.meta.n_layers, self.meta.n_experts
+        flat = (ids.astype(np.int64) + np.arange(n_layers)[:, None, None] * n_experts).ravel()
+        return np.bincount(flat, minlength=n_layers * n_experts).reshape(n_layers, n_experts)
+
+    def _where(self, keep, what: str) -> RoutingTrace:
+        steps = tuple(step for step in self.steps if keep(step))
+        if not steps:
+            raise TraceError(f"the trace has no {what} steps")
+        return RoutingTrace(self.meta, steps)
+
+
+def _validate(trace: RoutingTrace) -> None:
+    """Shapes per step, then the contents of all steps at once (one pass over the concatenation)."""
+    meta, steps = trace.meta, trace.steps
+    if not isinstance(meta, TraceMeta):
+        raise TraceError("trace metadata must be a TraceMeta")
+    if not steps:
+        raise TraceError("a trace needs at least one step")
+    L, E, k = meta.n_layers, meta.n_experts, meta.top_k
+    first = steps[0]
+    depth = None if first.lookahead is None else first.lookahead.shape[1:2]
+    for i, step in enumerate(steps):
+        ids = step.topk_ids
+        if ids.shape[0] != L or ids.shape[2] != k or ids.shape[1] < 1:
+            raise TraceError(f"step {i}: topk_ids has shape {ids.shape}, expected [{L}, tokens >= 1, {k}]")
+        T = ids.shape[1]
+        for name, expected in (
+            ("topk_weights", (L, T, k)),
+            ("router_probs", (L, T, E)),
+            ("lookahead", None if depth is None else (L, *depth, T, k)),
+        ):
+            array = getattr(step, name)
+            if (array is None) != (getattr(first, name) is None):
+                raise TraceError(f"step {i}: {name} is present in some steps but not in others")
+            if array is not None and array.shape != expected:
+                raise TraceError(f"step {i}: {name} has shape {array.shape}, expected {list(expected)}")
+    ids = trace.topk_ids()
+    if ids.min() < 0 or ids.max() >= E:
+        raise TraceError(f"topk_ids holds expert ids outside [0, {E}): min {ids.min()}, max {ids.max()}")
+    if k > 1:
+        ordered = np.sort(ids, axis=2)
+        repeats = np.nonzero((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
+        if repeats[0].size:
+            layer, token = int(repeats[0][0]), int(repeats[1][0])
+            raise TraceError(f"topk_ids repeats an expert within one token's top-k (layer {layer}, token {token})")
+    if first.topk_weights is not None:
+        weights = np.concatenate([step.topk_weights for step in steps], axis=1)
+        if not np.isfinite(weights).all():
+            raise TraceError("topk_weights holds non-finite values")
+    if first.router_probs is not None:
+        probs = np.concatenate([step.router_probs for step in steps], axis=1)
+        if not (np.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1):
+            raise TraceError("router_probs must be finite probabilities in [0, 1]")
+    if first.lookahead is not None:
+        lookahead = np.concatenate([step.lookahead for step in steps], axis=2)
+        # target[l, d] = l + 1 + d: predictions exist only for layers inside the model.
+        target = np.arange(L)[:, None] + 1 + np.arange(lookahead.shape[1])[None, :]
+        inside = (target < L)[:, :, None, None]
+        if (np.where(inside, lookahead, 0) < 0).any() or (np.where(inside, lookahead, 0) >= E).any():
+            raise TraceError(f"lookahead holds expert ids outside [0, {E}) for layers inside the model")
+        if (np.where(inside, -1, lookahead) != -1).any():
+            raise TraceError("lookahead must be -1 for predicted layers past the last layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# .npz files
+
+
+def save_trace(trace: RoutingTrace, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Writes one compressed .npz atomically; refuses to replace a file unless `overwrite`."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise TraceError(f"{path}: a trace file must end in .npz")
+    if path.exists() and not overwrite:
+        raise TraceError(f"{path} exists; pass --force to overwrite it")
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **dataclasses.asdict(trace.meta)}
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.array(json.dumps(meta)),
+        "step_lengths": np.array(trace.step_lengths, dtype=np.int64),
+        "topk_ids": trace.topk_ids(),
+    }
+    if trace.has_weights:
+        arrays["topk_weights"] = np.concatenate([s.topk_weights for s in trace.steps], axis=1)
+    if trace.has_router_probs:
+        arrays["router_probs"] = np.concatenate([s.router_probs for s in trace.steps], axis=1)
+    if trace.lookahead_depth:
+        arrays["lookahead"] = np.concatenate([s.lookahead for s in trace.steps], axis=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is a shareable data file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_probs", "lookahead")
+
+
+def load_trace(path: str | os.PathLike) -> RoutingTrace:
+    """Reads and validates a trace; every problem is one TraceError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise TraceError(f"{path}: not an .npz trace archive")
+            unknown = set(archive.files) - set(_ARRAY_NAMES)
+            if unknown:
+                raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
+            arrays = {name: archive[name] for name in archive.files}
+    except TraceError:
+        raise
+    except AttributeError:
+        raise TraceError(f"{path}: not an .npz trace archive") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
+    try:
+        return _trace_from_arrays(arrays)
+    except TraceError as exc:
+        raise TraceError(f"{path}: {exc}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _trace_from_arrays(arrays: dict[str, np.ndarray]) -> RoutingTrace:
+    for name in ("meta", "step_lengths", "topk_ids"):
+        if name not in arrays:
+            raise TraceError(f"missing array {name!r}")
+    meta = _meta_from_json(arrays["meta"])
+    lengths = arrays["step_lengths"]
+    if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer) or lengths.size == 0:
+        raise TraceError("step_lengths must be a non-empty 1-d integer array")
+    if (lengths < 1).any():
+        raise TraceError("step_lengths must all be >= 1")
+    ids = arrays["topk_ids"]
+    if ids.ndim != 3:
+        raise TraceError(f"topk_ids must be [layers, tokens, k], got shape {ids.shape}")
+    n_tokens = int(lengths.sum())
+    if ids.shape[1] != n_tokens:
+        raise TraceError(f"step_lengths sum to {n_tokens} tokens but topk_ids holds {ids.shape[1]}")
+    # The token axis is 1 for [L, N, ...] arrays and 2 for lookahead [L, D, N, k].
+    token_axis = {"topk_ids": 1, "topk_weights": 1, "router_probs": 1, "lookahead": 2}
+    for name, axis in token_axis.items():
+        if name in arrays and (arrays[name].ndim <= axis or arrays[name].shape[axis] != n_tokens):
+            raise TraceError(f"{name} has shape {arrays[name].shape}, expected {n_tokens} tokens on axis {axis}")
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    steps = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        parts = {
+            name: arrays[name][(slice(None),) * axis + (slice(lo, hi),)]
+            for name, axis in token_axis.items()
+            if name in arrays
+        }
+        steps.append(TraceStep(**parts))
+    return RoutingTrace(meta, tuple(steps))
+
+
+def _meta_from_json(array: np.ndarray) -> TraceMeta:
+    if array.ndim != 0 or array.dtype.kind != "U":
+        raise TraceError("meta must be a JSON string")
+    try:
+        data = json.loads(str(array))
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"meta is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(data, dict):
+        raise TraceError("meta must be a JSON object")
+    if data.pop("format", None) != FORMAT_NAME:
+        raise TraceError(f"meta.format is not {FORMAT_NAME!r}")
+    version = data.pop("version", None)
+    if version != FORMAT_VERSION:
+        raise TraceError(f"trace format version {version!r} is not supported (expected {FORMAT_VERSION})")
+    names = {f.name for f in dataclasses.fields(TraceMeta)}
+    missing, unknown = names - set(data), set(data) - names
+    if missing:
+        raise TraceError(f"meta is missing field(s) {', '.join(sorted(missing))}")
+    if unknown:
+        raise TraceError(f"meta has unknown field(s) {', '.join(sorted(unknown))}")
+    return TraceMeta(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing foreign formats
+
+
+def trace_meta_from_hf_config(
+    config_path: str | os.PathLike, model: str | None = None, dtype: str | None = None, provenance: str = ""
+) -> TraceMeta:
+    """Shape facts from a transformers config.json; `model`/`dtype` fill in what the file lacks."""
+    from hybrimoe.profile.presets import shape_from_hf_config
+
+    config_path = Path(config_path)
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise TraceError(f"config not found: {config_path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{config_path}: not a readable JSON config ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise TraceError(f"{config_path}: a config must be a JSON object")
+    overrides = {k: v for k, v in (("name", model), ("dtype", dtype)) if v is not None}
+    try:
+        shape = shape_from_hf_config(config, **overrides)
+    except UserError as exc:
+        raise TraceError(f"{config_path}: {exc}") from None
+    return TraceMeta(
+        model=shape.name,
+        n_layers=shape.n_layers,
+        n_experts=shape.n_experts,
+        top_k=shape.top_k,
+        n_shared_experts=shape.n_shared_experts,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        dtype=shape.dtype,
+        provenance=provenance,
+    )
+
+
+def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> RoutingTrace:
+    """Reads vLLM-style fused-MoE routing dumps: one JSON line per MoE layer call.
+
+    Each line holds `topk_ids` [T][k] and optionally `topk_weights`, either the weights [T][k] or
+    only the tensor's shape [T, k] (then no weights are kept). `meta.n_layers` consecutive lines
+    form one step (layers 0..L-1, row i the same token in all of them). A step identical to an
+    earlier step of the same length is dropped (a serving engine's idle batches).
+    """
+    if not paths:
+        raise TraceError("no input files given")
+    steps: list[TraceStep] = []
+    seen: set[bytes] = set()
+    n_dropped = 0
+    for path in map(Path, paths):
+        for step in _vllm_steps(path, meta):
+            key = step.topk_ids.tobytes() + (b"" if step.topk_weights is None else step.topk_weights.tobytes())
+            key = step.n_tokens.to_bytes(8, "little") + key
+            if key in seen:
+                n_dropped += 1
+                continue
+            seen.add(key)
+            steps.append(step)
+    if steps and any((s.topk_weights is None) != (steps[0].topk_weights is None) for s in steps):
+        raise TraceError("some lines carry routing weights and others only a shape: cannot mix them")
+    note = f"imported from {', '.join(Path(p).name for p in paths)} (vllm-jsonl); {n_dropped} repeated steps dropped"
+    provenance = f"{meta.provenance}; {note}" if meta.provenance else note
+    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(steps))
+
+
+def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
+    if not path.is_file():
+        raise TraceError(f"trace input not found: {path}")
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read ({_one_line(exc)})") from None
+    L, k = meta.n_layers, meta.top_k
+    if not lines:
+        raise TraceError(f"{path}: no lines")
+    if len(lines) % L:
+        raise TraceError(f"{path}: {len(lines)} lines is not a multiple of n_layers={L} (one line per MoE layer)")
+    steps = []
+    for first in range(0, len(lines), L):
+        ids_per_layer, weights_per_layer = [], []
+        for lineno in range(first, first + L):
+            where = f"{path}:{lineno + 1}"
+            ids, weights = _vllm_line(lines[lineno], where, meta)
+            if ids_per_layer and ids.shape[0] != ids_per_layer[0].shape[0]:
+                raise TraceError(
+                    f"{where}: {ids.shape[0]} tokens, but layer 0 of this step had {ids_per_layer[0].shape[0]}"
+                )
+            if weights_per_layer and (weights is None) != (weights_per_layer[0] is None):
+                raise TraceError(f"{where}: routing weights present in some layers of this step only")
+            ids_per_layer.append(ids)
+            weights_per_layer.append(weights)
+        weights = None if weights_per_layer[0] is None else np.stack(weights_per_layer)
+        try:
+            steps.append(TraceStep(topk_ids=np.stack(ids_per_layer), topk_weights=weights))
+        except TraceError as exc:
+            raise TraceError(f"{path}:{first + 1}: {exc}") from None
+    return steps
+
+
+def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict) or "topk_ids" not in record:
+        raise TraceError(f"{where}: expected an object with 'topk_ids'")
+    try:
+        ids = np.array(record["topk_ids"])
+    except ValueError:
+        raise TraceError(f"{where}: topk_ids is not a rectangular [tokens][k] list") from None
+    if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise TraceError(f"{where}: topk_ids must be a non-empty [tokens][k] list of integers")
+    if ids.shape[1] != meta.top_k:
+        raise TraceError(f"{where}: {ids.shape[1]} experts per token, but top_k is {meta.top_k}")
+    if ids.min() < 0 or ids.max() >= meta.n_experts:
+        raise TraceError(f"{where}: expert id {int(ids.max()) if ids.max() >= meta.n_experts else int(ids.min())} "
+                         f"outside [0, {meta.n_experts})")
+    if (np.sort(ids, axis=1)[:, 1:] == np.sort(ids, axis=1)[:, :-1]).any():
+        raise TraceError(f"{where}: a token's top-k repeats an expert")
+    raw = record.get("topk_weights")
+    if raw is None:
+        return ids.astype(_ID_DTYPE), None
+    if raw == list(ids.shape):
+        return ids.astype(_ID_DTYPE), None  # only the weight tensor's shape was logged
+    try:
+        weights = np.array(raw, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise TraceError(f"{where}: topk_weights is neither a [tokens, k] shape nor a [tokens][k] list of numbers") from None
+    if weights.shape != ids.shape:
+        raise TraceError(f"{where}: topk_weights has shape {list(weights.shape)}, topk_ids {list(ids.shape)}")
+    if not np.isfinite(weights).all():
+        raise TraceError(f"{where}: topk_weights holds non-finite values")
+    return ids.astype(_ID_DTYPE), weights
+
+
+IMPORT_FORMATS = ("vllm-jsonl",)
+
+
+def import_trace_files(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    fmt: str = "vllm-jsonl",
+    config_path: str | os.PathLike | None = None,
+    model: str | None = None,
+    n_layers: int | None = None,
+    n_experts: int | None = None,
+    top_k: int | None = None,
+    n_shared_experts: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    dtype: str | None = None,
+    provenance: str = "",
+    overwrite: bool = False,
+) -> RoutingTrace:
+    """`hybrimoe trace import`: shape facts from `config_path` or from every explicit argument."""
+    out = Path(out)
+    if fmt not in IMPORT_FORMATS:
+        raise TraceError(f"unknown trace format {fmt!r}; expected one of {', '.join(IMPORT_FORMATS)}")
+    if out.exists() and not overwrite:
+        raise TraceError(f"{out} exists; pass --force to overwrite it")
+    explicit = {
+        "n_layers": n_layers,
+        "n_experts": n_experts,
+        "top_k": top_k,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+    }
+    if config_path is not None:
+        given = [name for name, value in explicit.items() if value is not None]
+        if given or n_shared_experts is not None:
+            raise TraceError(f"give shape facts either with --config or explicitly, not both (got {', '.join(given) or 'n_shared_experts'})")
+        meta = trace_meta_from_hf_config(config_path, model=model, dtype=dtype, provenance=provenance)
+    else:
+        missing = [name for name, value in {**explicit, "model": model, "dtype": dtype}.items() if value is None]
+        if missing:
+            raise TraceError(f"without --config, these shape facts are needed: {', '.join(missing)}")
+        meta = TraceMeta(
+            model=model, n_shared_experts=n_shared_experts or 0, dtype=dtype, provenance=provenance, **explicit
+        )
+    trace = import_vllm_jsonl(paths, meta)
+    save_trace(trace, out, overwrite=overwrite)
+    return trace
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass(frozen=True)
+class TraceSummary:
+    model: str
+    n_steps: int
+    n_tokens: int
+    n_prefill_steps: int  # steps of more than one token
+    n_prefill_tokens: int
+    n_decode_steps: int  # 1-token steps
+    n_layers: int
+    n_experts: int
+    top_k: int
+    n_shared_experts: int
+    expert_bytes: int
+    has_weights: bool
+    has_router_probs: bool
+    lookahead_depth: int
+    top10_share: float  # share of activations taken by the most popular 10% of a layer's experts, mean over layers
+    top25_share: float
+    gini: float  # Gini coefficient of a layer's activation counts, mean over layers (0 = uniform)
+    reuse_overlap: float  # |top-k(t) & top-k(t-1)| / k over consecutive tokens, mean over layers and tokens
+    reuse_overlap_random: float  # the same for uniformly random routing: k / E
+    provenance: str
+
+
+def trace_summary(trace: RoutingTrace) -> TraceSummary:
+    meta = trace.meta
+    E, k = meta.n_experts, meta.top_k
+    counts = np.sort(trace.expert_frequencies(), axis=1)[:, ::-1].astype(np.float64)  # [L, E] descending
+    totals = counts.sum(axis=1)
+
+    def top_share(fraction: float) -> float:
+        n_top = max(1, int(np.ceil(fraction * E)))
+        return float((counts[:, :n_top].sum(axis=1) / totals).mean())
+
+    ascending = counts[:, ::-1]
+    rank = np.arange(1, E + 1)
+    gini = (2 * (ascending * rank).sum(axis=1)) / (E * totals) - (E + 1) / E
+
+    ids = trace.topk_ids()  # [L, N, k]
+    if ids.shape[1] > 1:
+        active = np.zeros((meta.n_layers, ids.shape[1], E), dtype=bool)  # [L, N, E]
+        np.put_along_axis(active, ids.astype(np.int64), True, axis=2)
+        reuse = float((active[:, 1:] & active[:, :-1]).sum(axis=2).mean() / k)
+    else:
+        reuse = float("nan")
+    lengths = trace.step_lengths
+    return TraceSummary(
+        model=meta.model,
+        n_steps=trace.n_steps,
+        n_tokens=trace.n_tokens,
+        n_prefill_steps=sum(1 for n in lengths if n > 1),
+        n_prefill_tokens=sum(n for n in lengths if n > 1),
+        n_decode_steps=sum(1 for n in lengths if n == 1),
+        n_layers=meta.n_layers,
+        n_experts=E,
+        top_k=k,
+        n_shared_experts=meta.n_shared_experts,
+        expert_bytes=meta.expert_bytes,
+        has_weights=trace.has_weights,
+        has_router_probs=trace.has_router_probs,
+        lookahead_depth=trace.lookahead_depth,
+        top10_share=top_share(0.10),
+        top25_share=top_share(0.25),
+        gini=float(gini.mean()),
+        reuse_overlap=reuse,
+        reuse_overlap_random=k / E,
+        provenance=meta.provenance,
+    )
