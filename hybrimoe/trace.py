@@ -335,17 +335,14 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     if not path.is_file():
         raise TraceError(f"trace not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise TraceError(f"{path}: not an .npz trace archive")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise TraceError(f"{path}: not an .npz trace archive (a single .npy array?)")
+        with archive:
             unknown = set(archive.files) - set(_ARRAY_NAMES)
             if unknown:
                 raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
             arrays = {name: archive[name] for name in archive.files}
-    except TraceError:
-        raise
-    except AttributeError:
-        raise TraceError(f"{path}: not an .npz trace archive") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
     try:
