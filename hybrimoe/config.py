@@ -324,9 +324,14 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
     raise AssertionError(f"no converter for {annotation}")
 
 
+def _round(value: float) -> float:
+    """Six significant digits: a per-token slope of 9e-5 ms keeps its precision, unlike 6 decimals."""
+    return float(f"{value:.6g}")
+
+
 def _to_plain(obj: Any) -> Any:
     if isinstance(obj, CurvePoint):
-        return [obj.n_tokens, round(obj.ms, 6), round(obj.spread_ms, 6)]
+        return [obj.n_tokens, _round(obj.ms), _round(obj.spread_ms)]
     if dataclasses.is_dataclass(obj):
         return {
             f.name: _to_plain(getattr(obj, f.name))
@@ -336,7 +341,7 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     if isinstance(obj, float):
-        return round(obj, 6)
+        return _round(obj)
     return obj
 
 
@@ -380,6 +385,7 @@ def save_profile(profile: HardwareProfile, path: str | os.PathLike, overwrite: b
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
