@@ -104,7 +104,7 @@ PRESETS: dict[str, ModelShape] = {
         ModelShape(
             name="demo", n_layers=4, n_dense_layers=0, n_experts=16, top_k=2, n_shared_experts=1,
             hidden_size=128, intermediate_size=128, shared_intermediate_size=256,
-            n_heads=4, n_kv_heads=4, head_dim=32, vocab_size=260, dtype="float32",
+            n_heads=4, n_kv_heads=4, head_dim=32, vocab_size=257, dtype="float32",
         ),
     )
 }
