@@ -58,7 +58,8 @@ class TraceMeta:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise TraceError(f"trace metadata: {name} must be a positive integer, got {value!r}")
-        if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+        shared = self.n_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
             raise TraceError(f"trace metadata: n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
         if self.top_k > self.n_experts:
             raise TraceError(f"trace metadata: top_k {self.top_k} exceeds n_experts {self.n_experts}")
@@ -284,7 +285,8 @@ def _validate(trace: RoutingTrace) -> None:
         # target[l, d] = l + 1 + d: predictions exist only for layers inside the model.
         target = np.arange(L)[:, None] + 1 + np.arange(lookahead.shape[1])[None, :]
         inside = (target < L)[:, :, None, None]
-        if (np.where(inside, lookahead, 0) < 0).any() or (np.where(inside, lookahead, 0) >= E).any():
+        predicted = np.where(inside, lookahead, 0)
+        if predicted.min() < 0 or predicted.max() >= E:
             raise TraceError(f"lookahead holds expert ids outside [0, {E}) for layers inside the model")
         if (np.where(inside, -1, lookahead) != -1).any():
             raise TraceError("lookahead must be -1 for predicted layers past the last layer")
@@ -526,10 +528,11 @@ def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.n
         raise TraceError(f"{where}: topk_ids must be a non-empty [tokens][k] list of integers")
     if ids.shape[1] != meta.top_k:
         raise TraceError(f"{where}: {ids.shape[1]} experts per token, but top_k is {meta.top_k}")
-    if ids.min() < 0 or ids.max() >= meta.n_experts:
-        raise TraceError(f"{where}: expert id {int(ids.max()) if ids.max() >= meta.n_experts else int(ids.min())} "
-                         f"outside [0, {meta.n_experts})")
-    if (np.sort(ids, axis=1)[:, 1:] == np.sort(ids, axis=1)[:, :-1]).any():
+    outside = ids[(ids < 0) | (ids >= meta.n_experts)]
+    if outside.size:
+        raise TraceError(f"{where}: expert id {int(outside[0])} outside [0, {meta.n_experts})")
+    ordered = np.sort(ids, axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
         raise TraceError(f"{where}: a token's top-k repeats an expert")
     raw = record.get("topk_weights")
     if raw is None:
@@ -539,7 +542,9 @@ def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.n
     try:
         weights = np.array(raw, dtype=np.float32)
     except (ValueError, TypeError):
-        raise TraceError(f"{where}: topk_weights is neither a [tokens, k] shape nor a [tokens][k] list of numbers") from None
+        raise TraceError(
+            f"{where}: topk_weights is neither a [tokens, k] shape nor a [tokens][k] list of numbers"
+        ) from None
     if weights.shape != ids.shape:
         raise TraceError(f"{where}: topk_weights has shape {list(weights.shape)}, topk_ids {list(ids.shape)}")
     if not np.isfinite(weights).all():
@@ -583,7 +588,8 @@ def import_trace_files(
     if config_path is not None:
         given = [name for name, value in explicit.items() if value is not None]
         if given or n_shared_experts is not None:
-            raise TraceError(f"give shape facts either with --config or explicitly, not both (got {', '.join(given) or 'n_shared_experts'})")
+            named = ", ".join(given) or "n_shared_experts"
+            raise TraceError(f"give shape facts either with --config or explicitly, not both (got {named})")
         meta = trace_meta_from_hf_config(config_path, model=model, dtype=dtype, provenance=provenance)
     else:
         missing = [name for name, value in {**explicit, "model": model, "dtype": dtype}.items() if value is None]
@@ -620,7 +626,7 @@ class TraceSummary:
     top10_share: float  # share of activations taken by the most popular 10% of a layer's experts, mean over layers
     top25_share: float
     gini: float  # Gini coefficient of a layer's activation counts, mean over layers (0 = uniform)
-    reuse_overlap: float  # |top-k(t) & top-k(t-1)| / k over consecutive tokens, mean over layers and tokens
+    reuse_overlap: float | None  # |top-k(t) & top-k(t-1)| / k over consecutive tokens, mean; None for 1 token
     reuse_overlap_random: float  # the same for uniformly random routing: k / E
     provenance: str
 
@@ -645,7 +651,7 @@ def trace_summary(trace: RoutingTrace) -> TraceSummary:
         np.put_along_axis(active, ids.astype(np.int64), True, axis=2)
         reuse = float((active[:, 1:] & active[:, :-1]).sum(axis=2).mean() / k)
     else:
-        reuse = float("nan")
+        reuse = None
     lengths = trace.step_lengths
     return TraceSummary(
         model=meta.model,

@@ -309,3 +309,11 @@ def test_cli_errors_exit_2(tmp_path):
                                   "--model-name", "m", "--layers", "2", "--experts", "4", "--top-k", "2",
                                   "--hidden-size", "8", "--intermediate-size", "16", "--dtype", "float32"])
     assert no_file.exit_code == 2 and "not found" in no_file.output
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    both = runner.invoke(app, ["trace", "import", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o.npz"),
+                               "--config", str(config), "--layers", "2"])
+    assert both.exit_code == 2 and "not both" in both.output
+    bad_config = runner.invoke(app, ["trace", "import", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o.npz"),
+                                     "--config", str(config)])
+    assert bad_config.exit_code == 2 and "unsupported model_type None" in bad_config.output

@@ -26,16 +26,28 @@ _SHAPE = "Model shape (or --config)"
 def import_cmd(
     files: list[Path] = typer.Argument(..., help="Routing log files, read in this order."),
     out: Path = typer.Option(..., "--out", "-o", help="The .npz trace to write."),
-    fmt: str = typer.Option("vllm-jsonl", "--format", help="Input format: vllm-jsonl (one JSON line per MoE layer call)."),
-    config: Path | None = typer.Option(None, "--config", help="A transformers config.json giving the model shape.", rich_help_panel=_SHAPE),
-    model_name: str | None = typer.Option(None, "--model-name", help="Model name (overrides the config's _name_or_path).", rich_help_panel=_SHAPE),
+    fmt: str = typer.Option(
+        "vllm-jsonl", "--format", help="Input format: vllm-jsonl (one JSON line per MoE layer call)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="A transformers config.json giving the model shape.", rich_help_panel=_SHAPE
+    ),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Model name (overrides the config's _name_or_path).", rich_help_panel=_SHAPE
+    ),
     layers: int | None = typer.Option(None, "--layers", help="MoE layers (lines per step).", rich_help_panel=_SHAPE),
     experts: int | None = typer.Option(None, "--experts", help="Routed experts per layer.", rich_help_panel=_SHAPE),
     top_k: int | None = typer.Option(None, "--top-k", help="Experts activated per token.", rich_help_panel=_SHAPE),
-    shared_experts: int | None = typer.Option(None, "--shared-experts", help="Shared experts per layer [default: 0].", rich_help_panel=_SHAPE),
+    shared_experts: int | None = typer.Option(
+        None, "--shared-experts", help="Shared experts per layer (default 0).", rich_help_panel=_SHAPE
+    ),
     hidden_size: int | None = typer.Option(None, "--hidden-size", help="Model hidden size.", rich_help_panel=_SHAPE),
-    intermediate_size: int | None = typer.Option(None, "--intermediate-size", help="Intermediate size of one routed expert.", rich_help_panel=_SHAPE),
-    dtype: str | None = typer.Option(None, "--dtype", help="Expert weight dtype (overrides the config's).", rich_help_panel=_SHAPE),
+    intermediate_size: int | None = typer.Option(
+        None, "--intermediate-size", help="Intermediate size of one routed expert.", rich_help_panel=_SHAPE
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Expert weight dtype (overrides the config's).", rich_help_panel=_SHAPE
+    ),
     provenance: str = typer.Option("", "--provenance", help="Where the log came from (source, commit, licence)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ) -> None:
@@ -83,7 +95,8 @@ def info_cmd(
             (f"look-ahead x{summary.lookahead_depth}", summary.lookahead_depth > 0)) if present)),
         ("top 10% / 25% experts' share", f"{summary.top10_share:.1%} / {summary.top25_share:.1%}"),
         ("Gini of expert counts", f"{summary.gini:.3f}"),
-        ("top-k overlap with previous token", f"{summary.reuse_overlap:.1%} (random routing: {summary.reuse_overlap_random:.1%})"),
+        ("top-k overlap with previous token", "n/a (one token)" if summary.reuse_overlap is None else
+         f"{summary.reuse_overlap:.1%} (random routing: {summary.reuse_overlap_random:.1%})"),
         ("provenance", summary.provenance),
     ]
     for name, value in rows:

@@ -341,7 +341,9 @@ def shipped_profile_path(out_dir: str | Path, machine_name: str, model_name: str
 def write_shipped_profiles(out_dir: str | Path = "profiles") -> list[Path]:
     """Every machine in MACHINES for every model in SHIPPED_MODELS, overwriting."""
     return [
-        save_profile(estimate_profile(machine, PRESETS[model]), shipped_profile_path(out_dir, machine, model), overwrite=True)
+        save_profile(
+            estimate_profile(machine, PRESETS[model]), shipped_profile_path(out_dir, machine, model), overwrite=True
+        )
         for machine in MACHINES
         for model in SHIPPED_MODELS
     ]
