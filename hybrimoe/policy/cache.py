@@ -1,0 +1,449 @@
+"""The GPU expert cache's bookkeeping: which expert sits in which slot, and which one to evict. No tensors.
+
+Design choices:
+- Capacity counts experts. Layout "shared" is one pool of `capacity` slots for all layers;
+  "per-layer" splits it evenly (the first `capacity % n_layers` layers get one slot more), each
+  layer owning a contiguous slot range. Slots are numbered 0..capacity-1 overall either way, and a
+  free slot is always the lowest-numbered free one of its pool.
+- Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
+  is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
+  priority, lowest slot on ties: one numpy gather + argmin over the pool's slots, with a sorted
+  fallback only when the minimum is protected. Priorities:
+  * MRS (the paper's Minus Recent Score): S <- a * TopP(s) + (1 - a) * S for every token of every
+    step, s the token's router probabilities, TopP keeping its p highest (p defaults to 2 * top-k)
+    and zeroing the rest. For T tokens the sequential updates sum to
+    S_T = (1-a)^T S_0 + sum_t a (1-a)^(T-1-t) TopP(s_t), computed in one vectorized step. Without
+    router probabilities the top-k weights stand in for s (zero elsewhere), else 1/k per chosen expert.
+  * LRU: the tick (one per `access` call) of the last use; admission counts as a use, so a
+    prefetched expert is not the next victim.
+  * LFU: uses counted over the whole run, resident or not; ties go to the least recently used.
+  * static: the resident set is fixed by `fill`; `admit` always returns None. Priorities are the
+    given frequencies (for `top_experts`), zero without them.
+  * Belady (clairvoyant): built with the future access sequence; priority = -(position of next use),
+    so the victim is the expert used farthest in the future. Each `access` advances its clock.
+- `protected` experts (those the current layer and the predicted next layers need) are never
+  evicted; `admit` returns None when every candidate is protected.
+- `resident(layer)` returns the live set (no copy): do not mutate it, and copy it if you need a
+  snapshot across `admit` calls.
+- `belady_misses` is a lower bound on the misses of any policy: Belady's MIN with bypass (a miss
+  need not be admitted) on the flattened access sequence, which is optimal for each pool.
+- Shapes: T = tokens in the step, k = top-k, E = experts per layer, L = layers.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+
+import numpy as np
+
+from hybrimoe.policy.plan import ExpertId, SlotLoad
+
+POLICIES = ("mrs", "lru", "lfu", "static", "belady")
+LAYOUTS = ("shared", "per-layer")
+_NEVER = 1e18  # Belady: distance of an expert never used again
+
+
+class _Policy:
+    """Keeps `prio` [L*E + 1]; the cache reads it to choose victims. Hooks default to doing nothing."""
+
+    name = ""
+    admits = True  # False: the resident set only changes through `fill`
+    uses_access = False  # whether `on_access` must be called
+    uses_observe = False  # whether `on_observe` must be called
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        self.n_layers, self.n_experts = n_layers, n_experts
+        self.prio = np.zeros(n_layers * n_experts + 1)
+        self.prio[-1] = np.inf
+
+    def on_observe(
+        self, layer: int, topk_ids: np.ndarray, router_probs: np.ndarray | None, topk_weights: np.ndarray | None
+    ) -> None:
+        pass
+
+    def on_access(self, layer: int, experts: Sequence[int]) -> None:
+        pass
+
+    def on_admit(self, key: int) -> None:
+        pass
+
+
+class MRSPolicy(_Policy):
+    """Minus Recent Score: an exponentially decayed sum of each expert's top-p router scores."""
+
+    name = "mrs"
+    uses_observe = True
+
+    def __init__(self, alpha: float = 0.5, top_p: int | None = None):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"MRS alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.top_p = top_p
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        self.scores = self.prio[:-1].reshape(n_layers, n_experts)  # [L, E] view
+
+    def on_observe(
+        self,
+        layer: int,
+        topk_ids: np.ndarray,  # [T, k]
+        router_probs: np.ndarray | None,  # [T, E]
+        topk_weights: np.ndarray | None,  # [T, k]
+    ) -> None:
+        n_tokens, k = topk_ids.shape
+        if n_tokens == 0:
+            return
+        a = self.alpha
+        row = self.scores[layer]  # [E]
+        if router_probs is None:
+            ids, vals = topk_ids, (topk_weights if topk_weights is not None else np.full(topk_ids.shape, 1.0 / k))
+        else:
+            n_experts = router_probs.shape[1]
+            p = min(self.top_p or 2 * k, n_experts)
+            if p == n_experts:
+                ids = np.broadcast_to(np.arange(n_experts), router_probs.shape)
+            else:
+                ids = np.argpartition(router_probs, n_experts - p, axis=1)[:, n_experts - p :]  # [T, p]
+            vals = np.take_along_axis(router_probs, ids, axis=1)  # [T, p]
+        if n_tokens == 1:
+            row *= 1.0 - a
+            row[ids[0]] += a * vals[0]
+            return
+        # Token t's scores are weighted a (1-a)^(T-1-t): the last token counts most.
+        weights = a * (1.0 - a) ** np.arange(n_tokens - 1, -1, -1, dtype=np.float64)  # [T]
+        row *= (1.0 - a) ** n_tokens
+        np.add.at(row, ids.ravel(), (np.asarray(vals, dtype=np.float64) * weights[:, None]).ravel())
+
+
+class LRUPolicy(_Policy):
+    name = "lru"
+    uses_access = True
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        self.tick = 0
+
+    def on_access(self, layer: int, experts: Sequence[int]) -> None:
+        self.tick += 1
+        base, prio, tick = layer * self.n_experts, self.prio, float(self.tick)
+        for e in experts:
+            prio[base + e] = tick
+
+    def on_admit(self, key: int) -> None:
+        self.prio[key] = float(self.tick)
+
+
+class LFUPolicy(_Policy):
+    """Priority = uses * 2^32 + tick of the last use: most uses first, then the most recent."""
+
+    name = "lfu"
+    uses_access = True
+    _USE = float(1 << 32)
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        self.tick = 0
+
+    def on_access(self, layer: int, experts: Sequence[int]) -> None:
+        self.tick += 1
+        base, prio, use = layer * self.n_experts, self.prio, self._USE
+        for e in experts:
+            key = base + e
+            prio[key] = (prio[key] // use + 1.0) * use + self.tick
+
+
+class StaticPolicy(_Policy):
+    """The resident set is whatever `fill` put there; priorities are the given frequencies."""
+
+    name = "static"
+    admits = False
+
+    def __init__(self, frequencies: np.ndarray | None = None):  # [L, E]
+        self.frequencies = frequencies
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        if self.frequencies is not None:
+            freq = np.asarray(self.frequencies, dtype=np.float64)
+            if freq.shape != (n_layers, n_experts):
+                raise ValueError(f"frequencies must have shape ({n_layers}, {n_experts}), got {freq.shape}")
+            self.prio[:-1] = freq.ravel()
+
+
+class BeladyPolicy(_Policy):
+    """Clairvoyant: evicts the resident expert whose next use is farthest in the future.
+
+    `accesses` is the whole future, one (layer, experts used) entry per layer call, in call order.
+    Each `access` on the cache advances the clock by one entry; `advance()` skips one.
+    """
+
+    name = "belady"
+    uses_access = True
+
+    def __init__(self, accesses: Sequence[tuple[int, Iterable[int]]]):
+        self.accesses = [(int(layer), tuple(int(e) for e in experts)) for layer, experts in accesses]
+        self.position = 0
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        self.prio[:-1] = -_NEVER
+        # next_use[i][j]: the position after i where accesses[i]'s j-th expert is used again.
+        self.next_use: list[list[float]] = [[] for _ in self.accesses]
+        upcoming: dict[int, float] = {}
+        for i in range(len(self.accesses) - 1, -1, -1):
+            layer, experts = self.accesses[i]
+            keys = [layer * n_experts + e for e in experts]
+            self.next_use[i] = [upcoming.get(key, _NEVER) for key in keys]
+            for key in keys:
+                upcoming[key] = float(i)
+        for key, first in upcoming.items():
+            self.prio[key] = -first
+
+    def advance(self) -> None:
+        """Moves the clock past the current entry: its experts' priorities become their next use."""
+        layer, experts = self.accesses[self.position]
+        base = layer * self.n_experts
+        for e, nxt in zip(experts, self.next_use[self.position]):
+            self.prio[base + e] = -nxt
+        self.position += 1
+
+    def on_access(self, layer: int, experts: Sequence[int]) -> None:
+        if self.position >= len(self.accesses) or self.accesses[self.position][0] != layer:
+            raise ValueError(f"Belady: access to layer {layer} does not match the future at position {self.position}")
+        self.advance()
+
+
+def make_policy(name: str, **kwargs) -> _Policy:
+    """'mrs' (alpha, top_p), 'lru', 'lfu', 'static' (frequencies) or 'belady' (accesses)."""
+    if name == "mrs":
+        return MRSPolicy(alpha=kwargs.get("alpha", 0.5), top_p=kwargs.get("top_p"))
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "static":
+        return StaticPolicy(kwargs.get("frequencies"))
+    if name == "belady":
+        if "accesses" not in kwargs:
+            raise ValueError("the belady policy needs the future access sequence (accesses=...)")
+        return BeladyPolicy(kwargs["accesses"])
+    raise ValueError(f"unknown cache policy {name!r}; expected one of {', '.join(POLICIES)}")
+
+
+class ExpertCache:
+    """Which (layer, expert) sits in which accelerator slot, with hit/miss/load/eviction counters."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_experts: int,
+        capacity: int,
+        layout: str = "shared",
+        policy: str | _Policy = "mrs",
+        mrs_alpha: float = 0.5,
+        mrs_top_p: int | None = None,
+        frequencies: np.ndarray | None = None,  # [L, E], for the static policy's priorities
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown cache layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        if not 0 <= capacity <= n_layers * n_experts:
+            raise ValueError(f"capacity must be in [0, {n_layers * n_experts}], got {capacity}")
+        self.n_layers, self.n_experts, self.capacity, self.layout = n_layers, n_experts, capacity, layout
+        if isinstance(policy, str):
+            policy = make_policy(policy, alpha=mrs_alpha, top_p=mrs_top_p, frequencies=frequencies)
+        self.policy = policy
+        policy.bind(n_layers, n_experts)
+        self._prio = policy.prio
+        if layout == "shared":
+            self._pools = [(0, capacity)]
+            self._pool_of_layer = [0] * n_layers
+        else:
+            share, extra = divmod(capacity, n_layers)
+            self._pools, lo = [], 0
+            for layer in range(n_layers):
+                hi = lo + share + (1 if layer < extra else 0)
+                self._pools.append((lo, hi))
+                lo = hi
+            self._pool_of_layer = list(range(n_layers))
+        self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
+        self._slot_key = np.full(capacity, n_layers * n_experts, dtype=np.intp)  # [capacity] prio index
+        self._slot_eid: list[ExpertId | None] = [None] * capacity
+        self._slot_of: dict[ExpertId, int] = {}
+        self._resident: list[set[int]] = [set() for _ in range(n_layers)]
+        self.hits = self.misses = self.loads = self.evictions = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def resident(self, layer: int) -> AbstractSet[int]:
+        """The live set of layer's resident experts (not a copy: do not mutate)."""
+        return self._resident[layer]
+
+    def is_resident(self, eid: ExpertId) -> bool:
+        return eid in self._slot_of
+
+    def slot_of(self, eid: ExpertId) -> int | None:
+        return self._slot_of.get(eid)
+
+    def priority(self, eid: ExpertId) -> float:
+        return float(self._prio[eid[0] * self.n_experts + eid[1]])
+
+    def occupancy(self) -> int:
+        """Resident experts (at most `capacity`)."""
+        return len(self._slot_of)
+
+    def pool_slots(self, layer: int) -> range:
+        """The slots layer's experts may occupy."""
+        return range(*self._pools[self._pool_of_layer[layer]])
+
+    def top_experts(self, layer: int, n: int) -> list[int]:
+        """Layer's n highest-priority experts, highest first (ties: lower id first)."""
+        n_experts = self.n_experts
+        n = max(0, min(n, n_experts))
+        row = self._prio[layer * n_experts : (layer + 1) * n_experts]
+        if n == 0:
+            return []
+        ids = np.argpartition(-row, n - 1)[:n] if n < n_experts else np.arange(n_experts)
+        ids = ids[np.lexsort((ids, -row[ids]))]
+        return ids.tolist()
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def observe(
+        self,
+        layer: int,
+        topk_ids: np.ndarray,  # [T, k]
+        router_probs: np.ndarray | None = None,  # [T, E]
+        topk_weights: np.ndarray | None = None,  # [T, k]
+    ) -> None:
+        """Score bookkeeping for one layer call (MRS); a no-op for the other policies."""
+        if self.policy.uses_observe:
+            self.policy.on_observe(layer, topk_ids, router_probs, topk_weights)
+
+    def access(self, layer: int, experts: Iterable[int]) -> int:
+        """Counts hits and misses for the (distinct) experts layer uses now; returns the hits."""
+        if not hasattr(experts, "__len__"):
+            experts = list(experts)
+        hits = len(self._resident[layer].intersection(experts))
+        self.hits += hits
+        self.misses += len(experts) - hits
+        if self.policy.uses_access:
+            self.policy.on_access(layer, experts)
+        return hits
+
+    def admit(
+        self, eid: ExpertId, protected: AbstractSet[ExpertId] = frozenset(), only_if_better: bool = False
+    ) -> SlotLoad | None:
+        """Gives eid a slot: a free one, else the lowest-priority unprotected resident's.
+
+        With `only_if_better`, evicts only a resident of strictly lower priority than eid. Returns
+        None (and changes nothing) when eid is already resident, the policy never admits, or no
+        resident may be evicted.
+        """
+        if eid in self._slot_of or not self.policy.admits:
+            return None
+        layer, expert = eid
+        pool = self._pool_of_layer[layer]
+        free = self._free[pool]
+        if free:
+            slot = free.pop()
+        else:
+            slot = self._victim(pool, protected)
+            if slot is None:
+                return None
+            if only_if_better and not self._prio[self._slot_key[slot]] < self._prio[layer * self.n_experts + expert]:
+                return None
+            self._evict(slot)
+        self._place(eid, slot)
+        self.loads += 1
+        self.policy.on_admit(layer * self.n_experts + expert)
+        return SlotLoad(eid, slot)
+
+    def fill(self, eids: Iterable[ExpertId]) -> list[SlotLoad]:
+        """Warm start: puts each eid in a free slot of its pool (no eviction; skipped when full)."""
+        loads = []
+        for eid in eids:
+            eid = (int(eid[0]), int(eid[1]))
+            free = self._free[self._pool_of_layer[eid[0]]]
+            if eid in self._slot_of or not free:
+                continue
+            slot = free.pop()
+            self._place(eid, slot)
+            loads.append(SlotLoad(eid, slot))
+        return loads
+
+    def _victim(self, pool: int, protected: AbstractSet[ExpertId]) -> int | None:
+        lo, hi = self._pools[pool]
+        if lo == hi:
+            return None
+        prio = self._prio[self._slot_key[lo:hi]]  # [pool slots]
+        i = int(prio.argmin())
+        if self._slot_eid[lo + i] not in protected:
+            return lo + i
+        for i in np.argsort(prio, kind="stable").tolist():
+            if self._slot_eid[lo + i] not in protected:
+                return lo + i
+        return None
+
+    def _place(self, eid: ExpertId, slot: int) -> None:
+        self._slot_eid[slot] = eid
+        self._slot_key[slot] = eid[0] * self.n_experts + eid[1]
+        self._slot_of[eid] = slot
+        self._resident[eid[0]].add(eid[1])
+
+    def _evict(self, slot: int) -> None:
+        eid = self._slot_eid[slot]
+        del self._slot_of[eid]
+        self._resident[eid[0]].discard(eid[1])
+        self.evictions += 1
+
+
+def belady_misses(
+    accesses: Sequence[tuple[int, Iterable[int]]],  # (layer, experts used) per layer call, in order
+    capacity: int,
+    layout: str,
+    n_layers: int,
+    n_experts: int,
+) -> int:
+    """The fewest misses any cache of this capacity and layout can have (MIN with bypass)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown cache layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    keys = [layer * n_experts + int(e) for layer, experts in accesses for e in experts]
+    next_use = [0] * len(keys)
+    upcoming: dict[int, int] = {}
+    never = len(keys)
+    for i in range(len(keys) - 1, -1, -1):
+        next_use[i] = upcoming.get(keys[i], never)
+        upcoming[keys[i]] = i
+    if layout == "shared":
+        sizes = [capacity]
+        pool_of = [0] * n_layers
+    else:
+        share, extra = divmod(capacity, n_layers)
+        sizes = [share + (1 if layer < extra else 0) for layer in range(n_layers)]
+        pool_of = list(range(n_layers))
+    resident: list[dict[int, int]] = [{} for _ in sizes]  # key -> its next use
+    heaps: list[list[tuple[int, int]]] = [[] for _ in sizes]  # (-next use, key), stale entries skipped
+    misses = 0
+    for i, key in enumerate(keys):
+        pool = pool_of[key // n_experts]
+        res, heap = resident[pool], heaps[pool]
+        nxt = next_use[i]
+        if key in res:
+            res[key] = nxt
+            heapq.heappush(heap, (-nxt, key))
+            continue
+        misses += 1
+        if sizes[pool] == 0:
+            continue
+        if len(res) >= sizes[pool]:
+            while res.get(heap[0][1]) != -heap[0][0]:
+                heapq.heappop(heap)
+            if -heap[0][0] <= nxt:
+                continue  # the newcomer is needed last: bypass
+            del res[heapq.heappop(heap)[1]]
+        res[key] = nxt
+        heapq.heappush(heap, (-nxt, key))
+    return misses
