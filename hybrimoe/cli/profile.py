@@ -1,0 +1,165 @@
+"""`hybrimoe profile`: measure this machine's expert costs and bandwidths, fit them, write a profile.
+
+`--estimate` lists the datasheets behind the estimated profiles; `--estimate MACHINE` builds one.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hybrimoe.cli import app, console, err_console, user_errors
+from hybrimoe.profile.presets import PRESETS
+
+_MODEL = "Model shapes (one of)"
+_RUN = "Measurement"
+_OUTPUT = "Output"
+
+
+@app.command()
+def profile(
+    machine: str | None = typer.Argument(
+        None, metavar="[MACHINE]", show_default=False,
+        help="With --estimate: the datasheet machine to estimate a profile for (omit it to list them).",
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", rich_help_panel=_MODEL,
+        help="Model directory or its config.json: only the shapes are read, never the weights.",
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", rich_help_panel=_MODEL, help=f"A built-in model shape: {', '.join(PRESETS)}."
+    ),
+    hidden_size: int | None = typer.Option(
+        None, "--hidden-size", min=1, rich_help_panel=_MODEL, help="Expert hidden size (with --intermediate-size)."
+    ),
+    intermediate_size: int | None = typer.Option(
+        None, "--intermediate-size", min=1, rich_help_panel=_MODEL, help="Expert intermediate size."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", rich_help_panel=_MODEL,
+        help="Expert dtype to time: float32, float16 or bfloat16 (default: the model's).",
+    ),
+    device: str | None = typer.Option(
+        None, "--device", rich_help_panel=_RUN, help="cpu or cuda (default: cuda when present)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, rich_help_panel=_RUN,
+        help="CPU threads for expert kernels (default: torch's, as the runtime uses).",
+    ),
+    quick: bool = typer.Option(False, "--quick", rich_help_panel=_RUN, help="About 30 s in all: fewer repeats and token counts."),
+    note: str = typer.Option("", "--note", rich_help_panel=_RUN, help="Text added to the profile's notes."),
+    estimate: bool = typer.Option(
+        False, "--estimate", rich_help_panel=_RUN,
+        help="Do not measure: list the datasheets, or with MACHINE build an estimated profile.",
+    ),
+    out: Path | None = typer.Option(None, "--out", rich_help_panel=_OUTPUT, help="Write the profile here (YAML)."),
+    force: bool = typer.Option(False, "--force", rich_help_panel=_OUTPUT, help="Overwrite an existing --out file."),
+    name: str | None = typer.Option(None, "--name", rich_help_panel=_OUTPUT, help="Profile name (default: from the machine and model)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", rich_help_panel=_OUTPUT, help="Also save the latency plot as a PNG image (needs matplotlib)."
+    ),
+    max_repeats: int | None = typer.Option(None, "--max-repeats", min=1, hidden=True, help="Cap timed runs per measurement."),
+    llc_mb: float | None = typer.Option(None, "--llc-mb", min=0.01, hidden=True, help="Override the cache size to rotate past."),
+) -> None:
+    """Measure this machine's expert costs and bandwidths for one model's shapes, and write a profile."""
+    from hybrimoe.config import save_profile
+    from hybrimoe.errors import ProfileError, UserError
+    from hybrimoe.profile import report
+    from hybrimoe.profile.inputs import resolve_model
+
+    with user_errors():
+        if out is not None and out.exists() and not force:
+            raise ProfileError(f"{out} exists; pass --force to overwrite it")
+        if estimate:
+            if machine is None:
+                if out is not None:
+                    raise UserError("--estimate --out needs a MACHINE: `hybrimoe profile --estimate` lists them")
+                _print_datasheets()
+                return
+            from hybrimoe.profile.estimate import estimate_profile
+
+            if out is None:
+                raise UserError("--estimate MACHINE needs --out FILE")
+            shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
+            result = estimate_profile(machine, shape)
+            save_profile(result, out, overwrite=force)
+            console.print(report.summary_table(result))
+            console.print(f"estimated profile written to [bold]{out}[/]")
+            return
+        if machine is not None:
+            raise UserError(f"unexpected argument {machine!r}: a MACHINE goes with --estimate")
+
+        from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine
+
+        shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
+        if plot is not None and not report.png_available():
+            err_console.print("[yellow]matplotlib is not installed: --plot is skipped (pip install matplotlib)[/]")
+            plot = None
+        options = ProfileOptions(
+            model=shape,
+            device=device or default_device(),
+            threads=threads,
+            quick=quick,
+            max_repeats=max_repeats,
+            cache_bytes=None if llc_mb is None else int(llc_mb * (1 << 20)),
+            name=name,
+            note=note,
+            command=_command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick),
+        )
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what or "measuring", completed=done, total=total)
+
+            result = profile_machine(options, progress)
+        if out is not None:
+            save_profile(result, out, overwrite=force)
+
+    console.print(report.summary_table(result))
+    console.print(report.curves_table(result))
+    console.print(report.terminal_plot(result, color=console.is_terminal))
+    if not result.has_accelerator:
+        console.print("No accelerator: this profile holds the CPU and memory sections only "
+                      "(combine it with `hybrimoe simulate --accelerator-from PROFILE`).")
+    if out is not None:
+        console.print(f"profile written to [bold]{out}[/]")
+    if plot is not None:
+        console.print(f"plot written to [bold]{report.save_png(result, plot)}[/]")
+
+
+def _command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick) -> str:
+    """The effective command, for the profile's provenance."""
+    words = ["hybrimoe", "profile"]
+    for flag, value in (
+        ("--model", model), ("--preset", preset), ("--hidden-size", hidden_size),
+        ("--intermediate-size", intermediate_size), ("--dtype", dtype), ("--device", device), ("--threads", threads),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    if quick:
+        words.append("--quick")
+    return shlex.join(words)
+
+
+def _print_datasheets() -> None:
+    from hybrimoe.profile.estimate import MACHINES, datasheet_rows
+
+    table = Table(title="Datasheets behind the estimated profiles", title_justify="left")
+    for column in ("kind", "name", "memory", "compute", "pcie", "source"):
+        table.add_column(column, overflow="fold")
+    for row in datasheet_rows():
+        table.add_row(*(row[c] for c in ("kind", "name", "memory", "compute", "pcie", "source")))
+    console.print(table)
+    machines = Table(title="Machines (hybrimoe profile --estimate MACHINE --preset NAME --out FILE)", title_justify="left")
+    machines.add_column("machine")
+    machines.add_column("CPU")
+    machines.add_column("GPU")
+    for spec in MACHINES.values():
+        machines.add_row(spec.name, spec.cpu.name, spec.gpu.name)
+    console.print(machines)

@@ -1,0 +1,60 @@
+"""Which model shapes to profile: a preset, a model's `config.json`, or explicit sizes.
+
+Design choices:
+- Only `config.json` is read, never weights, so a model can be profiled before it is downloaded.
+- Exactly one source is accepted; partial or ambiguous input is a `UserError` naming the flags.
+- Explicit sizes make a one-layer shape with 8 experts, top-2 and 128-wide heads: enough for the
+  expert curves, and a plausible dense stand-in.
+- No torch here, so `hybrimoe profile --estimate` stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from hybrimoe.errors import UserError
+from hybrimoe.profile.presets import ModelShape, get_preset, shape_from_hf_config
+
+
+def resolve_model(
+    model_path: Path | None = None,
+    preset: str | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    dtype: str | None = None,
+) -> ModelShape:
+    """The shapes to profile, from exactly one of: a model's config.json, a preset, explicit sizes."""
+    explicit = hidden_size is not None or intermediate_size is not None
+    given = [name for name, on in (("--model", model_path), ("--preset", preset), ("--hidden-size", explicit)) if on]
+    if len(given) != 1:
+        raise UserError(
+            "give exactly one of --model PATH, --preset NAME or --hidden-size with --intermediate-size"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
+    if model_path is not None:
+        config_path = model_path / "config.json" if model_path.is_dir() else model_path
+        if not config_path.is_file():
+            raise UserError(f"no config.json at {model_path}")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{config_path}: not a readable JSON file ({exc.__class__.__name__})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object")
+        fallback = config_path.parent.name or "model"
+        return shape_from_hf_config(config, name=config.get("_name_or_path") or fallback, dtype=dtype)
+    if preset is not None:
+        shape = get_preset(preset)
+        return shape if dtype is None else dataclasses.replace(shape, dtype=dtype)
+    if hidden_size is None or intermediate_size is None:
+        raise UserError("--hidden-size and --intermediate-size go together")
+    n_heads = max(1, hidden_size // 128)
+    return ModelShape(
+        name=f"custom-{hidden_size}x{intermediate_size}",
+        n_layers=1, n_dense_layers=0, n_experts=8, top_k=2, n_shared_experts=0,
+        hidden_size=hidden_size, intermediate_size=intermediate_size, shared_intermediate_size=0,
+        n_heads=n_heads, n_kv_heads=n_heads, head_dim=max(1, hidden_size // n_heads), vocab_size=32000,
+        dtype=dtype or "bfloat16",
+    )
