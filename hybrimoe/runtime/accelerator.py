@@ -1,0 +1,137 @@
+"""The accelerator behind one small interface: CUDA, or a CPU stand-in with the same code path.
+
+Design choices:
+- The store and the executor only call these methods, so one code path serves both backends. On
+  the CPU stand-in, streams and events are no-ops and a copy is complete when issued; slots are
+  still separate tensors and copies still happen, so every decision (slots, loads, prefetches, the
+  CPU worker, the combine) is exercised on a machine without a GPU.
+- CUDA: one dedicated copy stream; events order a slot's copy after the kernels that last read it
+  and the kernels after the copy that fills it. Host tensors that feed `non_blocking` copies are
+  pinned (the caching host allocator keeps a pinned block alive until its copy has completed).
+- Every host-accelerator synchronisation point is a method here, named in the callers' comments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hybrimoe.errors import UserError
+
+
+class CpuStandIn:
+    """The CPU plays the accelerator: no streams, events are None, copies are synchronous."""
+
+    is_cuda = False
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    def copy_stream(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def new_event(self) -> None:
+        return None
+
+    def record(self, event: None) -> None:
+        pass
+
+    def wait(self, event: None) -> None:
+        pass
+
+    def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+    def to_host_arrays(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        return [t.numpy() for t in tensors]
+
+    def to_host_async(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], None]:
+        return list(tensors), None
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host
+
+    def synchronize(self) -> None:
+        pass
+
+    def free_memory_bytes(self) -> int | None:
+        return None
+
+    def describe(self) -> str:
+        return "CPU stand-in (no accelerator)"
+
+
+class CudaAccelerator:
+    is_cuda = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._copy_stream = torch.cuda.Stream(device)
+
+    def copy_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self._copy_stream)
+
+    def new_event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+    def record(self, event: torch.cuda.Event) -> None:
+        event.record(torch.cuda.current_stream(self.device))
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+    def to_host_arrays(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        host = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned destinations
+        # Sync point: the planner needs this layer's routing on the host.
+        torch.cuda.current_stream(self.device).synchronize()
+        return [h.numpy() for h in host]
+
+    def to_host_async(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Pinned host copies, and the event the CPU worker waits on before reading them."""
+        host = [t.to("cpu", non_blocking=True) for t in tensors]
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return host, done
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=True)  # `host` is pinned (host_zeros)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def free_memory_bytes(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free
+
+    def describe(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+
+Accelerator = CpuStandIn | CudaAccelerator
+
+
+def make_accelerator(device: str | None = None) -> Accelerator:
+    """`None` means CUDA when present, else the CPU stand-in."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return CpuStandIn()
+    if dev.type != "cuda":
+        raise UserError(f"device {device!r} is not supported; expected cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA device is available")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise UserError(f"no CUDA device {dev.index}; this machine has {torch.cuda.device_count()}")
+    return CudaAccelerator(dev)

@@ -1,0 +1,198 @@
+"""One MoE layer of one forward step: route -> plan -> CPU worker | loads + accelerator -> combine.
+
+Shapes: T = tokens in the step (all sequences), k = top-k, E = experts per layer, D = hidden size,
+P = T * k token-expert pairs, grouped by expert (stable sort of the flat routing, pair p is
+token p // k, choice p % k).
+
+Design choices:
+- The planner sees this layer's routing, its full router probabilities and the later layers'
+  predicted routing (their routers applied to this layer's hidden state); it returns plain data.
+- Order of work: CPU experts are handed to a worker thread first (it waits on the event of the
+  hidden states' copy), then this layer's loads go on the copy stream, then the accelerator
+  experts (each waits on its slot's `ready` event), then the prefetches (each waits on its slot's
+  `free` event, recorded after this layer's kernels), then the CPU results are added.
+- Every expert is weighted by its own routing weights: pairs are grouped by expert once and the
+  weights are taken through the same grouping, on the host and on the accelerator alike.
+- Plans are checked (every activated expert exactly once; resident experts really resident), so a
+  planner bug raises instead of silently mixing experts up.
+- Per-layer host work is a few numpy calls on P integers; the sync points are named below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from hybrimoe.policy.plan import LayerPlan, Planner
+from hybrimoe.runtime.accelerator import Accelerator
+from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.runtime.loading import MoeLayer
+from hybrimoe.runtime.stats import ExpertCounters
+from hybrimoe.runtime.store import ExpertStore
+
+
+class LayerRecord:
+    """What one MoE layer of one step routed, for the routing trace."""
+
+    __slots__ = ("topk_ids", "topk_weights", "router_probs", "lookahead")
+
+    def __init__(self, topk_ids, topk_weights, router_probs, lookahead):
+        self.topk_ids = topk_ids  # [T, k] int
+        self.topk_weights = topk_weights  # [T, k] float32
+        self.router_probs = router_probs  # [T, E] float32
+        self.lookahead = lookahead  # later layer -> [T, k] predicted experts
+
+
+class LayerExecutor:
+    def __init__(
+        self,
+        layers: Sequence[MoeLayer],
+        store: ExpertStore,
+        planner: Planner,
+        accelerator: Accelerator,
+        top_k: int,
+        n_experts: int,
+        counters: ExpertCounters,
+        record_depth: int | None = None,
+    ):
+        """`record_depth`: keep each layer's routing with this many later layers' predictions."""
+        self.store, self.planner, self.accelerator = store, planner, accelerator
+        self.top_k, self.n_experts, self.counters = top_k, n_experts, counters
+        self.routers = [layer.router for layer in layers]
+        self._gates = [layer.experts._apply_gate for layer in layers]
+        self._transposed = [bool(layer.experts.is_transposed) for layer in layers]
+        # DeepSeek-V3-style routers score experts with a sigmoid (and a correction bias for choosing)
+        self._sigmoid = [hasattr(layer.router, "e_score_correction_bias") for layer in layers]
+        self.router_logits: list[torch.Tensor | None] = [None] * len(layers)  # set by the router hooks
+        self.plan_depth = planner.lookahead_layers
+        self.record_depth = record_depth
+        self.records: list[LayerRecord] = []  # this step's layers, when recording
+        self._pending_prefetch: dict[int, set[int]] = {}  # layer -> experts prefetched for it this step
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrimoe-cpu")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    def end_step(self) -> list[LayerRecord]:
+        """Closes a forward step: returns its records and forgets prefetches its layers never used."""
+        records, self.records = self.records, []
+        self._pending_prefetch.clear()
+        return records
+
+    # -----------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, D]
+        topk_ids: torch.Tensor,  # [T, k]
+        topk_weights: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:  # [T, D]
+        acc, store, k = self.accelerator, self.store, topk_ids.shape[-1]
+        depth = max(self.plan_depth, self.record_depth or 0)
+        later = list(range(layer + 1, min(layer + 1 + depth, len(self.routers))))
+        # Later layers' routers on this hidden state; calling `forward` skips the capture hook.
+        predicted = [type(self.routers[j]).forward(self.routers[j], x)[2] for j in later]
+        to_host = [topk_ids, self._router_probs(layer), *predicted]
+        if self.record_depth is not None:
+            to_host.append(topk_weights.float())
+        # Sync point (CUDA): the planner needs this layer's routing on the host.
+        ids, probs, *rest = acc.to_host_arrays(to_host)
+        predicted_h = dict(zip(later, rest[: len(later)]))
+        if self.record_depth is not None:
+            lookahead = {j: predicted_h[j] for j in later[: self.record_depth]}
+            self.records.append(LayerRecord(ids, rest[-1], probs, lookahead))
+        plan = self.planner.plan_layer(
+            layer, ids, probs, {j: predicted_h[j] for j in later[: self.plan_depth]}
+        )
+
+        # group the P token-expert pairs by expert
+        flat = ids.reshape(-1)  # [P]
+        order = np.argsort(flat, kind="stable")  # [P]
+        counts = np.bincount(flat, minlength=self.n_experts)  # [E]
+        starts = np.cumsum(counts) - counts  # [E]
+        activated = np.flatnonzero(counts)
+        self._check_plan(plan, activated)
+        self._count(layer, plan, activated)
+
+        cpu_future = self._submit_cpu(plan, x, topk_weights, order, starts, counts, k) if plan.cpu else None
+        self.counters.loads += store.load(plan.loads)
+        on_accelerator = plan.gpu + plan.load
+        store.check_resident(layer, plan.slot_of, on_accelerator)
+        out = torch.zeros_like(x)  # [T, D]
+        if on_accelerator:
+            order_d = torch.argsort(topk_ids.reshape(-1), stable=True)  # [P], the same order as `order`
+            token_d = order_d // k  # [P]
+            weight_d = topk_weights.reshape(-1)[order_d]  # [P]
+            x_d = x[token_d]  # [P, D]
+            for expert in on_accelerator:
+                start, stop = starts[expert], starts[expert] + counts[expert]
+                y = self._expert(layer, x_d[start:stop], store.weights(plan.slot_of[expert]))
+                out.index_add_(0, token_d[start:stop], y * weight_d[start:stop, None])
+            store.release(plan.slot_of[e] for e in on_accelerator)
+        n_prefetched = store.load(plan.prefetch)
+        self.counters.prefetches += n_prefetched
+        self.counters.bytes_loaded += (len(plan.loads) + n_prefetched) * store.expert_bytes
+        for load in plan.prefetch:
+            self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
+        if cpu_future is not None:
+            # Sync point: wait for the CPU worker's experts of this layer.
+            out.add_(acc.to_device(cpu_future.result()))
+        return out
+
+    # -----------------------------------------------------------------------------------------
+
+    def _router_probs(self, layer: int) -> torch.Tensor:  # [T, E] float32
+        logits = self.router_logits[layer].float()
+        return logits.sigmoid() if self._sigmoid[layer] else logits.softmax(dim=-1)
+
+    def _expert(self, layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return expert_mlp(
+            x,
+            weights["gate_up_proj"],
+            weights["down_proj"],
+            apply_gate=self._gates[layer],
+            gate_up_bias=weights.get("gate_up_proj_bias"),
+            down_bias=weights.get("down_proj_bias"),
+            transposed=self._transposed[layer],
+        )
+
+    def _check_plan(self, plan: LayerPlan, activated: np.ndarray) -> None:
+        planned = sorted((*plan.gpu, *plan.load, *plan.cpu))
+        if planned != activated.tolist():
+            raise RuntimeError(
+                f"planner bug: layer {plan.layer} plans experts {planned}, but {activated.tolist()} are activated"
+            )
+
+    def _count(self, layer: int, plan: LayerPlan, activated: np.ndarray) -> None:
+        counters, slot_of = self.counters, self.store.slot_of
+        resident = [e for e in activated.tolist() if (layer, e) in slot_of]
+        counters.activations += len(activated)
+        counters.hits += len(resident)
+        counters.accelerator_runs += len(plan.gpu) + len(plan.load)
+        counters.cpu_runs += len(plan.cpu)
+        counters.planned_ms += plan.predicted_ms
+        prefetched = self._pending_prefetch.pop(layer, None)
+        if prefetched:
+            counters.prefetches_used += len(prefetched.intersection(resident))
+
+    def _submit_cpu(self, plan, x, topk_weights, order, starts, counts, k) -> Future:
+        (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])
+        return self._worker.submit(self._run_cpu, plan.layer, plan.cpu, x_h, weights_h, copied, order, starts, counts, k)
+
+    def _run_cpu(self, layer, experts, x_h, weights_h, copied, order, starts, counts, k) -> torch.Tensor:
+        """The CPU worker: this layer's CPU experts from host memory, summed into one [T, D]."""
+        with torch.inference_mode():
+            if copied is not None:
+                copied.synchronize()  # Sync point (worker only): the hidden states reached the host.
+            out = self.accelerator.host_zeros(x_h.shape, x_h.dtype)  # [T, D]
+            weights_flat = weights_h.reshape(-1)  # [P]
+            for expert in experts:
+                pairs = torch.from_numpy(order[starts[expert] : starts[expert] + counts[expert]])
+                tokens = pairs // k
+                y = self._expert(layer, x_h[tokens], self.store.host_weights(layer, expert))
+                out.index_add_(0, tokens, y * weights_flat[pairs, None])
+            return out

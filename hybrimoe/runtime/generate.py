@@ -1,0 +1,148 @@
+"""The generation loop: one prefill, then one token per step, over a batch, with a KV cache.
+
+Shapes: B = sequences, S = prompt length (left-padded), V = vocabulary, N = new tokens.
+
+Design choices:
+- A plain loop over `model(...)` with a `DynamicCache` rather than `model.generate`: the step
+  boundaries (for statistics, traces and streaming) are ours, and the model sees exactly the
+  inputs `generate` would give it (positions from the attention mask, so left padding is exact).
+- Greedy unless a temperature is given; sampling is seeded through one generator on the logits'
+  device. A sequence that produced EOS is fed padding until every sequence has finished.
+- Timing syncs the accelerator at each timed point (`sync`), so TTFT and tokens/s are honest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Generated:
+    tokens: torch.Tensor  # [B, N] new tokens
+    ttft_s: float  # prefill and first token, per batch
+    decode_s: float  # the remaining N - 1 steps
+    prefill_logits: torch.Tensor | None = None  # [B, S, V], when kept
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # N x [B, V], when kept
+
+
+def _sampler(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if sampling.temperature <= 0.0:
+        return lambda logits: logits.argmax(dim=-1)
+    generator = torch.Generator(device=device)
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B]
+        probs = (logits.float() / sampling.temperature).softmax(dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return sample
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # [B, S]
+    attention_mask: torch.Tensor,  # [B, S], 0 on left padding
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,  # called with [B] after each step
+    on_step: Callable[[], None] | None = None,  # called after each forward step
+    sync: Callable[[], None] = lambda: None,
+    keep_logits: bool = False,
+) -> Generated:
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    sample = _sampler(sampling, device)
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    tokens: list[torch.Tensor] = []
+    step_logits: list[torch.Tensor] = []
+    prefill_logits = None
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        mask = attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, S]
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)  # [B]
+        inputs = input_ids
+        start = time.perf_counter()
+        ttft_s = 0.0
+        for step in range(max_new_tokens):
+            out = model(
+                input_ids=inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_logits and step == 0 else 1,
+            )
+            if on_step is not None:
+                on_step()
+            logits = out.logits[:, -1, :]  # [B, V]
+            if keep_logits:
+                if step == 0:
+                    prefill_logits = out.logits
+                step_logits.append(logits)
+            next_tokens = sample(logits)  # [B]
+            if eos_token_id is not None:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                unfinished &= next_tokens != eos_token_id
+            tokens.append(next_tokens)
+            if step == 0:
+                sync()
+                ttft_s = time.perf_counter() - start
+            if on_tokens is not None:
+                on_tokens(next_tokens)
+            # Sync point (CUDA): deciding to stop reads the finished flags.
+            if eos_token_id is not None and not bool(unfinished.any()):
+                break
+            inputs = next_tokens[:, None]  # [B, 1]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            positions = positions[:, -1:] + 1
+        sync()
+        total_s = time.perf_counter() - start
+    return Generated(
+        tokens=torch.stack(tokens, dim=1),
+        ttft_s=ttft_s,
+        decode_s=total_s - ttft_s,
+        prefill_logits=prefill_logits,
+        step_logits=step_logits,
+    )
+
+
+class TextStream:
+    """Turns one sequence's new tokens into text pieces as they come (whole characters only)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        piece, self._emitted = text[self._emitted :], len(text)
+        return piece

@@ -1,0 +1,54 @@
+"""The hybrid runtime on one loaded model: store + executor + hooks, installed and removed together.
+
+Design choices:
+- The planner is passed in (the runtime never decides placement); its warm-start copies are made
+  before the first step.
+- `end_step()` is called by the generation loop after every forward step: the executor forgets
+  that step's unused prefetches and, when recording, hands back the step's per-layer routing.
+"""
+
+from __future__ import annotations
+
+from hybrimoe.policy.plan import Planner
+from hybrimoe.runtime.accelerator import Accelerator
+from hybrimoe.runtime.executor import LayerExecutor, LayerRecord
+from hybrimoe.runtime.hooks import Installed
+from hybrimoe.runtime.loading import LoadedModel
+from hybrimoe.runtime.stats import ExpertCounters
+from hybrimoe.runtime.store import ExpertStore
+
+
+class HybridRuntime:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        planner: Planner,
+        accelerator: Accelerator,
+        capacity: int,
+        record_depth: int | None = None,
+    ):
+        """`capacity`: expert slots on the accelerator. `record_depth`: record routing (for a trace)
+        with this many later layers' predictions; None records nothing."""
+        self.loaded, self.planner, self.accelerator = loaded, planner, accelerator
+        self.counters = ExpertCounters()
+        self.store = ExpertStore(loaded.layers, accelerator, capacity)
+        self.executor = LayerExecutor(
+            loaded.layers, self.store, planner, accelerator, loaded.top_k, loaded.n_experts, self.counters, record_depth
+        )
+        self._installed = Installed(loaded, self.executor)
+        warm = planner.initial_loads()
+        self.store.load(warm)
+        self.counters.bytes_loaded += len(warm) * self.store.expert_bytes
+
+    def end_step(self) -> list[LayerRecord]:
+        return self.executor.end_step()
+
+    def close(self) -> None:
+        self._installed.remove()
+        self.executor.close()
+
+    def __enter__(self) -> HybridRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

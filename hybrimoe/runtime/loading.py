@@ -1,0 +1,322 @@
+"""Loading a local transformers MoE checkpoint for the hybrid runtime.
+
+Design choices:
+- Transformers does the loading (`from_pretrained`: meta-device init, safetensors mmap, its own
+  per-expert -> stacked weight conversions), so every family whose experts use the standard
+  experts interface (stacked 3-D `gate_up_proj` / `down_proj`, `@use_experts_implementation`)
+  loads the same way, and no model code is copied here.
+- Everything that can be refused is refused before any weight is read: not a local directory,
+  an unknown or dense architecture, code shipped with the checkpoint (without
+  `trust_remote_code`), pickle-only weights (without `allow_pickle`), missing shards, and
+  truncated safetensors files (their header says how long they must be).
+- The model is first built on the meta device to find its MoE layers and refuse unsupported
+  families cheaply; then loaded once on the host. Placement moves the dense parameters to the
+  accelerator tensor by tensor and leaves the routed experts where they were loaded (pinned, on
+  CUDA, one layer at a time), so the weights are never materialised twice.
+- MoE layers are numbered 0..L-1 over the layers that have routed experts (DeepSeek's first dense
+  layers are skipped); `ExpertId = (moe_layer, expert)` uses this numbering.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from hybrimoe.config import ExpertShape
+from hybrimoe.errors import ModelError
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One decoder layer's routed experts and the router that feeds them."""
+
+    index: int  # MoE layer number, 0..L-1
+    decoder_layer: int  # the decoder layer it belongs to (first integer in its module path), for messages
+    experts: nn.Module
+    router: nn.Module
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    layers: tuple[MoeLayer, ...]
+    expert_shape: ExpertShape
+    n_experts: int
+    top_k: int
+    family: str
+    path: Path | None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the MoE layers of a built model
+
+
+def _is_standard_experts(module: nn.Module) -> bool:
+    """Modules decorated with transformers' `use_experts_implementation` get these attributes."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "down_proj")
+
+
+def _find_router(parent: nn.Module, experts: nn.Module, n_experts: int, hidden_size: int) -> nn.Module | None:
+    candidates = [
+        child
+        for child in parent.children()
+        if child is not experts
+        and isinstance(getattr(child, "weight", None), torch.Tensor)
+        and tuple(child.weight.shape) == (n_experts, hidden_size)
+    ]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _iter_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(name, parent, experts) for every experts module, in model order."""
+    for name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if _is_standard_experts(child):
+                yield f"{name}.{child_name}", parent, child
+
+
+def find_moe_layers(model: nn.Module, family: str) -> tuple[tuple[MoeLayer, ...], ExpertShape, int, int]:
+    """The MoE layers of a (possibly meta-device) model, its expert shape, expert count and top-k.
+
+    Raises ModelError naming what is unsupported.
+    """
+    found = list(_iter_experts(model))
+    if not found:
+        if any(hasattr(m, "num_experts") or "expert" in type(m).__name__.lower() for m in model.modules()):
+            raise ModelError(
+                f"{family}: its experts do not use transformers' standard experts interface "
+                "(stacked gate_up_proj / down_proj), so hybrimoe cannot run them"
+            )
+        raise ModelError(f"{family} is a dense model (no routed experts): hybrimoe runs Mixture-of-Experts models")
+    layers, shapes = [], set()
+    for index, (name, parent, experts) in enumerate(found):
+        if not experts.has_gate:
+            raise ModelError(f"{family}: experts without a gate projection (up_proj only) are not supported")
+        if getattr(experts, "has_post_expert_norm", False):
+            raise ModelError(f"{family}: experts with a post-expert norm are not supported")
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if gate_up.dim() != 3 or down.dim() != 3:
+            raise ModelError(f"{family}: {name} does not hold stacked 3-D expert weights")
+        n_experts = gate_up.shape[0]
+        hidden = gate_up.shape[1] if experts.is_transposed else gate_up.shape[2]
+        intermediate = down.shape[1] if experts.is_transposed else down.shape[2]
+        router = _find_router(parent, experts, n_experts, hidden)
+        if router is None:
+            raise ModelError(f"{family}: cannot find the router of {name} (a child with a [{n_experts}, {hidden}] weight)")
+        dtype = _DTYPE_NAMES.get(gate_up.dtype)
+        if dtype is None:
+            raise ModelError(f"{family}: expert weights of dtype {gate_up.dtype} are not supported")
+        shapes.add((n_experts, hidden, intermediate, dtype, bool(experts.has_bias)))
+        layers.append(MoeLayer(index=index, decoder_layer=_decoder_index(name), experts=experts, router=router))
+    if len(shapes) != 1:
+        raise ModelError(f"{family}: MoE layers with different expert shapes are not supported")
+    n_experts, hidden, intermediate, dtype, has_bias = shapes.pop()
+    top_k = getattr(layers[0].router, "top_k", None) or getattr(model.config, "num_experts_per_tok", None)
+    if not top_k:
+        raise ModelError(f"{family}: cannot tell how many experts each token uses (no top_k)")
+    shape = ExpertShape(hidden_size=hidden, intermediate_size=intermediate, dtype=dtype, has_bias=has_bias)
+    return tuple(layers), shape, n_experts, int(top_k)
+
+
+def _decoder_index(module_name: str) -> int:
+    """The first integer component of a module path (`model.layers.3.mlp.experts` -> 3)."""
+    for part in module_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a checkpoint directory before reading weights
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (truncated, corrupt header), or None."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8:
+                return "truncated (shorter than its header)"
+            header = json.loads(fh.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return "corrupt (unreadable header)"
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        return f"truncated ({size} bytes, its header needs {8 + header_len + data_end})"
+    return None
+
+
+def check_weight_files(path: Path, allow_pickle: bool) -> None:
+    """Refuses missing, truncated or (unless allowed) pickle-based weights with one line."""
+    safetensors = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise ModelError(f"{index}: malformed safetensors index") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelError(f"{path}: missing weight shard(s) {', '.join(missing)}")
+    if not safetensors:
+        pickles = [p.name for p in sorted(path.iterdir()) if p.suffix in _PICKLE_SUFFIXES]
+        if not pickles:
+            raise ModelError(f"{path}: no weights found (expected *.safetensors)")
+        if not allow_pickle:
+            raise ModelError(
+                f"{path}: only pickle-based weights ({pickles[0]}); they can run code when loaded. "
+                "Convert them to safetensors, or pass --allow-pickle if you trust them"
+            )
+        return
+    for file in safetensors:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{file}: {problem}")
+
+
+def _load_config(path: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        config_data = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ModelError(f"{path}: no readable config.json (is this a transformers checkpoint?)") from None
+    if "auto_map" in config_data and not trust_remote_code:
+        raise ModelError(
+            f"{path}: the checkpoint ships its own model code; hybrimoe does not run it unless you pass "
+            "--trust-remote-code"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = config_data.get("model_type", "unknown")
+        raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _build_on_meta(config, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: no usable tokenizer ({_first_line(exc)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: dense parts on the accelerator, routed experts on the host
+
+
+def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True) -> None:
+    """Moves every parameter and buffer but the routed experts to `device`; pins the experts on CUDA.
+
+    Tensor by tensor, so at most one extra tensor (or one layer's experts, when pinning) exists at a
+    time. Tied parameters are one Parameter object, moved once.
+    """
+    experts = {id(layer.experts) for layer in loaded.layers}
+    modules = list(loaded.model.modules())
+    pin = device.type == "cuda"
+    with Progress(transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("Placing weights", total=len(modules))
+        for module in modules:
+            if id(module) in experts:
+                if pin:
+                    for param in module.parameters(recurse=False):
+                        param.data = param.data.pin_memory()
+            else:
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(device)
+                for name, buffer in module.named_buffers(recurse=False):
+                    setattr(module, name, buffer.to(device))
+            progress.advance(task)
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    with_tokenizer: bool = True,
+    show_progress: bool = True,
+) -> LoadedModel:
+    """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
+        )
+    config = _load_config(path, trust_remote_code)
+    layers, shape, n_experts, top_k = find_moe_layers(_build_on_meta(config, trust_remote_code), config.model_type)
+    check_weight_files(path, allow_pickle)
+    tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype="auto",
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
+    finally:
+        if not show_progress:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"{path}: {len(missing)} weight(s) missing from the checkpoint, e.g. {missing[0]}")
+    model.requires_grad_(False)
+    model.eval()
+    layers, shape, n_experts, top_k = find_moe_layers(model, config.model_type)
+    loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, config.model_type, path)
+    place(loaded, torch.device(device), show_progress)
+    return loaded
+
+
+def from_model(model: nn.Module, device: torch.device | str = "cpu", tokenizer: object = None) -> LoadedModel:
+    """Wraps an already built model (tests, benchmarks) the same way `load_model` does."""
+    model.requires_grad_(False)
+    model.eval()
+    family = getattr(model.config, "model_type", type(model).__name__)
+    layers, shape, n_experts, top_k = find_moe_layers(model, family)
+    loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, family, None)
+    place(loaded, torch.device(device), show_progress=False)
+    return loaded

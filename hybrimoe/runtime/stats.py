@@ -1,0 +1,78 @@
+"""Statistics of one run: expert placement counters (updated per layer) and the run's summary.
+
+Design choices:
+- Counters are plain integers bumped once per MoE layer; ratios are derived at the end, so the
+  per-layer cost is a few additions.
+- An expert activation is one (layer, expert) pair used by at least one token of one forward step;
+  a hit is an activation whose expert was resident when the layer was planned.
+- A prefetched expert counts as used when its layer, in the same forward step, activates it while
+  it is still resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ExpertCounters:
+    activations: int = 0
+    hits: int = 0
+    accelerator_runs: int = 0  # activations computed on the accelerator (resident or loaded)
+    cpu_runs: int = 0
+    loads: int = 0  # on-demand copies
+    prefetches: int = 0
+    prefetches_used: int = 0
+    bytes_loaded: int = 0  # on-demand and prefetch copies
+    planned_ms: float = 0.0  # the planners' own simulated expert time, summed over layers
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.activations if self.activations else None
+
+    @property
+    def cpu_share(self) -> float | None:
+        return self.cpu_runs / self.activations if self.activations else None
+
+    @property
+    def accelerator_share(self) -> float | None:
+        return self.accelerator_runs / self.activations if self.activations else None
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        return self.prefetches_used / self.prefetches if self.prefetches else None
+
+
+@dataclass
+class RunStats:
+    """What `hybrimoe run` reports; `to_dict` is its --json form."""
+
+    model: str
+    family: str
+    device: str
+    profile: str  # the profile's name, or that the built-in default was used
+    planner: str
+    capacity: int  # expert slots on the accelerator
+    n_experts_total: int  # routed experts over all MoE layers
+    batch_size: int
+    n_prompt_tokens: int  # per sequence, padding included
+    n_new_tokens: int  # per sequence
+    ttft_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float | None  # per sequence; None when only one token was generated
+    counters: ExpertCounters = field(default_factory=ExpertCounters)
+    simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run
+    simulated_ttft_s: float | None = None
+    trace_path: str | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        counters = self.counters
+        data["counters"] = {
+            **asdict(counters),
+            "hit_rate": counters.hit_rate,
+            "cpu_share": counters.cpu_share,
+            "accelerator_share": counters.accelerator_share,
+            "prefetch_precision": counters.prefetch_precision,
+        }
+        return data

@@ -1,0 +1,126 @@
+"""The hybrid runtime computes what plain transformers computes, under every placement.
+
+For each supported family, a tiny random float32 model: prefill logits (16+ tokens), the logits of
+16 decode steps and the greedy tokens must match plain transformers (max |diff| <= 1e-4), under
+cache capacity 0, partial and full; prefetch depth 0 and 2; forced all-CPU, all-accelerator and
+mixed schedules; batch 1 and 2 (the second sequence left-padded). Every family runs two
+configurations; Mixtral and DeepSeek-V2 run the whole matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+from planners import RulePlanner
+from tiny_models import FAMILIES
+
+from hybrimoe.runtime.accelerator import CpuStandIn
+from hybrimoe.runtime.executor import LayerExecutor
+from hybrimoe.runtime.generate import generate
+from hybrimoe.runtime.hybrid import HybridRuntime
+from hybrimoe.runtime.loading import load_model
+
+TOLERANCE = 1e-4
+N_NEW = 17  # the prefill's token, then 16 decode steps
+CAPACITIES = ("zero", "partial", "full")
+
+
+def _prompt(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 20] ids and mask; the second sequence has 16 real tokens after 4 pads."""
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 256, (batch, 20), generator=gen)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :4] = 0
+        mask[1, :4] = 0
+    return ids, mask
+
+
+@functools.cache
+def _reference(path: str, batch: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask = _prompt(batch)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        prefill = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    return prefill, torch.stack(out.logits, dim=1), out.sequences[:, ids.shape[1]:]
+
+
+@functools.cache
+def _loaded(path: str):
+    return load_model(path, with_tokenizer=False, show_progress=False)
+
+
+def _run_hybrid(path: str, schedule: str, capacity: str, depth: int, batch: int):
+    loaded = _loaded(path)
+    n_total = loaded.n_layers * loaded.n_experts
+    slots = {"zero": 0, "partial": 5, "full": n_total}[capacity]
+    planner = RulePlanner(schedule, slots, loaded.n_layers, loaded.n_experts, prefetch_depth=depth)
+    ids, mask = _prompt(batch)
+    with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
+        out = generate(loaded.model, ids, mask, N_NEW, on_step=runtime.end_step, keep_logits=True)
+    if depth:
+        assert any(planner.predictions_seen), "the planner never saw lookahead predictions"
+    return out, runtime.counters
+
+
+def _max_diffs(path: str, schedule: str, capacity: str, depth: int, batch: int):
+    ref_prefill, ref_steps, ref_tokens = _reference(path, batch)
+    out, counters = _run_hybrid(path, schedule, capacity, depth, batch)
+    mask = _prompt(batch)[1].bool()
+    prefill_diff = (out.prefill_logits - ref_prefill).abs()[mask].max().item()
+    step_diff = (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item()
+    return prefill_diff, step_diff, torch.equal(out.tokens, ref_tokens), counters
+
+
+def _check(path, schedule, capacity, depth, batch):
+    prefill_diff, step_diff, same_tokens, counters = _max_diffs(path, schedule, capacity, depth, batch)
+    assert prefill_diff <= TOLERANCE, f"prefill logits differ by {prefill_diff}"
+    assert step_diff <= TOLERANCE, f"decode logits differ by {step_diff}"
+    assert same_tokens
+    if schedule == "cpu" or capacity == "zero":
+        assert counters.accelerator_runs == 0
+    if schedule == "accelerator" and capacity != "zero":
+        assert counters.accelerator_runs > 0.9 * counters.activations
+    if schedule == "mixed" and capacity != "zero":
+        assert 0 < counters.cpu_runs < counters.activations
+    if capacity == "partial" and schedule != "cpu":
+        assert counters.loads > 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "schedule, capacity, depth, batch", [("mixed", "partial", 2, 2), ("accelerator", "full", 0, 1)]
+)
+def test_every_family_matches_transformers(checkpoint, family, schedule, capacity, depth, batch):
+    _check(str(checkpoint(family)), schedule, capacity, depth, batch)
+
+
+_MATRIX = list(itertools.product(("cpu", "accelerator", "mixed"), CAPACITIES, (0, 2), (1, 2)))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+@pytest.mark.parametrize("schedule, capacity, depth, batch", _MATRIX)
+def test_configuration_matrix_matches_transformers(checkpoint, family, schedule, capacity, depth, batch):
+    _check(str(checkpoint(family)), schedule, capacity, depth, batch)
+
+
+def test_a_routing_weight_mixup_is_caught(checkpoint, monkeypatch):
+    """The released prototype gave CPU experts other experts' weights; this suite must notice."""
+    original = LayerExecutor._run_cpu
+
+    def mixed_up(self, layer, experts, x_h, weights_h, *rest):
+        return original(self, layer, experts, x_h, weights_h.roll(1, dims=-1), *rest)
+
+    monkeypatch.setattr(LayerExecutor, "_run_cpu", mixed_up)
+    prefill_diff, step_diff, _, _ = _max_diffs(str(checkpoint("mixtral")), "mixed", "partial", 0, 1)
+    assert max(prefill_diff, step_diff) > 100 * TOLERANCE
