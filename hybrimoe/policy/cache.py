@@ -7,8 +7,10 @@ Design choices:
   free slot is always the lowest-numbered free one of its pool.
 - Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
-  priority, lowest slot on ties: one numpy gather + argmin over the pool's slots, with a sorted
-  fallback only when the minimum is protected. Priorities:
+  priority, lowest slot on ties: an argmin over the pool's slots in `_slot_prio` (each slot's
+  priority, gathered again only after `observe` or `access` may have changed priorities, so the
+  admits of one layer share one gather); when the minimum is protected, a second argmin with the
+  protected slots masked. Priorities:
   * MRS (the paper's Minus Recent Score): S <- a * TopP(s) + (1 - a) * S for every token of every
     step, s the token's router probabilities, TopP keeping its p highest (p defaults to 2 * top-k)
     and zeroing the rest. For T tokens the sequential updates sum to
@@ -98,6 +100,17 @@ class MRSPolicy(_Policy):
             return
         a = self.alpha
         row = self.scores[layer]  # [E]
+        if n_tokens == 1:
+            row *= 1.0 - a
+            if router_probs is None:
+                row[topk_ids[0]] += a * topk_weights[0] if topk_weights is not None else a / k
+                return
+            probs = router_probs[0]  # [E]
+            n_experts = probs.shape[0]
+            p = min(self.top_p or 2 * k, n_experts)
+            top = np.argpartition(probs, n_experts - p)[n_experts - p :] if p < n_experts else slice(None)
+            row[top] += a * probs[top]
+            return
         if router_probs is None:
             ids, vals = topk_ids, (topk_weights if topk_weights is not None else np.full(topk_ids.shape, 1.0 / k))
         else:
@@ -108,10 +121,6 @@ class MRSPolicy(_Policy):
             else:
                 ids = np.argpartition(router_probs, n_experts - p, axis=1)[:, n_experts - p :]  # [T, p]
             vals = np.take_along_axis(router_probs, ids, axis=1)  # [T, p]
-        if n_tokens == 1:
-            row *= 1.0 - a
-            row[ids[0]] += a * vals[0]
-            return
         # Token t's scores are weighted a (1-a)^(T-1-t): the last token counts most.
         weights = a * (1.0 - a) ** np.arange(n_tokens - 1, -1, -1, dtype=np.float64)  # [T]
         row *= (1.0 - a) ** n_tokens
@@ -270,6 +279,8 @@ class ExpertCache:
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
         self._slot_key = np.full(capacity, n_layers * n_experts, dtype=np.intp)  # [capacity] prio index
+        self._slot_prio = np.full(capacity, np.inf)  # [capacity] prio[_slot_key], refreshed when stale
+        self._stale = False  # whether priorities may have changed since _slot_prio was gathered
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_of: dict[ExpertId, int] = {}
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
@@ -321,6 +332,7 @@ class ExpertCache:
         """Score bookkeeping for one layer call (MRS); a no-op for the other policies."""
         if self.policy.uses_observe:
             self.policy.on_observe(layer, topk_ids, router_probs, topk_weights)
+            self._stale = True
 
     def access(self, layer: int, experts: Iterable[int]) -> int:
         """Counts hits and misses for the (distinct) experts layer uses now; returns the hits."""
@@ -331,7 +343,12 @@ class ExpertCache:
         self.misses += len(experts) - hits
         if self.policy.uses_access:
             self.policy.on_access(layer, experts)
+            self._stale = True
         return hits
+
+    def refresh_priorities(self) -> None:
+        """Call after changing the policy's priorities other than through observe/access/admit."""
+        self._stale = True
 
     def admit(
         self, eid: ExpertId, protected: AbstractSet[ExpertId] = frozenset(), only_if_better: bool = False
@@ -356,9 +373,10 @@ class ExpertCache:
             if only_if_better and not self._prio[self._slot_key[slot]] < self._prio[layer * self.n_experts + expert]:
                 return None
             self._evict(slot)
+        key = layer * self.n_experts + expert
+        self.policy.on_admit(key)
         self._place(eid, slot)
         self.loads += 1
-        self.policy.on_admit(layer * self.n_experts + expert)
         return SlotLoad(eid, slot)
 
     def fill(self, eids: Iterable[ExpertId]) -> list[SlotLoad]:
@@ -378,18 +396,27 @@ class ExpertCache:
         lo, hi = self._pools[pool]
         if lo == hi:
             return None
-        prio = self._prio[self._slot_key[lo:hi]]  # [pool slots]
+        if self._stale:
+            np.take(self._prio, self._slot_key, out=self._slot_prio)
+            self._stale = False
+        prio = self._slot_prio[lo:hi]  # [pool slots]
         i = int(prio.argmin())
         if self._slot_eid[lo + i] not in protected:
             return lo + i
-        for i in np.argsort(prio, kind="stable").tolist():
-            if self._slot_eid[lo + i] not in protected:
-                return lo + i
-        return None
+        prio = prio.copy()
+        slot_of = self._slot_of
+        for eid in protected:
+            slot = slot_of.get(eid)
+            if slot is not None and lo <= slot < hi:
+                prio[slot - lo] = np.inf
+        i = int(prio.argmin())
+        return None if prio[i] == np.inf else lo + i
 
     def _place(self, eid: ExpertId, slot: int) -> None:
+        key = eid[0] * self.n_experts + eid[1]
         self._slot_eid[slot] = eid
-        self._slot_key[slot] = eid[0] * self.n_experts + eid[1]
+        self._slot_key[slot] = key
+        self._slot_prio[slot] = self._prio[key]
         self._slot_of[eid] = slot
         self._resident[eid[0]].add(eid[1])
 

@@ -90,6 +90,8 @@ ScheduleFn = Callable[[Mapping[int, int], AbstractSet[int], CostModel, float], L
 _Ranked = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], float, float, float, float, tuple[float, ...]]
 
 _memos: weakref.WeakKeyDictionary[CostModel, dict] = weakref.WeakKeyDictionary()
+_last_memo: list = [None, None]  # [weakref to the last CostModel used, its memo]: skips the weak lookup
+_new_object = object.__new__
 
 
 def _split_sorted(
@@ -109,16 +111,20 @@ def _split_sorted(
 
 def _from_ranked(ids: list[int], ranked: _Ranked) -> LayerSchedule:
     gpu_idx, load_idx, cpu_idx, cpu_end, gpu_end, pcie_end, finish, load_done = ranked
-    return LayerSchedule(
-        tuple([ids[i] for i in gpu_idx]),
-        tuple([ids[i] for i in load_idx]),
-        tuple([ids[i] for i in cpu_idx]),
-        cpu_end,
-        gpu_end,
-        pcie_end,
-        finish,
-        load_done,
+    # A frozen dataclass's __init__ sets each field through object.__setattr__ (~1.4 us for eight);
+    # filling __dict__ directly builds the same object in a third of that, on the hot path.
+    schedule = _new_object(LayerSchedule)
+    schedule.__dict__.update(
+        gpu=tuple([ids[i] for i in gpu_idx]),
+        load=tuple([ids[i] for i in load_idx]),
+        cpu=tuple([ids[i] for i in cpu_idx]),
+        cpu_end_ms=cpu_end,
+        gpu_end_ms=gpu_end,
+        pcie_end_ms=pcie_end,
+        finish_ms=finish,
+        load_done_ms=load_done,
     )
+    return schedule
 
 
 def _cpu_only_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: float) -> _Ranked:
@@ -134,120 +140,126 @@ def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: 
     """The greedy on loads alone; non_n ascending, res_n descending (see the module docstring)."""
     if not costs.has_accelerator:
         return _cpu_only_ranked(non_n, res_n, costs, pcie0)
-    cpu_ms, gpu_ms, load_ms, extra_ms = costs.cpu_ms, costs.gpu_ms, costs.load_ms, costs.cpu_first_extra_ms
+    load_ms, extra_ms = costs.load_ms, costs.cpu_first_extra_ms
+    non_cpu = list(map(costs.cpu_ms, non_n))
+    non_gpu = list(map(costs.gpu_ms, non_n))
+    res_cpu = list(map(costs.cpu_ms, res_n))
+    res_gpu = list(map(costs.gpu_ms, res_n))
     m = len(non_n)
     lo, hi = 0, m  # non-resident queue: non_n[lo:hi]
     rlo, rhi = 0, len(res_n)  # resident queue: res_n[rlo:rhi]
-    queued_cpu_ms = sum(map(cpu_ms, non_n))  # CPU cost of non_n[lo:hi]
+    queued_cpu_ms = sum(non_cpu)  # CPU cost of non_n[lo:hi]
+    queued_non_gpu_ms = sum(non_gpu)  # GPU cost of non_n[lo:hi]
+    queued_res_gpu_ms = sum(res_gpu)  # GPU cost of res_n[rlo:rhi]
     copies: list[float] = []  # arrival time of each copy, in issue order
     copied: list[int] = []  # index (into non_n) of each copy
     next_gpu_copy = 0  # copies[:next_gpu_copy] are already computed
+    copies_gpu_ms = 0.0  # GPU cost of copies[next_gpu_copy:]
     gpu_idx: list[int] = []
     cpu_idx: list[int] = []
-    cpu_t = gpu_t = 0.0
-    gpu_end = 0.0
+    cpu_t = gpu_t = gpu_end = 0.0
     pcie_t = pcie0
-    pcie_decides = True  # False once the copy rule said no (no more copies) or the CPU gave up (copy all)
-    pcie_on = m > 0
-    cpu_takes_non = True
-    cpu_steals = True
-    cpu_started = False
+    pcie_on = m > 0  # False once the copy rule said no: no more copies this layer
+    pcie_decides = True  # False once the CPU left every non-resident expert to the copy engine
+    cpu_takes_non = cpu_steals = True
+    first_ms = extra_ms  # the CPU's start-up cost, until it takes its first expert
     while True:
         # When each timeline can next act (inf: nothing to do, now or later).
-        if rlo < rhi or (next_gpu_copy < len(copies) and copies[next_gpu_copy] <= gpu_t):
+        n_copies = len(copies)
+        if rlo < rhi or (next_gpu_copy < n_copies and copies[next_gpu_copy] <= gpu_t):
             gpu_at = gpu_t
-        elif next_gpu_copy < len(copies):
+        elif next_gpu_copy < n_copies:
             gpu_at = copies[next_gpu_copy]
         else:
             gpu_at = _INF
-        if cpu_takes_non and lo < hi:
-            cpu_at = cpu_t
-        elif cpu_steals and rlo < rhi:
-            cpu_at = cpu_t
-        else:
-            cpu_at = _INF
+        cpu_at = cpu_t if ((cpu_takes_non and lo < hi) or (cpu_steals and rlo < rhi)) else _INF
         pcie_at = pcie_t if (pcie_on and lo < hi) else _INF
         if pcie_at <= gpu_at and pcie_at <= cpu_at:
             if pcie_at == _INF:
                 break
-            n_x = non_n[hi - 1]
+            x = hi - 1
             if pcie_decides:
-                cpu_done = cpu_t + queued_cpu_ms + (0.0 if cpu_started else extra_ms)
-                ahead_ms = 0.0
-                for i in range(next_gpu_copy, len(copies)):
-                    ahead_ms += gpu_ms(non_n[copied[i]])
-                i = rlo
-                while i < rhi and res_n[i] >= n_x:
-                    ahead_ms += gpu_ms(res_n[i])
-                    i += 1
-                gpu_done = max(pcie_t + load_ms, max(gpu_t, pcie_t) + ahead_ms) + gpu_ms(n_x)
-                if gpu_done >= cpu_done:
+                # Work ahead of x on the GPU: copies not yet computed, residents of load >= x's.
+                n_x = non_n[x]
+                if rlo == rhi or res_n[rhi - 1] >= n_x:
+                    ahead_ms = copies_gpu_ms + queued_res_gpu_ms
+                else:
+                    ahead_ms = copies_gpu_ms
+                    i = rlo
+                    while res_n[i] >= n_x:
+                        ahead_ms += res_gpu[i]
+                        i += 1
+                start_ms = pcie_t + load_ms
+                ready_ms = (gpu_t if gpu_t > pcie_t else pcie_t) + ahead_ms
+                gpu_done = (start_ms if start_ms > ready_ms else ready_ms) + non_gpu[x]
+                if gpu_done >= cpu_t + queued_cpu_ms + first_ms:
                     pcie_on = False
                     continue
-            hi -= 1
-            queued_cpu_ms -= cpu_ms(n_x)
+            hi = x
+            queued_cpu_ms -= non_cpu[x]
+            queued_non_gpu_ms -= non_gpu[x]
+            copies_gpu_ms += non_gpu[x]
             pcie_t += load_ms
             copies.append(pcie_t)
-            copied.append(hi)
+            copied.append(x)
         elif gpu_at <= cpu_at:
             gpu_t = gpu_at
-            has_copy = next_gpu_copy < len(copies) and copies[next_gpu_copy] <= gpu_t
-            if rlo < rhi and (not has_copy or res_n[rlo] >= non_n[copied[next_gpu_copy]]):
-                gpu_t += gpu_ms(res_n[rlo])
+            if rlo < rhi and not (
+                next_gpu_copy < n_copies
+                and copies[next_gpu_copy] <= gpu_t
+                and non_n[copied[next_gpu_copy]] > res_n[rlo]
+            ):
+                gpu_t += res_gpu[rlo]
+                queued_res_gpu_ms -= res_gpu[rlo]
                 gpu_idx.append(m + rlo)
                 rlo += 1
             else:
-                gpu_t += gpu_ms(non_n[copied[next_gpu_copy]])
+                x = copied[next_gpu_copy]
+                gpu_t += non_gpu[x]
+                copies_gpu_ms -= non_gpu[x]
                 next_gpu_copy += 1
             gpu_end = gpu_t
         else:
-            first_ms = 0.0 if cpu_started else extra_ms
             if cpu_takes_non and lo < hi:
-                n_y = non_n[lo]
                 if guarded and pcie_on and pcie_decides:
-                    # Would copying y after every other queued non-resident expert still beat the CPU?
-                    arrival = max(pcie_t, cpu_t) + (hi - lo) * load_ms
-                    ready = max(gpu_t, cpu_t)
-                    for i in range(next_gpu_copy, len(copies)):
-                        ready += gpu_ms(non_n[copied[i]])
-                    for i in range(rlo, rhi):
-                        ready += gpu_ms(res_n[i])
-                    for i in range(lo, hi):
-                        ready += gpu_ms(non_n[i])
-                    if max(arrival, ready - gpu_ms(n_y)) + gpu_ms(n_y) < cpu_t + first_ms + cpu_ms(n_y):
+                    # Would copying lo after every other queued non-resident expert still beat the CPU?
+                    arrival_ms = (pcie_t if pcie_t > cpu_t else cpu_t) + (hi - lo) * load_ms
+                    ready_ms = (gpu_t if gpu_t > cpu_t else cpu_t) + copies_gpu_ms + queued_res_gpu_ms
+                    ready_ms += queued_non_gpu_ms - non_gpu[lo]
+                    start_ms = arrival_ms if arrival_ms > ready_ms else ready_ms
+                    if start_ms + non_gpu[lo] < cpu_t + first_ms + non_cpu[lo]:
                         cpu_takes_non = False
                         pcie_decides = False
                         continue
-                cpu_t += first_ms + cpu_ms(n_y)
-                queued_cpu_ms -= cpu_ms(n_y)
+                cpu_t += first_ms + non_cpu[lo]
+                queued_cpu_ms -= non_cpu[lo]
+                queued_non_gpu_ms -= non_gpu[lo]
                 cpu_idx.append(lo)
                 lo += 1
             else:
-                n_r = res_n[rhi - 1]
+                r = rhi - 1
                 if guarded:
                     # Steal the lowest-load resident expert only if the CPU finishes it first.
-                    gpu_done = max(gpu_t, cpu_t)
-                    for i in range(rlo, rhi):
-                        gpu_done += gpu_ms(res_n[i])
-                    for i in range(next_gpu_copy, len(copies)):
-                        if non_n[copied[i]] > n_r:
-                            gpu_done += gpu_ms(non_n[copied[i]])
-                    if cpu_t + first_ms + cpu_ms(n_r) >= gpu_done:
+                    gpu_done = (gpu_t if gpu_t > cpu_t else cpu_t) + queued_res_gpu_ms
+                    for i in range(next_gpu_copy, n_copies):
+                        if non_n[copied[i]] > res_n[r]:
+                            gpu_done += non_gpu[copied[i]]
+                    if cpu_t + first_ms + res_cpu[r] >= gpu_done:
                         cpu_steals = False
                         continue
-                rhi -= 1
-                cpu_t += first_ms + cpu_ms(n_r)
-                cpu_idx.append(m + rhi)
-            cpu_started = True
-    pcie_end = copies[-1] if copies else pcie0
+                rhi = r
+                cpu_t += first_ms + res_cpu[r]
+                queued_res_gpu_ms -= res_gpu[r]
+                cpu_idx.append(m + r)
+            first_ms = 0.0
     return (
         tuple(gpu_idx),
         tuple(copied),
         tuple(cpu_idx),
         cpu_t,
         gpu_end,
-        pcie_end,
-        max(cpu_t, gpu_end),
+        copies[-1] if copies else pcie0,
+        cpu_t if cpu_t > gpu_end else gpu_end,
         tuple(copies),
     )
 
@@ -260,9 +272,14 @@ def _hybrid(
         key = (len(res), len(non), pcie0, guarded)
     else:
         key = (tuple(res_n), tuple(non_n), pcie0, guarded)
-    memo = _memos.get(costs)
-    if memo is None:
-        memo = _memos[costs] = {}
+    last = _last_memo[0]
+    if last is not None and last() is costs:
+        memo = _last_memo[1]
+    else:
+        memo = _memos.get(costs)
+        if memo is None:
+            memo = _memos[costs] = {}
+        _last_memo[0], _last_memo[1] = weakref.ref(costs), memo
     ranked = memo.get(key)
     if ranked is None:
         if len(memo) >= _MEMO_MAX:
