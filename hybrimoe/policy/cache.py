@@ -47,8 +47,11 @@ LAYOUTS = ("shared", "per-layer")
 _NEVER = 1e18  # Belady: distance of an expert never used again
 
 
-class _Policy:
-    """Keeps `prio` [L*E + 1]; the cache reads it to choose victims. Hooks default to doing nothing."""
+class CachePolicy:
+    """Keeps `prio` [L*E + 1] up to date through its hooks; the cache reads it to choose victims.
+
+    A policy object serves one cache (`bind` allocates its arrays). Hooks default to doing nothing.
+    """
 
     name = ""
     admits = True  # False: the resident set only changes through `fill`
@@ -72,7 +75,7 @@ class _Policy:
         pass
 
 
-class MRSPolicy(_Policy):
+class MRSPolicy(CachePolicy):
     """Minus Recent Score: an exponentially decayed sum of each expert's top-p router scores."""
 
     name = "mrs"
@@ -127,7 +130,7 @@ class MRSPolicy(_Policy):
         np.add.at(row, ids.ravel(), (np.asarray(vals, dtype=np.float64) * weights[:, None]).ravel())
 
 
-class LRUPolicy(_Policy):
+class LRUPolicy(CachePolicy):
     name = "lru"
     uses_access = True
 
@@ -145,7 +148,7 @@ class LRUPolicy(_Policy):
         self.prio[key] = float(self.tick)
 
 
-class LFUPolicy(_Policy):
+class LFUPolicy(CachePolicy):
     """Priority = uses * 2^32 + tick of the last use: most uses first, then the most recent."""
 
     name = "lfu"
@@ -164,7 +167,7 @@ class LFUPolicy(_Policy):
             prio[key] = (prio[key] // use + 1.0) * use + self.tick
 
 
-class StaticPolicy(_Policy):
+class StaticPolicy(CachePolicy):
     """The resident set is whatever `fill` put there; priorities are the given frequencies."""
 
     name = "static"
@@ -182,7 +185,7 @@ class StaticPolicy(_Policy):
             self.prio[:-1] = freq.ravel()
 
 
-class BeladyPolicy(_Policy):
+class BeladyPolicy(CachePolicy):
     """Clairvoyant: evicts the resident expert whose next use is farthest in the future.
 
     `accesses` is the whole future, one (layer, experts used) entry per layer call, in call order.
@@ -225,7 +228,7 @@ class BeladyPolicy(_Policy):
         self.advance()
 
 
-def make_policy(name: str, **kwargs) -> _Policy:
+def make_policy(name: str, **kwargs) -> CachePolicy:
     """'mrs' (alpha, top_p), 'lru', 'lfu', 'static' (frequencies) or 'belady' (accesses)."""
     if name == "mrs":
         return MRSPolicy(alpha=kwargs.get("alpha", 0.5), top_p=kwargs.get("top_p"))
@@ -251,10 +254,11 @@ class ExpertCache:
         n_experts: int,
         capacity: int,
         layout: str = "shared",
-        policy: str | _Policy = "mrs",
+        policy: str | CachePolicy = "mrs",
         mrs_alpha: float = 0.5,
         mrs_top_p: int | None = None,
         frequencies: np.ndarray | None = None,  # [L, E], for the static policy's priorities
+        accesses: Sequence[tuple[int, Iterable[int]]] | None = None,  # the future, for "belady"
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -262,7 +266,8 @@ class ExpertCache:
             raise ValueError(f"capacity must be in [0, {n_layers * n_experts}], got {capacity}")
         self.n_layers, self.n_experts, self.capacity, self.layout = n_layers, n_experts, capacity, layout
         if isinstance(policy, str):
-            policy = make_policy(policy, alpha=mrs_alpha, top_p=mrs_top_p, frequencies=frequencies)
+            kwargs = {"accesses": accesses} if accesses is not None else {}
+            policy = make_policy(policy, alpha=mrs_alpha, top_p=mrs_top_p, frequencies=frequencies, **kwargs)
         self.policy = policy
         policy.bind(n_layers, n_experts)
         self._prio = policy.prio

@@ -211,10 +211,24 @@ def test_lfu_prefers_frequent_then_recent():
 
 
 def test_belady_clock_must_follow_the_future():
-    cache = ExpertCache(2, 4, 2, policy=BeladyPolicy([(0, [1]), (1, [2])]))
+    cache = ExpertCache(2, 4, 2, policy="belady", accesses=[(0, [1]), (1, [2])])
     cache.access(0, [1])
     with pytest.raises(ValueError):
         cache.access(0, [1])
+    with pytest.raises(ValueError):
+        ExpertCache(2, 4, 2, policy="belady")
+
+
+def test_belady_evicts_farthest_next_use():
+    # Capacity 2; the future is 0 1 2 0 1: at the miss on 2, expert 1 is needed after 0, so goes.
+    future = [(0, [x]) for x in (0, 1, 2, 0, 1)]
+    cache = ExpertCache(1, 4, 2, policy=BeladyPolicy(future))
+    cache.fill([(0, 0), (0, 1)])
+    for x in (0, 1, 2):
+        cache.access(0, [x])
+    assert cache.priority((0, 1)) == -4 and cache.priority((0, 0)) == -3
+    load = cache.admit((0, 2), protected={(0, 2)})
+    assert load.slot == 1 and cache.resident(0) == {0, 2}
 
 
 def test_fill_skips_full_pools_and_residents():
