@@ -240,12 +240,13 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
 def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True) -> None:
     """Moves every parameter and buffer but the routed experts to `device`; pins the experts on CUDA.
 
-    Tensor by tensor, so at most one extra tensor (or one layer's experts, when pinning) exists at a
-    time. Tied parameters are one Parameter object, moved once.
+    Tensor by tensor; on CUDA the experts are pinned one module at a time, so at most one layer's
+    experts exist twice. Tied parameters are one Parameter object, moved once and still shared.
     """
     experts = {id(layer.experts) for layer in loaded.layers}
     modules = list(loaded.model.modules())
     pin = device.type == "cuda"
+    moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new): tied stay tied
     with Progress(transient=True, disable=not show_progress) as progress:
         task = progress.add_task("Placing weights", total=len(modules))
         for module in modules:
@@ -254,9 +255,11 @@ def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True)
                     for param in module.parameters(recurse=False):
                         param.data = param.data.pin_memory()
             else:
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(device)
-                for name, buffer in module.named_buffers(recurse=False):
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if id(param) not in moved:
+                        moved[id(param)] = (param, nn.Parameter(param.data.to(device), requires_grad=False))
+                    setattr(module, name, moved[id(param)][1])
+                for name, buffer in list(module.named_buffers(recurse=False)):
                     setattr(module, name, buffer.to(device))
             progress.advance(task)
 
