@@ -61,6 +61,20 @@ def relative_errors(curve: LatencyCurve, fresh: Sequence[CurvePoint]) -> list[fl
     return [abs(curve.ms(p.n_tokens) - p.ms) / p.ms for p in fresh]
 
 
+def is_erratic(curve: LatencyCurve, factor: float = 2.0) -> bool:
+    """True when a point is over `factor` times slower than a point with more tokens.
+
+    Work grows with tokens, so this means something else (usually other processes holding the cores
+    that a multi-threaded kernel waits for) dominated some measurements.
+    """
+    fastest_later = float("inf")
+    for point in reversed(curve.points):
+        if point.ms > factor * fastest_later:
+            return True
+        fastest_later = min(fastest_later, point.ms)
+    return False
+
+
 def crossover_tokens(cpu: LatencyCurve, gpu: LatencyCurve, load_ms: float, max_tokens: int = 4096) -> int | None:
     """The fewest tokens at which loading an expert and running it on the accelerator beats the CPU.
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hybrimoe.config import CurvePoint, ExpertShape
+from hybrimoe.config import DTYPE_BYTES, CurvePoint, ExpertShape
 from hybrimoe.errors import UserError
 from hybrimoe.profile.machine import MiB, available_ram_bytes
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
@@ -283,14 +283,16 @@ def memcpy_stream(cache_bytes: int, chunk_bytes: int = 16 * MiB) -> Callable[[],
 def h2d_stream(device: torch.device, cache_bytes: int, chunk_bytes: int = 64 * MiB) -> Callable[[], int]:
     """A loop of pinned host-to-device copies on its own copy stream, each waited for."""
     n_bytes = max(2 * cache_bytes, 4 * chunk_bytes)
-    pinned = torch.ones(n_bytes, dtype=torch.uint8).pin_memory()
+    pinned = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
     target = torch.empty(chunk_bytes, dtype=torch.uint8, device=device)
     copy_stream = torch.cuda.Stream(device)
+    copy_stream.wait_stream(torch.cuda.current_stream(device))  # sync point: the buffers exist
     offsets = _Rotation(n_bytes, chunk_bytes)
 
     def step() -> int:
         offset = offsets.next()
-        with torch.cuda.stream(copy_stream):
+        # Inference mode is per thread, and the buffers may have been made under it.
+        with torch.inference_mode(), torch.cuda.stream(copy_stream):
             target.copy_(pinned[offset: offset + chunk_bytes], non_blocking=True)
         copy_stream.synchronize()  # sync point: one copy at a time, so the byte count is honest
         return chunk_bytes
@@ -343,30 +345,43 @@ def _interference(pool: ExpertPool, stream_step: Callable[[], int], budget: Budg
 
 @dataclass(frozen=True)
 class TransferResult:
-    expert_load: Sample  # one expert's bytes, pinned host -> device
+    expert_load: Sample  # one expert, pinned host -> device, one copy per weight tensor as the runtime does
     h2d_pinned_expert_gbps: float
     h2d_pinned_gbps: float  # large transfers
     h2d_pageable_gbps: float
     d2h_gbps: float  # device -> pinned host, large transfers
 
 
-def transfers(expert_bytes: int, device: torch.device, cache_bytes: int, budget: Budget) -> TransferResult:
+def weight_bytes(shape: ExpertShape) -> list[int]:
+    """Bytes of each weight tensor of one expert: the runtime loads an expert one copy per tensor."""
+    d, i, item = shape.hidden_size, shape.intermediate_size, DTYPE_BYTES[shape.dtype]
+    pieces = [2 * i * d, d * i] + ([2 * i, d] if shape.has_bias else [])
+    return [int(n * item) for n in pieces]
+
+
+def transfers(shape: ExpertShape, device: torch.device, cache_bytes: int, budget: Budget) -> TransferResult:
     """Copy costs through a dedicated copy stream, from host buffers larger than the cache."""
+    pieces = weight_bytes(shape)
+    expert_bytes = sum(pieces)
     large = max(budget.large_copy_bytes, expert_bytes)
     host_bytes = max(2 * cache_bytes, 2 * large)
     check_fits_in_ram(2 * host_bytes, "the transfer buffers")
-    pinned = torch.ones(host_bytes, dtype=torch.uint8).pin_memory()
-    pageable = torch.ones(host_bytes, dtype=torch.uint8)
+    pinned = torch.empty(host_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    pageable = torch.ones(host_bytes, dtype=torch.uint8)  # written now: no first-touch page faults later
     target = torch.empty(large, dtype=torch.uint8, device=device)
     copy_stream = torch.cuda.Stream(device)
 
-    def h2d(source: torch.Tensor, n_bytes: int, pinned_source: bool) -> Sample:
+    def h2d(source: torch.Tensor, sizes: list[int], pinned_source: bool) -> Sample:
+        """One copy per entry of `sizes` (bytes), back to back from one host region."""
+        n_bytes = sum(sizes)
         offsets = _Rotation(host_bytes, n_bytes)
 
         def work() -> None:
             offset = offsets.next()
-            # A pageable source gets a blocking copy: non_blocking from pageable memory is a bug.
-            target[:n_bytes].copy_(source[offset: offset + n_bytes], non_blocking=pinned_source)
+            for size in sizes:
+                # A pageable source gets a blocking copy: non_blocking from pageable memory is a bug.
+                target[:size].copy_(source[offset: offset + size], non_blocking=pinned_source)
+                offset += size
 
         return settle(cuda_ms(work, copy_stream), budget)
 
@@ -379,9 +394,9 @@ def transfers(expert_bytes: int, device: torch.device, cache_bytes: int, budget:
 
         return settle(cuda_ms(work, copy_stream), budget)
 
-    expert_load = h2d(pinned, expert_bytes, pinned_source=True)
-    large_pinned = h2d(pinned, large, pinned_source=True)
-    large_pageable = h2d(pageable, large, pinned_source=False)
+    expert_load = h2d(pinned, pieces, pinned_source=True)
+    large_pinned = h2d(pinned, [large], pinned_source=True)
+    large_pageable = h2d(pageable, [large], pinned_source=False)
     back = d2h()
     return TransferResult(
         expert_load=expert_load,

@@ -23,7 +23,7 @@ import torch
 from hybrimoe import __version__
 from hybrimoe.config import HardwareProfile, Interference, Provenance, Transfer
 from hybrimoe.errors import UserError
-from hybrimoe.profile.fit import fit_curve
+from hybrimoe.profile.fit import fit_curve, is_erratic
 from hybrimoe.profile.machine import accelerator_cache_bytes, describe_machine, llc_bytes, load_average
 from hybrimoe.profile.measure import (
     ExpertPool,
@@ -41,6 +41,11 @@ from hybrimoe.profile.measure import (
 from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import FULL, QUICK, device_timer, host_ms, settle
+
+ERRATIC_NOTE = (
+    "Warning: CPU expert latency falls as tokens grow, so other processes held the cores the kernel's "
+    "threads wait for: profile again on an idle machine, or with fewer --threads."
+)
 
 # (what is being measured now, steps done, steps in all)
 Progress = Callable[[str, int, int], None]
@@ -148,7 +153,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
             del gpu_pool
             steps.finish()
             steps.show("host <-> accelerator copies")
-            copies = transfers(shape.expert_bytes, device, cache_bytes, budget)
+            copies = transfers(shape, device, cache_bytes, budget)
             transfer = Transfer(
                 expert_load_ms=copies.expert_load.median_ms,
                 h2d_pinned_gbps=copies.h2d_pinned_gbps,
@@ -176,11 +181,14 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         steps.finish()
 
     machine = describe_machine(str(device), threads)
+    cpu_expert = fit_curve(cpu_points)
     notes = _notes(options, model, device, clash, interference_threads, threads, cores, load_before, load_average())
+    if is_erratic(cpu_expert):
+        notes += f" {ERRATIC_NOTE}"
     return HardwareProfile(
         name=options.name or profile_name(model, machine.gpu, cores),
         expert_shape=shape,
-        cpu_expert=fit_curve(cpu_points),
+        cpu_expert=cpu_expert,
         dense_layer=fit_curve(dense_points),
         gpu_expert=gpu_curve,
         transfer=transfer,

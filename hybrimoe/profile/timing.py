@@ -96,12 +96,16 @@ def host_ms(work: Callable[[], object]) -> Callable[[], float]:
 
 
 def cuda_ms(work: Callable[[], object], stream) -> Callable[[], float]:
-    """Times work enqueued on `stream` with CUDA events recorded on that same stream."""
+    """Times work enqueued on `stream` (a `torch.cuda.Stream`) with CUDA events recorded on it."""
     import torch
 
     def run_once() -> float:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        # Sync point (device side): inputs made on the current stream are ready before `stream` reads them.
+        current = torch.cuda.current_stream(stream.device)
+        if current != stream:
+            stream.wait_stream(current)
         with torch.cuda.stream(stream):
             start.record(stream)
             work()
@@ -113,7 +117,11 @@ def cuda_ms(work: Callable[[], object], stream) -> Callable[[], float]:
 
 
 def device_timer(device, stream=None) -> Callable[[Callable[[], object]], Callable[[], float]]:
-    """The timer for work on `device`: the wall clock on the CPU, CUDA events on `stream` otherwise."""
+    """The timer for work on `device`: the wall clock on the CPU, CUDA events on `stream` otherwise
+    (default: the device's current stream)."""
     if device.type == "cpu":
         return host_ms
+    import torch
+
+    stream = stream if stream is not None else torch.cuda.current_stream(device)
     return lambda work: cuda_ms(work, stream)

@@ -5,7 +5,7 @@ import pytest
 
 from hybrimoe.config import CurvePoint, LatencyCurve, LinearFit
 from hybrimoe.errors import ProfileError
-from hybrimoe.profile.fit import crossover_tokens, fit_curve, fit_linear, relative_errors
+from hybrimoe.profile.fit import crossover_tokens, fit_curve, fit_linear, is_erratic, relative_errors
 
 COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -72,3 +72,12 @@ def test_crossover_is_where_loading_starts_to_win():
     assert crossover_tokens(cpu, gpu, load_ms=1.0) == 11  # 1.1 > 1.01, and 1.0 is not
     assert crossover_tokens(cpu, gpu, load_ms=0.001) == 1
     assert crossover_tokens(cpu, gpu, load_ms=1e6) is None
+
+
+def test_erratic_curves_are_flagged():
+    def curve(*ms):
+        return LatencyCurve(points=tuple(CurvePoint(2**i, m) for i, m in enumerate(ms)))
+
+    assert is_erratic(curve(16.0, 0.04, 0.05))  # a stalled 1-token point
+    assert is_erratic(curve(1.0, 3.0, 1.2))
+    assert not is_erratic(curve(1.0, 1.1, 0.9, 2.0))  # noise, not a stall

@@ -128,3 +128,13 @@ def test_stand_ins_run_on_the_cpu():
         assert dense.causal_mask(1) is None
         assert dense.causal_mask(2).shape == (2, dense.context_tokens + 2)
         assert LayerOverhead(model, torch.float32, CPU).run().shape == (1, LayerOverhead.TINY)
+
+
+def test_an_expert_loads_one_copy_per_weight_tensor():
+    from hybrimoe.config import ExpertShape
+    from hybrimoe.profile.measure import weight_bytes
+
+    plain = ExpertShape(hidden_size=8, intermediate_size=4, dtype="bfloat16")
+    assert weight_bytes(plain) == [2 * 4 * 8 * 2, 8 * 4 * 2]
+    assert sum(weight_bytes(plain)) == plain.expert_bytes
+    assert len(weight_bytes(ExpertShape(8, 4, "float32", has_bias=True))) == 4

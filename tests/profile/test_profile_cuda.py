@@ -21,7 +21,7 @@ def test_accelerator_expert_curve_and_copies():
     with torch.inference_mode():
         curve = latency_curve(expert_timer(pool, torch.cuda.Stream(device)), TINY_BUDGET)
     assert len(curve) >= 2 and all(p.ms > 0 for p in curve)
-    copies = transfers(TINY_SHAPE.expert_bytes, device, TINY_CACHE_BYTES, TINY_BUDGET)
+    copies = transfers(TINY_SHAPE, device, TINY_CACHE_BYTES, TINY_BUDGET)
     assert copies.expert_load.median_ms > 0
     assert min(copies.h2d_pinned_gbps, copies.h2d_pageable_gbps, copies.d2h_gbps, copies.h2d_pinned_expert_gbps) > 0
 
