@@ -63,7 +63,10 @@ def profile(
         None, "--plot", rich_help_panel=_OUTPUT, help="Also save the latency plot as a PNG image (needs matplotlib)."
     ),
     max_repeats: int | None = typer.Option(None, "--max-repeats", min=1, hidden=True, help="Cap timed runs per measurement."),
-    llc_mb: float | None = typer.Option(None, "--llc-mb", min=0.01, hidden=True, help="Override the cache size to rotate past."),
+    llc_mb: float | None = typer.Option(
+        None, "--llc-mb", min=0.01, rich_help_panel=_RUN,
+        help="Last-level cache (MiB) that benchmarks rotate weights past (default: read from the system).",
+    ),
 ) -> None:
     """Measure this machine's expert costs and bandwidths for one model's shapes, and write a profile."""
     from hybrimoe.config import save_profile

@@ -42,6 +42,7 @@ from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import FULL, QUICK, device_timer, host_ms, settle
 
+FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
 ERRATIC_NOTE = (
     "Warning: CPU expert latency falls as tokens grow, so other processes held the cores the kernel's "
     "threads wait for: profile again on an idle machine, or with fewer --threads."
@@ -130,7 +131,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         )
         steps.finish()
         steps.show("CPU first expert of a layer")
-        first = first_expert(pool, model.top_k, budget)
+        first = first_expert(pool, model.top_k, budget, gap_s=FIRST_EXPERT_GAP_S)
         steps.finish()
         steps.show("host memory bandwidth")
         memory_gbps = host_read_gbps(cache_bytes, budget)
@@ -182,7 +183,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
 
     machine = describe_machine(str(device), threads)
     cpu_expert = fit_curve(cpu_points)
-    notes = _notes(options, model, device, clash, interference_threads, threads, cores, load_before, load_average())
+    notes = _notes(options, model, device, first, clash, interference_threads, threads, cores, load_before, load_average())
     if is_erratic(cpu_expert):
         notes += f" {ERRATIC_NOTE}"
     return HardwareProfile(
@@ -207,7 +208,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     )
 
 
-def _notes(options, model, device, clash, interference_threads, threads, cores, load_before, load_after) -> str:
+def _notes(options, model, device, first, clash, interference_threads, threads, cores, load_before, load_after) -> str:
     where = "the accelerator" if device.type == "cuda" else "the CPU"
     notes = [f"Measured for {model.name} ({model.dtype}) with {threads} CPU thread(s) of {cores}."]
     if device.type != "cuda":
@@ -223,6 +224,11 @@ def _notes(options, model, device, clash, interference_threads, threads, cores, 
         "layer_overhead_ms is a stand-in: softmax and top-k over router logits, ids to the host, "
         "one tiny expert dispatched (gather, kernel, weighted scatter-add)"
         + (" and the end-of-layer synchronisation." if device.type == "cuda" else ".")
+    )
+    notes.append(
+        f"cpu_first_expert_extra_ms: the first 1-token expert of a layer took {first.first.median_ms:.3f} ms, "
+        f"later ones {first.later.median_ms:.3f} ms (each layer after a {FIRST_EXPERT_GAP_S * 1e3:g} ms idle gap "
+        "and a pass over 8 MiB of other memory)."
     )
     if device.type == "cuda":
         background = "a host-to-device copy loop"
