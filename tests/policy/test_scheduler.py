@@ -1,6 +1,7 @@
 """Intra-layer scheduler: the paper's worked example, hand-worked cases, invariants, greedy vs exact."""
 
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -253,3 +254,30 @@ def test_schedules_are_valid_and_no_better_than_exact(loads, resident_mask, load
         check_valid(plan, counts, resident)
         assert plan.finish_ms >= exact.finish_ms - 1e-9
         assert plan.pcie_end_ms >= pcie0
+
+
+def brute_force_ms(counts, resident, costs, pcie0):
+    """Every split and every copy order; the GPU runs residents, then copies as they arrive."""
+    experts = list(counts)
+    best = float("inf")
+    for sides in itertools.product((False, True), repeat=len(experts)):
+        on_cpu = [e for e, gpu in zip(experts, sides) if not gpu]
+        copies = [e for e, gpu in zip(experts, sides) if gpu and e not in resident]
+        cpu_end = (costs.cpu_first_extra_ms + sum(costs.cpu_ms(counts[e]) for e in on_cpu)) if on_cpu else 0.0
+        resident_ms = sum(costs.gpu_ms(counts[e]) for e, gpu in zip(experts, sides) if gpu and e in resident)
+        for order in itertools.permutations(copies):
+            t, arrival = resident_ms, pcie0
+            for e in order:
+                arrival += costs.load_ms
+                t = max(t, arrival) + costs.gpu_ms(counts[e])
+            best = min(best, max(cpu_end, t))
+    return best
+
+
+def test_exact_matches_brute_force_over_copy_orders():
+    rng = random.Random(11)
+    for _ in range(60):
+        counts, resident, costs, pcie0 = random_layer(rng)
+        counts = dict(list(counts.items())[:6])
+        exact = sched.schedule_exact(counts, resident, costs, pcie0)
+        assert exact.finish_ms == pytest.approx(brute_force_ms(counts, resident, costs, pcie0))
