@@ -43,8 +43,9 @@ Design choices:
   sorted, non-resident loads sorted, pcie_free_at_ms) and stored as indices into the
   concatenation [non-resident experts by (load, id)] + [resident experts by (-load, id)]; a call
   sorts its experts the same way and maps the indices back to ids. Decode (every count 1) keys on
-  just (resident count, non-resident count, pcie_free_at_ms). One memo per `CostModel` (weakly
-  keyed), cleared when it reaches `_MEMO_MAX` entries.
+  just (resident count, non-resident count, pcie_free_at_ms). One memo per `CostModel` object
+  (weakly keyed, so do not change a cost model's fields after its first use; make a new one, as
+  `CostModel.without_loads` does), cleared when it reaches `_MEMO_MAX` entries.
 - `schedule_exact` is the optimum under the same timing model, by enumeration of each expert's
   side (CPU, or GPU with a copy when not resident). For a fixed split the CPU's order does not
   change its end, any GPU order without needless idling gives the same GPU end (single machine,
