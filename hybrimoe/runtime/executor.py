@@ -70,16 +70,15 @@ class LayerExecutor:
         self.plan_depth = planner.lookahead_layers
         self.record_depth = record_depth
         self.records: list[LayerRecord] = []  # this step's layers, when recording
-        self._pending_prefetch: dict[int, set[int]] = {}  # layer -> experts prefetched for it this step
+        self._pending_prefetch: dict[int, set[int]] = {}  # layer -> experts prefetched for its next run
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrimoe-cpu")
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
 
     def end_step(self) -> list[LayerRecord]:
-        """Closes a forward step: returns its records and forgets prefetches its layers never used."""
+        """Closes a forward step: returns its per-layer records (empty unless recording)."""
         records, self.records = self.records, []
-        self._pending_prefetch.clear()
         return records
 
     # -----------------------------------------------------------------------------------------

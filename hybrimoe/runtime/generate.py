@@ -65,8 +65,8 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     *,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    eos_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
     on_tokens: Callable[[torch.Tensor], None] | None = None,  # called with [B] after each step
     on_step: Callable[[], None] | None = None,  # called after each forward step
     sync: Callable[[], None] = lambda: None,
@@ -76,7 +76,7 @@ def generate(
 
     device = input_ids.device
     sample = _sampler(sampling, device)
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     tokens: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []
     prefill_logits = None
@@ -105,9 +105,9 @@ def generate(
                     prefill_logits = out.logits
                 step_logits.append(logits)
             next_tokens = sample(logits)  # [B]
-            if eos_token_id is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-                unfinished &= next_tokens != eos_token_id
+            if eos_token_ids:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+                unfinished &= ~torch.isin(next_tokens, eos)
             tokens.append(next_tokens)
             if step == 0:
                 sync()
@@ -115,7 +115,7 @@ def generate(
             if on_tokens is not None:
                 on_tokens(next_tokens)
             # Sync point (CUDA): deciding to stop reads the finished flags.
-            if eos_token_id is not None and not bool(unfinished.any()):
+            if eos_token_ids and not bool(unfinished.any()):
                 break
             inputs = next_tokens[:, None]  # [B, 1]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)

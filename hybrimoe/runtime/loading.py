@@ -19,13 +19,15 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
@@ -44,6 +46,18 @@ class MoeLayer:
     decoder_layer: int  # the decoder layer it belongs to (first integer in its module path), for messages
     experts: nn.Module
     router: nn.Module
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What is known from the config alone, before any weight is read."""
+
+    family: str
+    expert_shape: ExpertShape  # with the checkpoint's dtype
+    n_layers: int  # MoE layers
+    n_experts: int
+    top_k: int
+    dense_bytes: int  # every weight but the routed experts
 
 
 @dataclass
@@ -224,6 +238,20 @@ def _build_on_meta(config, trust_remote_code: bool) -> nn.Module:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
 
 
+def _facts(meta_model: nn.Module, config) -> ModelFacts:
+    layers, shape, n_experts, top_k = find_moe_layers(meta_model, config.model_type)
+    dtype = getattr(config, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), torch.float32)
+    if dtype not in _DTYPE_NAMES:
+        raise ModelError(f"{config.model_type}: weights of dtype {dtype} are not supported")
+    experts = {id(p) for layer in layers for p in layer.experts.parameters()}
+    dense_params = sum(p.numel() for p in meta_model.parameters() if id(p) not in experts)
+    shape = dataclasses.replace(shape, dtype=_DTYPE_NAMES[dtype])
+    return ModelFacts(
+        config.model_type, shape, len(layers), n_experts, top_k, dense_params * dtype.itemsize
+    )
+
+
 def _load_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -247,7 +275,7 @@ def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True)
     modules = list(loaded.model.modules())
     pin = device.type == "cuda"
     moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new): tied stay tied
-    with Progress(transient=True, disable=not show_progress) as progress:
+    with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as progress:
         task = progress.add_task("Placing weights", total=len(modules))
         for module in modules:
             if id(module) in experts:
@@ -272,8 +300,13 @@ def load_model(
     allow_pickle: bool = False,
     with_tokenizer: bool = True,
     show_progress: bool = True,
+    before_weights: Callable[[ModelFacts], None] | None = None,
 ) -> LoadedModel:
-    """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory."""
+    """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory.
+
+    `before_weights` sees the model's facts before any weight is read, to refuse early (a profile
+    for other expert shapes, a memory budget the dense parts alone exceed).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -283,7 +316,9 @@ def load_model(
             f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
         )
     config = _load_config(path, trust_remote_code)
-    layers, shape, n_experts, top_k = find_moe_layers(_build_on_meta(config, trust_remote_code), config.model_type)
+    facts = _facts(_build_on_meta(config, trust_remote_code), config)
+    if before_weights is not None:
+        before_weights(facts)
     check_weight_files(path, allow_pickle)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     if not show_progress:

@@ -5,8 +5,9 @@ Design choices:
   per-layer cost is a few additions.
 - An expert activation is one (layer, expert) pair used by at least one token of one forward step;
   a hit is an activation whose expert was resident when the layer was planned.
-- A prefetched expert counts as used when its layer, in the same forward step, activates it while
-  it is still resident.
+- A prefetched expert counts as used when the next run of its layer (later in the same step, or
+  in the next step for a planner that prefetches across the step boundary) activates it while it
+  is still resident.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RunStats:
     profile: str  # the profile's name, or that the built-in default was used
     planner: str
     capacity: int  # expert slots on the accelerator
+    capacity_source: str  # which flag, profile or budget set it
     n_experts_total: int  # routed experts over all MoE layers
     batch_size: int
     n_prompt_tokens: int  # per sequence, padding included

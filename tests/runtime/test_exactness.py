@@ -124,3 +124,23 @@ def test_a_routing_weight_mixup_is_caught(checkpoint, monkeypatch):
     monkeypatch.setattr(LayerExecutor, "_run_cpu", mixed_up)
     prefill_diff, step_diff, _, _ = _max_diffs(str(checkpoint("mixtral")), "mixed", "partial", 0, 1)
     assert max(prefill_diff, step_diff) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("family, ratio", [("qwen3_moe", 0.25), ("deepseek_v3", 0.5), ("gpt_oss", 0.25)])
+def test_product_planner_matches_transformers(checkpoint, family, ratio):
+    """The policy core's HybriMoE planner (MRS cache, impact prefetch) through `build_planner`."""
+    from hybrimoe.config import PolicyConfig
+    from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
+
+    path = str(checkpoint(family))
+    loaded = _loaded(path)
+    slots = round(ratio * loaded.n_layers * loaded.n_experts)
+    profile = default_profile(model_shape(loaded, family))
+    planner = build_planner("hybrimoe", loaded, profile, PolicyConfig(prefetch_depth=2), slots)
+    ids, mask = _prompt(2)
+    with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
+        out = generate(loaded.model, ids, mask, N_NEW, on_step=runtime.end_step, keep_logits=True)
+    _, ref_steps, ref_tokens = _reference(path, 2)
+    assert (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item() <= TOLERANCE
+    assert torch.equal(out.tokens, ref_tokens)
+    assert runtime.counters.accelerator_runs > 0

@@ -1,0 +1,160 @@
+"""`hybrimoe run`: generate text with the hybrid CPU-accelerator runtime, streaming it, then a summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from hybrimoe.cli import app, console, user_errors
+from hybrimoe.policy.strategies import STRATEGIES
+
+_INPUT = "Model and prompt"
+_GEN = "Generation"
+_PLACE = "Placement"
+_OUT = "Output"
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    from hybrimoe.errors import UserError
+
+    if prompt is not None and prompt_file is not None:
+        raise UserError("pass --prompt or --prompt-file, not both")
+    if prompt == "-" or prompt_file == Path("-"):
+        return sys.stdin.read()
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {exc.strerror or exc}") from None
+    if prompt is None:
+        raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or --prompt - to read stdin")
+    return prompt
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def _summary(stats) -> Panel:
+    c = stats.counters
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("Model", f"{stats.model} ({stats.family})"),
+        ("Device", stats.device),
+        ("Profile", stats.profile),
+        ("Strategy", stats.planner),
+        ("Expert cache", f"{stats.capacity} of {stats.n_experts_total} experts ({stats.capacity_source})"),
+        ("Tokens", f"{stats.batch_size} x ({stats.n_prompt_tokens} prompt + {stats.n_new_tokens} new)"),
+        ("Time to first token", _fmt(stats.ttft_s, ".3f", " s")),
+        ("Prefill", _fmt(stats.prefill_tokens_per_s, ".1f", " tokens/s")),
+        ("Decode", _fmt(stats.decode_tokens_per_s, ".2f", " tokens/s per sequence")),
+        ("Cache hit rate", _fmt(c.hit_rate, ".1%")),
+        ("Expert runs", f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} accelerator"),
+        ("Loaded", f"{c.bytes_loaded / 2**20:.1f} MiB ({c.loads} on demand, {c.prefetches} prefetched)"),
+        ("Prefetch precision", _fmt(c.prefetch_precision, ".1%")),
+        (
+            "Simulator predicts",
+            f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')}, "
+            f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} (same profile)",
+        ),
+    ]
+    if stats.trace_path:
+        rows.append(("Routing trace", stats.trace_path))
+    for name, value in rows:
+        table.add_row(name, value)
+    return Panel(table, title="hybrimoe run", expand=False)
+
+
+@app.command()
+def run(
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", rich_help_panel=_INPUT, help="The prompt text; `-` reads it from stdin."
+    ),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", rich_help_panel=_INPUT, help="Read the prompt from this file (`-`: stdin)."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", rich_help_panel=_INPUT,
+        help="Local transformers MoE checkpoint directory (default: the embedded demo model).",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", rich_help_panel=_INPUT, help="Allow running model code shipped with the checkpoint."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", rich_help_panel=_INPUT, help="Allow pickle-based weight files (.bin); safetensors otherwise."
+    ),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", rich_help_panel=_GEN, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", rich_help_panel=_GEN, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", rich_help_panel=_GEN, help="Nucleus sampling mass (with --temperature)."),
+    seed: int | None = typer.Option(None, "--seed", rich_help_panel=_GEN, help="Seed for sampling."),
+    device: str | None = typer.Option(
+        None, "--device", rich_help_panel=_PLACE, help="cuda[:N], or cpu (a CPU stand-in accelerator); default: cuda when present."
+    ),
+    profile: Path | None = typer.Option(
+        None, "--profile", rich_help_panel=_PLACE,
+        help="Hardware profile (YAML, measured or tuned); default: a built-in estimate.",
+    ),
+    strategy: str = typer.Option(
+        "hybrimoe", "--strategy", rich_help_panel=_PLACE, help=f"Placement strategy: {', '.join(STRATEGIES)}."
+    ),
+    cache_experts: int | None = typer.Option(
+        None, "--cache-experts", rich_help_panel=_PLACE, help="Expert slots on the accelerator."
+    ),
+    cache_ratio: float | None = typer.Option(
+        None, "--cache-ratio", rich_help_panel=_PLACE, help="Expert slots as a fraction of all routed experts."
+    ),
+    gpu_memory_gb: float | None = typer.Option(
+        None, "--gpu-memory-gb", rich_help_panel=_PLACE,
+        help="Accelerator memory to use, dense weights included (default: what is free).",
+    ),
+    record_trace: Path | None = typer.Option(
+        None, "--record-trace", rich_help_panel=_OUT, help="Write the run's routing trace (.npz) here."
+    ),
+    force: bool = typer.Option(False, "--force", rich_help_panel=_OUT, help="Overwrite an existing --record-trace file."),
+    json_out: bool = typer.Option(False, "--json", rich_help_panel=_OUT, help="Print the texts and statistics as JSON only."),
+) -> None:
+    """Generate text with the hybrid runtime: experts on the CPU and the accelerator, planned per layer."""
+    with user_errors():
+        from hybrimoe.errors import UserError
+        from hybrimoe.runtime.generate import Sampling
+        from hybrimoe.runtime.runner import RunOptions, run as run_model
+
+        if strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        text = _read_prompt(prompt, prompt_file)
+        options = RunOptions(
+            prompts=(text,),
+            model=model,
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
+            device=device,
+            profile=profile,
+            strategy=strategy,
+            cache_experts=cache_experts,
+            cache_ratio=cache_ratio,
+            gpu_memory_gb=gpu_memory_gb,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            record_trace=record_trace,
+            overwrite_trace=force,
+        )
+        if json_out:
+            report = run_model(options, show_progress=False)
+        else:
+            report = run_model(
+                options,
+                on_start=lambda: console.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True),
+                on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False, soft_wrap=True),
+            )
+    if json_out:
+        console.print_json(json.dumps({"texts": report.texts, **report.stats.to_dict()}))
+        return
+    console.print()
+    console.print(_summary(report.stats))

@@ -1,0 +1,285 @@
+"""`hybrimoe run` as one library call: load, plan, generate, report.
+
+Design choices:
+- Everything a user can get wrong is refused before the weights are read where possible (bad
+  options, a profile for other expert shapes, an impossible memory budget), as one UserError line.
+- No profile means a built-in default: the datasheet estimate of `DEFAULT_MACHINE` for this
+  model's shapes; the report says so.
+- The planner comes from the policy core's factory (`build_planner`), the same one the simulator
+  replays, so the run's own routing, recorded as a trace, gives the simulator's prediction for
+  this run on the same profile (`predict_run`).
+- The routing is always recorded (the planner needs it on the host anyway); it is written to a
+  file only with `record_trace`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hybrimoe import __version__
+from hybrimoe.config import HardwareProfile, PolicyConfig, load_profile
+from hybrimoe.errors import UserError
+from hybrimoe.policy.plan import Planner
+from hybrimoe.profile.presets import ModelShape
+from hybrimoe.runtime.capacity import GIB, Capacity, resolve_capacity
+from hybrimoe.runtime.executor import LayerRecord
+from hybrimoe.runtime.generate import Sampling, TextStream, generate
+from hybrimoe.runtime.loading import LoadedModel, ModelFacts
+from hybrimoe.runtime.stats import RunStats
+from hybrimoe.trace import RoutingTrace, TraceMeta, TraceStep
+
+DEFAULT_MACHINE = "rtx4090-desktop"
+TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    prompts: tuple[str, ...]  # one per sequence
+    model: Path | None = None  # None: the embedded demo model
+    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    device: str | None = None  # None: CUDA when present
+    profile: Path | None = None
+    strategy: str = "hybrimoe"
+    cache_experts: int | None = None
+    cache_ratio: float | None = None
+    gpu_memory_gb: float | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    record_trace: Path | None = None
+    overwrite_trace: bool = False
+
+
+@dataclass
+class RunReport:
+    stats: RunStats
+    texts: list[str]  # the generated text of each sequence
+
+
+def _check_options(options: RunOptions) -> None:
+    if not options.prompts or any(not p.strip() for p in options.prompts):
+        raise UserError("the prompt is empty")
+    if options.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if options.sampling.temperature < 0:
+        raise UserError("--temperature must not be negative")
+    if not 0.0 < options.sampling.top_p <= 1.0:
+        raise UserError("--top-p must be in (0, 1]")
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise UserError("--gpu-memory-gb must be positive")
+    if options.record_trace is not None:
+        if options.record_trace.suffix != ".npz":
+            raise UserError(f"{options.record_trace}: a trace file must end in .npz")
+        if options.record_trace.exists() and not options.overwrite_trace:
+            raise UserError(f"{options.record_trace} exists; pass --force to overwrite it")
+
+
+def model_shape(loaded: LoadedModel, name: str) -> ModelShape:
+    """The policy core's description of the model (dense parts included), from its config."""
+    from hybrimoe.profile.presets import shape_from_hf_config
+
+    config = loaded.model.config.to_dict()
+    # transformers 5 saves Qwen3-MoE's expert count as `num_local_experts`; the hub's files say `num_experts`
+    config.setdefault("num_experts", loaded.n_experts)
+    return shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
+
+
+def default_profile(shape: ModelShape) -> HardwareProfile:
+    """The datasheet estimate of DEFAULT_MACHINE for this model's shapes."""
+    from hybrimoe.profile.estimate import estimate_profile
+
+    return estimate_profile(DEFAULT_MACHINE, shape)
+
+
+def build_planner(
+    strategy: str,
+    loaded: LoadedModel,
+    profile: HardwareProfile,
+    policy: PolicyConfig,
+    capacity: int,
+) -> Planner:
+    """The policy core's planner for this model; `capacity` expert slots on the accelerator."""
+    from hybrimoe.policy.costs import CostModel
+    from hybrimoe.policy.strategies import ModelDims, make_planner
+
+    dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
+    try:
+        return make_planner(strategy, dims, CostModel(profile), policy, capacity)
+    except ValueError as exc:
+        raise UserError(f"strategy {strategy!r}: {exc}") from None
+
+
+def predict_run(
+    trace: RoutingTrace, planner: Planner, strategy: str, cache_ratio: float
+) -> tuple[float | None, float | None]:
+    """The simulator's (TTFT s, decode tokens/s per sequence) for the recorded run, replayed
+    through a fresh planner built like the run's."""
+    from hybrimoe.policy.simulator import simulate
+
+    predictor = "recorded" if trace.lookahead_depth else "recent"
+    prefill = simulate(RoutingTrace(trace.meta, trace.steps[:1]), planner, predictor, strategy, cache_ratio, "prefill")
+    ttft_s = prefill.total_ms / 1000.0
+    if trace.n_steps < 2:
+        return ttft_s, None
+    decode = simulate(RoutingTrace(trace.meta, trace.steps[1:]), planner, predictor, strategy, cache_ratio, "decode")
+    return ttft_s, (1000.0 / decode.step_ms if decode.step_ms else None)
+
+
+def _trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
+    """Stacks one step's per-layer records: ids [L, T, k], probs [L, T, E], lookahead [L, D, T, k]."""
+    ids = np.stack([r.topk_ids for r in records])
+    lookahead = np.full((len(records), depth, *ids.shape[1:]), -1, dtype=np.int16)
+    for layer, record in enumerate(records):
+        for target, predicted in record.lookahead.items():
+            lookahead[layer, target - layer - 1] = predicted
+    return TraceStep(
+        topk_ids=ids,
+        topk_weights=np.stack([r.topk_weights for r in records]),
+        router_probs=np.stack([r.router_probs for r in records]),
+        lookahead=lookahead if depth else None,
+    )
+
+
+def _trace_meta(loaded: LoadedModel, shape: ModelShape) -> TraceMeta:
+    expert = loaded.expert_shape
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return TraceMeta(
+        model=shape.name,
+        n_layers=loaded.n_layers,
+        n_experts=loaded.n_experts,
+        top_k=loaded.top_k,
+        n_shared_experts=shape.n_shared_experts,
+        hidden_size=expert.hidden_size,
+        intermediate_size=expert.intermediate_size,
+        dtype=expert.dtype,
+        provenance=f"hybrimoe run {__version__}, {stamp}",
+    )
+
+
+def run(
+    options: RunOptions,
+    on_text: Callable[[str], None] | None = None,
+    show_progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+) -> RunReport:
+    """Loads the model, runs it with the hybrid runtime, streams the first sequence's text.
+
+    `on_start` is called once everything is loaded, just before the prefill."""
+    import torch
+
+    from hybrimoe.demo import demo_model_path
+    from hybrimoe.runtime.accelerator import make_accelerator
+    from hybrimoe.runtime.hybrid import HybridRuntime
+    from hybrimoe.runtime.loading import load_model
+
+    _check_options(options)
+    accelerator = make_accelerator(options.device)
+    path = options.model if options.model is not None else demo_model_path()
+    profile = load_profile(options.profile) if options.profile is not None else None
+    budget = options.gpu_memory_gb
+    free_bytes = accelerator.free_memory_bytes()
+    chosen: dict[str, Capacity] = {}
+
+    def before_weights(facts: ModelFacts) -> None:
+        if profile is not None:
+            profile.check_expert_shape(facts.expert_shape)
+        policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+        chosen["capacity"] = resolve_capacity(
+            n_experts_total=facts.n_layers * facts.n_experts,
+            expert_bytes=facts.expert_shape.expert_bytes,
+            dense_bytes=facts.dense_bytes,
+            policy_ratio=policy.cache_ratio,
+            policy_source=f"profile {profile.name}" if profile is not None and profile.policy else "the default policy",
+            cache_experts=options.cache_experts,
+            cache_ratio=options.cache_ratio,
+            budget_bytes=int(budget * GIB) if budget is not None else free_bytes,
+            budget_source=f"--gpu-memory-gb {budget:g}" if budget is not None else "the accelerator's free memory",
+        )
+
+    loaded = load_model(
+        path,
+        accelerator.device,
+        trust_remote_code=options.trust_remote_code,
+        allow_pickle=options.allow_pickle,
+        show_progress=show_progress,
+        before_weights=before_weights,
+    )
+    shape = model_shape(loaded, path.name if options.model is not None else "demo")
+    profile_name = profile.name if profile is not None else None
+    if profile is None:
+        profile = default_profile(shape)
+        profile_name = f"built-in default ({profile.name}, estimated)"
+    policy = profile.policy or PolicyConfig()
+    capacity = chosen["capacity"].slots if profile.has_accelerator else 0
+    planner = build_planner(options.strategy, loaded, profile, policy, capacity)
+    depth = max(planner.lookahead_layers, TRACE_LOOKAHEAD_DEPTH)
+
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
+    ids = batch["input_ids"].to(accelerator.device)
+    mask = batch["attention_mask"].to(accelerator.device)
+    eos = loaded.model.generation_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids += (tokenizer.eos_token_id,)
+
+    stream = TextStream(tokenizer)
+    steps: list[TraceStep] = []
+
+    def on_tokens(tokens: torch.Tensor) -> None:
+        if on_text is not None:
+            piece = stream.push(int(tokens[0]))
+            if piece:
+                on_text(piece)
+
+    with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth) as runtime:
+        if on_start is not None:
+            on_start()
+        out = generate(
+            loaded.model, ids, mask, options.max_new_tokens, options.sampling,
+            eos_token_ids=eos_ids,
+            pad_token_id=tokenizer.pad_token_id or 0,
+            on_tokens=on_tokens,
+            on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
+            sync=accelerator.synchronize,
+        )
+    trace = RoutingTrace(_trace_meta(loaded, shape), tuple(steps))
+    if options.record_trace is not None:
+        from hybrimoe.trace import save_trace
+
+        save_trace(trace, options.record_trace, overwrite=options.overwrite_trace)
+    cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
+    simulated_ttft_s, simulated_tps = predict_run(
+        trace, build_planner(options.strategy, loaded, profile, policy, capacity), options.strategy, cache_ratio
+    )
+    n_new = out.tokens.shape[1]
+    stats = RunStats(
+        model=shape.name,
+        family=loaded.family,
+        device=accelerator.describe(),
+        profile=profile_name,
+        planner=options.strategy,
+        capacity=capacity,
+        capacity_source=chosen["capacity"].source,
+        n_experts_total=loaded.n_layers * loaded.n_experts,
+        batch_size=ids.shape[0],
+        n_prompt_tokens=ids.shape[1],
+        n_new_tokens=n_new,
+        ttft_s=out.ttft_s,
+        prefill_tokens_per_s=ids.numel() / out.ttft_s,
+        decode_tokens_per_s=(n_new - 1) / out.decode_s if n_new > 1 and out.decode_s > 0 else None,
+        counters=runtime.counters,
+        simulated_ttft_s=simulated_ttft_s,
+        simulated_decode_tokens_per_s=simulated_tps,
+        trace_path=str(options.record_trace) if options.record_trace is not None else None,
+    )
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.tokens.tolist()]
+    return RunReport(stats, texts)

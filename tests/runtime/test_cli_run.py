@@ -1,0 +1,118 @@
+"""`hybrimoe run` end to end on a tiny checkpoint, and its one-line refusals (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hybrimoe.cli import app
+from hybrimoe.config import save_profile
+from hybrimoe.runtime.generate import Sampling
+from hybrimoe.runtime.runner import RunOptions, run
+from hybrimoe.trace import load_trace
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint):
+    return str(checkpoint("qwen2_moe"))
+
+
+def _run(*args, input=None):
+    return runner.invoke(app, ["run", "--device", "cpu", *args], input=input)
+
+
+def test_streams_text_and_prints_the_summary(model_dir):
+    result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "6")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ROMEO:")
+    for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "built-in default"):
+        assert label in result.stdout
+
+
+def test_json_statistics(model_dir):
+    result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "5", "--json", "--cache-experts", "0")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["n_new_tokens"] == 5 and data["capacity"] == 0
+    assert data["counters"]["accelerator_share"] == 0.0
+    assert data["counters"]["activations"] > 0
+    assert data["simulated_decode_tokens_per_s"] > 0
+    assert len(data["texts"]) == 1
+
+
+def test_prompt_from_stdin_and_trace_recording(model_dir, tmp_path):
+    trace_path = tmp_path / "run.npz"
+    result = _run("--model", model_dir, "--prompt", "-", "-n", "4", "--json", "--record-trace", str(trace_path),
+                  input="ROMEO: hi")
+    assert result.exit_code == 0, result.output
+    trace = load_trace(trace_path)
+    assert trace.n_steps == 4 and trace.steps[0].n_tokens == len("ROMEO: hi")
+    assert trace.has_router_probs and trace.has_weights and trace.lookahead_depth == 3
+    assert (trace.meta.n_layers, trace.meta.n_experts, trace.meta.n_shared_experts) == (3, 8, 1)
+    again = _run("--model", model_dir, "--prompt", "x", "-n", "1", "--record-trace", str(trace_path))
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "   "], "the prompt is empty"),
+        ([], "give a prompt"),
+        (["--prompt", "x", "--cache-experts", "3", "--cache-ratio", "0.5"], "not both"),
+        (["--prompt", "x", "--cache-experts", "999"], "--cache-experts must be in [0, 24]"),
+        (["--prompt", "x", "--gpu-memory-gb", "0.5"], "is not enough"),
+        (["--prompt", "x", "--strategy", "fastest"], "unknown strategy"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["--prompt", "x", "--record-trace", "trace.json"], "must end in .npz"),
+    ],
+)
+def test_user_errors_are_one_line(model_dir, args, message):
+    result = _run("--model", model_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_model_path_is_one_line(tmp_path):
+    result = _run("--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert result.exit_code == 2
+    assert "not a local directory" in result.stderr
+
+
+def test_profile_for_other_expert_shapes_is_refused(model_dir, tmp_path):
+    from hybrimoe.profile.estimate import estimate_profile
+    from hybrimoe.profile.presets import get_preset
+
+    path = save_profile(estimate_profile("rtx4090-desktop", get_preset("demo")), tmp_path / "p.yaml")
+    result = _run("--model", model_dir, "--prompt", "x", "--profile", str(path))
+    assert result.exit_code == 2
+    assert "was made for experts" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(model_dir):
+    result = runner.invoke(app, ["run", "--model", model_dir, "--prompt", "x", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "no CUDA device" in result.stderr
+
+
+def test_library_runs_a_batch_and_seeded_sampling_repeats(model_dir):
+    from pathlib import Path
+
+    options = RunOptions(
+        prompts=("ROMEO: good", "JULIET: a longer prompt"),
+        model=Path(model_dir),
+        max_new_tokens=6,
+        sampling=Sampling(temperature=0.8, top_p=0.9, seed=7),
+        device="cpu",
+    )
+    first = run(options, show_progress=False)
+    second = run(options, show_progress=False)
+    assert len(first.texts) == 2 and first.texts == second.texts
+    assert first.stats.batch_size == 2 and first.stats.n_new_tokens == 6
