@@ -9,6 +9,7 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from hybrimoe.config import HardwareProfile
@@ -26,3 +27,9 @@ class CostModel:
         gpu = profile.gpu_expert
         self.gpu_ms = functools.lru_cache(maxsize=4096)(gpu.ms if gpu else lambda n_tokens: float("inf"))
         self.dense_ms = functools.lru_cache(maxsize=4096)(profile.dense_layer.ms)
+
+    def without_loads(self) -> CostModel:
+        """The same costs with copies impossible, for caches that never admit (static placement)."""
+        costs = copy.copy(self)
+        costs.load_ms = float("inf")
+        return costs

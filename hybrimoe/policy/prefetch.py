@@ -1,0 +1,118 @@
+"""Prefetching: what to copy into the expert cache for later layers while the copy engine is idle.
+
+Design choices:
+- Impact-driven (the paper's): for each later layer with predicted routing, the gain of making a
+  predicted, non-resident expert resident is how much the scheduler's simulated time for that layer
+  drops. Experts are taken greedily by gain while the copy budget lasts; gains are re-evaluated
+  after each pick because a layer's second resident expert helps less than its first.
+- Warm fill: budget left after the predicted experts goes to the highest-score experts of the next
+  layers that outrank the cache's weakest unprotected resident, so PCIe time the schedule leaves idle
+  keeps the cache warm instead of only admitting experts loaded for immediate use.
+- Top-score (what the released HybriMoE code does): the next layer's highest-score non-resident
+  experts, no prediction; kept as a baseline.
+- Nothing the current layer or a predicted layer needs is ever evicted (`protected`).
+- Shapes: T = tokens in the step, k = top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.plan import ExpertId, SlotLoad
+
+# (n_tokens_of, resident) -> simulated finish time of a layer's experts
+LayerTimeFn = Callable[[Mapping[int, int], frozenset[int] | set[int]], float]
+
+
+def token_counts(topk_ids: np.ndarray) -> dict[int, int]:
+    """[T, k] routed ids -> {expert: tokens routed to it}."""
+    if topk_ids.shape[0] == 1:
+        return dict.fromkeys(topk_ids[0].tolist(), 1)
+    experts, counts = np.unique(topk_ids, return_counts=True)
+    return dict(zip(experts.tolist(), counts.tolist()))
+
+
+def impact_prefetch(
+    cache: ExpertCache,
+    predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
+    max_loads: int,
+    layer_time: LayerTimeFn,
+    protected: set[ExpertId],
+    warm_layers: tuple[int, ...] = (),
+) -> list[SlotLoad]:
+    """Greedy by simulated gain over predicted experts, then warm fill by cache score."""
+    loads: list[SlotLoad] = []
+    if max_loads <= 0 or cache.capacity == 0:
+        return loads
+    resident = {layer: set(cache.resident(layer)) for layer in predicted_counts}
+    current = {layer: layer_time(counts, resident[layer]) for layer, counts in predicted_counts.items()}
+    while len(loads) < max_loads:
+        best_gain, best = 0.0, None
+        for layer, counts in predicted_counts.items():
+            res = resident[layer]
+            tried_counts: set[int] = set()
+            for expert, n_tokens in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+                # Within a layer, experts with equal token counts have equal gains: try one of each.
+                if expert in res or n_tokens in tried_counts:
+                    continue
+                tried_counts.add(n_tokens)
+                res.add(expert)
+                gain = current[layer] - layer_time(counts, res)
+                res.discard(expert)
+                if gain > best_gain + 1e-12:
+                    best_gain, best = gain, (layer, expert)
+        if best is None:
+            break
+        load = cache.admit(best, protected)
+        if load is None:
+            break
+        loads.append(load)
+        layer, expert = best
+        resident[layer].add(expert)
+        current[layer] -= best_gain
+    if len(loads) < max_loads and warm_layers:
+        loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads), protected))
+    return loads
+
+
+def warm_fill(
+    cache: ExpertCache, layers: tuple[int, ...], max_loads: int, protected: set[ExpertId]
+) -> list[SlotLoad]:
+    """Loads the best-scored non-resident experts of `layers` that outrank the weakest resident."""
+    loads: list[SlotLoad] = []
+    candidates = []
+    for layer in layers:
+        resident = cache.resident(layer)
+        for expert in cache.top_experts(layer, max_loads + len(resident)):
+            if expert not in resident:
+                candidates.append((cache.priority((layer, expert)), layer, expert))
+    candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
+    for _, layer, expert in candidates[:max_loads]:
+        load = cache.admit((layer, expert), protected, only_if_better=True)
+        if load is None:
+            break
+        loads.append(load)
+    return loads
+
+
+def top_score_prefetch(
+    cache: ExpertCache, next_layer: int, max_loads: int, protected: set[ExpertId]
+) -> list[SlotLoad]:
+    """The released prototype's rule: the next layer's highest-score experts, no prediction."""
+    loads: list[SlotLoad] = []
+    if max_loads <= 0 or cache.capacity == 0:
+        return loads
+    resident = cache.resident(next_layer)
+    for expert in cache.top_experts(next_layer, max_loads + len(resident)):
+        if len(loads) == max_loads:
+            break
+        if expert in resident:
+            continue
+        load = cache.admit((next_layer, expert), protected)
+        if load is None:
+            break
+        loads.append(load)
+    return loads

@@ -1,0 +1,317 @@
+"""Complete strategies: one planner class, configured as hybrimoe or as each baseline.
+
+Design choices:
+- Every strategy is a `PolicyPlanner`: an expert cache, a schedule rule, a prefetch rule and
+  whether on-demand loads are admitted into the cache. The runtime and the simulator call the same
+  planner, so what is simulated is what runs.
+- The planner keeps a model of the step's timeline (dense part, expert phase, the copy engine's
+  queue) from the cost model, so it knows how much PCIe time each layer leaves idle for prefetches,
+  across layer and step boundaries. A prefetched expert that is still in flight when its layer
+  starts delays that layer's accelerator queue.
+- Baselines, as they place experts:
+  * `ktransformers`: a static GPU-resident set of the most frequent experts, counted on a separate
+    profiling workload; all other routed experts on the CPU; no loads. Prefill uses the same static
+    split (kTransformers' CPU kernels compute non-resident experts for every batch size).
+  * `static-oracle`: the same, with frequencies counted on the replayed trace itself (a bound).
+  * `llamacpp`: `--n-cpu-moe N`: the experts of the first N layers on the CPU, all later layers'
+    experts resident, N the smallest that fits the cache; prefill uses the same split.
+  * `gpu-offload`: every expert computed on the accelerator; misses loaded on demand into an LRU
+    cache that starts empty (accelerate-style offload).
+  * `cpu-only`: every routed expert on the CPU.
+  * `hybrimoe`: HybriMoE scheduling, MRS cache (or the configured policy), impact-driven prefetch,
+    warm start from profiled frequencies.
+- Shapes: T = tokens in the step, k = top-k, E = experts per layer, L = MoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybrimoe.config import PolicyConfig
+from hybrimoe.policy import scheduler as sched
+from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.plan import ExpertId, LayerPlan, SlotLoad
+from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch
+
+STRATEGIES = ("hybrimoe", "ktransformers", "static-oracle", "llamacpp", "gpu-offload", "cpu-only")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_layers: int
+    n_experts: int
+    top_k: int
+
+
+@dataclass
+class PlannerStats:
+    """Counts over every planned layer; expert executions are (expert, layer) pairs per step."""
+
+    layers: int = 0
+    expert_ms: float = 0.0
+    stall_ms: float = 0.0
+    cpu_experts: int = 0
+    gpu_experts: int = 0
+    cpu_expert_tokens: int = 0
+    gpu_expert_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetch_loads if self.prefetch_loads else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        needed = self.prefetch_used + self.misses
+        return self.prefetch_used / needed if needed else 0.0
+
+    @property
+    def gpu_share(self) -> float:
+        total = self.cpu_experts + self.gpu_experts
+        return self.gpu_experts / total if total else 0.0
+
+
+@dataclass
+class _Timeline:
+    """The planner's model of time since the run started, in ms."""
+
+    clock_ms: float = 0.0
+    pcie_free_ms: float = 0.0
+    layer_ms: float = 0.0  # moving average of one layer's time, dense part included
+    ready_ms: dict[ExpertId, float] = field(default_factory=dict)
+
+
+class PolicyPlanner:
+    """Plans every MoE layer: schedule this layer's experts, admit loads, choose prefetches."""
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        costs: CostModel,
+        cache: ExpertCache,
+        schedule: sched.ScheduleFn,
+        prefetch: str = "none",
+        prefetch_depth: int = 0,
+        admit_loads: bool = True,
+        warm: tuple[ExpertId, ...] = (),
+    ):
+        self.dims = dims
+        self.costs = costs
+        self.cache = cache
+        self.schedule = schedule
+        self.prefetch = prefetch
+        self.prefetch_depth = prefetch_depth
+        self.lookahead_layers = prefetch_depth if prefetch == "impact" else 0
+        self.admit_loads = admit_loads
+        # A cache that never admits cannot take copies: schedule as if copies were impossible.
+        self._schedule_costs = costs if admit_loads and cache.policy.admits else costs.without_loads()
+        self.stats = PlannerStats()
+        self._timeline = _Timeline()
+        self._pending_prefetch: set[ExpertId] = set()
+        self._initial = tuple(cache.fill(warm)) if warm else ()
+
+    def initial_loads(self) -> tuple[SlotLoad, ...]:
+        return self._initial
+
+    @property
+    def clock_ms(self) -> float:
+        """Modelled time since the planner's first layer, in ms."""
+        return self._timeline.clock_ms
+
+    def _layer_time(self, counts: Mapping[int, int], resident) -> float:
+        return self.schedule(counts, resident, self._schedule_costs).finish_ms
+
+    def plan_layer(
+        self,
+        layer: int,
+        topk_ids: np.ndarray,  # [T, k]
+        router_probs: np.ndarray | None,  # [T, E]
+        predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
+        topk_weights: np.ndarray | None = None,  # [T, k]
+    ) -> LayerPlan:
+        costs, cache, stats, timeline = self.costs, self.cache, self.stats, self._timeline
+        n_tokens = topk_ids.shape[0]
+        counts = token_counts(topk_ids)
+        cache.observe(layer, topk_ids, router_probs, topk_weights)
+        resident = cache.resident(layer)
+
+        timeline.clock_ms += costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        start_ms = timeline.clock_ms
+        plan = self.schedule(counts, resident, self._schedule_costs, max(0.0, timeline.pcie_free_ms - start_ms))
+
+        used_resident = [(layer, e) for e in plan.gpu] + [(layer, e) for e in plan.cpu if e in resident]
+        hits = len(used_resident)
+        stall_ms = 0.0
+        for eid in used_resident:
+            ready = timeline.ready_ms.pop(eid, None)
+            if ready is not None:
+                stall_ms = max(stall_ms, ready - start_ms)
+            if eid in self._pending_prefetch:
+                self._pending_prefetch.discard(eid)
+                stats.prefetch_used += 1
+        cache.access(layer, counts.keys())
+
+        protected = {(layer, e) for e in counts}
+        loads: list[SlotLoad] = []
+        load_experts: list[int] = []
+        cpu = list(plan.cpu)
+        extra_cpu_ms = 0.0
+        for expert in plan.load:
+            load = cache.admit((layer, expert), protected) if self.admit_loads else None
+            if load is None:
+                cpu.append(expert)
+                extra_cpu_ms += costs.cpu_ms(counts[expert])
+                continue
+            loads.append(load)
+            load_experts.append(expert)
+            timeline.ready_ms.pop((layer, expert), None)
+            self._pending_prefetch.discard((layer, expert))
+        gpu = plan.gpu
+        finish_ms = max(plan.cpu_end_ms + extra_cpu_ms, plan.gpu_end_ms + max(0.0, stall_ms))
+        timeline.clock_ms = start_ms + finish_ms
+        if loads:
+            timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + len(loads) * costs.load_ms
+
+        layer_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms + finish_ms
+        timeline.layer_ms += 0.1 * (layer_ms - timeline.layer_ms) if timeline.layer_ms else layer_ms
+        # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
+        timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms)
+        prefetch = self._choose_prefetch(layer, predicted_topk, protected, n_tokens)
+        for load in prefetch:
+            timeline.pcie_free_ms += costs.load_ms
+            timeline.ready_ms[load.expert] = timeline.pcie_free_ms
+            self._pending_prefetch.add(load.expert)
+
+        stats.layers += 1
+        stats.expert_ms += finish_ms
+        stats.stall_ms += max(0.0, stall_ms)
+        stats.hits += hits
+        stats.misses += len(counts) - hits
+        stats.demand_loads += len(loads)
+        stats.prefetch_loads += len(prefetch)
+        stats.gpu_experts += len(gpu) + len(load_experts)
+        stats.cpu_experts += len(cpu)
+        stats.gpu_expert_tokens += sum(counts[e] for e in gpu) + sum(counts[e] for e in load_experts)
+        stats.cpu_expert_tokens += sum(counts[e] for e in cpu)
+        slot_of = {e: cache.slot_of((layer, e)) for e in gpu}
+        slot_of.update((load.expert[1], load.slot) for load in loads)
+        return LayerPlan(
+            layer=layer,
+            gpu=tuple(gpu),
+            load=tuple(load_experts),
+            cpu=tuple(cpu),
+            slot_of=slot_of,
+            loads=tuple(loads),
+            prefetch=tuple(prefetch),
+            predicted_ms=finish_ms,
+        )
+
+    def _choose_prefetch(
+        self, layer: int, predicted_topk: Mapping[int, np.ndarray], protected: set[ExpertId], n_tokens: int
+    ) -> list[SlotLoad]:
+        if self.prefetch == "none" or self.prefetch_depth == 0:
+            return []
+        costs, timeline = self.costs, self._timeline
+        # Copies for layer l+d must land before that layer's expert phase starts.
+        next_start_ms = timeline.clock_ms + costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        deadline_ms = next_start_ms + (self.prefetch_depth - 1) * timeline.layer_ms
+        idle_ms = deadline_ms - timeline.pcie_free_ms
+        max_loads = math.floor(idle_ms / costs.load_ms) if idle_ms > 0 else 0
+        if max_loads <= 0:
+            return []
+        n_layers = self.dims.n_layers
+        later = tuple((layer + d) % n_layers for d in range(1, self.prefetch_depth + 1))
+        if self.prefetch == "top-score":
+            return top_score_prefetch(self.cache, later[0], max_loads, protected)
+        predicted_counts = {
+            target: token_counts(ids) for target, ids in predicted_topk.items() if target in later
+        }
+        guarded = protected | {
+            (target, e) for target, counts_of_layer in predicted_counts.items() for e in counts_of_layer
+        }
+        return impact_prefetch(
+            self.cache, predicted_counts, max_loads, self._layer_time, guarded, warm_layers=later
+        )
+
+
+def frequency_ranking(frequencies: np.ndarray) -> list[ExpertId]:
+    """[L, E] activation counts -> every ExpertId, most frequent first (ties by layer, expert)."""
+    n_layers, n_experts = frequencies.shape
+    order = np.lexsort((np.tile(np.arange(n_experts), n_layers), np.repeat(np.arange(n_layers), n_experts),
+                        -frequencies.ravel()))
+    return [(int(i) // n_experts, int(i) % n_experts) for i in order]
+
+
+def cache_capacity(dims: ModelDims, cache_ratio: float) -> int:
+    return int(round(cache_ratio * dims.n_layers * dims.n_experts))
+
+
+def make_planner(
+    strategy: str,
+    dims: ModelDims,
+    costs: CostModel,
+    policy: PolicyConfig,
+    capacity: int,
+    frequencies: np.ndarray | None = None,  # [L, E] from a profiling workload
+) -> PolicyPlanner:
+    """Builds one strategy's planner; `capacity` counts experts the accelerator cache holds."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if not costs.has_accelerator:
+        strategy, capacity = "cpu-only", 0
+    n_layers, n_experts = dims.n_layers, dims.n_experts
+    capacity = max(0, min(capacity, n_layers * n_experts))
+    ranking = frequency_ranking(frequencies) if frequencies is not None else []
+
+    if strategy == "cpu-only":
+        cache = ExpertCache(n_layers, n_experts, 0)
+        return PolicyPlanner(dims, costs, cache, sched.schedule_cpu_only, admit_loads=False)
+    if strategy in ("ktransformers", "static-oracle"):
+        if frequencies is None:
+            raise ValueError(f"{strategy} needs expert frequencies")
+        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy="static")
+        return PolicyPlanner(
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=tuple(ranking[:capacity])
+        )
+    if strategy == "llamacpp":
+        n_gpu_layers = capacity // n_experts
+        warm = tuple((layer, e) for layer in range(n_layers - n_gpu_layers, n_layers) for e in range(n_experts))
+        cache = ExpertCache(n_layers, n_experts, len(warm), layout="shared", policy="static")
+        return PolicyPlanner(dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm)
+    if strategy == "gpu-offload":
+        cache = ExpertCache(n_layers, n_experts, capacity, layout=policy.cache_layout, policy="lru")
+        return PolicyPlanner(dims, costs, cache, sched.schedule_gpu_only, admit_loads=True)
+    cache = ExpertCache(
+        n_layers,
+        n_experts,
+        capacity,
+        layout=policy.cache_layout,
+        policy=policy.cache_policy,
+        mrs_alpha=policy.mrs_alpha,
+        mrs_top_p=policy.mrs_top_p or 2 * dims.top_k,
+    )
+    warm = tuple(ranking[:capacity]) if policy.warm_start else ()
+    return PolicyPlanner(
+        dims,
+        costs,
+        cache,
+        sched.schedule_hybrid,
+        prefetch=policy.prefetch,
+        prefetch_depth=policy.prefetch_depth,
+        admit_loads=True,
+        warm=warm,
+    )

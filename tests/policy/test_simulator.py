@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from hybrimoe.config import PolicyConfig
+from hybrimoe.errors import UserError
+from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.simulator import compare_strategies, make_workload, simulate
+from hybrimoe.policy.strategies import STRATEGIES, ModelDims, cache_capacity, make_planner
+
+from .conftest import make_profile, make_trace
+
+DIMS = ModelDims(4, 16, 2)
+
+
+def _planner(strategy, trace, ratio=0.5, policy=PolicyConfig()):
+    costs = CostModel(make_profile())
+    return make_planner(strategy, DIMS, costs, policy, cache_capacity(DIMS, ratio), trace.expert_frequencies())
+
+
+def test_simulation_is_deterministic(trace):
+    decode = trace.as_decode()
+    first = simulate(decode, _planner("hybrimoe", trace))
+    second = simulate(decode, _planner("hybrimoe", trace))
+    assert first == second
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_and_accounts_every_expert(strategy, trace):
+    decode = trace.as_decode()
+    planner = _planner(strategy, trace)
+    result = simulate(decode, planner, strategy=strategy)
+    stats = planner.stats
+    activations = sum(len(set(step.topk_ids[layer, 0].tolist())) for step in decode.steps for layer in range(4))
+    assert stats.cpu_experts + stats.gpu_experts == activations
+    assert stats.hits + stats.misses == activations
+    assert result.total_ms > 0
+    assert len(result.layer_ms) == 4
+
+
+def test_plans_partition_the_activated_experts_and_never_exceed_the_cache(trace):
+    planner = _planner("hybrimoe", trace, ratio=0.25, policy=PolicyConfig(prefetch_depth=2))
+    capacity = planner.cache.capacity
+    slots: dict[int, tuple[int, int]] = {load.slot: load.expert for load in planner.initial_loads()}
+    for step in trace.as_decode().steps:
+        for layer in range(4):
+            ids = step.topk_ids[layer]
+            predicted = {layer + 1: step.topk_ids[layer + 1]} if layer < 3 else {}
+            plan = planner.plan_layer(layer, ids, None, predicted)
+            assert sorted(plan.gpu + plan.load + plan.cpu) == sorted(set(ids.ravel().tolist()))
+            for load in plan.loads:
+                slots[load.slot] = load.expert
+            for expert in plan.gpu + plan.load:
+                assert slots[plan.slot_of[expert]] == (layer, expert)
+            for load in plan.prefetch:
+                assert load.expert[0] != layer
+                slots[load.slot] = load.expert
+            assert all(0 <= slot < capacity for slot in slots)
+
+
+def test_cpu_only_has_no_hits_and_full_cache_static_has_all_hits(trace):
+    decode = trace.as_decode()
+    assert simulate(decode, _planner("cpu-only", trace)).hit_rate == 0.0
+    assert simulate(decode, _planner("static-oracle", trace, ratio=1.0)).hit_rate == 1.0
+
+
+def test_hybrid_is_never_slower_than_static_on_the_same_resident_set(trace):
+    decode = trace.as_decode()
+    costs = CostModel(make_profile())
+    static = make_planner("static-oracle", DIMS, costs, PolicyConfig(), 32, trace.expert_frequencies())
+    policy = PolicyConfig(cache_policy="static", prefetch="none")
+    hybrid = make_planner("hybrimoe", DIMS, costs, policy, 32, trace.expert_frequencies())
+    assert simulate(decode, hybrid).total_ms <= simulate(decode, static).total_ms + 1e-9
+
+
+def test_compare_reports_every_cell_and_speedups():
+    trace = make_trace(n_tokens=200)
+    comparison = compare_strategies(trace, make_profile(), ratios=(0.25, 0.75), mode="decode")
+    assert set(comparison.results) == {(s, r) for s in STRATEGIES for r in (0.25, 0.75)}
+    assert comparison.speedup("ktransformers", 0.25) == pytest.approx(1.0)
+    prefill = compare_strategies(trace, make_profile(), ratios=(0.5,), mode="prefill", prefill_tokens=50)
+    assert prefill.results[("hybrimoe", 0.5)].n_steps == 3
+
+
+def test_workload_split_keeps_profiling_and_replay_apart():
+    trace = make_trace(n_tokens=100)
+    workload = make_workload(trace, "decode", 0.25, 512, None)
+    assert workload.profiling_tokens == 25
+    assert workload.replay.n_tokens == 75
+    assert workload.profiling_frequencies.sum() == 25 * 4 * 2
+    with pytest.raises(UserError):
+        make_workload(trace, "decode", 1.5, 512, None)
+
+
+def test_mismatched_profile_is_refused():
+    from hybrimoe.config import ExpertShape
+    import dataclasses
+
+    profile = dataclasses.replace(make_profile(), expert_shape=ExpertShape(128, 32))
+    with pytest.raises(UserError, match="made for experts"):
+        compare_strategies(make_trace(n_tokens=20), profile, ratios=(0.5,))
