@@ -57,7 +57,11 @@ def _summary(stats) -> Panel:
         ("Decode", _fmt(stats.decode_tokens_per_s, ".2f", " tokens/s per sequence")),
         ("Cache hit rate", _fmt(c.hit_rate, ".1%")),
         ("Expert runs", f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} accelerator"),
-        ("Loaded", f"{c.bytes_loaded / 2**20:.1f} MiB ({c.loads} on demand, {c.prefetches} prefetched)"),
+        (
+            "Loaded",
+            f"{c.bytes_loaded / 2**20:.1f} MiB ({c.loads} on demand, {c.prefetches} prefetched; "
+            f"{c.warm_loads} before the first token)",
+        ),
         ("Prefetch precision", _fmt(c.prefetch_precision, ".1%")),
         (
             "Simulator predicts",

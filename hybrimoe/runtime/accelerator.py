@@ -54,6 +54,9 @@ class CpuStandIn:
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host
 
+    def index_to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array)
+
     def synchronize(self) -> None:
         pass
 
@@ -101,6 +104,9 @@ class CudaAccelerator:
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)  # `host` is pinned (host_zeros)
+
+    def index_to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

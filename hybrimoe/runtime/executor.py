@@ -1,8 +1,8 @@
 """One MoE layer of one forward step: route -> plan -> CPU worker | loads + accelerator -> combine.
 
 Shapes: T = tokens in the step (all sequences), k = top-k, E = experts per layer, D = hidden size,
-P = T * k token-expert pairs, grouped by expert (stable sort of the flat routing, pair p is
-token p // k, choice p % k).
+P = T * k token-expert pairs, grouped by expert (a stable sort of the flat routing; pair p is
+token p // k's choice p % k); `span[e]` is expert e's (start, stop) in that order.
 
 Design choices:
 - The planner sees this layer's routing, its full router probabilities and the later layers'
@@ -108,35 +108,37 @@ class LayerExecutor:
             layer, ids, probs, {j: predicted_h[j] for j in later[: self.plan_depth]}
         )
 
-        # group the P token-expert pairs by expert
+        # group the P token-expert pairs by expert; pairs[0] = pair index, pairs[1] = its token
         flat = ids.reshape(-1)  # [P]
         order = np.argsort(flat, kind="stable")  # [P]
         counts = np.bincount(flat, minlength=self.n_experts)  # [E]
-        starts = np.cumsum(counts) - counts  # [E]
         activated = np.flatnonzero(counts)
         self._check_plan(plan, activated)
         self._count(layer, plan, activated)
+        stops = np.cumsum(counts)[activated]
+        span = dict(zip(activated.tolist(), zip((stops - counts[activated]).tolist(), stops.tolist())))
+        pairs = np.stack([order, order // k])  # [2, P]
 
-        cpu_future = self._submit_cpu(plan, x, topk_weights, order, starts, counts, k) if plan.cpu else None
-        self.counters.loads += store.load(plan.loads)
+        cpu_future = self._submit_cpu(plan, x, topk_weights, pairs, span) if plan.cpu else None
+        if plan.loads:
+            self.counters.loads += store.load(plan.loads)
         on_accelerator = plan.gpu + plan.load
         store.check_resident(layer, plan.slot_of, on_accelerator)
         out = torch.zeros_like(x)  # [T, D]
         if on_accelerator:
-            order_d = torch.argsort(topk_ids.reshape(-1), stable=True)  # [P], the same order as `order`
-            token_d = order_d // k  # [P]
+            order_d, token_d = acc.index_to_device(pairs)  # [P] each
             weight_d = topk_weights.reshape(-1)[order_d]  # [P]
             x_d = x[token_d]  # [P, D]
             for expert in on_accelerator:
-                start, stop = starts[expert], starts[expert] + counts[expert]
+                start, stop = span[expert]
                 y = self._expert(layer, x_d[start:stop], store.weights(plan.slot_of[expert]))
                 out.index_add_(0, token_d[start:stop], y * weight_d[start:stop, None])
             store.release(plan.slot_of[e] for e in on_accelerator)
-        n_prefetched = store.load(plan.prefetch)
-        self.counters.prefetches += n_prefetched
-        self.counters.bytes_loaded += (len(plan.loads) + n_prefetched) * store.expert_bytes
-        for load in plan.prefetch:
-            self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
+        if plan.prefetch:
+            self.counters.prefetches += store.load(plan.prefetch)
+            for load in plan.prefetch:
+                self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
+        self.counters.bytes_loaded += (len(plan.loads) + len(plan.prefetch)) * store.expert_bytes
         if cpu_future is not None:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
@@ -178,20 +180,21 @@ class LayerExecutor:
         if prefetched:
             counters.prefetches_used += len(prefetched.intersection(resident))
 
-    def _submit_cpu(self, plan, x, topk_weights, order, starts, counts, k) -> Future:
+    def _submit_cpu(self, plan, x, topk_weights, pairs, span) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])
-        return self._worker.submit(self._run_cpu, plan.layer, plan.cpu, x_h, weights_h, copied, order, starts, counts, k)
+        return self._worker.submit(self._run_cpu, plan.layer, plan.cpu, x_h, weights_h, copied, pairs, span)
 
-    def _run_cpu(self, layer, experts, x_h, weights_h, copied, order, starts, counts, k) -> torch.Tensor:
+    def _run_cpu(self, layer, experts, x_h, weights_h, copied, pairs, span) -> torch.Tensor:
         """The CPU worker: this layer's CPU experts from host memory, summed into one [T, D]."""
         with torch.inference_mode():
             if copied is not None:
                 copied.synchronize()  # Sync point (worker only): the hidden states reached the host.
             out = self.accelerator.host_zeros(x_h.shape, x_h.dtype)  # [T, D]
-            weights_flat = weights_h.reshape(-1)  # [P]
+            order, tokens = torch.from_numpy(pairs)  # [P] each
+            weights = weights_h.reshape(-1)[order]  # [P]
+            x_sorted = x_h[tokens]  # [P, D]
             for expert in experts:
-                pairs = torch.from_numpy(order[starts[expert] : starts[expert] + counts[expert]])
-                tokens = pairs // k
-                y = self._expert(layer, x_h[tokens], self.store.host_weights(layer, expert))
-                out.index_add_(0, tokens, y * weights_flat[pairs, None])
+                start, stop = span[expert]
+                y = self._expert(layer, x_sorted[start:stop], self.store.host_weights(layer, expert))
+                out.index_add_(0, tokens[start:stop], y * weights[start:stop, None])
             return out

@@ -36,9 +36,7 @@ class HybridRuntime:
             loaded.layers, self.store, planner, accelerator, loaded.top_k, loaded.n_experts, self.counters, record_depth
         )
         self._installed = Installed(loaded, self.executor)
-        warm = planner.initial_loads()
-        self.store.load(warm)
-        self.counters.bytes_loaded += len(warm) * self.store.expert_bytes
+        self.counters.warm_loads = self.store.load(planner.initial_loads())
 
     def end_step(self) -> list[LayerRecord]:
         return self.executor.end_step()

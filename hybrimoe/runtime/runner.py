@@ -102,6 +102,7 @@ def build_planner(
     profile: HardwareProfile,
     policy: PolicyConfig,
     capacity: int,
+    frequencies: np.ndarray | None = None,  # [L, E] expert activations of a profiling workload
 ) -> Planner:
     """The policy core's planner for this model; `capacity` expert slots on the accelerator."""
     from hybrimoe.policy.costs import CostModel
@@ -109,7 +110,7 @@ def build_planner(
 
     dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
     try:
-        return make_planner(strategy, dims, CostModel(profile), policy, capacity)
+        return make_planner(strategy, dims, CostModel(profile), policy, capacity, frequencies)
     except ValueError as exc:
         raise UserError(f"strategy {strategy!r}: {exc}") from None
 

@@ -25,6 +25,7 @@ class ExpertCounters:
     prefetches: int = 0
     prefetches_used: int = 0
     bytes_loaded: int = 0  # on-demand and prefetch copies
+    warm_loads: int = 0  # copies before the first step (the planner's warm start), not in bytes_loaded
     planned_ms: float = 0.0  # the planners' own simulated expert time, summed over layers
 
     @property

@@ -43,6 +43,8 @@ class ExpertStore:
             name: torch.empty((capacity, *stacked[0].shape[1:]), dtype=stacked[0].dtype, device=accelerator.device)
             for name, stacked in self.host.items()
         }
+        # per-slot views, made once: the executor asks for a slot's weights once per expert run
+        self._slot_views = [{name: w[slot] for name, w in self.slots.items()} for slot in range(capacity)]
         self.expert_bytes = sum(stacked[0][0].nbytes for stacked in self.host.values())
         self.resident: list[ExpertId | None] = [None] * capacity  # slot -> expert it holds
         self.slot_of: dict[ExpertId, int] = {}  # expert -> slot holding it
@@ -62,8 +64,8 @@ class ExpertStore:
                     raise RuntimeError(f"planner bug: slot {load.slot} outside 0..{self.capacity - 1}")
                 layer, expert = load.expert
                 acc.wait(self._free[load.slot])  # the slot's previous expert is no longer read
-                for name, slot_weights in self.slots.items():
-                    slot_weights[load.slot].copy_(self.host[name][layer][expert], non_blocking=acc.is_cuda)
+                for name, slot_weights in self._slot_views[load.slot].items():
+                    slot_weights.copy_(self.host[name][layer][expert], non_blocking=acc.is_cuda)
                 acc.record(self._ready[load.slot])
                 old = self.resident[load.slot]
                 if old is not None and self.slot_of.get(old) == load.slot:
@@ -76,7 +78,7 @@ class ExpertStore:
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
         """One slot's weights, for kernels issued on the current stream after the slot is ready."""
         self.accelerator.wait(self._ready[slot])
-        return {name: slot_weights[slot] for name, slot_weights in self.slots.items()}
+        return self._slot_views[slot]
 
     def release(self, slots: Iterable[int]) -> None:
         """Marks the kernels issued so far as the last readers of these slots."""
