@@ -2,8 +2,8 @@
 
 Prints, in one run:
 - the fitted CPU expert model's median relative error on fresh measurements at token counts it was
-  not fitted on (3, 6, 12, ...; target: at most 15%), beside the same error for fresh measurements
-  at the fitted counts (the measurement noise floor of this run);
+  not fitted on (3, 6, 12, ...; target: at most 15%), beside the same error for a second sweep at
+  the fitted counts (the measurement noise floor of this run);
 - the CPU expert's achieved weight bandwidth at 1 token as a fraction of the host memory read
   bandwidth measured in the same run;
 - on a GPU: pinned host-to-device bandwidth for one expert as a fraction of the large-transfer peak
@@ -54,10 +54,15 @@ def main() -> None:
     with torch.inference_mode(), torch_threads(threads):
         pool = ExpertPool(shape, dtype, torch.device("cpu"), cache_bytes)
         timer = expert_timer(pool)
-        fitted = fit_curve(latency_curve(timer, budget))
+        # Fitted (1, 2, 4, ...) and fresh (3, 6, 12, ...) counts are measured in one ascending sweep,
+        # so a change in the machine's load over the run hits neighbouring counts alike.
+        powers = [2**i for i in range(12) if 2**i <= budget.max_tokens]
+        sweep = sorted({*powers, *(3 * n for n in powers if 3 * n < budget.max_tokens)})
+        measured = latency_curve(timer, budget, counts=iter(sweep))
+        fitted = fit_curve([p for p in measured if p.n_tokens in powers])
         fitted_counts = [p.n_tokens for p in fitted.points]
-        fresh_counts = [3 * 2**i for i in range(12) if 3 * 2**i < fitted_counts[-1]]
-        fresh = latency_curve(timer, budget, counts=iter(fresh_counts))
+        fresh = [p for p in measured if p.n_tokens not in powers and p.n_tokens < fitted_counts[-1]]
+        fresh_counts = [p.n_tokens for p in fresh]
         again = latency_curve(timer, budget, counts=iter(fitted_counts))
         memory_gbps = host_read_gbps(cache_bytes, budget)
 
@@ -70,7 +75,7 @@ def main() -> None:
     print(f"  fresh counts {fresh_counts[0]}..{fresh_counts[-1]}: median error {median_error:.1%}, "
           f"max {max(errors):.1%} (target <= 15%: {'met' if median_error <= 0.15 else 'MISSED'})")
     print(f"  the linear fit alone on the fresh counts: median error {statistics.median(linear):.1%}")
-    print(f"  baseline, fresh runs at the fitted counts: median error {statistics.median(noise):.1%}")
+    print(f"  baseline, a second sweep at the fitted counts: median error {statistics.median(noise):.1%}")
     for p in fresh:
         print(f"    {p.n_tokens:5d} tokens: measured {p.ms:9.3f} ms, model {fitted.ms(p.n_tokens):9.3f} ms")
 
