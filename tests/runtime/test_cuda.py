@@ -1,0 +1,50 @@
+"""The same exactness checks with the CUDA backend: copy stream, events, pinned host experts.
+
+Skipped without an NVIDIA GPU. TF32 is off so float32 matmuls are exact enough for 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_exactness import _check, _loaded
+from tiny_models import FAMILIES
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "schedule, capacity, depth, batch",
+    [
+        ("mixed", "partial", 2, 2),
+        ("accelerator", "full", 0, 1),
+        ("cpu", "zero", 0, 2),
+        # two slots for up to eight experts a layer: every layer evicts slots the previous one
+        # still reads, so only the events keep the copies behind the kernels
+        ("accelerator", "tight", 2, 2),
+    ],
+)
+def test_cuda_matches_transformers(checkpoint, family, schedule, capacity, depth, batch):
+    _check(str(checkpoint(family)), schedule, capacity, depth, batch, device="cuda")
+
+
+def test_dense_parts_on_the_gpu_and_experts_pinned_on_the_host(checkpoint):
+    loaded = _loaded(str(checkpoint("deepseek_v3")), "cuda")
+    experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}
+    for name, param in loaded.model.named_parameters():
+        if id(param) in experts:
+            assert param.device.type == "cpu" and param.is_pinned(), name
+        else:
+            assert param.device.type == "cuda", name
