@@ -50,7 +50,9 @@ def profile(
         None, "--threads", min=1, rich_help_panel=_RUN,
         help="CPU threads for expert kernels (default: torch's, as the runtime uses).",
     ),
-    quick: bool = typer.Option(False, "--quick", rich_help_panel=_RUN, help="About 30 s in all: fewer repeats and token counts."),
+    quick: bool = typer.Option(
+        False, "--quick", rich_help_panel=_RUN, help="About 30 s in all: fewer repeats and token counts."
+    ),
     note: str = typer.Option("", "--note", rich_help_panel=_RUN, help="Text added to the profile's notes."),
     estimate: bool = typer.Option(
         False, "--estimate", rich_help_panel=_RUN,
@@ -58,11 +60,15 @@ def profile(
     ),
     out: Path | None = typer.Option(None, "--out", rich_help_panel=_OUTPUT, help="Write the profile here (YAML)."),
     force: bool = typer.Option(False, "--force", rich_help_panel=_OUTPUT, help="Overwrite an existing --out file."),
-    name: str | None = typer.Option(None, "--name", rich_help_panel=_OUTPUT, help="Profile name (default: from the machine and model)."),
+    name: str | None = typer.Option(
+        None, "--name", rich_help_panel=_OUTPUT, help="Profile name (default: from the machine and model)."
+    ),
     plot: Path | None = typer.Option(
         None, "--plot", rich_help_panel=_OUTPUT, help="Also save the latency plot as a PNG image (needs matplotlib)."
     ),
-    max_repeats: int | None = typer.Option(None, "--max-repeats", min=1, hidden=True, help="Cap timed runs per measurement."),
+    max_repeats: int | None = typer.Option(
+        None, "--max-repeats", min=1, hidden=True, help="Cap timed runs per measurement (tests)."
+    ),
     llc_mb: float | None = typer.Option(
         None, "--llc-mb", min=0.01, rich_help_panel=_RUN,
         help="Last-level cache (MiB) that benchmarks rotate weights past (default: read from the system).",
@@ -113,7 +119,10 @@ def profile(
             note=note,
             command=_command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick),
         )
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        columns = (
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
 
@@ -159,7 +168,9 @@ def _print_datasheets() -> None:
     for row in datasheet_rows():
         table.add_row(*(row[c] for c in ("kind", "name", "memory", "compute", "pcie", "source")))
     console.print(table)
-    machines = Table(title="Machines (hybrimoe profile --estimate MACHINE --preset NAME --out FILE)", title_justify="left")
+    machines = Table(
+        title="Machines (hybrimoe profile --estimate MACHINE --preset NAME --out FILE)", title_justify="left"
+    )
     machines.add_column("machine")
     machines.add_column("CPU")
     machines.add_column("GPU")

@@ -147,7 +147,8 @@ def summary_table(profile: HardwareProfile) -> Table:
         table.add_row("expert load (pinned)", f"{t.expert_load_ms:.3f} ms")
         peak = f"{t.h2d_pinned_gbps:.2f} GB/s large transfers"
         if t.h2d_pinned_expert_gbps:
-            peak = f"{t.h2d_pinned_expert_gbps:.2f} GB/s one expert, {peak} ({t.h2d_pinned_expert_gbps / t.h2d_pinned_gbps:.0%})"
+            share = t.h2d_pinned_expert_gbps / t.h2d_pinned_gbps
+            peak = f"{t.h2d_pinned_expert_gbps:.2f} GB/s one expert, {peak} ({share:.0%})"
         table.add_row("host -> accelerator, pinned", peak)
         if t.h2d_pageable_gbps:
             table.add_row("host -> accelerator, pageable", f"{t.h2d_pageable_gbps:.2f} GB/s")

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe import __version__
-from hybrimoe.config import HardwareProfile, Interference, Provenance, Transfer
+from hybrimoe.config import CurvePoint, HardwareProfile, Interference, LatencyCurve, Provenance, Transfer
 from hybrimoe.errors import UserError
 from hybrimoe.profile.fit import fit_curve, is_erratic
 from hybrimoe.profile.machine import accelerator_cache_bytes, describe_machine, llc_bytes, load_average
 from hybrimoe.profile.measure import (
     ExpertPool,
+    FirstExpert,
+    InterferenceResult,
     expert_timer,
     first_expert,
     h2d_stream,
@@ -40,7 +42,7 @@ from hybrimoe.profile.measure import (
 )
 from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
-from hybrimoe.profile.timing import FULL, QUICK, device_timer, host_ms, settle
+from hybrimoe.profile.timing import FULL, QUICK, Budget, Sample, device_timer, host_ms, settle
 
 FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
 ERRATIC_NOTE = (
@@ -102,93 +104,54 @@ class _Steps:
         self.show("done" if self.done == self.total else "")
 
 
+@dataclass(frozen=True)
+class _Setup:
+    model: ModelShape
+    dtype: torch.dtype
+    device: torch.device
+    budget: Budget
+    cache_bytes: int  # the CPU's last-level cache
+    device_cache_bytes: int  # the cache of the device running the accelerator benchmarks and stand-ins
+    stream: torch.cuda.Stream | None  # where accelerator work is timed
+    interference_threads: int | None
+
+
 def profile_machine(options: ProfileOptions, progress: Progress | None = None) -> HardwareProfile:
     """Measures this machine for `options.model` and returns the fitted profile (not yet written)."""
-    model = options.model
-    shape = model.expert_shape()
-    dtype = torch_dtype(model.dtype)
-    device = _device(options.device)
-    accelerated = device.type == "cuda"
-    budget = (QUICK if options.quick else FULL).capped(options.max_repeats)
-    cache_bytes = options.cache_bytes or llc_bytes()
-    threads = options.threads or torch.get_num_threads()
     cores = os.cpu_count() or 1
     if options.threads is not None and not 1 <= options.threads <= 4 * cores:
         raise UserError(f"--threads must be between 1 and {4 * cores}, got {options.threads}")
-    # A host memcpy stream needs a core of its own, or the interference ratio measures core sharing.
-    interference_threads = None if accelerated else max(1, min(threads, cores - 1))
+    model = options.model
+    device = _device(options.device)
+    accelerated = device.type == "cuda"
+    threads = options.threads or torch.get_num_threads()
+    cache_bytes = options.cache_bytes or llc_bytes()
+    setup = _Setup(
+        model=model,
+        dtype=torch_dtype(model.dtype),
+        device=device,
+        budget=(QUICK if options.quick else FULL).capped(options.max_repeats),
+        cache_bytes=cache_bytes,
+        device_cache_bytes=accelerator_cache_bytes(device) if accelerated else cache_bytes,
+        stream=torch.cuda.Stream(device) if accelerated else None,
+        # A host memcpy stream needs a core of its own, or the interference ratio measures core sharing.
+        interference_threads=None if accelerated else max(1, min(threads, cores - 1)),
+    )
     steps = _Steps(progress, total=8 if accelerated else 6)
     load_before = load_average()
-    cpu = torch.device("cpu")
-    stream = torch.cuda.Stream(device) if accelerated else None
-    accelerator_cache = accelerator_cache_bytes(device) if accelerated else cache_bytes
-
     with torch.inference_mode(), torch_threads(threads):
-        steps.show("CPU expert")
-        pool = ExpertPool(shape, dtype, cpu, cache_bytes)
-        cpu_points = latency_curve(
-            expert_timer(pool), budget, on_point=lambda n: steps.show(f"CPU expert, {n} token(s)")
-        )
-        steps.finish()
-        steps.show("CPU first expert of a layer")
-        first = first_expert(pool, model.top_k, budget, gap_s=FIRST_EXPERT_GAP_S)
-        steps.finish()
-        steps.show("host memory bandwidth")
-        memory_gbps = host_read_gbps(cache_bytes, budget)
-        steps.finish()
-        steps.show("interference: CPU experts with " + ("host-to-device copies" if accelerated else "a memcpy loop"))
-        background = h2d_stream(device, cache_bytes) if accelerated else memcpy_stream(cache_bytes)
-        clash = interference(pool, background, budget, interference_threads)
-        del pool, background
-        steps.finish()
-
-        gpu_curve = transfer = None
-        if accelerated:
-            steps.show("accelerator expert")
-            gpu_pool = ExpertPool(shape, dtype, device, accelerator_cache)
-            gpu_points = latency_curve(
-                expert_timer(gpu_pool, stream), budget,
-                on_point=lambda n: steps.show(f"accelerator expert, {n} token(s)"),
-            )
-            gpu_curve = fit_curve(gpu_points)
-            del gpu_pool
-            steps.finish()
-            steps.show("host <-> accelerator copies")
-            copies = transfers(shape, device, cache_bytes, budget)
-            transfer = Transfer(
-                expert_load_ms=copies.expert_load.median_ms,
-                h2d_pinned_gbps=copies.h2d_pinned_gbps,
-                h2d_pageable_gbps=copies.h2d_pageable_gbps,
-                d2h_gbps=copies.d2h_gbps,
-                h2d_pinned_expert_gbps=copies.h2d_pinned_expert_gbps,
-            )
-            steps.finish()
-
-        steps.show("per-layer overhead")
-        overhead = settle(host_ms(LayerOverhead(model, dtype, device).run), budget)
-        steps.finish()
-        steps.show("dense part of a layer")
-        dense = DenseLayer(model, dtype, device, accelerator_cache, budget.max_tokens)
-        timer = device_timer(device, stream)
-
-        def dense_run(n_tokens: int) -> Callable[[], float]:
-            x, mask = dense.tokens(n_tokens), dense.causal_mask(n_tokens)
-            return timer(lambda: dense.run(x, mask))
-
-        dense_points = latency_curve(
-            dense_run, budget, on_point=lambda n: steps.show(f"dense part of a layer, {n} token(s)")
-        )
-        del dense
-        steps.finish()
+        cpu_points, first, memory_gbps, clash = _measure_cpu(setup, steps)
+        gpu_curve, transfer = _measure_accelerator(setup, steps) if accelerated else (None, None)
+        overhead, dense_points = _measure_layer(setup, steps)
 
     machine = describe_machine(str(device), threads)
     cpu_expert = fit_curve(cpu_points)
-    notes = _notes(options, model, device, first, clash, interference_threads, threads, cores, load_before, load_average())
+    notes = _notes(options, setup, first, clash, threads, cores, load_before, load_average())
     if is_erratic(cpu_expert):
         notes += f" {ERRATIC_NOTE}"
     return HardwareProfile(
         name=options.name or profile_name(model, machine.gpu, cores),
-        expert_shape=shape,
+        expert_shape=model.expert_shape(),
         cpu_expert=cpu_expert,
         dense_layer=fit_curve(dense_points),
         gpu_expert=gpu_curve,
@@ -196,7 +159,9 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         host_memory_gbps=memory_gbps,
         layer_overhead_ms=overhead.median_ms,
         cpu_first_expert_extra_ms=first.extra_ms,
-        interference=Interference(cpu_slowdown=max(1.0, clash.cpu_slowdown), copy_slowdown=max(1.0, clash.copy_slowdown)),
+        interference=Interference(
+            cpu_slowdown=max(1.0, clash.cpu_slowdown), copy_slowdown=max(1.0, clash.copy_slowdown)
+        ),
         machine=machine,
         estimated=False,
         notes=notes,
@@ -208,7 +173,72 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     )
 
 
-def _notes(options, model, device, first, clash, interference_threads, threads, cores, load_before, load_after) -> str:
+def _measure_cpu(setup: _Setup, steps: _Steps) -> tuple[list[CurvePoint], FirstExpert, float, InterferenceResult]:
+    """The CPU expert curve, the first expert of a layer, host memory bandwidth, interference."""
+    budget, accelerated = setup.budget, setup.device.type == "cuda"
+    steps.show("CPU expert")
+    pool = ExpertPool(setup.model.expert_shape(), setup.dtype, torch.device("cpu"), setup.cache_bytes)
+    points = latency_curve(expert_timer(pool), budget, on_point=lambda n: steps.show(f"CPU expert, {n} token(s)"))
+    steps.finish()
+    steps.show("CPU first expert of a layer")
+    first = first_expert(pool, setup.model.top_k, budget, gap_s=FIRST_EXPERT_GAP_S)
+    steps.finish()
+    steps.show("host memory bandwidth")
+    memory_gbps = host_read_gbps(setup.cache_bytes, budget)
+    steps.finish()
+    steps.show("interference: CPU experts with " + ("host-to-device copies" if accelerated else "a memcpy loop"))
+    background = h2d_stream(setup.device, setup.cache_bytes) if accelerated else memcpy_stream(setup.cache_bytes)
+    clash = interference(pool, background, budget, setup.interference_threads)
+    steps.finish()
+    return points, first, memory_gbps, clash
+
+
+def _measure_accelerator(setup: _Setup, steps: _Steps) -> tuple[LatencyCurve, Transfer]:
+    """The accelerator expert curve and the host <-> accelerator copies."""
+    shape = setup.model.expert_shape()
+    steps.show("accelerator expert")
+    pool = ExpertPool(shape, setup.dtype, setup.device, setup.device_cache_bytes)
+    points = latency_curve(
+        expert_timer(pool, setup.stream), setup.budget,
+        on_point=lambda n: steps.show(f"accelerator expert, {n} token(s)"),
+    )
+    del pool
+    steps.finish()
+    steps.show("host <-> accelerator copies")
+    copies = transfers(shape, setup.device, setup.cache_bytes, setup.budget)
+    steps.finish()
+    transfer = Transfer(
+        expert_load_ms=copies.expert_load.median_ms,
+        h2d_pinned_gbps=copies.h2d_pinned_gbps,
+        h2d_pageable_gbps=copies.h2d_pageable_gbps,
+        d2h_gbps=copies.d2h_gbps,
+        h2d_pinned_expert_gbps=copies.h2d_pinned_expert_gbps,
+    )
+    return fit_curve(points), transfer
+
+
+def _measure_layer(setup: _Setup, steps: _Steps) -> tuple[Sample, list[CurvePoint]]:
+    """The per-layer overhead and the dense part of a layer, on the accelerator if there is one."""
+    steps.show("per-layer overhead")
+    overhead = settle(host_ms(LayerOverhead(setup.model, setup.dtype, setup.device).run), setup.budget)
+    steps.finish()
+    steps.show("dense part of a layer")
+    dense = DenseLayer(setup.model, setup.dtype, setup.device, setup.device_cache_bytes, setup.budget.max_tokens)
+    timer = device_timer(setup.device, setup.stream)
+
+    def dense_run(n_tokens: int) -> Callable[[], float]:
+        x, mask = dense.tokens(n_tokens), dense.causal_mask(n_tokens)
+        return timer(lambda: dense.run(x, mask))
+
+    points = latency_curve(
+        dense_run, setup.budget, on_point=lambda n: steps.show(f"dense part of a layer, {n} token(s)")
+    )
+    steps.finish()
+    return overhead, points
+
+
+def _notes(options, setup, first, clash, threads, cores, load_before, load_after) -> str:
+    model, device = setup.model, setup.device
     where = "the accelerator" if device.type == "cuda" else "the CPU"
     notes = [f"Measured for {model.name} ({model.dtype}) with {threads} CPU thread(s) of {cores}."]
     if device.type != "cuda":
@@ -233,7 +263,10 @@ def _notes(options, model, device, first, clash, interference_threads, threads, 
     if device.type == "cuda":
         background = "a host-to-device copy loop"
     else:
-        background = f"a host memcpy thread (standing in for host-to-device copies), experts on {interference_threads} thread(s)"
+        background = (
+            "a host memcpy thread (standing in for host-to-device copies), "
+            f"experts on {setup.interference_threads} thread(s)"
+        )
     notes.append(
         f"Interference: 1-token CPU expert {clash.cpu_alone.median_ms:.3f} ms alone, {clash.cpu_busy.median_ms:.3f} ms "
         f"with {background}; stream {clash.stream_alone_gbps:.2f} GB/s alone, {clash.stream_busy_gbps:.2f} GB/s "

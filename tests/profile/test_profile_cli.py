@@ -50,7 +50,9 @@ def test_estimate_builds_a_profile_marked_estimated(tmp_path):
     assert data["estimated"] is True and load_profile(out).has_accelerator
     missing_out = runner.invoke(app, ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo"])
     assert missing_out.exit_code == 2 and "--out" in error_line(missing_out)
-    unknown = runner.invoke(app, ["profile", "--estimate", "nope", "--preset", "demo", "--out", str(tmp_path / "x.yaml")])
+    unknown = runner.invoke(
+        app, ["profile", "--estimate", "nope", "--preset", "demo", "--out", str(tmp_path / "x.yaml")]
+    )
     assert unknown.exit_code == 2 and "unknown machine" in error_line(unknown)
 
 

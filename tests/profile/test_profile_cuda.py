@@ -28,12 +28,14 @@ def test_accelerator_expert_curve_and_copies():
 
 def test_interference_with_host_to_device_copies():
     cpu_pool = ExpertPool(TINY_SHAPE, torch.float32, torch.device("cpu"), TINY_CACHE_BYTES)
-    result = interference(cpu_pool, h2d_stream(torch.device("cuda"), TINY_CACHE_BYTES, chunk_bytes=1 << 20), TINY_BUDGET)
+    copies = h2d_stream(torch.device("cuda"), TINY_CACHE_BYTES, chunk_bytes=1 << 20)
+    result = interference(cpu_pool, copies, TINY_BUDGET)
     assert result.stream_alone_gbps > 0 and result.stream_busy_gbps > 0
 
 
 def test_quick_profile_on_the_accelerator():
     model = resolve_model(hidden_size=64, intermediate_size=64, dtype="float32")
-    profile = profile_machine(ProfileOptions(model, device="cuda", quick=True, max_repeats=2, cache_bytes=TINY_CACHE_BYTES))
+    options = ProfileOptions(model, device="cuda", quick=True, max_repeats=2, cache_bytes=TINY_CACHE_BYTES)
+    profile = profile_machine(options)
     assert profile.has_accelerator and profile.transfer.expert_load_ms > 0
     assert profile.machine.gpu and profile.machine.cuda

@@ -16,7 +16,9 @@ from .conftest import TINY_CACHE_BYTES
 def measured():
     model = resolve_model(hidden_size=32, intermediate_size=48, dtype="float32")
     steps = []
-    options = ProfileOptions(model, device="cpu", quick=True, max_repeats=2, cache_bytes=TINY_CACHE_BYTES, note="test run")
+    options = ProfileOptions(
+        model, device="cpu", quick=True, max_repeats=2, cache_bytes=TINY_CACHE_BYTES, note="test run"
+    )
     profile = profile_machine(options, progress=lambda what, done, total: steps.append((done, total)))
     return profile, steps
 
