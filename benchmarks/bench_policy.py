@@ -7,6 +7,8 @@ Prints, in one run:
   choice), against the same planner with the scheduler's memo disabled (target: <= 20 us);
 - the greedy schedule's time relative to the exact optimum on random small layers.
 
+Times are CPU time of this process (thread), so other work on the machine inflates them less.
+
 Usage: python benchmarks/bench_policy.py [--trace traces/qwen3-30b-a3b.npz] [--profile PROFILE]
 """
 
@@ -33,9 +35,9 @@ def bench_replay(trace, costs, policy) -> float:
     decode = trace.as_decode()
     dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
     planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
-    started = time.perf_counter()
+    started = time.process_time()
     simulate(decode, planner, strategy="hybrimoe")
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     layer_steps = decode.n_steps * trace.meta.n_layers
     print(f"replay: {decode.n_steps} decode steps x {trace.meta.n_layers} layers = {layer_steps} layer-steps "
           f"in {seconds:.2f} s ({layer_steps / seconds:,.0f} layer-steps/s)")
@@ -53,9 +55,9 @@ def bench_plan_layer(costs, policy, n_experts=128, top_k=8, n_layers=48, repeats
     for i in range(repeats):
         layer = i % n_layers
         predicted = {(layer + 1) % n_layers: ids[(i + 1) % 256], (layer + 2) % n_layers: ids[(i + 2) % 256]}
-        started = time.perf_counter_ns()
+        started = time.thread_time_ns()
         planner.plan_layer(layer, ids[i % 256], probs[i % 256], predicted)
-        times.append(time.perf_counter_ns() - started)
+        times.append(time.thread_time_ns() - started)
     median_us = statistics.median(times[repeats // 10:]) / 1000
     print(f"plan one decode layer ({n_experts} experts, top-{top_k}, router probs, prefetch depth "
           f"{policy.prefetch_depth}): median {median_us:.1f} us (target <= 20 us)")

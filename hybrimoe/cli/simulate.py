@@ -98,7 +98,7 @@ def _table(comparison) -> Table:
                 "" if speedup is None else f"{speedup:.2f}x",
                 f"{result.hit_rate:.0%}",
             ]
-        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy == "oracle-bound" else None)
+        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy == "oracle" else None)
         table.add_row(strategy, *cells, style=style)
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact

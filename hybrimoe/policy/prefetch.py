@@ -47,32 +47,42 @@ def impact_prefetch(
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
         return loads
-    resident = {layer: set(cache.resident(layer)) for layer in predicted_counts}
-    current = {layer: layer_time(counts, resident[layer]) for layer, counts in predicted_counts.items()}
-    while len(loads) < max_loads:
+    # Per predicted layer: its counts, a snapshot of its resident set, its non-resident candidates
+    # by predicted tokens (most first), and its current simulated time.
+    layers = []
+    for layer, counts in predicted_counts.items():
+        resident = set(cache.resident(layer))
+        candidates = sorted((e for e in counts if e not in resident), key=lambda e: (-counts[e], e))
+        if candidates:
+            layers.append([layer, counts, resident, candidates, layer_time(counts, resident)])
+    while len(loads) < max_loads and layers:
         best_gain, best = 0.0, None
-        for layer, counts in predicted_counts.items():
-            res = resident[layer]
+        for entry in layers:
+            layer, counts, resident, candidates, current_ms = entry
             tried_counts: set[int] = set()
-            for expert, n_tokens in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            for expert in candidates:
                 # Within a layer, experts with equal token counts have equal gains: try one of each.
-                if expert in res or n_tokens in tried_counts:
+                n_tokens = counts[expert]
+                if n_tokens in tried_counts:
                     continue
                 tried_counts.add(n_tokens)
-                res.add(expert)
-                gain = current[layer] - layer_time(counts, res)
-                res.discard(expert)
+                resident.add(expert)
+                gain = current_ms - layer_time(counts, resident)
+                resident.discard(expert)
                 if gain > best_gain + 1e-12:
-                    best_gain, best = gain, (layer, expert)
+                    best_gain, best = gain, (entry, expert)
         if best is None:
             break
-        load = cache.admit(best, protected)
+        entry, expert = best
+        load = cache.admit((entry[0], expert), protected)
         if load is None:
             break
         loads.append(load)
-        layer, expert = best
-        resident[layer].add(expert)
-        current[layer] -= best_gain
+        entry[2].add(expert)
+        entry[3].remove(expert)
+        entry[4] -= best_gain
+        if not entry[3]:
+            layers.remove(entry)
     if len(loads) < max_loads and warm_layers:
         loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads), protected))
     return loads

@@ -25,6 +25,7 @@ import numpy as np
 from hybrimoe.config import HardwareProfile, PolicyConfig
 from hybrimoe.errors import UserError
 from hybrimoe.policy import scheduler as sched
+from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.strategies import STRATEGIES, ModelDims, PolicyPlanner, cache_capacity, make_planner
 from hybrimoe.trace import RoutingTrace, TraceStep
@@ -215,6 +216,7 @@ def compare_strategies(
     profile_fraction: float = 0.25,
     prefill_tokens: int = 512,
     max_tokens: int | None = None,
+    bound: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Every strategy at every cache ratio on one workload: what `hybrimoe simulate` prints."""
@@ -242,6 +244,14 @@ def compare_strategies(
             results[(strategy, ratio)] = simulate(
                 workload.replay, planner, predictor, strategy=strategy, cache_ratio=ratio, mode=mode
             )
+    if bound:
+        for ratio in ratios:
+            if progress is not None:
+                progress(f"the oracle bound at {ratio:.0%} cache")
+            planner = oracle_planner(workload.replay, dims, costs, policy, cache_capacity(dims, ratio))
+            results[("oracle", ratio)] = simulate(
+                workload.replay, planner, "oracle", strategy="oracle", cache_ratio=ratio, mode=mode
+            )
     return Comparison(
         mode=mode,
         ratios=ratios,
@@ -254,6 +264,19 @@ def compare_strategies(
         seconds=time.perf_counter() - started,
         greedy_vs_exact=_greedy_vs_exact(workload.replay, costs) if mode == "decode" else None,
     )
+
+
+def oracle_planner(
+    trace: RoutingTrace, dims: ModelDims, costs: CostModel, policy: PolicyConfig, capacity: int
+) -> PolicyPlanner:
+    """The bound: Belady's clairvoyant cache, hybrid schedule, impact prefetch fed the true routing."""
+    accesses = [
+        (layer, np.unique(step.topk_ids[layer]).tolist()) for step in trace.steps for layer in range(dims.n_layers)
+    ]
+    cache = ExpertCache(dims.n_layers, dims.n_experts, capacity, layout=policy.cache_layout, policy="belady",
+                        accesses=accesses)
+    depth = max(policy.prefetch_depth, 1)
+    return PolicyPlanner(dims, costs, cache, sched.schedule_hybrid, prefetch="impact", prefetch_depth=depth)
 
 
 def _greedy_vs_exact(trace: RoutingTrace, costs: CostModel, samples: int = 200) -> tuple[float, float] | None:

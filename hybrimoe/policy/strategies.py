@@ -38,6 +38,7 @@ from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.plan import ExpertId, LayerPlan, SlotLoad
 from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch
 
+_MEMO_MAX = 1 << 16
 STRATEGIES = ("hybrimoe", "ktransformers", "static-oracle", "llamacpp", "gpu-offload", "cpu-only")
 
 
@@ -91,7 +92,7 @@ class _Timeline:
 
     clock_ms: float = 0.0
     pcie_free_ms: float = 0.0
-    layer_ms: float = 0.0  # moving average of one layer's time, dense part included
+    pcie_idle_ms: float = 0.0  # moving average of the copy-engine time a layer leaves unused
     ready_ms: dict[ExpertId, float] = field(default_factory=dict)
 
 
@@ -122,6 +123,7 @@ class PolicyPlanner:
         self.stats = PlannerStats()
         self._timeline = _Timeline()
         self._pending_prefetch: set[ExpertId] = set()
+        self._layer_time_memo: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
         self._initial = tuple(cache.fill(warm)) if warm else ()
 
     def initial_loads(self) -> tuple[SlotLoad, ...]:
@@ -133,7 +135,18 @@ class PolicyPlanner:
         return self._timeline.clock_ms
 
     def _layer_time(self, counts: Mapping[int, int], resident) -> float:
-        return self.schedule(counts, resident, self._schedule_costs).finish_ms
+        """A layer's simulated expert time with an idle copy engine, memoized on its load pattern."""
+        resident_loads, other_loads = [], []
+        for expert, n_tokens in counts.items():
+            (resident_loads if expert in resident else other_loads).append(n_tokens)
+        key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
+        finish_ms = self._layer_time_memo.get(key)
+        if finish_ms is None:
+            if len(self._layer_time_memo) >= _MEMO_MAX:
+                self._layer_time_memo.clear()
+            finish_ms = self.schedule(counts, resident, self._schedule_costs).finish_ms
+            self._layer_time_memo[key] = finish_ms
+        return finish_ms
 
     def plan_layer(
         self,
@@ -186,8 +199,8 @@ class PolicyPlanner:
         if loads:
             timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + len(loads) * costs.load_ms
 
-        layer_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms + finish_ms
-        timeline.layer_ms += 0.1 * (layer_ms - timeline.layer_ms) if timeline.layer_ms else layer_ms
+        idle_ms = max(0.0, costs.dense_ms(n_tokens) + costs.layer_overhead_ms + finish_ms - len(loads) * costs.load_ms)
+        timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms)
         prefetch = self._choose_prefetch(layer, predicted_topk, protected, n_tokens)
@@ -226,15 +239,19 @@ class PolicyPlanner:
         if self.prefetch == "none" or self.prefetch_depth == 0:
             return []
         costs, timeline = self.costs, self._timeline
-        # Copies for layer l+d must land before that layer's expert phase starts.
+        n_layers = self.dims.n_layers
+        # When a step's tokens can activate every expert (prefill), the next layer's own loads keep
+        # the copy engine busy: looking further ahead only queues copies in front of them.
+        depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
+        # Copies should land before the next layer's expert phase, or in the copy time later
+        # layers are expected to leave idle, so they do not delay those layers' own loads.
         next_start_ms = timeline.clock_ms + costs.dense_ms(n_tokens) + costs.layer_overhead_ms
-        deadline_ms = next_start_ms + (self.prefetch_depth - 1) * timeline.layer_ms
+        deadline_ms = next_start_ms + (depth - 1) * timeline.pcie_idle_ms
         idle_ms = deadline_ms - timeline.pcie_free_ms
         max_loads = math.floor(idle_ms / costs.load_ms) if idle_ms > 0 else 0
         if max_loads <= 0:
             return []
-        n_layers = self.dims.n_layers
-        later = tuple((layer + d) % n_layers for d in range(1, self.prefetch_depth + 1))
+        later = tuple((layer + d) % n_layers for d in range(1, depth + 1))
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads, protected)
         predicted_counts = {
