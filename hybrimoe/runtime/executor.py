@@ -13,6 +13,8 @@ Design choices:
   `free` event, recorded after this layer's kernels), then the CPU results are added.
 - Every expert is weighted by its own routing weights: pairs are grouped by expert once and the
   weights are taken through the same grouping, on the host and on the accelerator alike.
+- Weighted expert outputs are summed in float32 and cast to the model's dtype once (as
+  transformers' grouped_mm path does); routers may return float32 weights for bfloat16 models.
 - Plans are checked (every activated expert exactly once; resident experts really resident), so a
   planner bug raises instead of silently mixing experts up.
 - Per-layer host work is a few numpy calls on P integers; the sync points are named below.
@@ -124,7 +126,7 @@ class LayerExecutor:
             self.counters.loads += store.load(plan.loads)
         on_accelerator = plan.gpu + plan.load
         store.check_resident(layer, plan.slot_of, on_accelerator)
-        out = torch.zeros_like(x)  # [T, D]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         if on_accelerator:
             order_d, token_d = acc.index_to_device(pairs)  # [P] each
             weight_d = topk_weights.reshape(-1)[order_d]  # [P]
@@ -132,7 +134,7 @@ class LayerExecutor:
             for expert in on_accelerator:
                 start, stop = span[expert]
                 y = self._expert(layer, x_d[start:stop], store.weights(plan.slot_of[expert]))
-                out.index_add_(0, token_d[start:stop], y * weight_d[start:stop, None])
+                out.index_add_(0, token_d[start:stop], (y * weight_d[start:stop, None]).float())
             store.release(plan.slot_of[e] for e in on_accelerator)
         if plan.prefetch:
             self.counters.prefetches += store.load(plan.prefetch)
@@ -142,7 +144,7 @@ class LayerExecutor:
         if cpu_future is not None:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
-        return out
+        return out.to(x.dtype)
 
     # -----------------------------------------------------------------------------------------
 
@@ -189,12 +191,12 @@ class LayerExecutor:
         with torch.inference_mode():
             if copied is not None:
                 copied.synchronize()  # Sync point (worker only): the hidden states reached the host.
-            out = self.accelerator.host_zeros(x_h.shape, x_h.dtype)  # [T, D]
+            out = self.accelerator.host_zeros(x_h.shape, torch.float32)  # [T, D]
             order, tokens = torch.from_numpy(pairs)  # [P] each
             weights = weights_h.reshape(-1)[order]  # [P]
             x_sorted = x_h[tokens]  # [P, D]
             for expert in experts:
                 start, stop = span[expert]
                 y = self._expert(layer, x_sorted[start:stop], self.store.host_weights(layer, expert))
-                out.index_add_(0, tokens[start:stop], y * weights[start:stop, None])
+                out.index_add_(0, tokens[start:stop], (y * weights[start:stop, None]).float())
             return out
