@@ -297,7 +297,10 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
         for i, item in enumerate(value):
             if not (isinstance(item, list) and len(item) in (2, 3)):
                 raise ProfileError(f"{where}[{i}]: expected [n_tokens, ms] or [n_tokens, ms, spread_ms]")
-            points.append(CurvePoint(int(item[0]), float(item[1]), float(item[2]) if len(item) == 3 else 0.0))
+            numbers = [_convert("float", v, f"{where}[{i}]") for v in item]
+            if numbers[0] != int(numbers[0]) or numbers[0] < 1:
+                raise ProfileError(f"{where}[{i}]: n_tokens must be a positive integer, got {item[0]!r}")
+            points.append(CurvePoint(int(numbers[0]), numbers[1], numbers[2] if len(numbers) == 3 else 0.0))
         return tuple(points)
     if base == "tuple[str, ...]":
         if not isinstance(value, list):

@@ -147,3 +147,23 @@ def test_with_accelerator_from():
 def test_profile_from_dict_names_the_source():
     with pytest.raises(ProfileError, match="^somewhere: schema_version"):
         profile_from_dict({"schema_version": 0}, "somewhere")
+
+
+def test_non_numeric_or_negative_curve_points_are_one_line_errors(tmp_path):
+    import yaml
+
+    from hybrimoe.config import load_profile
+    from hybrimoe.errors import ProfileError
+
+    good = tmp_path / "good.yaml"
+    for bad_point in ([1, "fast"], [1, -0.5], [0, 1.0]):
+        data = {
+            "schema_version": 1,
+            "name": "x",
+            "expert_shape": {"hidden_size": 8, "intermediate_size": 4},
+            "cpu_expert": {"points": [bad_point]},
+            "dense_layer": {"fit": {"intercept_ms": 0.1, "per_token_ms": 0.0}},
+        }
+        good.write_text(yaml.safe_dump(data))
+        with pytest.raises(ProfileError, match=r"cpu_expert\.points\[0\]"):
+            load_profile(good)

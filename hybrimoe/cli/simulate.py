@@ -43,7 +43,7 @@ def simulate(
     """Replay a routing trace through every strategy and compare simulated latency."""
     from hybrimoe.policy.simulator import simulate_files
 
-    with user_errors():
+    with user_errors(), console.status("simulating", spinner="dots") as status:
         comparisons = simulate_files(
             trace,
             profile,
@@ -55,7 +55,7 @@ def simulate(
             profile_fraction=profile_split,
             prefill_tokens=prefill_tokens,
             max_tokens=max_tokens,
-            progress=None if json_out else lambda text: console.print(f"[dim]simulating {text}[/]", end="\r"),
+            progress=lambda text: status.update(f"simulating {text}"),
         )
     if json_out:
         console.print_json(json.dumps([_to_json(c) for c in comparisons]))
