@@ -55,14 +55,13 @@ class LayerExecutor:
         store: ExpertStore,
         planner: Planner,
         accelerator: Accelerator,
-        top_k: int,
         n_experts: int,
         counters: ExpertCounters,
         record_depth: int | None = None,
     ):
         """`record_depth`: keep each layer's routing with this many later layers' predictions."""
         self.store, self.planner, self.accelerator = store, planner, accelerator
-        self.top_k, self.n_experts, self.counters = top_k, n_experts, counters
+        self.n_experts, self.counters = n_experts, counters
         self.routers = [layer.router for layer in layers]
         self._gates = [layer.experts._apply_gate for layer in layers]
         self._transposed = [bool(layer.experts.is_transposed) for layer in layers]
@@ -193,10 +192,10 @@ class LayerExecutor:
                 copied.synchronize()  # Sync point (worker only): the hidden states reached the host.
             out = self.accelerator.host_zeros(x_h.shape, torch.float32)  # [T, D]
             order, tokens = torch.from_numpy(pairs)  # [P] each
-            weights = weights_h.reshape(-1)[order]  # [P]
-            x_sorted = x_h[tokens]  # [P, D]
+            weights_flat = weights_h.reshape(-1)  # [P], in routing order
             for expert in experts:
                 start, stop = span[expert]
-                y = self._expert(layer, x_sorted[start:stop], self.store.host_weights(layer, expert))
-                out.index_add_(0, tokens[start:stop], (y * weights[start:stop, None]).float())
+                rows = tokens[start:stop]  # this expert's tokens only: the CPU gathers no other rows
+                y = self._expert(layer, x_h[rows], self.store.host_weights(layer, expert))
+                out.index_add_(0, rows, (y * weights_flat[order[start:stop], None]).float())
             return out

@@ -33,7 +33,7 @@ class HybridRuntime:
         self.counters = ExpertCounters()
         self.store = ExpertStore(loaded.layers, accelerator, capacity)
         self.executor = LayerExecutor(
-            loaded.layers, self.store, planner, accelerator, loaded.top_k, loaded.n_experts, self.counters, record_depth
+            loaded.layers, self.store, planner, accelerator, loaded.n_experts, self.counters, record_depth
         )
         self._installed = Installed(loaded, self.executor)
         self.counters.warm_loads = self.store.load(planner.initial_loads())

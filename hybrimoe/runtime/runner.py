@@ -35,6 +35,8 @@ from hybrimoe.trace import RoutingTrace, TraceMeta, TraceStep
 
 DEFAULT_MACHINE = "rtx4090-desktop"
 TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
+# strategies that place experts by frequencies counted on a separate profiling workload
+NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,17 @@ class RunReport:
 
 
 def _check_options(options: RunOptions) -> None:
+    from hybrimoe.policy.strategies import STRATEGIES
+
     if not options.prompts or any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
+    if options.strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {options.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if options.strategy in NEEDS_FREQUENCIES:
+        raise UserError(
+            f"strategy {options.strategy!r} needs expert frequencies from a profiling workload; "
+            "compare it with `hybrimoe simulate` instead"
+        )
     if options.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if options.sampling.temperature < 0:

@@ -67,6 +67,7 @@ def test_prompt_from_stdin_and_trace_recording(model_dir, tmp_path):
         (["--prompt", "x", "--cache-experts", "999"], "--cache-experts must be in [0, 24]"),
         (["--prompt", "x", "--gpu-memory-gb", "0.5"], "is not enough"),
         (["--prompt", "x", "--strategy", "fastest"], "unknown strategy"),
+        (["--prompt", "x", "--strategy", "ktransformers"], "needs expert frequencies"),
         (["--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
         (["--prompt", "x", "--top-p", "0"], "--top-p"),
         (["--prompt", "x", "--record-trace", "trace.json"], "must end in .npz"),
@@ -116,3 +117,12 @@ def test_library_runs_a_batch_and_seeded_sampling_repeats(model_dir):
     second = run(options, show_progress=False)
     assert len(first.texts) == 2 and first.texts == second.texts
     assert first.stats.batch_size == 2 and first.stats.n_new_tokens == 6
+
+
+def test_the_cli_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, hybrimoe.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

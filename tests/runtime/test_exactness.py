@@ -156,3 +156,24 @@ def test_product_planner_matches_transformers(checkpoint, family, ratio):
     assert (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item() <= TOLERANCE
     assert torch.equal(out.tokens, ref_tokens)
     assert runtime.counters.accelerator_runs > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_bfloat16_models_agree_with_transformers(family):
+    """bfloat16 weights; DeepSeek's router hands float32 weights to bfloat16 experts."""
+    import copy
+
+    from tiny_models import tiny_model
+
+    from hybrimoe.runtime.loading import from_model
+
+    reference = tiny_model(family).to(torch.bfloat16)
+    loaded = from_model(copy.deepcopy(reference))
+    ids, mask = _prompt(2)
+    ref = generate(reference, ids, mask, 8, keep_logits=True)
+    planner = RulePlanner("mixed", 5, loaded.n_layers, loaded.n_experts, prefetch_depth=2)
+    with HybridRuntime(loaded, planner, CpuStandIn(), 5) as runtime:
+        out = generate(loaded.model, ids, mask, 8, on_step=runtime.end_step, keep_logits=True)
+    scale = ref.prefill_logits.abs().max().item()
+    assert (out.prefill_logits - ref.prefill_logits).float().abs()[mask.bool()].max().item() <= 0.02 * scale
+    assert out.prefill_logits.dtype == torch.bfloat16
