@@ -276,7 +276,10 @@ def oracle_planner(
     cache = ExpertCache(dims.n_layers, dims.n_experts, capacity, layout=policy.cache_layout, policy="belady",
                         accesses=accesses)
     depth = max(policy.prefetch_depth, 1)
-    return PolicyPlanner(dims, costs, cache, sched.schedule_hybrid, prefetch="impact", prefetch_depth=depth)
+    first_use = list(dict.fromkeys((layer, e) for layer, experts in accesses for e in experts))
+    return PolicyPlanner(
+        dims, costs, cache, sched.schedule_hybrid, prefetch="impact", prefetch_depth=depth, warm=tuple(first_use)
+    )
 
 
 def _greedy_vs_exact(trace: RoutingTrace, costs: CostModel, samples: int = 200) -> tuple[float, float] | None:

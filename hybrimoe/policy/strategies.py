@@ -178,7 +178,10 @@ class PolicyPlanner:
                 stats.prefetch_used += 1
         cache.access(layer, counts.keys())
 
+        # Demand loads evict neither this layer's experts nor those predicted for the next layers.
         protected = {(layer, e) for e in counts}
+        for target, ids in predicted_topk.items():
+            protected.update((target, e) for e in np.unique(ids).tolist())
         loads: list[SlotLoad] = []
         load_experts: list[int] = []
         cpu = list(plan.cpu)
