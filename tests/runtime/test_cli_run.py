@@ -126,3 +126,18 @@ def test_the_cli_imports_no_torch():
     code = "import sys, hybrimoe.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_without_a_model_runs_the_demo():
+    from hybrimoe.demo import demo_model_path
+    from hybrimoe.errors import ModelError
+
+    try:
+        demo_model_path()
+    except ModelError:
+        pytest.skip("this checkout has no demo model")
+    result = _run("--prompt", "ROMEO:", "-n", "8", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "demo" and data["family"] == "qwen2_moe"
+    assert data["profile"].startswith("built-in default")

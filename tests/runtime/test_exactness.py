@@ -177,3 +177,26 @@ def test_bfloat16_models_agree_with_transformers(family):
     scale = ref.prefill_logits.abs().max().item()
     assert (out.prefill_logits - ref.prefill_logits).float().abs()[mask.bool()].max().item() <= 0.02 * scale
     assert out.prefill_logits.dtype == torch.bfloat16
+
+
+def test_demo_model_matches_transformers():
+    """The embedded demo model (a trained Qwen2-MoE), with the product planner at a 25% cache."""
+    from hybrimoe.config import PolicyConfig
+    from hybrimoe.demo import demo_model_path
+    from hybrimoe.errors import ModelError
+    from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
+
+    try:
+        path = str(demo_model_path())
+    except ModelError:
+        pytest.skip("this checkout has no demo model")
+    loaded = _loaded(path)
+    slots = loaded.n_layers * loaded.n_experts // 4
+    planner = build_planner("hybrimoe", loaded, default_profile(model_shape(loaded, "demo")), PolicyConfig(), slots)
+    ids, mask = _prompt(2)
+    with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
+        out = generate(loaded.model, ids, mask, N_NEW, on_step=runtime.end_step, keep_logits=True)
+    ref_prefill, ref_steps, ref_tokens = _reference(path, 2)
+    assert (out.prefill_logits - ref_prefill).abs()[mask.bool()].max().item() <= TOLERANCE
+    assert (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item() <= TOLERANCE
+    assert torch.equal(out.tokens, ref_tokens)
