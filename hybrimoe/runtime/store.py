@@ -51,10 +51,6 @@ class ExpertStore:
         self._ready = [accelerator.new_event() for _ in range(capacity)]
         self._free = [accelerator.new_event() for _ in range(capacity)]
 
-    @property
-    def slot_bytes(self) -> int:
-        return self.capacity * self.expert_bytes
-
     def load(self, loads: Iterable[SlotLoad]) -> int:
         """Issues the copies on the copy stream, in order; returns the number of experts copied."""
         acc, n_loads = self.accelerator, 0
