@@ -180,7 +180,7 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
         moe_layers = [i for i in range(n_decoder_layers) if i not in mlp_only and (i + 1) % step == 0]
         shared = (config.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
         shape = dict(
-            n_experts=need("num_experts"),
+            n_experts=need("num_experts", "num_local_experts"),
             top_k=need("num_experts_per_tok"),
             intermediate_size=need("moe_intermediate_size"),
             n_shared_experts=1 if shared else 0,

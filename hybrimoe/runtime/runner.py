@@ -95,8 +95,6 @@ def model_shape(loaded: LoadedModel, name: str) -> ModelShape:
     from hybrimoe.profile.presets import shape_from_hf_config
 
     config = loaded.model.config.to_dict()
-    # transformers 5 saves Qwen3-MoE's expert count as `num_local_experts`; the hub's files say `num_experts`
-    config.setdefault("num_experts", loaded.n_experts)
     return shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
 
 
