@@ -178,10 +178,11 @@ class PolicyPlanner:
                 stats.prefetch_used += 1
         cache.access(layer, counts.keys())
 
-        # Demand loads evict neither this layer's experts nor those predicted for the next layers.
+        # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
+        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
         protected = {(layer, e) for e in counts}
-        for target, ids in predicted_topk.items():
-            protected.update((target, e) for e in np.unique(ids).tolist())
+        for target, counts_of_target in predicted_counts.items():
+            protected.update((target, e) for e in counts_of_target)
         loads: list[SlotLoad] = []
         load_experts: list[int] = []
         cpu = list(plan.cpu)
@@ -206,7 +207,7 @@ class PolicyPlanner:
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms)
-        prefetch = self._choose_prefetch(layer, predicted_topk, protected, n_tokens)
+        prefetch = self._choose_prefetch(layer, predicted_counts, protected, n_tokens)
         for load in prefetch:
             timeline.pcie_free_ms += costs.load_ms
             timeline.ready_ms[load.expert] = timeline.pcie_free_ms
@@ -237,7 +238,11 @@ class PolicyPlanner:
         )
 
     def _choose_prefetch(
-        self, layer: int, predicted_topk: Mapping[int, np.ndarray], protected: set[ExpertId], n_tokens: int
+        self,
+        layer: int,
+        predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
+        protected: set[ExpertId],
+        n_tokens: int,
     ) -> list[SlotLoad]:
         if self.prefetch == "none" or self.prefetch_depth == 0:
             return []
@@ -257,14 +262,9 @@ class PolicyPlanner:
         later = tuple((layer + d) % n_layers for d in range(1, depth + 1))
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads, protected)
-        predicted_counts = {
-            target: token_counts(ids) for target, ids in predicted_topk.items() if target in later
-        }
-        guarded = protected | {
-            (target, e) for target, counts_of_layer in predicted_counts.items() for e in counts_of_layer
-        }
+        predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
         return impact_prefetch(
-            self.cache, predicted_counts, max_loads, self._layer_time, guarded, warm_layers=later
+            self.cache, predicted_counts, max_loads, self._layer_time, protected, warm_layers=later
         )
 
 
