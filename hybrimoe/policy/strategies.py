@@ -123,7 +123,8 @@ class PolicyPlanner:
         self.stats = PlannerStats()
         self._timeline = _Timeline()
         self._pending_prefetch: set[ExpertId] = set()
-        self._layer_time_memo: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+        self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
+        self._layer_time_memo: dict[tuple, float] = {}
         self._initial = tuple(cache.fill(warm)) if warm else ()
 
     def initial_loads(self) -> tuple[SlotLoad, ...]:
@@ -135,11 +136,16 @@ class PolicyPlanner:
         return self._timeline.clock_ms
 
     def _layer_time(self, counts: Mapping[int, int], resident) -> float:
-        """A layer's simulated expert time with an idle copy engine, memoized on its load pattern."""
-        resident_loads, other_loads = [], []
-        for expert, n_tokens in counts.items():
-            (resident_loads if expert in resident else other_loads).append(n_tokens)
-        key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
+        """A layer's simulated expert time with an idle copy engine, memoized on its load pattern
+        (in decode, where every count is 1, just on how many of its experts are resident)."""
+        if max(counts.values()) == 1:
+            n_resident = sum(1 for e in counts if e in resident)
+            key = (n_resident, len(counts) - n_resident)
+        else:
+            resident_loads, other_loads = [], []
+            for expert, n_tokens in counts.items():
+                (resident_loads if expert in resident else other_loads).append(n_tokens)
+            key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
         finish_ms = self._layer_time_memo.get(key)
         if finish_ms is None:
             if len(self._layer_time_memo) >= _MEMO_MAX:
@@ -162,21 +168,27 @@ class PolicyPlanner:
         cache.observe(layer, topk_ids, router_probs, topk_weights)
         resident = cache.resident(layer)
 
-        timeline.clock_ms += costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        dense_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        timeline.clock_ms += dense_ms
         start_ms = timeline.clock_ms
-        plan = self.schedule(counts, resident, self._schedule_costs, max(0.0, timeline.pcie_free_ms - start_ms))
+        # The copy engine's backlog, rounded up to a 1/16 of a load so decode plans stay memoized.
+        backlog_ms = timeline.pcie_free_ms - start_ms
+        backlog_ms = math.ceil(backlog_ms / self._backlog_step_ms) * self._backlog_step_ms if backlog_ms > 0 else 0.0
+        plan = self.schedule(counts, resident, self._schedule_costs, backlog_ms)
 
-        used_resident = [(layer, e) for e in plan.gpu] + [(layer, e) for e in plan.cpu if e in resident]
-        hits = len(used_resident)
         stall_ms = 0.0
-        for eid in used_resident:
-            ready = timeline.ready_ms.pop(eid, None)
-            if ready is not None:
-                stall_ms = max(stall_ms, ready - start_ms)
-            if eid in self._pending_prefetch:
-                self._pending_prefetch.discard(eid)
-                stats.prefetch_used += 1
-        cache.access(layer, counts.keys())
+        pending, ready_ms = self._pending_prefetch, timeline.ready_ms
+        if ready_ms or pending:
+            for expert in counts:
+                if expert in resident:
+                    eid = (layer, expert)
+                    ready = ready_ms.pop(eid, None)
+                    if ready is not None and ready - start_ms > stall_ms:
+                        stall_ms = ready - start_ms
+                    if eid in pending:
+                        pending.discard(eid)
+                        stats.prefetch_used += 1
+        hits = cache.access(layer, counts.keys())
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
         predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
@@ -184,54 +196,58 @@ class PolicyPlanner:
         for target, counts_of_target in predicted_counts.items():
             protected.update((target, e) for e in counts_of_target)
         loads: list[SlotLoad] = []
-        load_experts: list[int] = []
-        cpu = list(plan.cpu)
+        cpu = plan.cpu
         extra_cpu_ms = 0.0
         for expert in plan.load:
             load = cache.admit((layer, expert), protected) if self.admit_loads else None
             if load is None:
-                cpu.append(expert)
+                cpu += (expert,)
                 extra_cpu_ms += costs.cpu_ms(counts[expert])
                 continue
             loads.append(load)
-            load_experts.append(expert)
-            timeline.ready_ms.pop((layer, expert), None)
-            self._pending_prefetch.discard((layer, expert))
+            if ready_ms or pending:
+                ready_ms.pop(load.expert, None)
+                pending.discard(load.expert)
         gpu = plan.gpu
-        finish_ms = max(plan.cpu_end_ms + extra_cpu_ms, plan.gpu_end_ms + max(0.0, stall_ms))
+        load_experts = tuple(load.expert[1] for load in loads)
+        finish_ms = max(plan.cpu_end_ms + extra_cpu_ms, plan.gpu_end_ms + stall_ms)
         timeline.clock_ms = start_ms + finish_ms
-        if loads:
-            timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + len(loads) * costs.load_ms
-
-        idle_ms = max(0.0, costs.dense_ms(n_tokens) + costs.layer_overhead_ms + finish_ms - len(loads) * costs.load_ms)
-        timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
+        n_loads = len(loads)
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
-        timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms)
+        timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * costs.load_ms
+        idle_ms = max(0.0, dense_ms + finish_ms - n_loads * costs.load_ms)
+        timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
         prefetch = self._choose_prefetch(layer, predicted_counts, protected, n_tokens)
         for load in prefetch:
             timeline.pcie_free_ms += costs.load_ms
-            timeline.ready_ms[load.expert] = timeline.pcie_free_ms
-            self._pending_prefetch.add(load.expert)
+            ready_ms[load.expert] = timeline.pcie_free_ms
+            pending.add(load.expert)
 
         stats.layers += 1
         stats.expert_ms += finish_ms
-        stats.stall_ms += max(0.0, stall_ms)
+        stats.stall_ms += stall_ms
         stats.hits += hits
         stats.misses += len(counts) - hits
-        stats.demand_loads += len(loads)
+        stats.demand_loads += n_loads
         stats.prefetch_loads += len(prefetch)
-        stats.gpu_experts += len(gpu) + len(load_experts)
+        stats.gpu_experts += len(gpu) + n_loads
         stats.cpu_experts += len(cpu)
-        stats.gpu_expert_tokens += sum(counts[e] for e in gpu) + sum(counts[e] for e in load_experts)
-        stats.cpu_expert_tokens += sum(counts[e] for e in cpu)
-        slot_of = {e: cache.slot_of((layer, e)) for e in gpu}
-        slot_of.update((load.expert[1], load.slot) for load in loads)
+        if n_tokens == 1:
+            stats.gpu_expert_tokens += len(gpu) + n_loads
+            stats.cpu_expert_tokens += len(cpu)
+        else:
+            stats.gpu_expert_tokens += sum(map(counts.__getitem__, gpu + load_experts))
+            stats.cpu_expert_tokens += sum(map(counts.__getitem__, cpu))
+        slot_of = cache.slot_of
+        slots = {e: slot_of((layer, e)) for e in gpu}
+        for load in loads:
+            slots[load.expert[1]] = load.slot
         return LayerPlan(
             layer=layer,
-            gpu=tuple(gpu),
-            load=tuple(load_experts),
-            cpu=tuple(cpu),
-            slot_of=slot_of,
+            gpu=gpu,
+            load=load_experts,
+            cpu=cpu,
+            slot_of=slots,
             loads=tuple(loads),
             prefetch=tuple(prefetch),
             predicted_ms=finish_ms,
