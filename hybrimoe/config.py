@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from hybrimoe.errors import ProfileError
+from hybrimoe.files import write_atomically
 
 SCHEMA_VERSION = 1
 
@@ -382,15 +382,5 @@ def save_profile(profile: HardwareProfile, path: str | os.PathLike, overwrite: b
     path = Path(path)
     if path.exists() and not overwrite:
         raise ProfileError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(profile_to_dict(profile), sort_keys=False, default_flow_style=None, width=100)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda fh: fh.write(text.encode()))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import TraceError, UserError
+from hybrimoe.files import write_atomically
 
 FORMAT_NAME = "hybrimoe-routing-trace"
 FORMAT_VERSION = 1
@@ -315,17 +315,7 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike, overwrite: bool = F
         arrays["router_probs"] = np.concatenate([s.router_probs for s in trace.steps], axis=1)
     if trace.lookahead_depth:
         arrays["lookahead"] = np.concatenate([s.lookahead for s in trace.steps], axis=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is a shareable data file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 _ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_probs", "lookahead")
