@@ -51,7 +51,9 @@ def impact_prefetch(
     # by predicted tokens (most first), and its current simulated time.
     layers = []
     for layer, counts in predicted_counts.items():
-        resident = set(cache.resident(layer))
+        # Only membership of the predicted experts matters to the layer's time: keep just those.
+        cached = cache.resident(layer)
+        resident = {e for e in counts if e in cached}
         candidates = sorted((e for e in counts if e not in resident), key=lambda e: (-counts[e], e))
         if candidates:
             layers.append([layer, counts, resident, candidates, layer_time(counts, resident)])
