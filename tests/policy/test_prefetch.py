@@ -1,0 +1,55 @@
+from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch, warm_fill
+from hybrimoe.policy.scheduler import schedule_hybrid
+
+import numpy as np
+
+from .conftest import make_profile
+
+COSTS = CostModel(make_profile(cpu_ms=0.2, cpu_per_token_ms=0.05, gpu_ms=0.02, load_ms=0.4))
+
+
+def layer_time(counts, resident):
+    return schedule_hybrid(counts, resident, COSTS).finish_ms
+
+
+def test_token_counts_of_decode_and_prefill():
+    assert token_counts(np.array([[3, 1]])) == {3: 1, 1: 1}
+    assert token_counts(np.array([[3, 1], [1, 2]])) == {1: 2, 2: 1, 3: 1}
+
+
+def test_impact_prefers_the_expert_whose_load_saves_most():
+    cache = ExpertCache(4, 8, capacity=4, policy="lru")
+    # Layer 1 has a 40-token expert (slow on the CPU); layer 2 only 1-token experts.
+    predicted = {1: {5: 40}, 2: {6: 1}}
+    loads = impact_prefetch(cache, predicted, max_loads=1, layer_time=layer_time, protected=set())
+    assert [load.expert for load in loads] == [(1, 5)]
+
+
+def test_impact_respects_the_budget_and_skips_resident_experts():
+    cache = ExpertCache(4, 8, capacity=8, policy="lru")
+    cache.fill([(1, 0)])
+    predicted = {1: {0: 3, 1: 3, 2: 3, 3: 3}}
+    loads = impact_prefetch(cache, predicted, max_loads=2, layer_time=layer_time, protected=set())
+    assert len(loads) == 2
+    assert (1, 0) not in [load.expert for load in loads]
+
+
+def test_prefetch_never_evicts_protected_experts():
+    cache = ExpertCache(4, 8, capacity=2, policy="lru")
+    cache.fill([(0, 1), (0, 2)])
+    protected = {(0, 1), (0, 2)}
+    assert impact_prefetch(cache, {1: {5: 9}}, 3, layer_time, protected) == []
+    assert top_score_prefetch(cache, 1, 3, protected) == []
+    assert cache.resident(0) == {1, 2}
+
+
+def test_warm_fill_only_replaces_lower_scored_residents():
+    cache = ExpertCache(2, 4, capacity=1, policy="mrs")
+    cache.fill([(1, 0)])
+    probs = np.array([[0.0, 0.0, 0.9, 0.1]], dtype=np.float32)
+    cache.observe(1, np.array([[2, 3]]), probs)
+    loads = warm_fill(cache, (1,), max_loads=2, protected=set())
+    assert [load.expert for load in loads] == [(1, 2)]
+    assert warm_fill(cache, (1,), max_loads=2, protected=set()) == []
