@@ -41,6 +41,20 @@ def bench_replay(trace, costs, policy) -> float:
     layer_steps = decode.n_steps * trace.meta.n_layers
     print(f"replay: {decode.n_steps} decode steps x {trace.meta.n_layers} layers = {layer_steps} layer-steps "
           f"in {seconds:.2f} s ({layer_steps / seconds:,.0f} layer-steps/s)")
+
+    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
+    plan_layer, times = planner.plan_layer, []
+
+    def timed_plan_layer(*args):
+        started_ns = time.thread_time_ns()
+        plan = plan_layer(*args)
+        times.append(time.thread_time_ns() - started_ns)
+        return plan
+
+    planner.plan_layer = timed_plan_layer
+    simulate(decode.tokens(0, 500), planner, strategy="hybrimoe")
+    print(f"plan one decode layer of the trace (real routing, no router probs): "
+          f"median {statistics.median(times) / 1000:.1f} us")
     return seconds
 
 
