@@ -340,7 +340,8 @@ def make_planner(
         mrs_alpha=policy.mrs_alpha,
         mrs_top_p=policy.mrs_top_p or 2 * dims.top_k,
     )
-    warm = tuple(ranking[:capacity]) if policy.warm_start else ()
+    # `fill` skips experts whose pool is full, so per-layer pools each take their layer's favourites.
+    warm = tuple(ranking) if policy.warm_start else ()
     return PolicyPlanner(
         dims,
         costs,

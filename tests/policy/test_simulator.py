@@ -98,3 +98,10 @@ def test_mismatched_profile_is_refused():
     profile = dataclasses.replace(make_profile(), expert_shape=ExpertShape(128, 32))
     with pytest.raises(UserError, match="made for experts"):
         compare_strategies(make_trace(n_tokens=20), profile, ratios=(0.5,))
+
+
+def test_per_layer_warm_start_fills_every_layers_share(trace):
+    policy = PolicyConfig(cache_layout="per-layer")
+    planner = _planner("hybrimoe", trace, ratio=0.25, policy=policy)
+    assert [len(planner.cache.resident(layer)) for layer in range(4)] == [4, 4, 4, 4]
+    assert len(planner.initial_loads()) == 16
