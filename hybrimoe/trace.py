@@ -26,13 +26,16 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import TraceError, UserError
 from hybrimoe.files import write_atomically
+
+if TYPE_CHECKING:
+    from hybrimoe.profile.presets import ModelShape
 
 FORMAT_NAME = "hybrimoe-routing-trace"
 FORMAT_VERSION = 1
@@ -407,6 +410,21 @@ def _meta_from_json(array: np.ndarray) -> TraceMeta:
 # Importing foreign formats
 
 
+def trace_meta_from_shape(shape: ModelShape, provenance: str) -> TraceMeta:
+    """The trace metadata of a model described by a `ModelShape` (MoE layers only)."""
+    return TraceMeta(
+        model=shape.name,
+        n_layers=shape.n_layers,
+        n_experts=shape.n_experts,
+        top_k=shape.top_k,
+        n_shared_experts=shape.n_shared_experts,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        dtype=shape.dtype,
+        provenance=provenance,
+    )
+
+
 def trace_meta_from_hf_config(
     config_path: str | os.PathLike, model: str | None = None, dtype: str | None = None, provenance: str = ""
 ) -> TraceMeta:
@@ -427,17 +445,7 @@ def trace_meta_from_hf_config(
         shape = shape_from_hf_config(config, **overrides)
     except UserError as exc:
         raise TraceError(f"{config_path}: {exc}") from None
-    return TraceMeta(
-        model=shape.name,
-        n_layers=shape.n_layers,
-        n_experts=shape.n_experts,
-        top_k=shape.top_k,
-        n_shared_experts=shape.n_shared_experts,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        dtype=shape.dtype,
-        provenance=provenance,
-    )
+    return trace_meta_from_shape(shape, provenance)
 
 
 def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> RoutingTrace:

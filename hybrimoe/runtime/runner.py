@@ -31,7 +31,7 @@ from hybrimoe.runtime.executor import LayerRecord
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts
 from hybrimoe.runtime.stats import RunStats
-from hybrimoe.trace import RoutingTrace, TraceMeta, TraceStep
+from hybrimoe.trace import RoutingTrace, TraceStep, trace_meta_from_shape
 
 DEFAULT_MACHINE = "rtx4090-desktop"
 TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
@@ -155,22 +155,6 @@ def _trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
     )
 
 
-def _trace_meta(loaded: LoadedModel, shape: ModelShape) -> TraceMeta:
-    expert = loaded.expert_shape
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return TraceMeta(
-        model=shape.name,
-        n_layers=loaded.n_layers,
-        n_experts=loaded.n_experts,
-        top_k=loaded.top_k,
-        n_shared_experts=shape.n_shared_experts,
-        hidden_size=expert.hidden_size,
-        intermediate_size=expert.intermediate_size,
-        dtype=expert.dtype,
-        provenance=f"hybrimoe run {__version__}, {stamp}",
-    )
-
-
 def run(
     options: RunOptions,
     on_text: Callable[[str], None] | None = None,
@@ -261,7 +245,8 @@ def run(
             on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
             sync=accelerator.synchronize,
         )
-    trace = RoutingTrace(_trace_meta(loaded, shape), tuple(steps))
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    trace = RoutingTrace(trace_meta_from_shape(shape, f"hybrimoe run {__version__}, {stamp}"), tuple(steps))
     if options.record_trace is not None:
         from hybrimoe.trace import save_trace
 
