@@ -314,6 +314,19 @@ class ExpertCache:
         """The slots layer's experts may occupy."""
         return range(*self._pools[self._pool_of_layer[layer]])
 
+    def priorities(self, layer: int) -> np.ndarray:
+        """[E] layer's expert priorities (a view: do not mutate)."""
+        return self._prio[layer * self.n_experts : (layer + 1) * self.n_experts]
+
+    def weakest_priority(self, layer: int, protected: AbstractSet[ExpertId] = frozenset()) -> float:
+        """The priority an expert of `layer` must beat to displace a resident (-inf: a free slot;
+        +inf: nothing in its pool may be evicted)."""
+        pool = self._pool_of_layer[layer]
+        if self._free[pool]:
+            return -np.inf
+        slot = self._victim(pool, protected)
+        return np.inf if slot is None else float(self._prio[self._slot_key[slot]])
+
     def top_experts(self, layer: int, n: int) -> list[int]:
         """Layer's n highest-priority experts, highest first (ties: lower id first)."""
         n_experts = self.n_experts

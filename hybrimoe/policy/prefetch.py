@@ -97,10 +97,13 @@ def warm_fill(
     loads: list[SlotLoad] = []
     candidates = []
     for layer in layers:
+        # Only experts above the current victim's priority could be admitted.
+        floor = cache.weakest_priority(layer, protected)
+        row = cache.priorities(layer)  # [E]
         resident = cache.resident(layer)
-        for expert in cache.top_experts(layer, max_loads + len(resident)):
-            if expert not in resident:
-                candidates.append((cache.priority((layer, expert)), layer, expert))
+        better = [e for e in np.flatnonzero(row > floor).tolist() if e not in resident]
+        better.sort(key=lambda e: (-row[e], e))
+        candidates.extend((float(row[e]), layer, e) for e in better[:max_loads])
     candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
     for _, layer, expert in candidates[:max_loads]:
         load = cache.admit((layer, expert), protected, only_if_better=True)
