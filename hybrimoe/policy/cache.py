@@ -289,6 +289,7 @@ class ExpertCache:
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_of: dict[ExpertId, int] = {}
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
+        self._resident_mask = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E] the same, as an array
         self.hits = self.misses = self.loads = self.evictions = 0
 
     # -- queries ---------------------------------------------------------------------------------
@@ -313,6 +314,10 @@ class ExpertCache:
     def pool_slots(self, layer: int) -> range:
         """The slots layer's experts may occupy."""
         return range(*self._pools[self._pool_of_layer[layer]])
+
+    def resident_mask(self, layer: int) -> np.ndarray:
+        """[E] bool: which of layer's experts are resident (a view: do not mutate)."""
+        return self._resident_mask[layer]
 
     def priorities(self, layer: int) -> np.ndarray:
         """[E] layer's expert priorities (a view: do not mutate)."""
@@ -437,11 +442,13 @@ class ExpertCache:
         self._slot_prio[slot] = self._prio[key]
         self._slot_of[eid] = slot
         self._resident[eid[0]].add(eid[1])
+        self._resident_mask[eid] = True
 
     def _evict(self, slot: int) -> None:
         eid = self._slot_eid[slot]
         del self._slot_of[eid]
         self._resident[eid[0]].discard(eid[1])
+        self._resident_mask[eid] = False
         self.evictions += 1
 
 

@@ -100,10 +100,9 @@ def warm_fill(
         # Only experts above the current victim's priority could be admitted.
         floor = cache.weakest_priority(layer, protected)
         row = cache.priorities(layer)  # [E]
-        resident = cache.resident(layer)
-        better = [e for e in np.flatnonzero(row > floor).tolist() if e not in resident]
-        better.sort(key=lambda e: (-row[e], e))
-        candidates.extend((float(row[e]), layer, e) for e in better[:max_loads])
+        better = np.flatnonzero((row > floor) & ~cache.resident_mask(layer))  # ascending ids
+        best = better[np.argsort(-row[better], kind="stable")[:max_loads]].tolist()  # ties: lower id first
+        candidates.extend((float(row[e]), layer, e) for e in best)
     candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
     for _, layer, expert in candidates[:max_loads]:
         load = cache.admit((layer, expert), protected, only_if_better=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
@@ -192,9 +193,9 @@ class PolicyPlanner:
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
         predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
-        protected = {(layer, e) for e in counts}
+        protected = set(zip(repeat(layer), counts))
         for target, counts_of_target in predicted_counts.items():
-            protected.update((target, e) for e in counts_of_target)
+            protected.update(zip(repeat(target), counts_of_target))
         loads: list[SlotLoad] = []
         cpu = plan.cpu
         extra_cpu_ms = 0.0
@@ -238,8 +239,7 @@ class PolicyPlanner:
         else:
             stats.gpu_expert_tokens += sum(map(counts.__getitem__, gpu + load_experts))
             stats.cpu_expert_tokens += sum(map(counts.__getitem__, cpu))
-        slot_of = cache.slot_of
-        slots = {e: slot_of((layer, e)) for e in gpu}
+        slots = dict(zip(gpu, map(cache.slot_of, zip(repeat(layer), gpu))))
         for load in loads:
             slots[load.expert[1]] = load.slot
         return LayerPlan(
