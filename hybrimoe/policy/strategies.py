@@ -140,7 +140,7 @@ class PolicyPlanner:
         """A layer's simulated expert time with an idle copy engine, memoized on its load pattern
         (in decode, where every count is 1, just on how many of its experts are resident)."""
         if max(counts.values()) == 1:
-            n_resident = sum(1 for e in counts if e in resident)
+            n_resident = len(resident.intersection(counts))
             key = (n_resident, len(counts) - n_resident)
         else:
             resident_loads, other_loads = [], []
