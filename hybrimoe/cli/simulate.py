@@ -10,12 +10,11 @@ import typer
 from rich.table import Table
 
 from hybrimoe.cli import app, console, user_errors
+from hybrimoe.errors import UserError
 from hybrimoe.policy.strategies import STRATEGIES
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
-    from hybrimoe.errors import UserError
-
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:

@@ -27,6 +27,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.prefetch import token_counts
 from hybrimoe.policy.strategies import STRATEGIES, ModelDims, PolicyPlanner, cache_capacity, make_planner
 from hybrimoe.trace import RoutingTrace, TraceStep
 
@@ -93,14 +94,14 @@ def simulate(
             recent[layer] = ids
     total_ms = planner.clock_ms - start_ms
     stats = planner.stats
-    n_steps = len(trace.steps)
+    n_steps = trace.n_steps
     return SimResult(
         strategy=strategy,
         mode=mode,
         cache_ratio=cache_ratio,
         capacity=planner.cache.capacity,
         n_steps=n_steps,
-        n_tokens=sum(step.n_tokens for step in trace.steps),
+        n_tokens=trace.n_tokens,
         total_ms=total_ms,
         step_ms=total_ms / n_steps if n_steps else 0.0,
         layer_ms=tuple((layer_ms / max(n_steps, 1)).tolist()),
@@ -259,7 +260,7 @@ def compare_strategies(
         baseline="ktransformers",
         profile_name=profile.name,
         trace_model=trace.meta.model,
-        replay_tokens=sum(s.n_tokens for s in workload.replay.steps),
+        replay_tokens=workload.replay.n_tokens,
         profiling_tokens=workload.profiling_tokens,
         seconds=time.perf_counter() - started,
         greedy_vs_exact=_greedy_vs_exact(workload.replay, costs) if mode == "decode" else None,
@@ -292,8 +293,7 @@ def _greedy_vs_exact(trace: RoutingTrace, costs: CostModel, samples: int = 200) 
     for i in range(samples):
         step = trace.steps[(i * 7919) % len(trace.steps)]
         ids = step.topk_ids[i % n_layers]
-        counts = dict(zip(*np.unique(ids, return_counts=True)))
-        counts = {int(e): int(n) for e, n in counts.items()}
+        counts = token_counts(ids)
         if len(counts) > sched.EXACT_MAX_EXPERTS:
             continue
         resident = {e for e in counts if rng.random() < 0.5}

@@ -54,13 +54,9 @@ class ModelDims:
 class PlannerStats:
     """Counts over every planned layer; expert executions are (expert, layer) pairs per step."""
 
-    layers: int = 0
-    expert_ms: float = 0.0
     stall_ms: float = 0.0
     cpu_experts: int = 0
     gpu_experts: int = 0
-    cpu_expert_tokens: int = 0
-    gpu_expert_tokens: int = 0
     hits: int = 0
     misses: int = 0
     demand_loads: int = 0
@@ -218,14 +214,12 @@ class PolicyPlanner:
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * costs.load_ms
         idle_ms = max(0.0, dense_ms + finish_ms - n_loads * costs.load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
-        prefetch = self._choose_prefetch(layer, predicted_counts, protected, n_tokens)
+        prefetch = self._choose_prefetch(layer, predicted_counts, protected, n_tokens, dense_ms)
         for load in prefetch:
             timeline.pcie_free_ms += costs.load_ms
             ready_ms[load.expert] = timeline.pcie_free_ms
             pending.add(load.expert)
 
-        stats.layers += 1
-        stats.expert_ms += finish_ms
         stats.stall_ms += stall_ms
         stats.hits += hits
         stats.misses += len(counts) - hits
@@ -233,12 +227,6 @@ class PolicyPlanner:
         stats.prefetch_loads += len(prefetch)
         stats.gpu_experts += len(gpu) + n_loads
         stats.cpu_experts += len(cpu)
-        if n_tokens == 1:
-            stats.gpu_expert_tokens += len(gpu) + n_loads
-            stats.cpu_expert_tokens += len(cpu)
-        else:
-            stats.gpu_expert_tokens += sum(map(counts.__getitem__, gpu + load_experts))
-            stats.cpu_expert_tokens += sum(map(counts.__getitem__, cpu))
         slots = dict(zip(gpu, map(cache.slot_of, zip(repeat(layer), gpu))))
         for load in loads:
             slots[load.expert[1]] = load.slot
@@ -259,6 +247,7 @@ class PolicyPlanner:
         predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
         protected: set[ExpertId],
         n_tokens: int,
+        dense_ms: float,  # the next layer's dense part and overhead, as for this layer
     ) -> list[SlotLoad]:
         if self.prefetch == "none" or self.prefetch_depth == 0:
             return []
@@ -269,7 +258,7 @@ class PolicyPlanner:
         depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
         # Copies should land before the next layer's expert phase, or in the copy time later
         # layers are expected to leave idle, so they do not delay those layers' own loads.
-        next_start_ms = timeline.clock_ms + costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        next_start_ms = timeline.clock_ms + dense_ms
         deadline_ms = next_start_ms + (depth - 1) * timeline.pcie_idle_ms
         idle_ms = deadline_ms - timeline.pcie_free_ms
         max_loads = math.floor(idle_ms / costs.load_ms) if idle_ms > 0 else 0
