@@ -7,10 +7,9 @@ Design choices:
   free slot is always the lowest-numbered free one of its pool.
 - Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
-  priority, lowest slot on ties: an argmin over the pool's slots in `_slot_prio` (each slot's
-  priority, gathered again only after `observe` or `access` may have changed priorities, so the
-  admits of one layer share one gather); when the minimum is protected, a second argmin with the
-  protected slots masked. Priorities:
+  priority, lowest slot on ties: one argmin over the pool's slots in `_slot_prio`, each slot's
+  priority with protected slots set to +inf. It is gathered again only after `observe`, `access` or
+  `protect` may have changed it, so the admits of one layer share one gather. Priorities:
   * MRS (the paper's Minus Recent Score): S <- a * TopP(s) + (1 - a) * S for every token of every
     step, s the token's router probabilities, TopP keeping its p highest (p defaults to 2 * top-k)
     and zeroing the rest. For T tokens the sequential updates sum to
@@ -23,8 +22,9 @@ Design choices:
     given frequencies (for `top_experts`), zero without them.
   * Belady (clairvoyant): built with the future access sequence; priority = -(position of next use),
     so the victim is the expert used farthest in the future. Each `access` advances its clock.
-- `protected` experts (those the current layer and the predicted next layers need) are never
-  evicted; `admit` returns None when every candidate is protected.
+- `protect` names the experts no admit may evict (those the current layer and the predicted next
+  layers need), by layer, until it is called again; `admit` returns None when every candidate is
+  protected. The mapping is kept, not copied: do not mutate it while it protects.
 - `resident(layer)` returns the live set (no copy): do not mutate it, and copy it if you need a
   snapshot across `admit` calls.
 - `belady_misses` is a lower bound on the misses of any policy: Belady's MIN with bypass (a miss
@@ -35,7 +35,7 @@ Design choices:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import numpy as np
@@ -45,6 +45,7 @@ from hybrimoe.policy.plan import ExpertId, SlotLoad
 POLICIES = ("mrs", "lru", "lfu", "static", "belady")
 LAYOUTS = ("shared", "per-layer")
 _NEVER = 1e18  # Belady: distance of an expert never used again
+_INF = float("inf")
 
 
 class CachePolicy:
@@ -284,12 +285,14 @@ class ExpertCache:
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
         self._slot_key = np.full(capacity, n_layers * n_experts, dtype=np.intp)  # [capacity] prio index
-        self._slot_prio = np.full(capacity, np.inf)  # [capacity] prio[_slot_key], refreshed when stale
-        self._stale = False  # whether priorities may have changed since _slot_prio was gathered
+        self._slot_prio = np.full(capacity, np.inf)  # [capacity] prio[_slot_key], +inf where protected
+        self._stale = False  # whether _slot_prio may be out of date
         self._slot_eid: list[ExpertId | None] = [None] * capacity
-        self._slot_of: dict[ExpertId, int] = {}
+        self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
         self._resident_mask = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E] the same, as an array
+        self._protected: Mapping[int, Collection[int]] = {}
+        self._n_resident = 0
         self.hits = self.misses = self.loads = self.evictions = 0
 
     # -- queries ---------------------------------------------------------------------------------
@@ -299,17 +302,22 @@ class ExpertCache:
         return self._resident[layer]
 
     def is_resident(self, eid: ExpertId) -> bool:
-        return eid in self._slot_of
+        return eid[1] in self._resident[eid[0]]
 
     def slot_of(self, eid: ExpertId) -> int | None:
-        return self._slot_of.get(eid)
+        slot = self._slot_index[eid[0]][eid[1]]
+        return None if slot < 0 else slot
+
+    def slot_row(self, layer: int) -> list[int]:
+        """[E] layer's slot per expert, -1 where not resident (live: do not mutate)."""
+        return self._slot_index[layer]
 
     def priority(self, eid: ExpertId) -> float:
         return float(self._prio[eid[0] * self.n_experts + eid[1]])
 
     def occupancy(self) -> int:
         """Resident experts (at most `capacity`)."""
-        return len(self._slot_of)
+        return self._n_resident
 
     def pool_slots(self, layer: int) -> range:
         """The slots layer's experts may occupy."""
@@ -323,14 +331,14 @@ class ExpertCache:
         """[E] layer's expert priorities (a view: do not mutate)."""
         return self._prio[layer * self.n_experts : (layer + 1) * self.n_experts]
 
-    def weakest_priority(self, layer: int, protected: AbstractSet[ExpertId] = frozenset()) -> float:
+    def weakest_priority(self, layer: int) -> float:
         """The priority an expert of `layer` must beat to displace a resident (-inf: a free slot;
         +inf: nothing in its pool may be evicted)."""
         pool = self._pool_of_layer[layer]
         if self._free[pool]:
-            return -np.inf
-        slot = self._victim(pool, protected)
-        return np.inf if slot is None else float(self._prio[self._slot_key[slot]])
+            return -_INF
+        slot = self._victim(pool)
+        return _INF if slot is None else float(self._slot_prio[slot])
 
     def top_experts(self, layer: int, n: int) -> list[int]:
         """Layer's n highest-priority experts, highest first (ties: lower id first)."""
@@ -369,34 +377,37 @@ class ExpertCache:
             self._stale = True
         return hits
 
+    def protect(self, experts_by_layer: Mapping[int, Collection[int]]) -> None:
+        """From now until the next call, no admit evicts these experts (layer -> experts)."""
+        self._protected = experts_by_layer
+        self._stale = True
+
     def refresh_priorities(self) -> None:
         """Call after changing the policy's priorities other than through observe/access/admit."""
         self._stale = True
 
-    def admit(
-        self, eid: ExpertId, protected: AbstractSet[ExpertId] = frozenset(), only_if_better: bool = False
-    ) -> SlotLoad | None:
+    def admit(self, eid: ExpertId, only_if_better: bool = False) -> SlotLoad | None:
         """Gives eid a slot: a free one, else the lowest-priority unprotected resident's.
 
         With `only_if_better`, evicts only a resident of strictly lower priority than eid. Returns
         None (and changes nothing) when eid is already resident, the policy never admits, or no
         resident may be evicted.
         """
-        if eid in self._slot_of or not self.policy.admits:
-            return None
         layer, expert = eid
+        if expert in self._resident[layer] or not self.policy.admits:
+            return None
         pool = self._pool_of_layer[layer]
         free = self._free[pool]
+        key = layer * self.n_experts + expert
         if free:
             slot = free.pop()
         else:
-            slot = self._victim(pool, protected)
+            slot = self._victim(pool)
             if slot is None:
                 return None
-            if only_if_better and not self._prio[self._slot_key[slot]] < self._prio[layer * self.n_experts + expert]:
+            if only_if_better and not self._slot_prio[slot] < self._prio[key]:
                 return None
             self._evict(slot)
-        key = layer * self.n_experts + expert
         self.policy.on_admit(key)
         self._place(eid, slot)
         self.loads += 1
@@ -408,47 +419,56 @@ class ExpertCache:
         for eid in eids:
             eid = (int(eid[0]), int(eid[1]))
             free = self._free[self._pool_of_layer[eid[0]]]
-            if eid in self._slot_of or not free:
+            if eid[1] in self._resident[eid[0]] or not free:
                 continue
             slot = free.pop()
             self._place(eid, slot)
             loads.append(SlotLoad(eid, slot))
         return loads
 
-    def _victim(self, pool: int, protected: AbstractSet[ExpertId]) -> int | None:
+    def _victim(self, pool: int) -> int | None:
         lo, hi = self._pools[pool]
         if lo == hi:
             return None
         if self._stale:
-            np.take(self._prio, self._slot_key, out=self._slot_prio)
-            self._stale = False
+            self._gather_slot_priorities()
         prio = self._slot_prio[lo:hi]  # [pool slots]
         i = int(prio.argmin())
-        if self._slot_eid[lo + i] not in protected:
-            return lo + i
-        prio = prio.copy()
-        slot_of = self._slot_of
-        for eid in protected:
-            slot = slot_of.get(eid)
-            if slot is not None and lo <= slot < hi:
-                prio[slot - lo] = np.inf
-        i = int(prio.argmin())
-        return None if prio[i] == np.inf else lo + i
+        return None if prio[i] == _INF else lo + i
+
+    def _gather_slot_priorities(self) -> None:
+        slot_prio = self._slot_prio
+        np.take(self._prio, self._slot_key, out=slot_prio)
+        slot_index = self._slot_index
+        for layer, experts in self._protected.items():
+            row = slot_index[layer]
+            for expert in experts:
+                slot = row[expert]
+                if slot >= 0:
+                    slot_prio[slot] = _INF
+        self._stale = False
+
+    def _is_protected(self, layer: int, expert: int) -> bool:
+        experts = self._protected.get(layer)
+        return experts is not None and expert in experts
 
     def _place(self, eid: ExpertId, slot: int) -> None:
-        key = eid[0] * self.n_experts + eid[1]
+        layer, expert = eid
+        key = layer * self.n_experts + expert
         self._slot_eid[slot] = eid
         self._slot_key[slot] = key
-        self._slot_prio[slot] = self._prio[key]
-        self._slot_of[eid] = slot
-        self._resident[eid[0]].add(eid[1])
-        self._resident_mask[eid] = True
+        self._slot_prio[slot] = _INF if self._is_protected(layer, expert) else self._prio[key]
+        self._slot_index[layer][expert] = slot
+        self._resident[layer].add(expert)
+        self._resident_mask[layer, expert] = True
+        self._n_resident += 1
 
     def _evict(self, slot: int) -> None:
-        eid = self._slot_eid[slot]
-        del self._slot_of[eid]
-        self._resident[eid[0]].discard(eid[1])
-        self._resident_mask[eid] = False
+        layer, expert = self._slot_eid[slot]
+        self._slot_index[layer][expert] = -1
+        self._resident[layer].discard(expert)
+        self._resident_mask[layer, expert] = False
+        self._n_resident -= 1
         self.evictions += 1
 
 

@@ -10,7 +10,8 @@ Design choices:
   keeps the cache warm instead of only admitting experts loaded for immediate use.
 - Top-score (what the released HybriMoE code does): the next layer's highest-score non-resident
   experts, no prediction; kept as a baseline.
-- Nothing the current layer or a predicted layer needs is ever evicted (`protected`).
+- Nothing the current layer or a predicted layer needs is ever evicted: the caller names those
+  experts with `ExpertCache.protect` first.
 - Shapes: T = tokens in the step, k = top-k.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from hybrimoe.policy.cache import ExpertCache
-from hybrimoe.policy.plan import ExpertId, SlotLoad
+from hybrimoe.policy.plan import SlotLoad
 
 # (n_tokens_of, resident) -> simulated finish time of a layer's experts
 LayerTimeFn = Callable[[Mapping[int, int], frozenset[int] | set[int]], float]
@@ -40,7 +41,6 @@ def impact_prefetch(
     predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
     max_loads: int,
     layer_time: LayerTimeFn,
-    protected: set[ExpertId],
     warm_layers: tuple[int, ...] = (),
 ) -> list[SlotLoad]:
     """Greedy by simulated gain over predicted experts, then warm fill by cache score."""
@@ -76,7 +76,7 @@ def impact_prefetch(
         if best is None:
             break
         entry, expert = best
-        load = cache.admit((entry[0], expert), protected)
+        load = cache.admit((entry[0], expert))
         if load is None:
             break
         loads.append(load)
@@ -86,35 +86,31 @@ def impact_prefetch(
         if not entry[3]:
             layers.remove(entry)
     if len(loads) < max_loads and warm_layers:
-        loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads), protected))
+        loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads)))
     return loads
 
 
-def warm_fill(
-    cache: ExpertCache, layers: tuple[int, ...], max_loads: int, protected: set[ExpertId]
-) -> list[SlotLoad]:
+def warm_fill(cache: ExpertCache, layers: tuple[int, ...], max_loads: int) -> list[SlotLoad]:
     """Loads the best-scored non-resident experts of `layers` that outrank the weakest resident."""
     loads: list[SlotLoad] = []
     candidates = []
     for layer in layers:
         # Only experts above the current victim's priority could be admitted.
-        floor = cache.weakest_priority(layer, protected)
+        floor = cache.weakest_priority(layer)
         row = cache.priorities(layer)  # [E]
         better = np.flatnonzero((row > floor) & ~cache.resident_mask(layer))  # ascending ids
         best = better[np.argsort(-row[better], kind="stable")[:max_loads]].tolist()  # ties: lower id first
         candidates.extend((float(row[e]), layer, e) for e in best)
     candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
     for _, layer, expert in candidates[:max_loads]:
-        load = cache.admit((layer, expert), protected, only_if_better=True)
+        load = cache.admit((layer, expert), only_if_better=True)
         if load is None:
             break
         loads.append(load)
     return loads
 
 
-def top_score_prefetch(
-    cache: ExpertCache, next_layer: int, max_loads: int, protected: set[ExpertId]
-) -> list[SlotLoad]:
+def top_score_prefetch(cache: ExpertCache, next_layer: int, max_loads: int) -> list[SlotLoad]:
     """The released prototype's rule: the next layer's highest-score experts, no prediction."""
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
@@ -125,7 +121,7 @@ def top_score_prefetch(
             break
         if expert in resident:
             continue
-        load = cache.admit((next_layer, expert), protected)
+        load = cache.admit((next_layer, expert))
         if load is None:
             break
         loads.append(load)

@@ -26,9 +26,8 @@ Design choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import numpy as np
 
@@ -189,14 +188,12 @@ class PolicyPlanner:
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
         predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
-        protected = set(zip(repeat(layer), counts))
-        for target, counts_of_target in predicted_counts.items():
-            protected.update(zip(repeat(target), counts_of_target))
+        cache.protect(_needed_by_layer(layer, counts, predicted_counts))
         loads: list[SlotLoad] = []
         cpu = plan.cpu
         extra_cpu_ms = 0.0
         for expert in plan.load:
-            load = cache.admit((layer, expert), protected) if self.admit_loads else None
+            load = cache.admit((layer, expert)) if self.admit_loads else None
             if load is None:
                 cpu += (expert,)
                 extra_cpu_ms += costs.cpu_ms(counts[expert])
@@ -214,7 +211,7 @@ class PolicyPlanner:
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * costs.load_ms
         idle_ms = max(0.0, dense_ms + finish_ms - n_loads * costs.load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
-        prefetch = self._choose_prefetch(layer, predicted_counts, protected, n_tokens, dense_ms)
+        prefetch = self._choose_prefetch(layer, predicted_counts, n_tokens, dense_ms)
         for load in prefetch:
             timeline.pcie_free_ms += costs.load_ms
             ready_ms[load.expert] = timeline.pcie_free_ms
@@ -227,7 +224,8 @@ class PolicyPlanner:
         stats.prefetch_loads += len(prefetch)
         stats.gpu_experts += len(gpu) + n_loads
         stats.cpu_experts += len(cpu)
-        slots = dict(zip(gpu, map(cache.slot_of, zip(repeat(layer), gpu))))
+        slot_row = cache.slot_row(layer)
+        slots = {expert: slot_row[expert] for expert in gpu}
         for load in loads:
             slots[load.expert[1]] = load.slot
         return LayerPlan(
@@ -245,7 +243,6 @@ class PolicyPlanner:
         self,
         layer: int,
         predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
-        protected: set[ExpertId],
         n_tokens: int,
         dense_ms: float,  # the next layer's dense part and overhead, as for this layer
     ) -> list[SlotLoad]:
@@ -266,11 +263,22 @@ class PolicyPlanner:
             return []
         later = tuple((layer + d) % n_layers for d in range(1, depth + 1))
         if self.prefetch == "top-score":
-            return top_score_prefetch(self.cache, later[0], max_loads, protected)
+            return top_score_prefetch(self.cache, later[0], max_loads)
         predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
-        return impact_prefetch(
-            self.cache, predicted_counts, max_loads, self._layer_time, protected, warm_layers=later
-        )
+        return impact_prefetch(self.cache, predicted_counts, max_loads, self._layer_time, warm_layers=later)
+
+
+def _needed_by_layer(
+    layer: int, counts: Mapping[int, int], predicted_counts: Mapping[int, Mapping[int, int]]
+) -> dict[int, Collection[int]]:
+    """Layer -> the experts this layer and the predicted layers need (a target may be this layer)."""
+    needed: dict[int, Collection[int]] = {layer: counts}
+    for target, counts_of_target in predicted_counts.items():
+        if target in needed:
+            needed[target] = needed[target].keys() | counts_of_target.keys()
+        else:
+            needed[target] = counts_of_target
+    return needed
 
 
 def frequency_ranking(frequencies: np.ndarray) -> list[ExpertId]:

@@ -34,12 +34,14 @@ def replay(cache: ExpertCache, calls, predicted: int = 0, check=None) -> ExpertC
         cache.observe(layer, topk, probs)
         experts = topk[0].tolist()
         cache.access(layer, experts)
-        protected = {(layer, e) for e in experts}
+        needed = {layer: set(experts)}
         for later, later_topk, _ in calls[i + 1 : i + 1 + predicted]:
-            protected |= {(later, e) for e in later_topk[0].tolist()}
+            needed.setdefault(later, set()).update(later_topk[0].tolist())
+        cache.protect(needed)
+        protected = {(needed_layer, e) for needed_layer, es in needed.items() for e in es}
         for e in experts:
             before = {eid for eid in protected if cache.is_resident(eid)}
-            cache.admit((layer, e), protected)
+            cache.admit((layer, e))
             assert all(cache.is_resident(eid) for eid in before), "a protected expert was evicted"
             if check is not None:
                 check(cache)
@@ -81,9 +83,11 @@ def test_invariants_under_replay(policy, layout):
 def test_protected_experts_block_eviction():
     cache = ExpertCache(1, 8, 2, policy="lru")
     cache.fill([(0, 0), (0, 1)])
-    assert cache.admit((0, 2), protected={(0, 0), (0, 1)}) is None
+    cache.protect({0: {0, 1}})
+    assert cache.admit((0, 2)) is None
     assert cache.resident(0) == {0, 1}
-    load = cache.admit((0, 2), protected={(0, 0)})
+    cache.protect({0: {0}})
+    load = cache.admit((0, 2))
     assert load is not None and load.expert == (0, 2) and load.slot == cache.slot_of((0, 2))
     assert cache.resident(0) == {0, 2} and cache.evictions == 1
 
@@ -170,10 +174,10 @@ def test_mrs_evicts_lowest_score():
     probs = np.array([[0.05, 0.5, 0.3, 0.15, 0, 0, 0, 0]])
     cache.observe(0, np.array([[1, 2]]), probs)
     assert cache.top_experts(0, 3) == [1, 2, 3]
-    load = cache.admit((0, 2), protected=set())
+    load = cache.admit((0, 2))
     assert load.slot == 0 and cache.resident(0) == {1, 2}
     # only_if_better: expert 3 (0.075) does not displace expert 2 (0.15).
-    assert cache.admit((0, 3), protected=set(), only_if_better=True) is None
+    assert cache.admit((0, 3), only_if_better=True) is None
 
 
 def test_per_layer_layout_splits_capacity():
@@ -182,7 +186,8 @@ def test_per_layer_layout_splits_capacity():
     assert [cache.pool_slots(layer).start for layer in range(3)] == [0, 3, 5]
     for e in range(8):
         cache.access(1, [e])
-        cache.admit((1, e), protected={(1, e)})
+        cache.protect({1: {e}})
+        cache.admit((1, e))
         assert len(cache.resident(1)) <= 2
         assert all(cache.slot_of((1, x)) in (3, 4) for x in cache.resident(1))
     assert cache.resident(1) == {6, 7} and cache.occupancy() == 2
@@ -205,7 +210,8 @@ def test_lfu_prefers_frequent_then_recent():
     cache = ExpertCache(1, 8, 2, policy="lfu")
     for e in (0, 0, 1, 2):
         cache.access(0, [e])
-        cache.admit((0, e), protected={(0, e)})
+        cache.protect({0: {e}})
+        cache.admit((0, e))
     # 0 used twice stays; 1 and 2 once each: 1 (older) was evicted for 2.
     assert cache.resident(0) == {0, 2}
 
@@ -227,7 +233,8 @@ def test_belady_evicts_farthest_next_use():
     for x in (0, 1, 2):
         cache.access(0, [x])
     assert cache.priority((0, 1)) == -4 and cache.priority((0, 0)) == -3
-    load = cache.admit((0, 2), protected={(0, 2)})
+    cache.protect({0: {2}})
+    load = cache.admit((0, 2))
     assert load.slot == 1 and cache.resident(0) == {0, 2}
 
 
@@ -257,10 +264,10 @@ def test_random_operations_keep_invariants(policy, layout, capacity, ops):
         cache.observe(layer, np.array([experts[:2]]), probs)
         cache.access(layer, experts)
         n_accesses += len(experts)
-        protected = {(layer, e) for e in experts}
-        resident_protected = {eid for eid in protected if cache.is_resident(eid)}
+        cache.protect({layer: experts})
+        resident_protected = {(layer, e) for e in experts if cache.is_resident((layer, e))}
         for e in experts:
-            cache.admit((layer, e), protected, only_if_better=e % 2 == 0)
+            cache.admit((layer, e), only_if_better=e % 2 == 0)
         assert all(cache.is_resident(eid) for eid in resident_protected)
         check_consistent(cache)
     assert cache.hits + cache.misses == n_accesses

@@ -23,7 +23,7 @@ def test_impact_prefers_the_expert_whose_load_saves_most():
     cache = ExpertCache(4, 8, capacity=4, policy="lru")
     # Layer 1 has a 40-token expert (slow on the CPU); layer 2 only 1-token experts.
     predicted = {1: {5: 40}, 2: {6: 1}}
-    loads = impact_prefetch(cache, predicted, max_loads=1, layer_time=layer_time, protected=set())
+    loads = impact_prefetch(cache, predicted, max_loads=1, layer_time=layer_time)
     assert [load.expert for load in loads] == [(1, 5)]
 
 
@@ -31,7 +31,7 @@ def test_impact_respects_the_budget_and_skips_resident_experts():
     cache = ExpertCache(4, 8, capacity=8, policy="lru")
     cache.fill([(1, 0)])
     predicted = {1: {0: 3, 1: 3, 2: 3, 3: 3}}
-    loads = impact_prefetch(cache, predicted, max_loads=2, layer_time=layer_time, protected=set())
+    loads = impact_prefetch(cache, predicted, max_loads=2, layer_time=layer_time)
     assert len(loads) == 2
     assert (1, 0) not in [load.expert for load in loads]
 
@@ -39,9 +39,9 @@ def test_impact_respects_the_budget_and_skips_resident_experts():
 def test_prefetch_never_evicts_protected_experts():
     cache = ExpertCache(4, 8, capacity=2, policy="lru")
     cache.fill([(0, 1), (0, 2)])
-    protected = {(0, 1), (0, 2)}
-    assert impact_prefetch(cache, {1: {5: 9}}, 3, layer_time, protected) == []
-    assert top_score_prefetch(cache, 1, 3, protected) == []
+    cache.protect({0: {1, 2}})
+    assert impact_prefetch(cache, {1: {5: 9}}, 3, layer_time) == []
+    assert top_score_prefetch(cache, 1, 3) == []
     assert cache.resident(0) == {1, 2}
 
 
@@ -50,6 +50,6 @@ def test_warm_fill_only_replaces_lower_scored_residents():
     cache.fill([(1, 0)])
     probs = np.array([[0.0, 0.0, 0.9, 0.1]], dtype=np.float32)
     cache.observe(1, np.array([[2, 3]]), probs)
-    loads = warm_fill(cache, (1,), max_loads=2, protected=set())
+    loads = warm_fill(cache, (1,), max_loads=2)
     assert [load.expert for load in loads] == [(1, 2)]
-    assert warm_fill(cache, (1,), max_loads=2, protected=set()) == []
+    assert warm_fill(cache, (1,), max_loads=2) == []
