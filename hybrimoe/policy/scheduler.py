@@ -63,7 +63,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from operator import itemgetter
+from typing import NamedTuple
 
 from hybrimoe.policy.costs import CostModel
 
@@ -72,8 +73,7 @@ _MEMO_MAX = 1 << 16
 _INF = float("inf")
 
 
-@dataclass(frozen=True)
-class LayerSchedule:
+class LayerSchedule(NamedTuple):
     gpu: tuple[int, ...]  # resident experts computed on the GPU, in this order
     load: tuple[int, ...]  # non-resident experts copied in this order, each then computed on the GPU
     cpu: tuple[int, ...]  # experts computed on the CPU, in this order (may include resident ones)
@@ -90,9 +90,14 @@ ScheduleFn = Callable[[Mapping[int, int], AbstractSet[int], CostModel, float], L
 # then cpu_end_ms, gpu_end_ms, pcie_end_ms, finish_ms, load_done_ms.
 _Ranked = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], float, float, float, float, tuple[float, ...]]
 
+# Maps a list of expert ids to the tuple of the ids at fixed positions.
+_Picker = Callable[[list[int]], tuple[int, ...]]
+# A memoized schedule: pickers for gpu, load and cpu, then cpu_end_ms .. load_done_ms.
+_Memoized = tuple[_Picker, _Picker, _Picker, tuple[float, float, float, float, tuple[float, ...]]]
+
 _memos: weakref.WeakKeyDictionary[CostModel, dict] = weakref.WeakKeyDictionary()
 _last_memo: list = [None, None]  # [weakref to the last CostModel used, its memo]: skips the weak lookup
-_new_object = object.__new__
+_pickers: dict[tuple[int, ...], _Picker] = {}
 
 
 def _split_sorted(
@@ -111,21 +116,34 @@ def _split_sorted(
 
 
 def _from_ranked(ids: list[int], ranked: _Ranked) -> LayerSchedule:
-    gpu_idx, load_idx, cpu_idx, cpu_end, gpu_end, pcie_end, finish, load_done = ranked
-    # A frozen dataclass's __init__ sets each field through object.__setattr__ (~1.4 us for eight);
-    # filling __dict__ directly builds the same object in a third of that, on the hot path.
-    schedule = _new_object(LayerSchedule)
-    schedule.__dict__.update(
-        gpu=tuple([ids[i] for i in gpu_idx]),
-        load=tuple([ids[i] for i in load_idx]),
-        cpu=tuple([ids[i] for i in cpu_idx]),
-        cpu_end_ms=cpu_end,
-        gpu_end_ms=gpu_end,
-        pcie_end_ms=pcie_end,
-        finish_ms=finish,
-        load_done_ms=load_done,
+    gpu_idx, load_idx, cpu_idx, *times = ranked
+    return LayerSchedule(
+        tuple([ids[i] for i in gpu_idx]), tuple([ids[i] for i in load_idx]), tuple([ids[i] for i in cpu_idx]), *times
     )
-    return schedule
+
+
+def _picker(positions: tuple[int, ...]) -> _Picker:
+    """A C-level getter of ids[positions] as a tuple (itemgetter alone returns a bare item for one)."""
+    picker = _pickers.get(positions)
+    if picker is None:
+        if not positions:
+            picker = _pick_none
+        elif len(positions) == 1:
+            get_one = itemgetter(positions[0])
+            picker = lambda ids: (get_one(ids),)  # noqa: E731
+        else:
+            picker = itemgetter(*positions)
+        picker = _pickers[positions] = picker
+    return picker
+
+
+def _pick_none(ids: list[int]) -> tuple[int, ...]:
+    return ()
+
+
+def _memoized(ranked: _Ranked) -> _Memoized:
+    gpu_idx, load_idx, cpu_idx, *times = ranked
+    return _picker(gpu_idx), _picker(load_idx), _picker(cpu_idx), tuple(times)
 
 
 def _cpu_only_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: float) -> _Ranked:
@@ -281,12 +299,14 @@ def _hybrid(
         if memo is None:
             memo = _memos[costs] = {}
         _last_memo[0], _last_memo[1] = weakref.ref(costs), memo
-    ranked = memo.get(key)
-    if ranked is None:
+    entry = memo.get(key)
+    if entry is None:
         if len(memo) >= _MEMO_MAX:
             memo.clear()
-        ranked = memo[key] = _hybrid_ranked(non_n, res_n, costs, pcie0, guarded)
-    return _from_ranked(non + res, ranked)
+        entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie0, guarded))
+    ids = non + res
+    pick_gpu, pick_load, pick_cpu, times = entry
+    return LayerSchedule(pick_gpu(ids), pick_load(ids), pick_cpu(ids), *times)
 
 
 def schedule_hybrid(
