@@ -58,6 +58,7 @@ class CachePolicy:
     admits = True  # False: the resident set only changes through `fill`
     uses_access = False  # whether `on_access` must be called
     uses_observe = False  # whether `on_observe` must be called
+    uses_admit = False  # whether `on_admit` must be called
 
     def bind(self, n_layers: int, n_experts: int) -> None:
         self.n_layers, self.n_experts = n_layers, n_experts
@@ -134,6 +135,7 @@ class MRSPolicy(CachePolicy):
 class LRUPolicy(CachePolicy):
     name = "lru"
     uses_access = True
+    uses_admit = True
 
     def bind(self, n_layers: int, n_experts: int) -> None:
         super().bind(n_layers, n_experts)
@@ -323,13 +325,13 @@ class ExpertCache:
         """The slots layer's experts may occupy."""
         return range(*self._pools[self._pool_of_layer[layer]])
 
-    def resident_mask(self, layer: int) -> np.ndarray:
-        """[E] bool: which of layer's experts are resident (a view: do not mutate)."""
-        return self._resident_mask[layer]
+    def priority_rows(self, layers: list[int]) -> np.ndarray:
+        """[len(layers), E] those layers' expert priorities (a copy)."""
+        return self._prio[:-1].reshape(self.n_layers, self.n_experts)[layers]
 
-    def priorities(self, layer: int) -> np.ndarray:
-        """[E] layer's expert priorities (a view: do not mutate)."""
-        return self._prio[layer * self.n_experts : (layer + 1) * self.n_experts]
+    def resident_rows(self, layers: list[int]) -> np.ndarray:
+        """[len(layers), E] bool: which of those layers' experts are resident (a copy)."""
+        return self._resident_mask[layers]
 
     def weakest_priority(self, layer: int) -> float:
         """The priority an expert of `layer` must beat to displace a resident (-inf: a free slot;
@@ -394,7 +396,8 @@ class ExpertCache:
         resident may be evicted.
         """
         layer, expert = eid
-        if expert in self._resident[layer] or not self.policy.admits:
+        resident = self._resident[layer]
+        if expert in resident or not self.policy.admits:
             return None
         pool = self._pool_of_layer[layer]
         free = self._free[pool]
@@ -402,13 +405,20 @@ class ExpertCache:
         if free:
             slot = free.pop()
         else:
+            # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
             slot = self._victim(pool)
             if slot is None:
                 return None
             if only_if_better and not self._slot_prio[slot] < self._prio[key]:
                 return None
-            self._evict(slot)
-        self.policy.on_admit(key)
+            old_layer, old_expert = self._slot_eid[slot]
+            self._slot_index[old_layer][old_expert] = -1
+            self._resident[old_layer].discard(old_expert)
+            self._resident_mask[old_layer, old_expert] = False
+            self._n_resident -= 1
+            self.evictions += 1
+        if self.policy.uses_admit:
+            self.policy.on_admit(key)
         self._place(eid, slot)
         self.loads += 1
         return SlotLoad(eid, slot)
@@ -462,14 +472,6 @@ class ExpertCache:
         self._resident[layer].add(expert)
         self._resident_mask[layer, expert] = True
         self._n_resident += 1
-
-    def _evict(self, slot: int) -> None:
-        layer, expert = self._slot_eid[slot]
-        self._slot_index[layer][expert] = -1
-        self._resident[layer].discard(expert)
-        self._resident_mask[layer, expert] = False
-        self._n_resident -= 1
-        self.evictions += 1
 
 
 def belady_misses(

@@ -2,30 +2,28 @@
 
 Expert ids inside a plan are indices within the layer; `ExpertId = (layer, expert)` names an expert
 across layers (prefetches, cache slots). Cache slots are numbered 0..capacity-1 over the whole
-cache, whether it is one shared pool or partitioned per layer.
+cache, whether it is one shared pool or partitioned per layer. Plans are NamedTuples: immutable,
+and cheap to build once per layer of every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 ExpertId = tuple[int, int]
 
 
-@dataclass(frozen=True)
-class SlotLoad:
+class SlotLoad(NamedTuple):
     """Copy expert `expert` into cache slot `slot` (evicting whatever it held)."""
 
     expert: ExpertId
     slot: int
 
 
-@dataclass(frozen=True)
-class LayerPlan:
+class LayerPlan(NamedTuple):
     layer: int
     gpu: tuple[int, ...]  # resident experts computed on the accelerator, in this order
     load: tuple[int, ...]  # experts copied in first (see `loads`), then computed on the accelerator

@@ -18,14 +18,16 @@ Design choices:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
 from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.plan import SlotLoad
 
-# (n_tokens_of, resident) -> simulated finish time of a layer's experts
-LayerTimeFn = Callable[[Mapping[int, int], frozenset[int] | set[int]], float]
+# (n_tokens_of, resident) -> simulated finish time of a layer's experts; `resident` holds only
+# experts of n_tokens_of.
+LayerTimeFn = Callable[[Mapping[int, int], AbstractSet[int]], float]
 
 
 def token_counts(topk_ids: np.ndarray) -> dict[int, int]:
@@ -47,27 +49,31 @@ def impact_prefetch(
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
         return loads
-    # Per predicted layer: its counts, a snapshot of its resident set, its non-resident candidates
-    # by predicted tokens (most first), and its current simulated time.
+    # Per predicted layer: its counts, which of its predicted experts are resident, the others by
+    # predicted tokens (most first, then by id), and its current simulated time.
     layers = []
     for layer, counts in predicted_counts.items():
-        # Only membership of the predicted experts matters to the layer's time: keep just those.
         cached = cache.resident(layer)
-        resident = {e for e in counts if e in cached}
-        candidates = sorted((e for e in counts if e not in resident), key=lambda e: (-counts[e], e))
+        candidates = [e for e in counts if e not in cached]
         if candidates:
+            if len(counts) == sum(counts.values()):  # decode: every count is 1
+                candidates.sort()
+            else:
+                candidates.sort(key=lambda e: (-counts[e], e))
+            resident = cached.intersection(counts)
             layers.append([layer, counts, resident, candidates, layer_time(counts, resident)])
     while len(loads) < max_loads and layers:
         best_gain, best = 0.0, None
         for entry in layers:
-            layer, counts, resident, candidates, current_ms = entry
-            tried_counts: set[int] = set()
+            _, counts, resident, candidates, current_ms = entry
+            tried_n_tokens = 0
             for expert in candidates:
-                # Within a layer, experts with equal token counts have equal gains: try one of each.
+                # Experts with equal token counts have equal gains, and candidates are sorted by
+                # count: try the first of each count.
                 n_tokens = counts[expert]
-                if n_tokens in tried_counts:
+                if n_tokens == tried_n_tokens:
                     continue
-                tried_counts.add(n_tokens)
+                tried_n_tokens = n_tokens
                 resident.add(expert)
                 gain = current_ms - layer_time(counts, resident)
                 resident.discard(expert)
@@ -91,19 +97,21 @@ def impact_prefetch(
 
 
 def warm_fill(cache: ExpertCache, layers: tuple[int, ...], max_loads: int) -> list[SlotLoad]:
-    """Loads the best-scored non-resident experts of `layers` that outrank the weakest resident."""
+    """Loads the best-scored non-resident experts of `layers` that outrank the weakest resident
+    (ties: lower layer, then lower id)."""
+    layers = sorted(layers)
+    # Only experts above the current victim's priority could be admitted.
+    floors = [cache.weakest_priority(layer) for layer in layers]
+    rows = cache.priority_rows(layers)  # [n, E]
+    floor = floors[0] if floors.count(floors[0]) == len(floors) else np.array(floors)[:, None]
+    better = np.flatnonzero((rows > floor) & ~cache.resident_rows(layers))  # [m] ascending (layer, expert)
+    if better.size == 0:
+        return []
+    best = better[np.argsort(-rows.ravel()[better], kind="stable")[:max_loads]].tolist()
     loads: list[SlotLoad] = []
-    candidates = []
-    for layer in layers:
-        # Only experts above the current victim's priority could be admitted.
-        floor = cache.weakest_priority(layer)
-        row = cache.priorities(layer)  # [E]
-        better = np.flatnonzero((row > floor) & ~cache.resident_mask(layer))  # ascending ids
-        best = better[np.argsort(-row[better], kind="stable")[:max_loads]].tolist()  # ties: lower id first
-        candidates.extend((float(row[e]), layer, e) for e in best)
-    candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
-    for _, layer, expert in candidates[:max_loads]:
-        load = cache.admit((layer, expert), only_if_better=True)
+    n_experts = cache.n_experts
+    for flat in best:
+        load = cache.admit((layers[flat // n_experts], flat % n_experts), only_if_better=True)
         if load is None:
             break
         loads.append(load)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -89,11 +90,14 @@ class _Timeline:
     clock_ms: float = 0.0
     pcie_free_ms: float = 0.0
     pcie_idle_ms: float = 0.0  # moving average of the copy-engine time a layer leaves unused
-    ready_ms: dict[ExpertId, float] = field(default_factory=dict)
 
 
 class PolicyPlanner:
-    """Plans every MoE layer: schedule this layer's experts, admit loads, choose prefetches."""
+    """Plans every MoE layer: schedule this layer's experts, admit loads, choose prefetches.
+
+    `plan_layer` runs at every MoE layer of every step, in the runtime as in the simulator, so it
+    is written for speed: plain loops over a layer's few experts, no per-call allocations it can avoid.
+    """
 
     def __init__(
         self,
@@ -118,9 +122,16 @@ class PolicyPlanner:
         self._schedule_costs = costs if admit_loads and cache.policy.admits else costs.without_loads()
         self.stats = PlannerStats()
         self._timeline = _Timeline()
-        self._pending_prefetch: set[ExpertId] = set()
+        # [L] expert -> when its prefetch lands (ms), for prefetched experts not used yet.
+        self._in_flight: list[dict[int, float]] = [{} for _ in range(dims.n_layers)]
         self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
         self._layer_time_memo: dict[tuple, float] = {}
+        self._prefetches = prefetch != "none" and prefetch_depth > 0
+        # [L][depth] the layers after each layer, wrapping into the next step.
+        self._later = [
+            [tuple((layer + d) % dims.n_layers for d in range(1, depth + 1)) for depth in range(prefetch_depth + 1)]
+            for layer in range(dims.n_layers)
+        ]
         self._initial = tuple(cache.fill(warm)) if warm else ()
 
     def initial_loads(self) -> tuple[SlotLoad, ...]:
@@ -131,11 +142,12 @@ class PolicyPlanner:
         """Modelled time since the planner's first layer, in ms."""
         return self._timeline.clock_ms
 
-    def _layer_time(self, counts: Mapping[int, int], resident) -> float:
-        """A layer's simulated expert time with an idle copy engine, memoized on its load pattern
-        (in decode, where every count is 1, just on how many of its experts are resident)."""
-        if max(counts.values()) == 1:
-            n_resident = len(resident.intersection(counts))
+    def _layer_time(self, counts: Mapping[int, int], resident: AbstractSet[int]) -> float:
+        """A layer's simulated expert time with an idle copy engine (`resident`: which of the
+        counted experts are resident), memoized on its load pattern: in decode, where every count
+        is 1, just on how many of its experts are resident."""
+        if len(counts) == sum(counts.values()):
+            n_resident = len(resident)
             key = (n_resident, len(counts) - n_resident)
         else:
             resident_loads, other_loads = [], []
@@ -165,26 +177,23 @@ class PolicyPlanner:
         resident = cache.resident(layer)
 
         dense_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms
-        timeline.clock_ms += dense_ms
-        start_ms = timeline.clock_ms
+        start_ms = timeline.clock_ms + dense_ms
         # The copy engine's backlog, rounded up to a 1/16 of a load so decode plans stay memoized.
         backlog_ms = timeline.pcie_free_ms - start_ms
         backlog_ms = math.ceil(backlog_ms / self._backlog_step_ms) * self._backlog_step_ms if backlog_ms > 0 else 0.0
         plan = self.schedule(counts, resident, self._schedule_costs, backlog_ms)
 
+        # Prefetched experts this layer uses: count them, and wait for those still in flight.
         stall_ms = 0.0
-        pending, ready_ms = self._pending_prefetch, timeline.ready_ms
-        if ready_ms or pending:
-            for expert in counts:
-                if expert in resident:
-                    eid = (layer, expert)
-                    ready = ready_ms.pop(eid, None)
-                    if ready is not None and ready - start_ms > stall_ms:
-                        stall_ms = ready - start_ms
-                    if eid in pending:
-                        pending.discard(eid)
-                        stats.prefetch_used += 1
-        hits = cache.access(layer, counts.keys())
+        in_flight = self._in_flight[layer]
+        if in_flight:
+            used = [expert for expert in in_flight if expert in counts and expert in resident]
+            for expert in used:
+                wait_ms = in_flight.pop(expert) - start_ms
+                if wait_ms > stall_ms:
+                    stall_ms = wait_ms
+            stats.prefetch_used += len(used)
+        hits = cache.access(layer, counts)
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
         predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
@@ -199,24 +208,24 @@ class PolicyPlanner:
                 extra_cpu_ms += costs.cpu_ms(counts[expert])
                 continue
             loads.append(load)
-            if ready_ms or pending:
-                ready_ms.pop(load.expert, None)
-                pending.discard(load.expert)
-        gpu = plan.gpu
-        load_experts = tuple(load.expert[1] for load in loads)
+            in_flight.pop(expert, None)
+        n_loads = len(loads)
         finish_ms = max(plan.cpu_end_ms + extra_cpu_ms, plan.gpu_end_ms + stall_ms)
         timeline.clock_ms = start_ms + finish_ms
-        n_loads = len(loads)
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
-        timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * costs.load_ms
-        idle_ms = max(0.0, dense_ms + finish_ms - n_loads * costs.load_ms)
+        load_ms = costs.load_ms
+        timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * load_ms
+        idle_ms = max(0.0, dense_ms + finish_ms - n_loads * load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
-        prefetch = self._choose_prefetch(layer, predicted_counts, n_tokens, dense_ms)
-        for load in prefetch:
-            timeline.pcie_free_ms += costs.load_ms
-            ready_ms[load.expert] = timeline.pcie_free_ms
-            pending.add(load.expert)
+        prefetch = self._choose_prefetch(layer, predicted_counts, n_tokens, dense_ms) if self._prefetches else []
+        if prefetch:
+            pcie_free_ms = timeline.pcie_free_ms
+            for (target, expert), _ in prefetch:
+                pcie_free_ms += load_ms
+                self._in_flight[target][expert] = pcie_free_ms
+            timeline.pcie_free_ms = pcie_free_ms
 
+        gpu = plan.gpu
         stats.stall_ms += stall_ms
         stats.hits += hits
         stats.misses += len(counts) - hits
@@ -226,18 +235,12 @@ class PolicyPlanner:
         stats.cpu_experts += len(cpu)
         slot_row = cache.slot_row(layer)
         slots = {expert: slot_row[expert] for expert in gpu}
-        for load in loads:
-            slots[load.expert[1]] = load.slot
-        return LayerPlan(
-            layer=layer,
-            gpu=gpu,
-            load=load_experts,
-            cpu=cpu,
-            slot_of=slots,
-            loads=tuple(loads),
-            prefetch=tuple(prefetch),
-            predicted_ms=finish_ms,
-        )
+        load_experts = ()
+        if loads:
+            load_experts = tuple([expert for (_, expert), _ in loads])
+            for (_, expert), slot in loads:
+                slots[expert] = slot
+        return LayerPlan(layer, gpu, load_experts, cpu, slots, tuple(loads), tuple(prefetch), finish_ms)
 
     def _choose_prefetch(
         self,
@@ -246,22 +249,18 @@ class PolicyPlanner:
         n_tokens: int,
         dense_ms: float,  # the next layer's dense part and overhead, as for this layer
     ) -> list[SlotLoad]:
-        if self.prefetch == "none" or self.prefetch_depth == 0:
-            return []
-        costs, timeline = self.costs, self._timeline
-        n_layers = self.dims.n_layers
+        timeline = self._timeline
         # When a step's tokens can activate every expert (prefill), the next layer's own loads keep
         # the copy engine busy: looking further ahead only queues copies in front of them.
         depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
         # Copies should land before the next layer's expert phase, or in the copy time later
         # layers are expected to leave idle, so they do not delay those layers' own loads.
-        next_start_ms = timeline.clock_ms + dense_ms
-        deadline_ms = next_start_ms + (depth - 1) * timeline.pcie_idle_ms
+        deadline_ms = timeline.clock_ms + dense_ms + (depth - 1) * timeline.pcie_idle_ms
         idle_ms = deadline_ms - timeline.pcie_free_ms
-        max_loads = math.floor(idle_ms / costs.load_ms) if idle_ms > 0 else 0
+        max_loads = math.floor(idle_ms / self.costs.load_ms) if idle_ms > 0 else 0
         if max_loads <= 0:
             return []
-        later = tuple((layer + d) % n_layers for d in range(1, depth + 1))
+        later = self._later[layer][depth]
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads)
         predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -64,8 +63,8 @@ class _Tamper:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda p: dataclasses.replace(p, cpu=p.cpu[1:]), "are activated"),  # an expert dropped
-        (lambda p: dataclasses.replace(p, gpu=p.gpu + p.cpu[:1], cpu=p.cpu[1:]), "planned from slot"),
+        (lambda p: p._replace(cpu=p.cpu[1:]), "are activated"),  # an expert dropped
+        (lambda p: p._replace(gpu=p.gpu + p.cpu[:1], cpu=p.cpu[1:]), "planned from slot"),
     ],
 )
 def test_inconsistent_plans_raise(loaded, edit, message):
