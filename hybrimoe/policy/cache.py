@@ -7,9 +7,11 @@ Design choices:
   free slot is always the lowest-numbered free one of its pool.
 - Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
-  priority, lowest slot on ties: one argmin over the pool's slots in `_slot_prio`, each slot's
-  priority with protected slots set to +inf. It is gathered again only after `observe`, `access` or
-  `protect` may have changed it, so the admits of one layer share one gather. Priorities:
+  priority, lowest slot on ties: an argmin over the pool's slots in `_slot_prio` (each slot's
+  priority, +inf when free). Policies change the priorities of one layer at a time (`observe`,
+  `access`), so only that layer's slots are refreshed, in one vectorized step. Protection is
+  checked lazily: when the argmin is protected, its slot is pinned to +inf (and unpinned at the next
+  `protect`) and the argmin is taken again. Priorities:
   * MRS (the paper's Minus Recent Score): S <- a * TopP(s) + (1 - a) * S for every token of every
     step, s the token's router probabilities, TopP keeping its p highest (p defaults to 2 * top-k)
     and zeroing the rest. For T tokens the sequential updates sum to
@@ -286,11 +288,11 @@ class ExpertCache:
                 lo = hi
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
-        self._slot_key = np.full(capacity, n_layers * n_experts, dtype=np.intp)  # [capacity] prio index
-        self._slot_prio = np.full(capacity, np.inf)  # [capacity] prio[_slot_key], +inf where protected
-        self._stale = False  # whether _slot_prio may be out of date
+        self._slot_prio = np.full(capacity, np.inf)  # [capacity] its expert's priority; +inf: free or pinned
+        self._pinned: list[int] = []  # slots set to +inf because the current protection covers them
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
+        self._slot_array = np.full((n_layers, n_experts), -1, dtype=np.intp)  # [L, E] the same, as an array
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
         self._resident_mask = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E] the same, as an array
         self._protected: Mapping[int, Collection[int]] = {}
@@ -365,7 +367,8 @@ class ExpertCache:
         """Score bookkeeping for one layer call (MRS); a no-op for the other policies."""
         if self.policy.uses_observe:
             self.policy.on_observe(layer, topk_ids, router_probs, topk_weights)
-            self._stale = True
+            if self._resident[layer]:
+                self._refresh_layer(layer)
 
     def access(self, layer: int, experts: Iterable[int]) -> int:
         """Counts hits and misses for the (distinct) experts layer uses now; returns the hits."""
@@ -376,17 +379,19 @@ class ExpertCache:
         self.misses += len(experts) - hits
         if self.policy.uses_access:
             self.policy.on_access(layer, experts)
-            self._stale = True
+            if self._resident[layer]:
+                self._refresh_layer(layer)
         return hits
 
     def protect(self, experts_by_layer: Mapping[int, Collection[int]]) -> None:
         """From now until the next call, no admit evicts these experts (layer -> experts)."""
         self._protected = experts_by_layer
-        self._stale = True
-
-    def refresh_priorities(self) -> None:
-        """Call after changing the policy's priorities other than through observe/access/admit."""
-        self._stale = True
+        if self._pinned:
+            slot_prio, prio, slot_eid, n_experts = self._slot_prio, self._prio, self._slot_eid, self.n_experts
+            for slot in self._pinned:
+                layer, expert = slot_eid[slot]
+                slot_prio[slot] = prio[layer * n_experts + expert]
+            self._pinned = []
 
     def admit(self, eid: ExpertId, only_if_better: bool = False) -> SlotLoad | None:
         """Gives eid a slot: a free one, else the lowest-priority unprotected resident's.
@@ -413,6 +418,7 @@ class ExpertCache:
                 return None
             old_layer, old_expert = self._slot_eid[slot]
             self._slot_index[old_layer][old_expert] = -1
+            self._slot_array[old_layer, old_expert] = -1
             self._resident[old_layer].discard(old_expert)
             self._resident_mask[old_layer, old_expert] = False
             self._n_resident -= 1
@@ -440,23 +446,24 @@ class ExpertCache:
         lo, hi = self._pools[pool]
         if lo == hi:
             return None
-        if self._stale:
-            self._gather_slot_priorities()
-        prio = self._slot_prio[lo:hi]  # [pool slots]
-        i = int(prio.argmin())
-        return None if prio[i] == _INF else lo + i
-
-    def _gather_slot_priorities(self) -> None:
         slot_prio = self._slot_prio
-        np.take(self._prio, self._slot_key, out=slot_prio)
-        slot_index = self._slot_index
-        for layer, experts in self._protected.items():
-            row = slot_index[layer]
-            for expert in experts:
-                slot = row[expert]
-                if slot >= 0:
-                    slot_prio[slot] = _INF
-        self._stale = False
+        prio = slot_prio[lo:hi]  # [pool slots], a view: pins show through
+        while True:
+            slot = lo + int(prio.argmin())
+            if slot_prio[slot] == _INF:
+                return None
+            layer, expert = self._slot_eid[slot]
+            if not self._is_protected(layer, expert):
+                return slot
+            slot_prio[slot] = _INF
+            self._pinned.append(slot)
+
+    def _refresh_layer(self, layer: int) -> None:
+        """Copies layer's (changed) priorities to its resident experts' slots."""
+        slots = self._slot_array[layer]  # [E]
+        resident = slots >= 0  # [E]
+        n_experts = self.n_experts
+        self._slot_prio[slots[resident]] = self._prio[layer * n_experts : (layer + 1) * n_experts][resident]
 
     def _is_protected(self, layer: int, expert: int) -> bool:
         experts = self._protected.get(layer)
@@ -464,11 +471,14 @@ class ExpertCache:
 
     def _place(self, eid: ExpertId, slot: int) -> None:
         layer, expert = eid
-        key = layer * self.n_experts + expert
         self._slot_eid[slot] = eid
-        self._slot_key[slot] = key
-        self._slot_prio[slot] = _INF if self._is_protected(layer, expert) else self._prio[key]
+        if self._is_protected(layer, expert):
+            self._slot_prio[slot] = _INF
+            self._pinned.append(slot)
+        else:
+            self._slot_prio[slot] = self._prio[layer * self.n_experts + expert]
         self._slot_index[layer][expert] = slot
+        self._slot_array[layer, expert] = slot
         self._resident[layer].add(expert)
         self._resident_mask[layer, expert] = True
         self._n_resident += 1

@@ -3,6 +3,8 @@
 Design choices:
 - Expert costs depend only on the expert's token count, so lookups are memoized per count.
 - Loading one expert over PCIe costs a constant `load_ms` (the paper's first observation).
+- Schedules depend only on these costs, so the scheduler memoizes them on the cost model
+  (`schedule_memo`); a changed cost model is a new object with an empty memo.
 - A machine without an accelerator has no GPU or load costs: `has_accelerator` is False and
   planners fall back to CPU-only placement.
 """
@@ -27,9 +29,11 @@ class CostModel:
         gpu = profile.gpu_expert
         self.gpu_ms = functools.lru_cache(maxsize=4096)(gpu.ms if gpu else lambda n_tokens: float("inf"))
         self.dense_ms = functools.lru_cache(maxsize=4096)(profile.dense_layer.ms)
+        self.schedule_memo: dict = {}  # the scheduler's memo for these costs (see scheduler.py)
 
     def without_loads(self) -> CostModel:
         """The same costs with copies impossible, for caches that never admit (static placement)."""
         costs = copy.copy(self)
         costs.load_ms = float("inf")
+        costs.schedule_memo = {}
         return costs

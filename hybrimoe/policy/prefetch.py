@@ -49,9 +49,10 @@ def impact_prefetch(
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
         return loads
-    # Per predicted layer: its counts, which of its predicted experts are resident, the others by
-    # predicted tokens (most first, then by id), and its current simulated time.
-    layers = []
+    # Per predicted layer: [layer, counts, which of its predicted experts are resident, the others
+    # by predicted tokens (most first, then by id), its current simulated time, its best candidate's
+    # gain, that candidate]. Only the chosen layer's best candidate changes after a pick.
+    entries = []
     for layer, counts in predicted_counts.items():
         cached = cache.resident(layer)
         candidates = [e for e in counts if e not in cached]
@@ -61,39 +62,51 @@ def impact_prefetch(
             else:
                 candidates.sort(key=lambda e: (-counts[e], e))
             resident = cached.intersection(counts)
-            layers.append([layer, counts, resident, candidates, layer_time(counts, resident)])
-    while len(loads) < max_loads and layers:
+            entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
+            _best_candidate(entry, layer_time)
+            entries.append(entry)
+    while len(loads) < max_loads and entries:
         best_gain, best = 0.0, None
-        for entry in layers:
-            _, counts, resident, candidates, current_ms = entry
-            tried_n_tokens = 0
-            for expert in candidates:
-                # Experts with equal token counts have equal gains, and candidates are sorted by
-                # count: try the first of each count.
-                n_tokens = counts[expert]
-                if n_tokens == tried_n_tokens:
-                    continue
-                tried_n_tokens = n_tokens
-                resident.add(expert)
-                gain = current_ms - layer_time(counts, resident)
-                resident.discard(expert)
-                if gain > best_gain + 1e-12:
-                    best_gain, best = gain, (entry, expert)
+        for entry in entries:
+            if entry[5] > best_gain + 1e-12:
+                best_gain, best = entry[5], entry
         if best is None:
             break
-        entry, expert = best
-        load = cache.admit((entry[0], expert))
+        expert = best[6]
+        load = cache.admit((best[0], expert))
         if load is None:
             break
         loads.append(load)
-        entry[2].add(expert)
-        entry[3].remove(expert)
-        entry[4] -= best_gain
-        if not entry[3]:
-            layers.remove(entry)
+        best[2].add(expert)
+        best[3].remove(expert)
+        best[4] -= best_gain
+        if best[3]:
+            _best_candidate(best, layer_time)
+        else:
+            entries.remove(best)
     if len(loads) < max_loads and warm_layers:
         loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads)))
     return loads
+
+
+def _best_candidate(entry: list, layer_time: LayerTimeFn) -> None:
+    """Sets entry's best gain and candidate (0.0 and None when no candidate shortens the layer)."""
+    _, counts, resident, candidates, current_ms, _, _ = entry
+    best_gain, best = 0.0, None
+    tried_n_tokens = 0
+    for expert in candidates:
+        # Experts with equal token counts have equal gains, and candidates are sorted by count:
+        # try the first of each count.
+        n_tokens = counts[expert]
+        if n_tokens == tried_n_tokens:
+            continue
+        tried_n_tokens = n_tokens
+        resident.add(expert)
+        gain = current_ms - layer_time(counts, resident)
+        resident.discard(expert)
+        if gain > best_gain + 1e-12:
+            best_gain, best = gain, expert
+    entry[5], entry[6] = best_gain, best
 
 
 def warm_fill(cache: ExpertCache, layers: tuple[int, ...], max_loads: int) -> list[SlotLoad]:

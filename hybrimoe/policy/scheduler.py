@@ -43,9 +43,9 @@ Design choices:
   sorted, non-resident loads sorted, pcie_free_at_ms) and stored as indices into the
   concatenation [non-resident experts by (load, id)] + [resident experts by (-load, id)]; a call
   sorts its experts the same way and maps the indices back to ids. Decode (every count 1) keys on
-  just (resident count, non-resident count, pcie_free_at_ms). One memo per `CostModel` object
-  (weakly keyed, so do not change a cost model's fields after its first use; make a new one, as
-  `CostModel.without_loads` does), cleared when it reaches `_MEMO_MAX` entries.
+  just (resident count, non-resident count, pcie_free_at_ms). The memo lives on the `CostModel`
+  (`schedule_memo`), so do not change a cost model's fields after its first use; make a new one, as
+  `CostModel.without_loads` does. It is cleared when it reaches `_MEMO_MAX` entries.
 - `schedule_exact` is the optimum under the same timing model, by enumeration of each expert's
   side (CPU, or GPU with a copy when not resident). For a fixed split the CPU's order does not
   change its end, any GPU order without needless idling gives the same GPU end (single machine,
@@ -60,7 +60,6 @@ Design choices:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from operator import itemgetter
@@ -95,8 +94,6 @@ _Picker = Callable[[list[int]], tuple[int, ...]]
 # A memoized schedule: pickers for gpu, load and cpu, then cpu_end_ms .. load_done_ms.
 _Memoized = tuple[_Picker, _Picker, _Picker, tuple[float, float, float, float, tuple[float, ...]]]
 
-_memos: weakref.WeakKeyDictionary[CostModel, dict] = weakref.WeakKeyDictionary()
-_last_memo: list = [None, None]  # [weakref to the last CostModel used, its memo]: skips the weak lookup
 _pickers: dict[tuple[int, ...], _Picker] = {}
 
 
@@ -104,12 +101,12 @@ def _split_sorted(
     n_tokens_of: Mapping[int, int], resident: AbstractSet[int]
 ) -> tuple[list[int], list[int], list[int], list[int], bool]:
     """-> (non-resident ids by (load, id), their loads, resident ids by (-load, id), their loads, decode)."""
+    if sum(n_tokens_of.values()) == len(n_tokens_of):
+        ids = n_tokens_of.keys()
+        non, res = sorted(ids - resident), sorted(ids & resident)
+        return non, [1] * len(non), res, [1] * len(res), True
     res = [e for e in n_tokens_of if e in resident]
     non = [e for e in n_tokens_of if e not in resident]
-    if sum(n_tokens_of.values()) == len(n_tokens_of):
-        res.sort()
-        non.sort()
-        return non, [1] * len(non), res, [1] * len(res), True
     non.sort(key=lambda e: (n_tokens_of[e], e))
     res.sort(key=lambda e: (-n_tokens_of[e], e))
     return non, [n_tokens_of[e] for e in non], res, [n_tokens_of[e] for e in res], False
@@ -286,23 +283,21 @@ def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: 
 def _hybrid(
     n_tokens_of: Mapping[int, int], resident: AbstractSet[int], costs: CostModel, pcie0: float, guarded: bool
 ) -> LayerSchedule:
-    non, non_n, res, res_n, decode = _split_sorted(n_tokens_of, resident)
-    if decode:
+    ids = n_tokens_of.keys()
+    if sum(n_tokens_of.values()) == len(n_tokens_of):  # decode: the loads are all 1, only counts matter
+        non, res = sorted(ids - resident), sorted(ids & resident)
         key = (len(res), len(non), pcie0, guarded)
+        non_n = res_n = None
     else:
+        non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
         key = (tuple(res_n), tuple(non_n), pcie0, guarded)
-    last = _last_memo[0]
-    if last is not None and last() is costs:
-        memo = _last_memo[1]
-    else:
-        memo = _memos.get(costs)
-        if memo is None:
-            memo = _memos[costs] = {}
-        _last_memo[0], _last_memo[1] = weakref.ref(costs), memo
+    memo = costs.schedule_memo
     entry = memo.get(key)
     if entry is None:
         if len(memo) >= _MEMO_MAX:
             memo.clear()
+        if non_n is None:
+            non_n, res_n = [1] * len(non), [1] * len(res)
         entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie0, guarded))
     ids = non + res
     pick_gpu, pick_load, pick_cpu, times = entry
