@@ -70,13 +70,13 @@ class CachePolicy:
     def on_observe(
         self, layer: int, topk_ids: np.ndarray, router_probs: np.ndarray | None, topk_weights: np.ndarray | None
     ) -> None:
-        pass
+        """May change the priority of any expert of `layer`."""
 
     def on_access(self, layer: int, experts: Sequence[int]) -> None:
-        pass
+        """May change only the priorities of `experts` (of `layer`)."""
 
     def on_admit(self, key: int) -> None:
-        pass
+        """May change only `key`'s priority."""
 
 
 class MRSPolicy(CachePolicy):
@@ -94,6 +94,7 @@ class MRSPolicy(CachePolicy):
     def bind(self, n_layers: int, n_experts: int) -> None:
         super().bind(n_layers, n_experts)
         self.scores = self.prio[:-1].reshape(n_layers, n_experts)  # [L, E] view
+        self._rows = list(self.scores)  # [L] of [E] views, so a decode update does not build one
 
     def on_observe(
         self,
@@ -106,7 +107,7 @@ class MRSPolicy(CachePolicy):
         if n_tokens == 0:
             return
         a = self.alpha
-        row = self.scores[layer]  # [E]
+        row = self._rows[layer]  # [E]
         if n_tokens == 1:
             row *= 1.0 - a
             if router_probs is None:
@@ -115,8 +116,13 @@ class MRSPolicy(CachePolicy):
             probs = router_probs[0]  # [E]
             n_experts = probs.shape[0]
             p = min(self.top_p or 2 * k, n_experts)
-            top = np.argpartition(probs, n_experts - p)[n_experts - p :] if p < n_experts else slice(None)
-            row[top] += a * probs[top]
+            if p < n_experts:
+                top = np.argpartition(probs, n_experts - p)[n_experts - p :]  # [p]
+                boost = probs[top]  # [p]
+                boost *= a
+                row[top] += boost
+            else:
+                row += a * probs
             return
         if router_probs is None:
             ids, vals = topk_ids, (topk_weights if topk_weights is not None else np.full(topk_ids.shape, 1.0 / k))
@@ -228,7 +234,11 @@ class BeladyPolicy(CachePolicy):
         self.position += 1
 
     def on_access(self, layer: int, experts: Sequence[int]) -> None:
-        if self.position >= len(self.accesses) or self.accesses[self.position][0] != layer:
+        if (
+            self.position >= len(self.accesses)
+            or self.accesses[self.position][0] != layer
+            or set(self.accesses[self.position][1]) != set(experts)
+        ):
             raise ValueError(f"Belady: access to layer {layer} does not match the future at position {self.position}")
         self.advance()
 
@@ -276,6 +286,7 @@ class ExpertCache:
         self.policy = policy
         policy.bind(n_layers, n_experts)
         self._prio = policy.prio
+        self._prio_rows = policy.prio[:-1].reshape(n_layers, n_experts)  # [L, E] view
         if layout == "shared":
             self._pools = [(0, capacity)]
             self._pool_of_layer = [0] * n_layers
@@ -294,9 +305,7 @@ class ExpertCache:
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
         self._slot_array = np.full((n_layers, n_experts), -1, dtype=np.intp)  # [L, E] the same, as an array
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
-        self._resident_mask = np.zeros((n_layers, n_experts), dtype=bool)  # [L, E] the same, as an array
         self._protected: Mapping[int, Collection[int]] = {}
-        self._n_resident = 0
         self.hits = self.misses = self.loads = self.evictions = 0
 
     # -- queries ---------------------------------------------------------------------------------
@@ -321,19 +330,35 @@ class ExpertCache:
 
     def occupancy(self) -> int:
         """Resident experts (at most `capacity`)."""
-        return self._n_resident
+        return self.capacity - sum(map(len, self._free))
 
     def pool_slots(self, layer: int) -> range:
         """The slots layer's experts may occupy."""
         return range(*self._pools[self._pool_of_layer[layer]])
 
-    def priority_rows(self, layers: list[int]) -> np.ndarray:
-        """[len(layers), E] those layers' expert priorities (a copy)."""
-        return self._prio[:-1].reshape(self.n_layers, self.n_experts)[layers]
+    def weakest_priorities(self, layers: list[int]) -> list[float]:
+        """`weakest_priority` of each layer, searched once per pool."""
+        floor_of_pool: dict[int, float] = {}
+        floors = []
+        for layer in layers:
+            pool = self._pool_of_layer[layer]
+            floor = floor_of_pool.get(pool)
+            if floor is None:
+                floor = floor_of_pool[pool] = self.weakest_priority(layer)
+            floors.append(floor)
+        return floors
 
-    def resident_rows(self, layers: list[int]) -> np.ndarray:
-        """[len(layers), E] bool: which of those layers' experts are resident (a copy)."""
-        return self._resident_mask[layers]
+    def outside_priorities(self, layers: list[int]) -> np.ndarray:
+        """[len(layers), E] the priorities of those layers' experts, -inf for resident ones (a copy).
+
+        `layers` ascending; consecutive layers are sliced rather than gathered.
+        """
+        first, last = layers[0], layers[-1]
+        if last - first == len(layers) - 1:
+            prio, slots = self._prio_rows[first : last + 1], self._slot_array[first : last + 1]
+        else:
+            prio, slots = self._prio_rows.take(layers, axis=0), self._slot_array.take(layers, axis=0)
+        return np.where(slots < 0, prio, -_INF)
 
     def weakest_priority(self, layer: int) -> float:
         """The priority an expert of `layer` must beat to displace a resident (-inf: a free slot;
@@ -379,8 +404,14 @@ class ExpertCache:
         self.misses += len(experts) - hits
         if self.policy.uses_access:
             self.policy.on_access(layer, experts)
-            if self._resident[layer]:
-                self._refresh_layer(layer)
+            # Access-driven policies change only the accessed experts' priorities.
+            if hits:
+                slot_row, slot_prio, prio = self._slot_index[layer], self._slot_prio, self._prio
+                base = layer * self.n_experts
+                for expert in experts:
+                    slot = slot_row[expert]
+                    if slot >= 0:
+                        slot_prio[slot] = prio[base + expert]
         return hits
 
     def protect(self, experts_by_layer: Mapping[int, Collection[int]]) -> None:
@@ -401,8 +432,7 @@ class ExpertCache:
         resident may be evicted.
         """
         layer, expert = eid
-        resident = self._resident[layer]
-        if expert in resident or not self.policy.admits:
+        if expert in self._resident[layer] or not self.policy.admits:
             return None
         pool = self._pool_of_layer[layer]
         free = self._free[pool]
@@ -410,18 +440,16 @@ class ExpertCache:
         if free:
             slot = free.pop()
         else:
-            # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
             slot = self._victim(pool)
             if slot is None:
                 return None
             if only_if_better and not self._slot_prio[slot] < self._prio[key]:
                 return None
+            # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
             old_layer, old_expert = self._slot_eid[slot]
             self._slot_index[old_layer][old_expert] = -1
             self._slot_array[old_layer, old_expert] = -1
             self._resident[old_layer].discard(old_expert)
-            self._resident_mask[old_layer, old_expert] = False
-            self._n_resident -= 1
             self.evictions += 1
         if self.policy.uses_admit:
             self.policy.on_admit(key)
@@ -453,7 +481,8 @@ class ExpertCache:
             if slot_prio[slot] == _INF:
                 return None
             layer, expert = self._slot_eid[slot]
-            if not self._is_protected(layer, expert):
+            experts = self._protected.get(layer)
+            if experts is None or expert not in experts:
                 return slot
             slot_prio[slot] = _INF
             self._pinned.append(slot)
@@ -465,14 +494,11 @@ class ExpertCache:
         n_experts = self.n_experts
         self._slot_prio[slots[resident]] = self._prio[layer * n_experts : (layer + 1) * n_experts][resident]
 
-    def _is_protected(self, layer: int, expert: int) -> bool:
-        experts = self._protected.get(layer)
-        return experts is not None and expert in experts
-
     def _place(self, eid: ExpertId, slot: int) -> None:
         layer, expert = eid
         self._slot_eid[slot] = eid
-        if self._is_protected(layer, expert):
+        experts = self._protected.get(layer)
+        if experts is not None and expert in experts:
             self._slot_prio[slot] = _INF
             self._pinned.append(slot)
         else:
@@ -480,8 +506,6 @@ class ExpertCache:
         self._slot_index[layer][expert] = slot
         self._slot_array[layer, expert] = slot
         self._resident[layer].add(expert)
-        self._resident_mask[layer, expert] = True
-        self._n_resident += 1
 
 
 def belady_misses(

@@ -113,17 +113,24 @@ def warm_fill(cache: ExpertCache, layers: tuple[int, ...], max_loads: int) -> li
     """Loads the best-scored non-resident experts of `layers` that outrank the weakest resident
     (ties: lower layer, then lower id)."""
     layers = sorted(layers)
+    outside = cache.outside_priorities(layers)  # [n, E], -inf where resident
     # Only experts above the current victim's priority could be admitted.
-    floors = [cache.weakest_priority(layer) for layer in layers]
-    rows = cache.priority_rows(layers)  # [n, E]
-    floor = floors[0] if floors.count(floors[0]) == len(floors) else np.array(floors)[:, None]
-    better = np.flatnonzero((rows > floor) & ~cache.resident_rows(layers))  # [m] ascending (layer, expert)
-    if better.size == 0:
-        return []
-    best = better[np.argsort(-rows.ravel()[better], kind="stable")[:max_loads]].tolist()
+    floors = cache.weakest_priorities(layers)
+    if floors.count(floors[0]) == len(floors):
+        floor = floors[0]
+    else:  # per-layer pools: mask each layer by its own floor
+        floor = -np.inf
+        outside = np.where(outside > np.array(floors)[:, None], outside, floor)
+    if max_loads == 1:
+        best = [int(outside.argmax())]  # the first maximum: lowest (layer, expert) on ties
+    else:
+        best = np.argsort(-outside, axis=None, kind="stable")[:max_loads].tolist()
+    flat_outside = outside.ravel()
     loads: list[SlotLoad] = []
     n_experts = cache.n_experts
     for flat in best:
+        if not flat_outside[flat] > floor:
+            break
         load = cache.admit((layers[flat // n_experts], flat % n_experts), only_if_better=True)
         if load is None:
             break

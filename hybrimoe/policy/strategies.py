@@ -172,7 +172,7 @@ class PolicyPlanner:
     ) -> LayerPlan:
         costs, cache, stats, timeline = self.costs, self.cache, self.stats, self._timeline
         n_tokens = topk_ids.shape[0]
-        counts = token_counts(topk_ids)
+        counts = dict.fromkeys(topk_ids[0].tolist(), 1) if n_tokens == 1 else token_counts(topk_ids)
         cache.observe(layer, topk_ids, router_probs, topk_weights)
         resident = cache.resident(layer)
 
@@ -263,7 +263,8 @@ class PolicyPlanner:
         later = self._later[layer][depth]
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads)
-        predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
+        if tuple(predicted_counts) != later:
+            predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
         return impact_prefetch(self.cache, predicted_counts, max_loads, self._layer_time, warm_layers=later)
 
 
