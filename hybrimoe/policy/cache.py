@@ -418,11 +418,17 @@ class ExpertCache:
         """From now until the next call, no admit evicts these experts (layer -> experts)."""
         self._protected = experts_by_layer
         if self._pinned:
+            # Unpin what the new protection does not cover; what it still covers stays pinned.
             slot_prio, prio, slot_eid, n_experts = self._slot_prio, self._prio, self._slot_eid, self.n_experts
+            still_pinned = []
             for slot in self._pinned:
                 layer, expert = slot_eid[slot]
-                slot_prio[slot] = prio[layer * n_experts + expert]
-            self._pinned = []
+                experts = experts_by_layer.get(layer)
+                if experts is not None and expert in experts:
+                    still_pinned.append(slot)
+                else:
+                    slot_prio[slot] = prio[layer * n_experts + expert]
+            self._pinned = still_pinned
 
     def admit(self, eid: ExpertId, only_if_better: bool = False) -> SlotLoad | None:
         """Gives eid a slot: a free one, else the lowest-priority unprotected resident's.

@@ -77,8 +77,10 @@ def simulate(
     for step in trace.steps:
         probs_all = step.router_probs
         weights_all = step.topk_weights
+        # Traces store ids compactly (int16); numpy indexes with intp several times faster.
+        ids_all = step.topk_ids.astype(np.intp, copy=False)  # [L, T, k]
         for layer in range(n_layers):
-            ids = step.topk_ids[layer]  # [T, k]
+            ids = ids_all[layer]  # [T, k]
             predicted = {}
             if depth:
                 predicted = _predictions(step, layer, depth, predictor, recent, n_layers)
