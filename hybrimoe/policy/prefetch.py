@@ -28,6 +28,9 @@ from hybrimoe.policy.plan import SlotLoad
 # (n_tokens_of, resident) -> simulated finish time of a layer's experts; `resident` holds only
 # experts of n_tokens_of.
 LayerTimeFn = Callable[[Mapping[int, int], AbstractSet[int]], float]
+# (n_resident, n_other) -> the same for a decode layer: every count 1, n_resident of its experts
+# resident and n_other not.
+DecodeTimeFn = Callable[[int, int], float]
 
 
 def token_counts(topk_ids: np.ndarray) -> dict[int, int]:
@@ -44,27 +47,40 @@ def impact_prefetch(
     max_loads: int,
     layer_time: LayerTimeFn,
     warm_layers: tuple[int, ...] = (),
+    decode_time: DecodeTimeFn | None = None,
 ) -> list[SlotLoad]:
-    """Greedy by simulated gain over predicted experts, then warm fill by cache score."""
+    """Greedy by simulated gain over predicted experts, then warm fill by cache score.
+
+    With `decode_time`, a layer whose predicted counts are all 1 is timed by how many of its
+    experts are resident, without building sets.
+    """
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
         return loads
-    # Per predicted layer: [layer, counts, which of its predicted experts are resident, the others
-    # by predicted tokens (most first, then by id), its current simulated time, its best candidate's
-    # gain, that candidate]. Only the chosen layer's best candidate changes after a pick.
+    # Per predicted layer: [layer, counts (None in decode), which of its predicted experts are
+    # resident (in decode: how many), the others by predicted tokens (most first, then by id), its
+    # current simulated time, its best candidate's gain, that candidate]. Only the chosen layer's
+    # best candidate changes after a pick.
     entries = []
     for layer, counts in predicted_counts.items():
         cached = cache.resident(layer)
         candidates = [e for e in counts if e not in cached]
-        if candidates:
-            if len(counts) == sum(counts.values()):  # decode: every count is 1
-                candidates.sort()
-            else:
-                candidates.sort(key=lambda e: (-counts[e], e))
-            resident = cached.intersection(counts)
-            entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
-            _best_candidate(entry, layer_time)
-            entries.append(entry)
+        if not candidates:
+            continue
+        if len(counts) == sum(counts.values()):  # every count is 1: equal gains, lowest id first
+            candidates.sort()
+            if decode_time is not None:
+                n_resident = len(counts) - len(candidates)
+                entry = [layer, None, n_resident, candidates, decode_time(n_resident, len(candidates)), 0.0, None]
+                _rescore(entry, layer_time, decode_time)
+                entries.append(entry)
+                continue
+        else:
+            candidates.sort(key=lambda e: (-counts[e], e))
+        resident = cached.intersection(counts)
+        entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
+        _rescore(entry, layer_time, decode_time)
+        entries.append(entry)
     while len(loads) < max_loads and entries:
         best_gain, best = 0.0, None
         for entry in entries:
@@ -77,11 +93,14 @@ def impact_prefetch(
         if load is None:
             break
         loads.append(load)
-        best[2].add(expert)
+        if best[1] is None:
+            best[2] += 1
+        else:
+            best[2].add(expert)
         best[3].remove(expert)
         best[4] -= best_gain
         if best[3]:
-            _best_candidate(best, layer_time)
+            _rescore(best, layer_time, decode_time)
         else:
             entries.remove(best)
     if len(loads) < max_loads and warm_layers:
@@ -89,10 +108,16 @@ def impact_prefetch(
     return loads
 
 
-def _best_candidate(entry: list, layer_time: LayerTimeFn) -> None:
+def _rescore(entry: list, layer_time: LayerTimeFn, decode_time: DecodeTimeFn | None) -> None:
     """Sets entry's best gain and candidate (0.0 and None when no candidate shortens the layer)."""
     _, counts, resident, candidates, current_ms, _, _ = entry
     best_gain, best = 0.0, None
+    if counts is None:  # decode: every candidate gains the same; `resident` is a count
+        gain = current_ms - decode_time(resident + 1, len(candidates) - 1)
+        if gain > 1e-12:
+            best_gain, best = gain, candidates[0]
+        entry[5], entry[6] = best_gain, best
+        return
     tried_n_tokens = 0
     for expert in candidates:
         # Experts with equal token counts have equal gains, and candidates are sorted by count:

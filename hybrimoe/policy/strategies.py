@@ -144,22 +144,32 @@ class PolicyPlanner:
 
     def _layer_time(self, counts: Mapping[int, int], resident: AbstractSet[int]) -> float:
         """A layer's simulated expert time with an idle copy engine (`resident`: which of the
-        counted experts are resident), memoized on its load pattern: in decode, where every count
-        is 1, just on how many of its experts are resident."""
+        counted experts are resident), memoized on its load pattern."""
         if len(counts) == sum(counts.values()):
-            n_resident = len(resident)
-            key = (n_resident, len(counts) - n_resident)
-        else:
-            resident_loads, other_loads = [], []
-            for expert, n_tokens in counts.items():
-                (resident_loads if expert in resident else other_loads).append(n_tokens)
-            key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
+            return self._decode_time(len(resident), len(counts) - len(resident))
+        resident_loads, other_loads = [], []
+        for expert, n_tokens in counts.items():
+            (resident_loads if expert in resident else other_loads).append(n_tokens)
+        key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
         finish_ms = self._layer_time_memo.get(key)
         if finish_ms is None:
-            if len(self._layer_time_memo) >= _MEMO_MAX:
-                self._layer_time_memo.clear()
-            finish_ms = self.schedule(counts, resident, self._schedule_costs).finish_ms
-            self._layer_time_memo[key] = finish_ms
+            finish_ms = self._remember(key, self.schedule(counts, resident, self._schedule_costs).finish_ms)
+        return finish_ms
+
+    def _decode_time(self, n_resident: int, n_other: int) -> float:
+        """`_layer_time` of a decode layer (every count 1): only how many experts are resident matters."""
+        key = (n_resident, n_other)
+        finish_ms = self._layer_time_memo.get(key)
+        if finish_ms is None:
+            counts = dict.fromkeys(range(n_resident + n_other), 1)
+            finish_ms = self.schedule(counts, set(range(n_resident)), self._schedule_costs).finish_ms
+            finish_ms = self._remember(key, finish_ms)
+        return finish_ms
+
+    def _remember(self, key: tuple, finish_ms: float) -> float:
+        if len(self._layer_time_memo) >= _MEMO_MAX:
+            self._layer_time_memo.clear()
+        self._layer_time_memo[key] = finish_ms
         return finish_ms
 
     def plan_layer(
@@ -187,7 +197,7 @@ class PolicyPlanner:
         stall_ms = 0.0
         in_flight = self._in_flight[layer]
         if in_flight:
-            used = [expert for expert in in_flight if expert in counts and expert in resident]
+            used = [expert for expert in counts if expert in in_flight and expert in resident]
             for expert in used:
                 wait_ms = in_flight.pop(expert) - start_ms
                 if wait_ms > stall_ms:
@@ -265,7 +275,9 @@ class PolicyPlanner:
             return top_score_prefetch(self.cache, later[0], max_loads)
         if tuple(predicted_counts) != later:
             predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
-        return impact_prefetch(self.cache, predicted_counts, max_loads, self._layer_time, warm_layers=later)
+        return impact_prefetch(
+            self.cache, predicted_counts, max_loads, self._layer_time, warm_layers=later, decode_time=self._decode_time
+        )
 
 
 def _needed_by_layer(
