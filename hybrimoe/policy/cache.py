@@ -451,7 +451,8 @@ class ExpertCache:
                 return None
             if only_if_better and not self._slot_prio[slot] < self._prio[key]:
                 return None
-            # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
+            # The victim's bookkeeping is undone here, and the newcomer placed below, rather than in
+            # helpers: this is the hot path.
             old_layer, old_expert = self._slot_eid[slot]
             self._slot_index[old_layer][old_expert] = -1
             self._slot_array[old_layer, old_expert] = -1
@@ -459,7 +460,17 @@ class ExpertCache:
             self.evictions += 1
         if self.policy.uses_admit:
             self.policy.on_admit(key)
-        self._place(eid, slot)
+        # As `_place`, inline.
+        self._slot_eid[slot] = eid
+        experts = self._protected.get(layer)
+        if experts is not None and expert in experts:
+            self._slot_prio[slot] = _INF
+            self._pinned.append(slot)
+        else:
+            self._slot_prio[slot] = self._prio[key]
+        self._slot_index[layer][expert] = slot
+        self._slot_array[layer, expert] = slot
+        self._resident[layer].add(expert)
         self.loads += 1
         return SlotLoad(eid, slot)
 

@@ -206,7 +206,10 @@ class PolicyPlanner:
         hits = cache.access(layer, counts)
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
-        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
+        predicted_counts = {
+            target: dict.fromkeys(ids[0].tolist(), 1) if ids.shape[0] == 1 else token_counts(ids)
+            for target, ids in predicted_topk.items()
+        }
         cache.protect(_needed_by_layer(layer, counts, predicted_counts))
         loads: list[SlotLoad] = []
         cpu = plan.cpu
