@@ -300,7 +300,7 @@ class ExpertCache:
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
         self._slot_prio = np.full(capacity, np.inf)  # [capacity] its expert's priority; +inf: free or pinned
-        self._pinned: list[int] = []  # slots set to +inf because the current protection covers them
+        self._pinned: set[int] = set()  # slots set to +inf because the current protection covers them
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
         self._slot_array = np.full((n_layers, n_experts), -1, dtype=np.intp)  # [L, E] the same, as an array
@@ -420,12 +420,12 @@ class ExpertCache:
         if self._pinned:
             # Unpin what the new protection does not cover; what it still covers stays pinned.
             slot_prio, prio, slot_eid, n_experts = self._slot_prio, self._prio, self._slot_eid, self.n_experts
-            still_pinned = []
+            still_pinned = set()
             for slot in self._pinned:
                 layer, expert = slot_eid[slot]
                 experts = experts_by_layer.get(layer)
                 if experts is not None and expert in experts:
-                    still_pinned.append(slot)
+                    still_pinned.add(slot)
                 else:
                     slot_prio[slot] = prio[layer * n_experts + expert]
             self._pinned = still_pinned
@@ -451,8 +451,7 @@ class ExpertCache:
                 return None
             if only_if_better and not self._slot_prio[slot] < self._prio[key]:
                 return None
-            # The victim's bookkeeping is undone here, and the newcomer placed below, rather than in
-            # helpers: this is the hot path.
+            # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
             old_layer, old_expert = self._slot_eid[slot]
             self._slot_index[old_layer][old_expert] = -1
             self._slot_array[old_layer, old_expert] = -1
@@ -460,17 +459,7 @@ class ExpertCache:
             self.evictions += 1
         if self.policy.uses_admit:
             self.policy.on_admit(key)
-        # As `_place`, inline.
-        self._slot_eid[slot] = eid
-        experts = self._protected.get(layer)
-        if experts is not None and expert in experts:
-            self._slot_prio[slot] = _INF
-            self._pinned.append(slot)
-        else:
-            self._slot_prio[slot] = self._prio[key]
-        self._slot_index[layer][expert] = slot
-        self._slot_array[layer, expert] = slot
-        self._resident[layer].add(expert)
+        self._place(eid, slot)
         self.loads += 1
         return SlotLoad(eid, slot)
 
@@ -502,7 +491,7 @@ class ExpertCache:
             if experts is None or expert not in experts:
                 return slot
             slot_prio[slot] = _INF
-            self._pinned.append(slot)
+            self._pinned.add(slot)
 
     def _refresh_layer(self, layer: int) -> None:
         """Copies layer's (changed) priorities to its resident experts' slots."""
@@ -517,7 +506,7 @@ class ExpertCache:
         experts = self._protected.get(layer)
         if experts is not None and expert in experts:
             self._slot_prio[slot] = _INF
-            self._pinned.append(slot)
+            self._pinned.add(slot)
         else:
             self._slot_prio[slot] = self._prio[layer * self.n_experts + expert]
         self._slot_index[layer][expert] = slot
