@@ -1,13 +1,16 @@
 """How fast the policy core plans: simulated layer-steps per second, and microseconds per layer plan.
 
 Prints, in one run:
-- the Qwen3-30B-A3B trace (2,080 tokens x 48 layers as decode steps) through `hybrimoe`: seconds
+- the Qwen3-30B-A3B trace (2,107 tokens x 48 layers as decode steps) through `hybrimoe`: seconds
   and layer-steps per second (target: well under 10 s);
-- the median time to plan one decode layer for 128 experts, top-8 (score update, schedule, prefetch
-  choice), against the same planner with the scheduler's memo disabled (target: <= 20 us);
+- the median time to plan one decode layer (score update, schedule, prefetch choice), for the
+  trace's real routing and for 128 experts, top-8, random routing with router probabilities and
+  prefetch depth 2 (target: <= 20 us). Each is measured in alternating chunks against the same
+  planner with the scheduler's memo off, so both see the same machine state, and printed as a ratio;
 - the greedy schedule's time relative to the exact optimum on random small layers.
 
-Times are CPU time of this process (thread), so other work on the machine inflates them less.
+Times are CPU time of this thread, so other work on the machine inflates them less; this VM's
+speed still drifts by tens of percent over minutes, which the interleaved ratios cancel.
 
 Usage: python benchmarks/bench_policy.py [--trace traces/qwen3-30b-a3b.npz] [--profile PROFILE]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +29,11 @@ from hybrimoe.config import PolicyConfig, load_profile
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.simulator import simulate
-from hybrimoe.policy.strategies import ModelDims, cache_capacity, make_planner
+from hybrimoe.policy.strategies import ModelDims, PolicyPlanner, cache_capacity, make_planner
 from hybrimoe.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 500  # plans per chunk; chunks alternate between the planner and its baseline
 
 
 def bench_replay(trace, costs, policy) -> float:
@@ -41,41 +46,76 @@ def bench_replay(trace, costs, policy) -> float:
     layer_steps = decode.n_steps * trace.meta.n_layers
     print(f"replay: {decode.n_steps} decode steps x {trace.meta.n_layers} layers = {layer_steps} layer-steps "
           f"in {seconds:.2f} s ({layer_steps / seconds:,.0f} layer-steps/s)")
-
-    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
-    plan_layer, times = planner.plan_layer, []
-
-    def timed_plan_layer(*args):
-        started_ns = time.thread_time_ns()
-        plan = plan_layer(*args)
-        times.append(time.thread_time_ns() - started_ns)
-        return plan
-
-    planner.plan_layer = timed_plan_layer
-    simulate(decode.tokens(0, 500), planner, strategy="hybrimoe")
-    print(f"plan one decode layer of the trace (real routing, no router probs): "
-          f"median {statistics.median(times) / 1000:.1f} us")
     return seconds
 
 
-def bench_plan_layer(costs, policy, n_experts=128, top_k=8, n_layers=48, repeats=20000) -> float:
+def timed_calls(planner: PolicyPlanner, calls: list[tuple]) -> list[int]:
+    """Plans every call in order; returns each plan's CPU time in ns."""
+    plan_layer, times = planner.plan_layer, []
+    for args in calls:
+        started_ns = time.thread_time_ns()
+        plan_layer(*args)
+        times.append(time.thread_time_ns() - started_ns)
+    return times
+
+
+def interleaved(make: Callable[[bool], PolicyPlanner], calls: list[tuple], label: str) -> float:
+    """Median plan time of `make(memo=True)` against `make(memo=False)`, chunk by chunk."""
+    planner, baseline = make(True), make(False)
+    times: list[int] = []
+    baseline_times: list[int] = []
+    for start in range(0, len(calls), CHUNK):
+        chunk = calls[start : start + CHUNK]
+        times += timed_calls(planner, chunk)
+        baseline_times += timed_calls(baseline, chunk)
+    skip = len(calls) // 10  # warm-up: the memo fills, the cache settles
+    median_us = statistics.median(times[skip:]) / 1000
+    baseline_us = statistics.median(baseline_times[skip:]) / 1000
+    print(f"plan one decode layer, {label}: median {median_us:.1f} us; scheduler memo off "
+          f"{baseline_us:.1f} us ({baseline_us / median_us:.2f}x) (target <= 20 us)")
+    return median_us
+
+
+def planner_factory(dims, costs, policy, frequencies) -> Callable[[bool], PolicyPlanner]:
+    def make(memo: bool) -> PolicyPlanner:
+        planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), frequencies)
+        if not memo:
+            planner.schedule = sched.schedule_hybrid_unmemoized
+        return planner
+
+    return make
+
+
+def bench_trace_layers(trace, costs, policy, n_tokens=400) -> float:
+    """Real routing: the trace's first tokens as decode steps, predicted from the previous token."""
+    dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
+    calls, recent = [], {}
+    for step in trace.as_decode().tokens(0, n_tokens).steps:
+        ids_all = step.topk_ids.astype(np.intp)  # [L, 1, k]
+        for layer in range(dims.n_layers):
+            targets = [(layer + d) % dims.n_layers for d in range(1, policy.prefetch_depth + 1)]
+            predicted = {t: recent[t] for t in targets if t in recent}
+            calls.append((layer, ids_all[layer], None, predicted))
+            recent[layer] = ids_all[layer]
+    make = planner_factory(dims, costs, policy, trace.expert_frequencies())
+    return interleaved(make, calls, "trace routing (no router probs)")
+
+
+def bench_random_layers(costs, policy, n_experts=128, top_k=8, n_layers=48, n_calls=20000) -> float:
     dims = ModelDims(n_layers, n_experts, top_k)
     rng = np.random.default_rng(0)
-    freqs = rng.zipf(1.5, size=(n_layers, n_experts)).astype(float)
-    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), freqs)
+    frequencies = rng.zipf(1.5, size=(n_layers, n_experts)).astype(float)
     ids = [rng.choice(n_experts, size=(1, top_k), replace=False) for _ in range(256)]
     probs = [rng.dirichlet(np.ones(n_experts)).astype(np.float32)[None, :] for _ in range(256)]
-    times = []
-    for i in range(repeats):
+    calls = []
+    for i in range(n_calls):
         layer = i % n_layers
-        predicted = {(layer + 1) % n_layers: ids[(i + 1) % 256], (layer + 2) % n_layers: ids[(i + 2) % 256]}
-        started = time.thread_time_ns()
-        planner.plan_layer(layer, ids[i % 256], probs[i % 256], predicted)
-        times.append(time.thread_time_ns() - started)
-    median_us = statistics.median(times[repeats // 10:]) / 1000
-    print(f"plan one decode layer ({n_experts} experts, top-{top_k}, router probs, prefetch depth "
-          f"{policy.prefetch_depth}): median {median_us:.1f} us (target <= 20 us)")
-    return median_us
+        predicted = {(layer + d) % n_layers: ids[(i + d) % 256] for d in range(1, policy.prefetch_depth + 1)}
+        calls.append((layer, ids[i % 256], probs[i % 256], predicted))
+    make = planner_factory(dims, costs, policy, frequencies)
+    return interleaved(
+        make, calls, f"{n_experts} experts, top-{top_k}, random routing, router probs, prefetch depth {policy.prefetch_depth}"
+    )
 
 
 def bench_greedy_vs_exact(costs, samples=300) -> None:
@@ -101,7 +141,8 @@ def main() -> None:
     policy = PolicyConfig()
     trace = load_trace(args.trace)
     bench_replay(trace, costs, policy)
-    bench_plan_layer(costs, policy)
+    bench_trace_layers(trace, costs, policy)
+    bench_random_layers(costs, policy)
     bench_greedy_vs_exact(costs)
 
 

@@ -3,8 +3,10 @@
 Design choices:
 - Impact-driven (the paper's): for each later layer with predicted routing, the gain of making a
   predicted, non-resident expert resident is how much the scheduler's simulated time for that layer
-  drops. Experts are taken greedily by gain while the copy budget lasts; gains are re-evaluated
-  after each pick because a layer's second resident expert helps less than its first.
+  drops. Experts are taken greedily by gain while the copy budget lasts; the picked layer's gain is
+  re-evaluated after each pick because a layer's second resident expert helps less than its first
+  (the other layers' gains do not change). In decode every predicted count is 1, so a layer's time
+  depends only on how many of its experts are resident (`DecodeTimeFn`).
 - Warm fill: budget left after the predicted experts goes to the highest-score experts of the next
   layers that outrank the cache's weakest unprotected resident, so PCIe time the schedule leaves idle
   keeps the cache warm instead of only admitting experts loaded for immediate use.

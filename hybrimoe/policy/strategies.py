@@ -96,7 +96,8 @@ class PolicyPlanner:
     """Plans every MoE layer: schedule this layer's experts, admit loads, choose prefetches.
 
     `plan_layer` runs at every MoE layer of every step, in the runtime as in the simulator, so it
-    is written for speed: plain loops over a layer's few experts, no per-call allocations it can avoid.
+    is written for speed: plain loops over a layer's few experts, memoized layer times, and numpy
+    only where a whole row or pool is touched.
     """
 
     def __init__(
@@ -182,7 +183,7 @@ class PolicyPlanner:
     ) -> LayerPlan:
         costs, cache, stats, timeline = self.costs, self.cache, self.stats, self._timeline
         n_tokens = topk_ids.shape[0]
-        counts = dict.fromkeys(topk_ids[0].tolist(), 1) if n_tokens == 1 else token_counts(topk_ids)
+        counts = token_counts(topk_ids)
         cache.observe(layer, topk_ids, router_probs, topk_weights)
         resident = cache.resident(layer)
 
@@ -206,10 +207,7 @@ class PolicyPlanner:
         hits = cache.access(layer, counts)
 
         # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
-        predicted_counts = {
-            target: dict.fromkeys(ids[0].tolist(), 1) if ids.shape[0] == 1 else token_counts(ids)
-            for target, ids in predicted_topk.items()
-        }
+        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
         cache.protect(_needed_by_layer(layer, counts, predicted_counts))
         loads: list[SlotLoad] = []
         cpu = plan.cpu
