@@ -94,8 +94,6 @@ _Picker = Callable[[list[int]], tuple[int, ...]]
 # A memoized schedule: pickers for gpu, load and cpu, then cpu_end_ms .. load_done_ms.
 _Memoized = tuple[_Picker, _Picker, _Picker, tuple[float, float, float, float, tuple[float, ...]]]
 
-_pickers: dict[tuple[int, ...], _Picker] = {}
-
 
 def _split_sorted(
     n_tokens_of: Mapping[int, int], resident: AbstractSet[int]
@@ -121,17 +119,12 @@ def _from_ranked(ids: list[int], ranked: _Ranked) -> LayerSchedule:
 
 def _picker(positions: tuple[int, ...]) -> _Picker:
     """A C-level getter of ids[positions] as a tuple (itemgetter alone returns a bare item for one)."""
-    picker = _pickers.get(positions)
-    if picker is None:
-        if not positions:
-            picker = _pick_none
-        elif len(positions) == 1:
-            get_one = itemgetter(positions[0])
-            picker = lambda ids: (get_one(ids),)  # noqa: E731
-        else:
-            picker = itemgetter(*positions)
-        picker = _pickers[positions] = picker
-    return picker
+    if not positions:
+        return _pick_none
+    if len(positions) == 1:
+        get_one = itemgetter(positions[0])
+        return lambda ids: (get_one(ids),)
+    return itemgetter(*positions)
 
 
 def _pick_none(ids: list[int]) -> tuple[int, ...]:
