@@ -62,6 +62,7 @@ def _summary(stats) -> Panel:
             f"{c.warm_loads} before the first token)",
         ),
         ("Prefetch precision", _fmt(c.prefetch_precision, ".1%")),
+        ("Planning", _fmt(c.planning_us_per_layer, ".1f", " us per MoE layer (mean)")),
         (
             "Simulator predicts",
             f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')}, "

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -105,9 +106,11 @@ class LayerExecutor:
         if self.record_depth is not None:
             lookahead = {j: predicted_h[j] for j in later[: self.record_depth]}
             self.records.append(LayerRecord(ids, rest[-1], probs, lookahead))
-        plan = self.planner.plan_layer(
-            layer, ids, probs, {j: predicted_h[j] for j in later[: self.plan_depth]}
-        )
+        predicted_plan = {j: predicted_h[j] for j in later[: self.plan_depth]}
+        started_ns = time.perf_counter_ns()
+        plan = self.planner.plan_layer(layer, ids, probs, predicted_plan)
+        self.counters.planning_ns += time.perf_counter_ns() - started_ns
+        self.counters.layers_planned += 1
 
         # group the P token-expert pairs by expert; pairs[0] = pair index, pairs[1] = its token
         flat = ids.reshape(-1)  # [P]

@@ -27,6 +27,8 @@ class ExpertCounters:
     bytes_loaded: int = 0  # on-demand and prefetch copies
     warm_loads: int = 0  # copies before the first step (the planner's warm start), not in bytes_loaded
     planned_ms: float = 0.0  # the planners' own simulated expert time, summed over layers
+    layers_planned: int = 0  # MoE layer calls planned (layers x forward steps)
+    planning_ns: int = 0  # wall time spent inside the planner, summed over layers
 
     @property
     def hit_rate(self) -> float | None:
@@ -43,6 +45,10 @@ class ExpertCounters:
     @property
     def prefetch_precision(self) -> float | None:
         return self.prefetches_used / self.prefetches if self.prefetches else None
+
+    @property
+    def planning_us_per_layer(self) -> float | None:
+        return self.planning_ns / self.layers_planned / 1000 if self.layers_planned else None
 
 
 @dataclass
@@ -77,5 +83,6 @@ class RunStats:
             "cpu_share": counters.cpu_share,
             "accelerator_share": counters.accelerator_share,
             "prefetch_precision": counters.prefetch_precision,
+            "planning_us_per_layer": counters.planning_us_per_layer,
         }
         return data

@@ -30,7 +30,7 @@ def test_streams_text_and_prints_the_summary(model_dir):
     result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "6")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("ROMEO:")
-    for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "built-in default"):
+    for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "Planning", "built-in default"):
         assert label in result.stdout
 
 
@@ -41,6 +41,7 @@ def test_json_statistics(model_dir):
     assert data["n_new_tokens"] == 5 and data["capacity"] == 0
     assert data["counters"]["accelerator_share"] == 0.0
     assert data["counters"]["activations"] > 0
+    assert data["counters"]["layers_planned"] > 0 and data["counters"]["planning_us_per_layer"] > 0
     assert data["simulated_decode_tokens_per_s"] > 0
     assert len(data["texts"]) == 1
 
