@@ -300,6 +300,7 @@ class ExpertCache:
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
         self._slot_prio = np.full(capacity, np.inf)  # [capacity] its expert's priority; +inf: free or pinned
+        self._pool_prio = [self._slot_prio[lo:hi] for lo, hi in self._pools]  # views of _slot_prio
         self._pinned: set[int] = set()  # slots set to +inf because the current protection covers them
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
@@ -480,8 +481,7 @@ class ExpertCache:
         lo, hi = self._pools[pool]
         if lo == hi:
             return None
-        slot_prio = self._slot_prio
-        prio = slot_prio[lo:hi]  # [pool slots], a view: pins show through
+        slot_prio, prio = self._slot_prio, self._pool_prio[pool]  # prio: [pool slots], a view
         while True:
             slot = lo + int(prio.argmin())
             if slot_prio[slot] == _INF:

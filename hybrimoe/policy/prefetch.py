@@ -38,7 +38,7 @@ DecodeTimeFn = Callable[[int, int], float]
 def token_counts(topk_ids: np.ndarray) -> dict[int, int]:
     """[T, k] routed ids -> {expert: tokens routed to it}."""
     if topk_ids.shape[0] == 1:
-        return dict.fromkeys(topk_ids[0].tolist(), 1)
+        return dict.fromkeys(topk_ids.tolist()[0], 1)
     experts, counts = np.unique(topk_ids, return_counts=True)
     return dict(zip(experts.tolist(), counts.tolist()))
 

@@ -273,17 +273,23 @@ def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: 
     )
 
 
-def _hybrid(
-    n_tokens_of: Mapping[int, int], resident: AbstractSet[int], costs: CostModel, pcie0: float, guarded: bool
+def schedule_hybrid(
+    n_tokens_of: Mapping[int, int],
+    resident: AbstractSet[int],
+    costs: CostModel,
+    pcie_free_at_ms: float = 0.0,
+    guarded: bool = True,
 ) -> LayerSchedule:
+    """HybriMoE's greedy with the CPU guards, or with guarded=False as the paper states it
+    (memoized; see the module docstring)."""
     ids = n_tokens_of.keys()
     if sum(n_tokens_of.values()) == len(n_tokens_of):  # decode: the loads are all 1, only counts matter
         non, res = sorted(ids - resident), sorted(ids & resident)
-        key = (len(res), len(non), pcie0, guarded)
+        key = (len(res), len(non), pcie_free_at_ms, guarded)
         non_n = res_n = None
     else:
         non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
-        key = (tuple(res_n), tuple(non_n), pcie0, guarded)
+        key = (tuple(res_n), tuple(non_n), pcie_free_at_ms, guarded)
     memo = costs.schedule_memo
     entry = memo.get(key)
     if entry is None:
@@ -291,20 +297,10 @@ def _hybrid(
             memo.clear()
         if non_n is None:
             non_n, res_n = [1] * len(non), [1] * len(res)
-        entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie0, guarded))
+        entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie_free_at_ms, guarded))
     ids = non + res
     pick_gpu, pick_load, pick_cpu, times = entry
     return LayerSchedule(pick_gpu(ids), pick_load(ids), pick_cpu(ids), *times)
-
-
-def schedule_hybrid(
-    n_tokens_of: Mapping[int, int],
-    resident: AbstractSet[int],
-    costs: CostModel,
-    pcie_free_at_ms: float = 0.0,
-) -> LayerSchedule:
-    """HybriMoE's greedy with the CPU guards (memoized; see the module docstring)."""
-    return _hybrid(n_tokens_of, resident, costs, pcie_free_at_ms, True)
 
 
 def schedule_hybrid_paper(
@@ -314,7 +310,7 @@ def schedule_hybrid_paper(
     pcie_free_at_ms: float = 0.0,
 ) -> LayerSchedule:
     """HybriMoE's greedy as the paper states it: the CPU always takes its next expert (memoized)."""
-    return _hybrid(n_tokens_of, resident, costs, pcie_free_at_ms, False)
+    return schedule_hybrid(n_tokens_of, resident, costs, pcie_free_at_ms, guarded=False)
 
 
 def schedule_hybrid_unmemoized(
