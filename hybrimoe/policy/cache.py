@@ -111,7 +111,7 @@ class MRSPolicy(CachePolicy):
         if n_tokens == 1:
             row *= 1.0 - a
             if router_probs is None:
-                row[topk_ids[0]] += a * topk_weights[0] if topk_weights is not None else a / k
+                row[topk_ids] += a * topk_weights if topk_weights is not None else a / k  # [1, k] each
                 return
             probs = router_probs[0]  # [E]
             n_experts = probs.shape[0]
