@@ -7,6 +7,8 @@ Prints, in one run:
   trace's real routing and for 128 experts, top-8, random routing with router probabilities and
   prefetch depth 2 (target: <= 20 us). Each is measured in alternating chunks against the same
   planner with the scheduler's memo off, so both see the same machine state, and printed as a ratio;
+  the trace case is also timed with a 32 MB memory sweep between plans, as the model's own work
+  between two plans leaves the CPU caches in the runtime;
 - the greedy schedule's time relative to the exact optimum on random small layers.
 
 Times are CPU time of this thread, so other work on the machine inflates them less; this VM's
@@ -49,10 +51,13 @@ def bench_replay(trace, costs, policy) -> float:
     return seconds
 
 
-def timed_calls(planner: PolicyPlanner, calls: list[tuple]) -> list[int]:
-    """Plans every call in order; returns each plan's CPU time in ns."""
+def timed_calls(planner: PolicyPlanner, calls: list[tuple], between: Callable[[], object] | None = None) -> list[int]:
+    """Plans every call in order, running `between` (untimed) before each; returns each plan's CPU
+    time in ns."""
     plan_layer, times = planner.plan_layer, []
     for args in calls:
+        if between is not None:
+            between()
         started_ns = time.thread_time_ns()
         plan_layer(*args)
         times.append(time.thread_time_ns() - started_ns)
@@ -98,7 +103,15 @@ def bench_trace_layers(trace, costs, policy, n_tokens=400) -> float:
             calls.append((layer, ids_all[layer], None, predicted))
             recent[layer] = ids_all[layer]
     make = planner_factory(dims, costs, policy, trace.expert_frequencies())
-    return interleaved(make, calls, "trace routing (no router probs)")
+    median_us = interleaved(make, calls, "trace routing (no router probs)")
+    # In the runtime the model's own work runs between two plans and evicts the planner's code and
+    # data from the CPU caches; a sweep over 32 MB between plans stands in for it.
+    sweep = np.ones(4 << 20)
+    times = timed_calls(make(True), calls, between=sweep.sum)
+    cold_us = statistics.median(times[len(times) // 10 :]) / 1000
+    print(f"plan one decode layer, trace routing, caches swept between plans: median {cold_us:.1f} us "
+          f"({cold_us / median_us:.1f}x the warm median)")
+    return median_us
 
 
 def bench_random_layers(costs, policy, n_experts=128, top_k=8, n_layers=48, n_calls=20000) -> float:
