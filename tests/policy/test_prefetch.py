@@ -53,3 +53,21 @@ def test_warm_fill_only_replaces_lower_scored_residents():
     loads = warm_fill(cache, (1,), max_loads=2)
     assert [load.expert for load in loads] == [(1, 2)]
     assert warm_fill(cache, (1,), max_loads=2) == []
+
+
+def decode_time(n_resident, n_other):
+    return layer_time(dict.fromkeys(range(n_resident + n_other), 1), set(range(n_resident)))
+
+
+def test_decode_timing_by_resident_count_picks_the_same_loads():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        warm = [(int(layer), int(e)) for layer, e in zip(rng.integers(1, 4, 6), rng.integers(0, 8, 6))]
+        predicted = {layer: dict.fromkeys(rng.choice(8, size=3, replace=False).tolist(), 1) for layer in (1, 2, 3)}
+        picks = []
+        for timing in ({}, {"decode_time": decode_time}):
+            cache = ExpertCache(4, 8, capacity=6, policy="lru")
+            cache.fill(warm)
+            loads = impact_prefetch(cache, predicted, max_loads=4, layer_time=layer_time, **timing)
+            picks.append([load.expert for load in loads])
+        assert picks[0] == picks[1]
