@@ -271,3 +271,49 @@ def test_random_operations_keep_invariants(policy, layout, capacity, ops):
         assert all(cache.is_resident(eid) for eid in resident_protected)
         check_consistent(cache)
     assert cache.hits + cache.misses == n_accesses
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from(["mrs", "lru", "lfu"]),
+    layout=st.sampled_from(["shared", "per-layer"]),
+    capacity=st.integers(1, N_LAYERS * N_EXPERTS // 2),
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, N_LAYERS - 1),
+            st.lists(st.integers(0, N_EXPERTS - 1), min_size=1, max_size=4, unique=True),
+            st.integers(0, N_LAYERS - 1),
+            st.lists(st.integers(0, N_EXPERTS - 1), max_size=4, unique=True),
+            st.integers(1, 2),
+        ),
+        max_size=40,
+    ),
+)
+def test_every_eviction_is_the_lowest_priority_unprotected_resident(policy, layout, capacity, ops):
+    """The incrementally kept slot priorities and lazy pins agree with a search from scratch."""
+    cache = ExpertCache(N_LAYERS, N_EXPERTS, capacity, layout=layout, policy=policy)
+    rng = np.random.default_rng(capacity)
+    for layer, experts, later, later_experts, n_tokens in ops:
+        probs = rng.dirichlet(np.ones(N_EXPERTS), size=n_tokens)  # [T, E]
+        cache.observe(layer, np.array([experts[:TOP_K]] * n_tokens), probs)
+        cache.access(layer, experts)
+        needed = {layer: set(experts)}
+        needed.setdefault(later, set()).update(later_experts)
+        cache.protect(needed)
+        for e in experts:
+            if cache.is_resident((layer, e)):
+                continue
+            pool = cache.pool_slots(layer)
+            in_pool = [(o, x) for o in range(N_LAYERS) for x in cache.resident(o) if cache.slot_of((o, x)) in pool]
+            candidates = [
+                (cache.priority(eid), cache.slot_of(eid), eid) for eid in in_pool if eid[1] not in needed.get(eid[0], ())
+            ]
+            full = len(in_pool) == len(pool)
+            before = {(o, x) for o in range(N_LAYERS) for x in cache.resident(o)}
+            load = cache.admit((layer, e))
+            after = {(o, x) for o in range(N_LAYERS) for x in cache.resident(o)}
+            evicted = before - after
+            if evicted:
+                assert full and evicted == {min(candidates)[2]}
+            if load is None:
+                assert not candidates and full
