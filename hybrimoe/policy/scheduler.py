@@ -282,21 +282,16 @@ def schedule_hybrid(
 ) -> LayerSchedule:
     """HybriMoE's greedy with the CPU guards, or with guarded=False as the paper states it
     (memoized; see the module docstring)."""
-    ids = n_tokens_of.keys()
-    if sum(n_tokens_of.values()) == len(n_tokens_of):  # decode: the loads are all 1, only counts matter
-        non, res = sorted(ids - resident), sorted(ids & resident)
+    non, non_n, res, res_n, decode = _split_sorted(n_tokens_of, resident)
+    if decode:  # the loads are all 1: only the counts matter
         key = (len(res), len(non), pcie_free_at_ms, guarded)
-        non_n = res_n = None
     else:
-        non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
         key = (tuple(res_n), tuple(non_n), pcie_free_at_ms, guarded)
     memo = costs.schedule_memo
     entry = memo.get(key)
     if entry is None:
         if len(memo) >= _MEMO_MAX:
             memo.clear()
-        if non_n is None:
-            non_n, res_n = [1] * len(non), [1] * len(res)
         entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie_free_at_ms, guarded))
     ids = non + res
     pick_gpu, pick_load, pick_cpu, times = entry
@@ -353,9 +348,9 @@ def schedule_static(
     pcie_free_at_ms: float = 0.0,
 ) -> LayerSchedule:
     """Resident experts on the GPU (highest load first), the rest on the CPU (lowest first), no copies."""
-    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     if not costs.has_accelerator:
-        return _from_ranked(non + res, _cpu_only_ranked(non_n, res_n, costs, pcie_free_at_ms))
+        return schedule_cpu_only(n_tokens_of, resident, costs, pcie_free_at_ms)
+    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     cpu_ms = costs.cpu_ms
     cpu_end = (costs.cpu_first_extra_ms + sum(map(cpu_ms, non_n))) if non else 0.0
     gpu_end = float(sum(map(costs.gpu_ms, res_n)))
@@ -371,9 +366,9 @@ def schedule_gpu_only(
     pcie_free_at_ms: float = 0.0,
 ) -> LayerSchedule:
     """Resident experts on the GPU; every other one copied on demand (highest load first), then run there."""
-    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     if not costs.has_accelerator:
-        return _from_ranked(non + res, _cpu_only_ranked(non_n, res_n, costs, pcie_free_at_ms))
+        return schedule_cpu_only(n_tokens_of, resident, costs, pcie_free_at_ms)
+    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     gpu_ms, load_ms = costs.gpu_ms, costs.load_ms
     load = non[::-1]
     load_done = tuple(pcie_free_at_ms + load_ms * (i + 1) for i in range(len(load)))
@@ -396,9 +391,9 @@ def schedule_exact(
     n = len(n_tokens_of)
     if n > EXACT_MAX_EXPERTS:
         raise ValueError(f"schedule_exact handles at most {EXACT_MAX_EXPERTS} experts, got {n}")
-    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     if not costs.has_accelerator:
-        return _from_ranked(non + res, _cpu_only_ranked(non_n, res_n, costs, pcie_free_at_ms))
+        return schedule_cpu_only(n_tokens_of, resident, costs, pcie_free_at_ms)
+    non, non_n, res, res_n, _ = _split_sorted(n_tokens_of, resident)
     cpu_ms, gpu_ms, load_ms, extra_ms = costs.cpu_ms, costs.gpu_ms, costs.load_ms, costs.cpu_first_extra_ms
     # Side 1 = GPU (resident) or copy + GPU (non-resident). Copies go in decreasing gpu_ms order.
     experts = [(e, n_tokens_of[e], e in resident) for e in non + res]
