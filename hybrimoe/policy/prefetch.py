@@ -69,18 +69,17 @@ def impact_prefetch(
         candidates = [e for e in counts if e not in cached]
         if not candidates:
             continue
-        if len(counts) == sum(counts.values()):  # every count is 1: equal gains, lowest id first
+        all_ones = len(counts) == sum(counts.values())
+        if all_ones:  # equal gains: lowest id first
             candidates.sort()
-            if decode_time is not None:
-                n_resident = len(counts) - len(candidates)
-                entry = [layer, None, n_resident, candidates, decode_time(n_resident, len(candidates)), 0.0, None]
-                _rescore(entry, layer_time, decode_time)
-                entries.append(entry)
-                continue
         else:
             candidates.sort(key=lambda e: (-counts[e], e))
-        resident = cached.intersection(counts)
-        entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
+        if all_ones and decode_time is not None:
+            n_resident = len(counts) - len(candidates)
+            entry = [layer, None, n_resident, candidates, decode_time(n_resident, len(candidates)), 0.0, None]
+        else:
+            resident = cached.intersection(counts)
+            entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
         _rescore(entry, layer_time, decode_time)
         entries.append(entry)
     while len(loads) < max_loads and entries:
