@@ -52,7 +52,10 @@ class ResidentPlanner:
     def plan_layer(self, layer, topk_ids, router_probs, predicted_topk) -> LayerPlan:
         experts = tuple(np.unique(topk_ids).tolist())
         base = layer * self.n_experts
-        return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), (), 0.0)
+        return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), 0.0)
+
+    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+        return ()
 
 
 def _decode_tokens_per_s(loaded: LoadedModel, ids: torch.Tensor, n_new: int, runtime: HybridRuntime | None) -> float:

@@ -62,7 +62,11 @@ def _summary(stats) -> Panel:
             f"{c.warm_loads} before the first token)",
         ),
         ("Prefetch precision", _fmt(c.prefetch_precision, ".1%")),
-        ("Planning", _fmt(c.planning_us_per_layer, ".1f", " us per MoE layer (mean)")),
+        (
+            "Planning",
+            f"{_fmt(c.planning_us_per_layer, '.1f', ' us')} per MoE layer before its experts start, "
+            f"{_fmt(c.prefetch_planning_us_per_layer, '.1f', ' us')} choosing prefetches while they run (means)",
+        ),
         (
             "Simulator predicts",
             f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')}, "

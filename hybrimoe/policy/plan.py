@@ -30,12 +30,13 @@ class LayerPlan(NamedTuple):
     cpu: tuple[int, ...]  # experts computed on the CPU, in this order
     slot_of: dict[int, int]  # expert -> cache slot, for every expert in gpu + load
     loads: tuple[SlotLoad, ...]  # this layer's on-demand copies, in issue order
-    prefetch: tuple[SlotLoad, ...]  # copies for later layers, issued after this layer's loads
     predicted_ms: float  # the scheduler's simulated time for this layer's experts
 
 
 class Planner(Protocol):
-    """What the runtime and the simulator both call, once per MoE layer of every forward step.
+    """What the runtime and the simulator both call, once per MoE layer of every forward step:
+    `plan_layer`, then `plan_prefetch`. The runtime asks for the prefetches once the layer's
+    experts are launched, so choosing them overlaps the layer's work instead of delaying its start.
 
     Shapes: T = tokens in this step, k = top-k, E = routed experts per layer.
     """
@@ -53,3 +54,8 @@ class Planner(Protocol):
         router_probs: np.ndarray | None,  # [T, E] float: full router probabilities, when known
         predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k] predicted experts
     ) -> LayerPlan: ...
+
+    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+        """Copies for later layers, issued after the last planned layer's loads; call once after
+        each `plan_layer`, before the next."""
+        ...

@@ -92,6 +92,7 @@ def simulate(
                 predicted,
                 None if weights_all is None else weights_all[layer],
             )
+            planner.plan_prefetch()
             layer_ms[layer] += planner.clock_ms - layer_start
             recent[layer] = ids
     total_ms = planner.clock_ms - start_ms

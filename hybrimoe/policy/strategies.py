@@ -93,9 +93,10 @@ class _Timeline:
 
 
 class PolicyPlanner:
-    """Plans every MoE layer: schedule this layer's experts, admit loads, choose prefetches.
+    """Plans every MoE layer: schedule this layer's experts and admit loads (`plan_layer`), then
+    choose prefetches (`plan_prefetch`).
 
-    `plan_layer` runs at every MoE layer of every step, in the runtime as in the simulator, so it
+    `plan_layer` and `plan_prefetch` run at every MoE layer of every step, in the runtime as in the simulator, so it
     is written for speed: plain loops over a layer's few experts, memoized layer times, and numpy
     only where a whole row or pool is touched.
     """
@@ -128,6 +129,8 @@ class PolicyPlanner:
         self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
         self._layer_time_memo: dict[tuple, float] = {}
         self._prefetches = prefetch != "none" and prefetch_depth > 0
+        # (layer, predicted counts, n_tokens, dense_ms) of the last plan, until plan_prefetch.
+        self._pending_prefetch: tuple | None = None
         # [L][depth] the layers after each layer, wrapping into the next step.
         self._later = [
             [tuple((layer + d) % dims.n_layers for d in range(1, depth + 1)) for depth in range(prefetch_depth + 1)]
@@ -181,6 +184,8 @@ class PolicyPlanner:
         predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
         topk_weights: np.ndarray | None = None,  # [T, k]
     ) -> LayerPlan:
+        if self._pending_prefetch is not None:
+            raise RuntimeError(f"plan_prefetch was not called after layer {self._pending_prefetch[0]}")
         costs, cache, stats, timeline = self.costs, self.cache, self.stats, self._timeline
         n_tokens = topk_ids.shape[0]
         counts = token_counts(topk_ids)
@@ -228,20 +233,14 @@ class PolicyPlanner:
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * load_ms
         idle_ms = max(0.0, dense_ms + finish_ms - n_loads * load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
-        prefetch = self._choose_prefetch(layer, predicted_counts, n_tokens, dense_ms) if self._prefetches else []
-        if prefetch:
-            pcie_free_ms = timeline.pcie_free_ms
-            for (target, expert), _ in prefetch:
-                pcie_free_ms += load_ms
-                self._in_flight[target][expert] = pcie_free_ms
-            timeline.pcie_free_ms = pcie_free_ms
+        if self._prefetches:
+            self._pending_prefetch = (layer, predicted_counts, n_tokens, dense_ms)
 
         gpu = plan.gpu
         stats.stall_ms += stall_ms
         stats.hits += hits
         stats.misses += len(counts) - hits
         stats.demand_loads += n_loads
-        stats.prefetch_loads += len(prefetch)
         stats.gpu_experts += len(gpu) + n_loads
         stats.cpu_experts += len(cpu)
         slot_row = cache.slot_row(layer)
@@ -251,7 +250,24 @@ class PolicyPlanner:
             load_experts = tuple([expert for (_, expert), _ in loads])
             for (_, expert), slot in loads:
                 slots[expert] = slot
-        return LayerPlan(layer, gpu, load_experts, cpu, slots, tuple(loads), tuple(prefetch), finish_ms)
+        return LayerPlan(layer, gpu, load_experts, cpu, slots, tuple(loads), finish_ms)
+
+    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+        """Copies for the layers after the last planned one, queued on the copy engine behind its
+        loads; the cache's protection from `plan_layer` still holds."""
+        pending, self._pending_prefetch = self._pending_prefetch, None
+        if pending is None:
+            return ()
+        prefetch = self._choose_prefetch(*pending)
+        if prefetch:
+            load_ms, in_flight = self.costs.load_ms, self._in_flight
+            pcie_free_ms = self._timeline.pcie_free_ms
+            for (target, expert), _ in prefetch:
+                pcie_free_ms += load_ms
+                in_flight[target][expert] = pcie_free_ms
+            self._timeline.pcie_free_ms = pcie_free_ms
+            self.stats.prefetch_loads += len(prefetch)
+        return tuple(prefetch)
 
     def _choose_prefetch(
         self,

@@ -9,8 +9,9 @@ Design choices:
   predicted routing (their routers applied to this layer's hidden state); it returns plain data.
 - Order of work: CPU experts are handed to a worker thread first (it waits on the event of the
   hidden states' copy), then this layer's loads go on the copy stream, then the accelerator
-  experts (each waits on its slot's `ready` event), then the prefetches (each waits on its slot's
-  `free` event, recorded after this layer's kernels), then the CPU results are added.
+  experts (each waits on its slot's `ready` event), then the planner chooses the prefetches while
+  those experts run, then the prefetches are issued (each waits on its slot's `free` event,
+  recorded after this layer's kernels), then the CPU results are added.
 - Every expert is weighted by its own routing weights: pairs are grouped by expert once and the
   weights are taken through the same grouping, on the host and on the accelerator alike.
 - Weighted expert outputs are summed in float32 and cast to the model's dtype once (as
@@ -138,11 +139,16 @@ class LayerExecutor:
                 y = self._expert(layer, x_d[start:stop], store.weights(plan.slot_of[expert]))
                 out.index_add_(0, token_d[start:stop], (y * weight_d[start:stop, None]).float())
             store.release(plan.slot_of[e] for e in on_accelerator)
-        if plan.prefetch:
-            self.counters.prefetches += store.load(plan.prefetch)
-            for load in plan.prefetch:
+        # The prefetch choice runs while this layer's experts run (the CPU worker's, and the
+        # accelerator's kernels queued above), so it does not delay the layer's start.
+        started_ns = time.perf_counter_ns()
+        prefetch = self.planner.plan_prefetch()
+        self.counters.prefetch_planning_ns += time.perf_counter_ns() - started_ns
+        if prefetch:
+            self.counters.prefetches += store.load(prefetch)
+            for load in prefetch:
                 self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
-        self.counters.bytes_loaded += (len(plan.loads) + len(plan.prefetch)) * store.expert_bytes
+        self.counters.bytes_loaded += (len(plan.loads) + len(prefetch)) * store.expert_bytes
         if cpu_future is not None:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))

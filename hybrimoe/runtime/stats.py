@@ -28,7 +28,8 @@ class ExpertCounters:
     warm_loads: int = 0  # copies before the first step (the planner's warm start), not in bytes_loaded
     planned_ms: float = 0.0  # the planners' own simulated expert time, summed over layers
     layers_planned: int = 0  # MoE layer calls planned (layers x forward steps)
-    planning_ns: int = 0  # wall time spent inside the planner, summed over layers
+    planning_ns: int = 0  # wall time in `plan_layer`, before each layer's experts start, summed
+    prefetch_planning_ns: int = 0  # wall time in `plan_prefetch`, while each layer's experts run, summed
 
     @property
     def hit_rate(self) -> float | None:
@@ -49,6 +50,10 @@ class ExpertCounters:
     @property
     def planning_us_per_layer(self) -> float | None:
         return self.planning_ns / self.layers_planned / 1000 if self.layers_planned else None
+
+    @property
+    def prefetch_planning_us_per_layer(self) -> float | None:
+        return self.prefetch_planning_ns / self.layers_planned / 1000 if self.layers_planned else None
 
 
 @dataclass
@@ -84,5 +89,6 @@ class RunStats:
             "accelerator_share": counters.accelerator_share,
             "prefetch_precision": counters.prefetch_precision,
             "planning_us_per_layer": counters.planning_us_per_layer,
+            "prefetch_planning_us_per_layer": counters.prefetch_planning_us_per_layer,
         }
         return data

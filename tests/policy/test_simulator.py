@@ -51,7 +51,7 @@ def test_plans_partition_the_activated_experts_and_never_exceed_the_cache(trace)
                 slots[load.slot] = load.expert
             for expert in plan.gpu + plan.load:
                 assert slots[plan.slot_of[expert]] == (layer, expert)
-            for load in plan.prefetch:
+            for load in planner.plan_prefetch():
                 assert load.expert[0] != layer
                 slots[load.slot] = load.expert
             assert all(0 <= slot < capacity for slot in slots)

@@ -93,6 +93,19 @@ class RulePlanner:
         for expert, slot in slot_of.items():
             self.clock += 1
             self.last_use[slot] = self.clock
+        self._pending = (protected, predicted_topk)
+        return LayerPlan(
+            layer=layer,
+            gpu=tuple(gpu),
+            load=tuple(load),
+            cpu=tuple(cpu),
+            slot_of=slot_of,
+            loads=tuple(loads),
+            predicted_ms=0.0,
+        )
+
+    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+        protected, predicted_topk = self._pending
         prefetch = []
         for target in sorted(predicted_topk):
             for expert in sorted(set(predicted_topk[target].reshape(-1).tolist())):
@@ -104,13 +117,4 @@ class RulePlanner:
                 protected.add(slot)
                 prefetch.append(SlotLoad((target, expert), slot))
                 self._apply(prefetch[-1])
-        return LayerPlan(
-            layer=layer,
-            gpu=tuple(gpu),
-            load=tuple(load),
-            cpu=tuple(cpu),
-            slot_of=slot_of,
-            loads=tuple(loads),
-            prefetch=tuple(prefetch),
-            predicted_ms=0.0,
-        )
+        return tuple(prefetch)

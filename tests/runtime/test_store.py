@@ -59,6 +59,9 @@ class _Tamper:
     def plan_layer(self, *args):
         return self.edit(self.inner.plan_layer(*args))
 
+    def plan_prefetch(self):
+        return self.inner.plan_prefetch()
+
 
 @pytest.mark.parametrize(
     "edit, message",
