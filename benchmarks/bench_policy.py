@@ -3,12 +3,14 @@
 Prints, in one run:
 - the Qwen3-30B-A3B trace (2,107 tokens x 48 layers as decode steps) through `hybrimoe`: seconds
   and layer-steps per second (target: well under 10 s);
-- the median time to plan one decode layer (score update, schedule, prefetch choice), for the
-  trace's real routing and for 128 experts, top-8, random routing with router probabilities and
-  prefetch depth 2 (target: <= 20 us). Each is measured in alternating chunks against the same
-  planner with the scheduler's memo off, so both see the same machine state, and printed as a ratio;
-  the trace case is also timed with a 32 MB memory sweep between plans, as the model's own work
-  between two plans leaves the CPU caches in the runtime;
+- the median time to plan one decode layer (score update, schedule, prefetch choice; target:
+  <= 20 us), for the trace's real routing and for 128 experts, top-8, random routing with router
+  probabilities and prefetch depth 2; also split into `plan_layer` (score update, schedule, demand
+  loads: what the layer's experts wait for) and `plan_prefetch` (the prefetch choice, which the
+  runtime runs while the layer's experts run). Each is measured in alternating chunks against the
+  same planner with the scheduler's memo off, so both see the same machine state, and printed as
+  a ratio; the trace case is also timed with a 32 MB memory sweep between plans, as the model's
+  own work between two plans leaves the CPU caches in the runtime;
 - the greedy schedule's time relative to the exact optimum on random small layers.
 
 Times are CPU time of this thread, so other work on the machine inflates them less; this VM's
@@ -51,34 +53,51 @@ def bench_replay(trace, costs, policy) -> float:
     return seconds
 
 
-def timed_calls(planner: PolicyPlanner, calls: list[tuple], between: Callable[[], object] | None = None) -> list[int]:
-    """Plans every call in order, running `between` (untimed) before each; returns each plan's CPU
-    time in ns."""
-    plan_layer, times = planner.plan_layer, []
+def timed_calls(
+    planner: PolicyPlanner, calls: list[tuple], between: Callable[[], object] | None = None
+) -> tuple[list[int], list[int]]:
+    """Plans every call in order, running `between` (untimed) before each; returns each call's CPU
+    time in ns in `plan_layer` and in `plan_prefetch`."""
+    plan_layer, plan_prefetch = planner.plan_layer, planner.plan_prefetch
+    layer_times, prefetch_times = [], []
+    clock = time.thread_time_ns
     for args in calls:
         if between is not None:
             between()
-        started_ns = time.thread_time_ns()
+        started_ns = clock()
         plan_layer(*args)
-        times.append(time.thread_time_ns() - started_ns)
-    return times
+        planned_ns = clock()
+        plan_prefetch()
+        layer_times.append(planned_ns - started_ns)
+        prefetch_times.append(clock() - planned_ns)
+    return layer_times, prefetch_times
+
+
+def median_us(times: list[int]) -> float:
+    return statistics.median(times[len(times) // 10 :]) / 1000  # skips the warm-up: memo, cache
 
 
 def interleaved(make: Callable[[bool], PolicyPlanner], calls: list[tuple], label: str) -> float:
-    """Median plan time of `make(memo=True)` against `make(memo=False)`, chunk by chunk."""
+    """Median whole-plan time of `make(memo=True)` against `make(memo=False)`, chunk by chunk."""
     planner, baseline = make(True), make(False)
-    times: list[int] = []
+    layer_times: list[int] = []
+    prefetch_times: list[int] = []
     baseline_times: list[int] = []
     for start in range(0, len(calls), CHUNK):
         chunk = calls[start : start + CHUNK]
-        times += timed_calls(planner, chunk)
-        baseline_times += timed_calls(baseline, chunk)
-    skip = len(calls) // 10  # warm-up: the memo fills, the cache settles
-    median_us = statistics.median(times[skip:]) / 1000
-    baseline_us = statistics.median(baseline_times[skip:]) / 1000
-    print(f"plan one decode layer, {label}: median {median_us:.1f} us; scheduler memo off "
-          f"{baseline_us:.1f} us ({baseline_us / median_us:.2f}x) (target <= 20 us)")
-    return median_us
+        times = timed_calls(planner, chunk)
+        layer_times += times[0]
+        prefetch_times += times[1]
+        baseline_times += map(sum, zip(*timed_calls(baseline, chunk)))
+    whole_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+    baseline_us = median_us(baseline_times)
+    print(f"plan one decode layer, {label}:")
+    print(f"  whole plan: median {whole_us:.1f} us (target <= 20 us); scheduler memo off {baseline_us:.1f} us "
+          f"({baseline_us / whole_us:.2f}x)")
+    print(f"  before the layer's experts start (plan_layer): median {median_us(layer_times):.1f} us; "
+          f"prefetch choice, which the runtime overlaps with the experts (plan_prefetch): "
+          f"median {median_us(prefetch_times):.1f} us")
+    return whole_us
 
 
 def planner_factory(dims, costs, policy, frequencies) -> Callable[[bool], PolicyPlanner]:
@@ -103,15 +122,15 @@ def bench_trace_layers(trace, costs, policy, n_tokens=400) -> float:
             calls.append((layer, ids_all[layer], None, predicted))
             recent[layer] = ids_all[layer]
     make = planner_factory(dims, costs, policy, trace.expert_frequencies())
-    median_us = interleaved(make, calls, "trace routing (no router probs)")
+    warm_us = interleaved(make, calls, "trace routing (no router probs)")
     # In the runtime the model's own work runs between two plans and evicts the planner's code and
     # data from the CPU caches; a sweep over 32 MB between plans stands in for it.
     sweep = np.ones(4 << 20)
-    times = timed_calls(make(True), calls, between=sweep.sum)
-    cold_us = statistics.median(times[len(times) // 10 :]) / 1000
-    print(f"plan one decode layer, trace routing, caches swept between plans: median {cold_us:.1f} us "
-          f"({cold_us / median_us:.1f}x the warm median)")
-    return median_us
+    layer_times, prefetch_times = timed_calls(make(True), calls, between=sweep.sum)
+    cold_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+    print(f"plan one decode layer, trace routing, caches swept between plans: whole plan median {cold_us:.1f} us "
+          f"({cold_us / warm_us:.1f}x the warm median); plan_layer {median_us(layer_times):.1f} us")
+    return warm_us
 
 
 def bench_random_layers(costs, policy, n_experts=128, top_k=8, n_layers=48, n_calls=20000) -> float:

@@ -9,7 +9,9 @@ Design choices:
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
   priority, lowest slot on ties: an argmin over the pool's slots in `_slot_prio` (each slot's
   priority, +inf when free). Policies change the priorities of one layer at a time (`observe`,
-  `access`), so only that layer's slots are refreshed, in one vectorized step. Protection is
+  `access`), so only that layer's slots are refreshed, in one vectorized step; after `observe`
+  the refresh waits for the next victim search, so a plan that evicts nothing never pays it (and
+  the prefetch choice, off the runtime's critical path, pays it instead). Protection is
   checked lazily: when the argmin is protected, its slot is pinned to +inf (and unpinned at the next
   `protect`) and the argmin is taken again. Priorities:
   * MRS (the paper's Minus Recent Score): S <- a * TopP(s) + (1 - a) * S for every token of every
@@ -302,6 +304,7 @@ class ExpertCache:
         self._slot_prio = np.full(capacity, np.inf)  # [capacity] its expert's priority; +inf: free or pinned
         self._pool_prio = [self._slot_prio[lo:hi] for lo, hi in self._pools]  # views of _slot_prio
         self._pinned: set[int] = set()  # slots set to +inf because the current protection covers them
+        self._stale: set[int] = set()  # layers whose slots' priorities `observe` changed since the last victim search
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
         self._slot_array = np.full((n_layers, n_experts), -1, dtype=np.intp)  # [L, E] the same, as an array
@@ -394,7 +397,7 @@ class ExpertCache:
         if self.policy.uses_observe:
             self.policy.on_observe(layer, topk_ids, router_probs, topk_weights)
             if self._resident[layer]:
-                self._refresh_layer(layer)
+                self._stale.add(layer)
 
     def access(self, layer: int, experts: Iterable[int]) -> int:
         """Counts hits and misses for the (distinct) experts layer uses now; returns the hits."""
@@ -481,6 +484,10 @@ class ExpertCache:
         lo, hi = self._pools[pool]
         if lo == hi:
             return None
+        if self._stale:
+            for layer in self._stale:
+                self._refresh_layer(layer)
+            self._stale.clear()
         slot_prio, prio = self._slot_prio, self._pool_prio[pool]  # prio: [pool slots], a view
         while True:
             slot = lo + int(prio.argmin())

@@ -211,9 +211,9 @@ class PolicyPlanner:
             stats.prefetch_used += len(used)
         hits = cache.access(layer, counts)
 
-        # Neither demand loads nor prefetches evict this layer's experts or the predicted ones.
-        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
-        cache.protect(_needed_by_layer(layer, counts, predicted_counts))
+        # Neither demand loads nor prefetches evict this layer's experts or the predicted ones;
+        # protection is set only before the first admit (here, or in plan_prefetch).
+        predicted_counts = self._protect(layer, counts, predicted_topk) if plan.load and self.admit_loads else None
         loads: list[SlotLoad] = []
         cpu = plan.cpu
         extra_cpu_ms = 0.0
@@ -234,7 +234,7 @@ class PolicyPlanner:
         idle_ms = max(0.0, dense_ms + finish_ms - n_loads * load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
         if self._prefetches:
-            self._pending_prefetch = (layer, predicted_counts, n_tokens, dense_ms)
+            self._pending_prefetch = (layer, counts, predicted_topk, predicted_counts, n_tokens, dense_ms)
 
         gpu = plan.gpu
         stats.stall_ms += stall_ms
@@ -269,10 +269,20 @@ class PolicyPlanner:
             self.stats.prefetch_loads += len(prefetch)
         return tuple(prefetch)
 
+    def _protect(
+        self, layer: int, counts: Mapping[int, int], predicted_topk: Mapping[int, np.ndarray]
+    ) -> dict[int, dict[int, int]]:
+        """Protects what this layer and the predicted layers need; returns the predicted counts."""
+        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
+        self.cache.protect(_needed_by_layer(layer, counts, predicted_counts))
+        return predicted_counts
+
     def _choose_prefetch(
         self,
         layer: int,
-        predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
+        counts: Mapping[int, int],  # this layer's {expert: tokens}
+        predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
+        predicted_counts: Mapping[int, Mapping[int, int]] | None,  # the same as counts, when protected
         n_tokens: int,
         dense_ms: float,  # the next layer's dense part and overhead, as for this layer
     ) -> list[SlotLoad]:
@@ -287,6 +297,8 @@ class PolicyPlanner:
         max_loads = math.floor(idle_ms / self.costs.load_ms) if idle_ms > 0 else 0
         if max_loads <= 0:
             return []
+        if predicted_counts is None:
+            predicted_counts = self._protect(layer, counts, predicted_topk)
         later = self._later[layer][depth]
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads)
