@@ -8,6 +8,10 @@ Design choices:
   queue) from the cost model, so it knows how much PCIe time each layer leaves idle for prefetches,
   across layer and step boundaries. A prefetched expert that is still in flight when its layer
   starts delays that layer's accelerator queue.
+- A layer is planned in two calls: `plan_layer` (schedule, demand loads: what the layer's experts
+  wait for) and `plan_prefetch` (the prefetch choice, which the runtime makes while the experts
+  run). The cache's priorities are read only by admits, so the layer's score update waits for the
+  first admit; results are the same as updating first.
 - Baselines, as they place experts:
   * `ktransformers`: a static GPU-resident set of the most frequent experts, counted on a separate
     profiling workload; all other routed experts on the CPU; no loads. Prefill uses the same static
@@ -83,6 +87,26 @@ class PlannerStats:
         return self.gpu_experts / total if total else 0.0
 
 
+class _Deferred:
+    """What `plan_layer` leaves to `plan_prefetch`: the layer's routing, and whether its score
+    update and protection have run (they run before the plan's first admit, wherever that is)."""
+
+    __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "n_tokens",
+                 "dense_ms", "observed", "predicted_counts")
+
+    def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, n_tokens, dense_ms):
+        self.layer = layer
+        self.topk_ids = topk_ids  # [T, k]
+        self.router_probs = router_probs  # [T, E] or None
+        self.topk_weights = topk_weights  # [T, k] or None
+        self.counts: dict[int, int] = counts  # expert -> tokens
+        self.predicted_topk: Mapping[int, np.ndarray] = predicted_topk  # later layer -> [T, k]
+        self.n_tokens = n_tokens
+        self.dense_ms = dense_ms  # the layer's dense part and overhead
+        self.observed = False
+        self.predicted_counts: dict[int, dict[int, int]] | None = None  # set when protected
+
+
 @dataclass
 class _Timeline:
     """The planner's model of time since the run started, in ms."""
@@ -96,9 +120,11 @@ class PolicyPlanner:
     """Plans every MoE layer: schedule this layer's experts and admit loads (`plan_layer`), then
     choose prefetches (`plan_prefetch`).
 
-    `plan_layer` and `plan_prefetch` run at every MoE layer of every step, in the runtime as in the simulator, so it
-    is written for speed: plain loops over a layer's few experts, memoized layer times, and numpy
-    only where a whole row or pool is touched.
+    Both run at every MoE layer of every step, in the runtime as in the simulator, so they are
+    written for speed: plain loops over a layer's few experts, memoized layer times, and numpy only
+    where a whole row or pool is touched. The layer's experts wait only for `plan_layer`, so what
+    can wait does: the score update and the protection of needed experts run before the plan's
+    first admit, which in decode is usually in `plan_prefetch`.
     """
 
     def __init__(
@@ -129,8 +155,7 @@ class PolicyPlanner:
         self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
         self._layer_time_memo: dict[tuple, float] = {}
         self._prefetches = prefetch != "none" and prefetch_depth > 0
-        # (layer, predicted counts, n_tokens, dense_ms) of the last plan, until plan_prefetch.
-        self._pending_prefetch: tuple | None = None
+        self._deferred: _Deferred | None = None  # from the last plan_layer, until plan_prefetch
         # [L][depth] the layers after each layer, wrapping into the next step.
         self._later = [
             [tuple((layer + d) % dims.n_layers for d in range(1, depth + 1)) for depth in range(prefetch_depth + 1)]
@@ -184,12 +209,11 @@ class PolicyPlanner:
         predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
         topk_weights: np.ndarray | None = None,  # [T, k]
     ) -> LayerPlan:
-        if self._pending_prefetch is not None:
-            raise RuntimeError(f"plan_prefetch was not called after layer {self._pending_prefetch[0]}")
+        if self._deferred is not None:
+            raise RuntimeError(f"plan_prefetch was not called after layer {self._deferred.layer}")
         costs, cache, stats, timeline = self.costs, self.cache, self.stats, self._timeline
         n_tokens = topk_ids.shape[0]
         counts = token_counts(topk_ids)
-        cache.observe(layer, topk_ids, router_probs, topk_weights)
         resident = cache.resident(layer)
 
         dense_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms
@@ -211,9 +235,10 @@ class PolicyPlanner:
             stats.prefetch_used += len(used)
         hits = cache.access(layer, counts)
 
-        # Neither demand loads nor prefetches evict this layer's experts or the predicted ones;
-        # protection is set only before the first admit (here, or in plan_prefetch).
-        predicted_counts = self._protect(layer, counts, predicted_topk) if plan.load and self.admit_loads else None
+        deferred = _Deferred(layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, n_tokens, dense_ms)
+        if plan.load and self.admit_loads:  # the score update and protection come before any admit
+            self._observe(deferred)
+            self._protect(deferred)
         loads: list[SlotLoad] = []
         cpu = plan.cpu
         extra_cpu_ms = 0.0
@@ -233,8 +258,7 @@ class PolicyPlanner:
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * load_ms
         idle_ms = max(0.0, dense_ms + finish_ms - n_loads * load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
-        if self._prefetches:
-            self._pending_prefetch = (layer, counts, predicted_topk, predicted_counts, n_tokens, dense_ms)
+        self._deferred = deferred
 
         gpu = plan.gpu
         stats.stall_ms += stall_ms
@@ -254,11 +278,15 @@ class PolicyPlanner:
 
     def plan_prefetch(self) -> tuple[SlotLoad, ...]:
         """Copies for the layers after the last planned one, queued on the copy engine behind its
-        loads; the cache's protection from `plan_layer` still holds."""
-        pending, self._pending_prefetch = self._pending_prefetch, None
-        if pending is None:
+        loads. Also runs that layer's score update if `plan_layer` admitted nothing."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            raise RuntimeError("plan_prefetch called without a plan_layer before it")
+        if not deferred.observed:
+            self._observe(deferred)
+        if not self._prefetches:
             return ()
-        prefetch = self._choose_prefetch(*pending)
+        prefetch = self._choose_prefetch(deferred)
         if prefetch:
             load_ms, in_flight = self.costs.load_ms, self._in_flight
             pcie_free_ms = self._timeline.pcie_free_ms
@@ -269,36 +297,35 @@ class PolicyPlanner:
             self.stats.prefetch_loads += len(prefetch)
         return tuple(prefetch)
 
-    def _protect(
-        self, layer: int, counts: Mapping[int, int], predicted_topk: Mapping[int, np.ndarray]
-    ) -> dict[int, dict[int, int]]:
-        """Protects what this layer and the predicted layers need; returns the predicted counts."""
-        predicted_counts = {target: token_counts(ids) for target, ids in predicted_topk.items()}
-        self.cache.protect(_needed_by_layer(layer, counts, predicted_counts))
+    def _observe(self, deferred: _Deferred) -> None:
+        """The layer's score update (MRS); it waits until a priority is read, that is, an admit."""
+        self.cache.observe(deferred.layer, deferred.topk_ids, deferred.router_probs, deferred.topk_weights)
+        deferred.observed = True
+
+    def _protect(self, deferred: _Deferred) -> dict[int, dict[int, int]]:
+        """Protects what the layer and the predicted layers need; returns (and records) the
+        predicted layers' counts."""
+        predicted_counts = {target: token_counts(ids) for target, ids in deferred.predicted_topk.items()}
+        self.cache.protect(_needed_by_layer(deferred.layer, deferred.counts, predicted_counts))
+        deferred.predicted_counts = predicted_counts
         return predicted_counts
 
-    def _choose_prefetch(
-        self,
-        layer: int,
-        counts: Mapping[int, int],  # this layer's {expert: tokens}
-        predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
-        predicted_counts: Mapping[int, Mapping[int, int]] | None,  # the same as counts, when protected
-        n_tokens: int,
-        dense_ms: float,  # the next layer's dense part and overhead, as for this layer
-    ) -> list[SlotLoad]:
-        timeline = self._timeline
+    def _choose_prefetch(self, deferred: _Deferred) -> list[SlotLoad]:
+        timeline, layer, n_tokens = self._timeline, deferred.layer, deferred.n_tokens
         # When a step's tokens can activate every expert (prefill), the next layer's own loads keep
         # the copy engine busy: looking further ahead only queues copies in front of them.
         depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
         # Copies should land before the next layer's expert phase, or in the copy time later
         # layers are expected to leave idle, so they do not delay those layers' own loads.
-        deadline_ms = timeline.clock_ms + dense_ms + (depth - 1) * timeline.pcie_idle_ms
+        # The next layer's dense part and overhead are taken as this layer's.
+        deadline_ms = timeline.clock_ms + deferred.dense_ms + (depth - 1) * timeline.pcie_idle_ms
         idle_ms = deadline_ms - timeline.pcie_free_ms
         max_loads = math.floor(idle_ms / self.costs.load_ms) if idle_ms > 0 else 0
         if max_loads <= 0:
             return []
+        predicted_counts = deferred.predicted_counts
         if predicted_counts is None:
-            predicted_counts = self._protect(layer, counts, predicted_topk)
+            predicted_counts = self._protect(deferred)
         later = self._later[layer][depth]
         if self.prefetch == "top-score":
             return top_score_prefetch(self.cache, later[0], max_loads)

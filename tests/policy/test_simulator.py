@@ -105,3 +105,50 @@ def test_per_layer_warm_start_fills_every_layers_share(trace):
     planner = _planner("hybrimoe", trace, ratio=0.25, policy=policy)
     assert [len(planner.cache.resident(layer)) for layer in range(4)] == [4, 4, 4, 4]
     assert len(planner.initial_loads()) == 16
+
+
+def test_plan_prefetch_must_follow_each_plan_layer(trace):
+    planner = _planner("hybrimoe", trace, policy=PolicyConfig(prefetch_depth=2))
+    with pytest.raises(RuntimeError, match="without a plan_layer"):
+        planner.plan_prefetch()
+    ids = trace.steps[0].topk_ids[0, :1]  # [1, k]
+    planner.plan_layer(0, ids, None, {})
+    with pytest.raises(RuntimeError, match="plan_prefetch was not called after layer 0"):
+        planner.plan_layer(1, ids, None, {})
+
+
+@pytest.mark.parametrize("layout", ["shared", "per-layer"])
+def test_every_admit_sees_the_score_updates_of_every_planned_layer(layout):
+    """The score update waits for the first admit (or plan_prefetch); no admit may see stale scores."""
+    from hybrimoe.policy.cache import MRSPolicy
+
+    n_layers, n_experts, top_k = 4, 16, 2
+    dims = ModelDims(n_layers, n_experts, top_k)
+    rng = np.random.default_rng(3)
+    planner = make_planner(
+        "hybrimoe", dims, CostModel(make_profile(load_ms=0.05)), PolicyConfig(cache_layout=layout, prefetch_depth=2),
+        cache_capacity(dims, 0.25), rng.random((n_layers, n_experts)),
+    )
+    shadow = MRSPolicy(alpha=0.5, top_p=2 * top_k)
+    shadow.bind(n_layers, n_experts)
+    cache, admit = planner.cache, planner.cache.admit
+    n_admits = 0
+
+    def checked_admit(*args, **kwargs):
+        nonlocal n_admits
+        n_admits += 1
+        np.testing.assert_array_equal(cache.policy.scores, shadow.scores)
+        return admit(*args, **kwargs)
+
+    cache.admit = checked_admit
+    for i in range(400):
+        layer, n_tokens = i % n_layers, 1 if i % 7 else 3
+        ids = np.stack([rng.choice(n_experts, top_k, replace=False) for _ in range(n_tokens)])  # [T, k]
+        probs = rng.dirichlet(np.ones(n_experts), size=n_tokens)  # [T, E]
+        predicted = {(layer + d) % n_layers: rng.choice(n_experts, (n_tokens, top_k)) for d in (1, 2)}
+        shadow.on_observe(layer, ids, probs, None)
+        planner.plan_layer(layer, ids, probs, predicted)
+        planner.plan_prefetch()
+        np.testing.assert_array_equal(cache.policy.scores, shadow.scores)
+    assert n_admits > 100
+    assert planner.stats.demand_loads > 0 and planner.stats.prefetch_loads > 0
