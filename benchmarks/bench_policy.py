@@ -10,7 +10,8 @@ Prints, in one run:
   runtime runs while the layer's experts run). Each is measured in alternating chunks against the
   same planner with the scheduler's memo off, so both see the same machine state, and printed as
   a ratio; the trace case is also timed with a 32 MB memory sweep between plans, as the model's
-  own work between two plans leaves the CPU caches in the runtime;
+  own work between two plans leaves the CPU caches in the runtime, and with the `ktransformers`
+  planner (a static placement) for reference;
 - the greedy schedule's time relative to the exact optimum on random small layers.
 
 Times are CPU time of this thread, so other work on the machine inflates them less; this VM's
@@ -130,6 +131,11 @@ def bench_trace_layers(trace, costs, policy, n_tokens=400) -> float:
     cold_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
     print(f"plan one decode layer, trace routing, caches swept between plans: whole plan median {cold_us:.1f} us "
           f"({cold_us / warm_us:.1f}x the warm median); plan_layer {median_us(layer_times):.1f} us")
+    # What a static placement's planner costs on the same calls (no score update, no prefetch).
+    static = make_planner("ktransformers", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
+    layer_times, prefetch_times = timed_calls(static, calls)
+    static_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+    print(f"plan one decode layer, trace routing, the ktransformers planner: whole plan median {static_us:.1f} us")
     return warm_us
 
 
