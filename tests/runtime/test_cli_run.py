@@ -42,6 +42,7 @@ def test_json_statistics(model_dir):
     assert data["counters"]["accelerator_share"] == 0.0
     assert data["counters"]["activations"] > 0
     assert data["counters"]["layers_planned"] > 0 and data["counters"]["planning_us_per_layer"] > 0
+    assert data["counters"]["prefetch_planning_us_per_layer"] > 0  # the score update runs there at least
     assert data["simulated_decode_tokens_per_s"] > 0
     assert len(data["texts"]) == 1
 
