@@ -379,7 +379,7 @@ def make_planner(
     ranking = frequency_ranking(frequencies) if frequencies is not None else []
 
     if strategy == "cpu-only":
-        cache = ExpertCache(n_layers, n_experts, 0)
+        cache = ExpertCache(n_layers, n_experts, 0, policy="static")  # no slots: no scores to keep
         return PolicyPlanner(dims, costs, cache, sched.schedule_cpu_only, admit_loads=False)
     if strategy in ("ktransformers", "static-oracle"):
         if frequencies is None:
