@@ -91,17 +91,16 @@ class _Deferred:
     """What `plan_layer` leaves to `plan_prefetch`: the layer's routing, and whether its score
     update and protection have run (they run before the plan's first admit, wherever that is)."""
 
-    __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "n_tokens",
-                 "dense_ms", "observed", "predicted_counts")
+    __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "dense_ms",
+                 "observed", "predicted_counts")
 
-    def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, n_tokens, dense_ms):
+    def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, dense_ms):
         self.layer = layer
         self.topk_ids = topk_ids  # [T, k]
         self.router_probs = router_probs  # [T, E] or None
         self.topk_weights = topk_weights  # [T, k] or None
         self.counts: dict[int, int] = counts  # expert -> tokens
         self.predicted_topk: Mapping[int, np.ndarray] = predicted_topk  # later layer -> [T, k]
-        self.n_tokens = n_tokens
         self.dense_ms = dense_ms  # the layer's dense part and overhead
         self.observed = False
         self.predicted_counts: dict[int, dict[int, int]] | None = None  # set when protected
@@ -235,7 +234,7 @@ class PolicyPlanner:
             stats.prefetch_used += len(used)
         hits = cache.access(layer, counts)
 
-        deferred = _Deferred(layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, n_tokens, dense_ms)
+        deferred = _Deferred(layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, dense_ms)
         if plan.load and self.admit_loads:  # the score update and protection come before any admit
             self._observe(deferred)
             self._protect(deferred)
@@ -278,7 +277,7 @@ class PolicyPlanner:
 
     def plan_prefetch(self) -> tuple[SlotLoad, ...]:
         """Copies for the layers after the last planned one, queued on the copy engine behind its
-        loads. Also runs that layer's score update if `plan_layer` admitted nothing."""
+        loads. Also runs that layer's score update if `plan_layer` had no demand loads."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:
             raise RuntimeError("plan_prefetch called without a plan_layer before it")
@@ -311,7 +310,7 @@ class PolicyPlanner:
         return predicted_counts
 
     def _choose_prefetch(self, deferred: _Deferred) -> list[SlotLoad]:
-        timeline, layer, n_tokens = self._timeline, deferred.layer, deferred.n_tokens
+        timeline, layer, n_tokens = self._timeline, deferred.layer, deferred.topk_ids.shape[0]
         # When a step's tokens can activate every expert (prefill), the next layer's own loads keep
         # the copy engine busy: looking further ahead only queues copies in front of them.
         depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
