@@ -78,6 +78,11 @@ def median_us(times: list[int]) -> float:
     return statistics.median(times[len(times) // 10 :]) / 1000  # skips the warm-up: memo, cache
 
 
+def whole_plans(layer_times: list[int], prefetch_times: list[int]) -> list[int]:
+    """Each call's plan_layer and plan_prefetch times added: the whole plan."""
+    return [a + b for a, b in zip(layer_times, prefetch_times)]
+
+
 def interleaved(make: Callable[[bool], PolicyPlanner], calls: list[tuple], label: str) -> float:
     """Median whole-plan time of `make(memo=True)` against `make(memo=False)`, chunk by chunk."""
     planner, baseline = make(True), make(False)
@@ -89,8 +94,8 @@ def interleaved(make: Callable[[bool], PolicyPlanner], calls: list[tuple], label
         times = timed_calls(planner, chunk)
         layer_times += times[0]
         prefetch_times += times[1]
-        baseline_times += map(sum, zip(*timed_calls(baseline, chunk)))
-    whole_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+        baseline_times += whole_plans(*timed_calls(baseline, chunk))
+    whole_us = median_us(whole_plans(layer_times, prefetch_times))
     baseline_us = median_us(baseline_times)
     print(f"plan one decode layer, {label}:")
     print(f"  whole plan: median {whole_us:.1f} us (target <= 20 us); scheduler memo off {baseline_us:.1f} us "
@@ -128,13 +133,12 @@ def bench_trace_layers(trace, costs, policy, n_tokens=400) -> float:
     # data from the CPU caches; a sweep over 32 MB between plans stands in for it.
     sweep = np.ones(4 << 20)
     layer_times, prefetch_times = timed_calls(make(True), calls, between=sweep.sum)
-    cold_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+    cold_us = median_us(whole_plans(layer_times, prefetch_times))
     print(f"plan one decode layer, trace routing, caches swept between plans: whole plan median {cold_us:.1f} us "
           f"({cold_us / warm_us:.1f}x the warm median); plan_layer {median_us(layer_times):.1f} us")
     # What a static placement's planner costs on the same calls (no score update, no prefetch).
     static = make_planner("ktransformers", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
-    layer_times, prefetch_times = timed_calls(static, calls)
-    static_us = median_us(list(map(sum, zip(layer_times, prefetch_times))))
+    static_us = median_us(whole_plans(*timed_calls(static, calls)))
     print(f"plan one decode layer, trace routing, the ktransformers planner: whole plan median {static_us:.1f} us")
     return warm_us
 
