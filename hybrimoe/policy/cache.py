@@ -301,13 +301,16 @@ class ExpertCache:
                 lo = hi
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
-        self._slot_prio = np.full(capacity, np.inf)  # [capacity] its expert's priority; +inf: free or pinned
+        # [capacity + 1] each slot's expert's priority, +inf when free or pinned; the last entry is
+        # scratch, where a refresh writes the priorities of non-resident experts.
+        self._slot_prio = np.full(capacity + 1, np.inf)
         self._pool_prio = [self._slot_prio[lo:hi] for lo, hi in self._pools]  # views of _slot_prio
         self._pinned: set[int] = set()  # slots set to +inf because the current protection covers them
         self._stale: set[int] = set()  # layers whose slots' priorities `observe` changed since the last victim search
         self._slot_eid: list[ExpertId | None] = [None] * capacity
         self._slot_index = [[-1] * n_experts for _ in range(n_layers)]  # [L][E] slot, -1: not resident
-        self._slot_array = np.full((n_layers, n_experts), -1, dtype=np.intp)  # [L, E] the same, as an array
+        # [L, E] the same as an array, with `capacity` (the scratch entry) where not resident.
+        self._slot_array = np.full((n_layers, n_experts), capacity, dtype=np.intp)
         self._resident: list[set[int]] = [set() for _ in range(n_layers)]
         self._protected: Mapping[int, Collection[int]] = {}
         self.hits = self.misses = self.loads = self.evictions = 0
@@ -362,7 +365,7 @@ class ExpertCache:
             prio, slots = self._prio_rows[first : last + 1], self._slot_array[first : last + 1]
         else:
             prio, slots = self._prio_rows.take(layers, axis=0), self._slot_array.take(layers, axis=0)
-        return np.where(slots < 0, prio, -_INF)
+        return np.where(slots == self.capacity, prio, -_INF)
 
     def weakest_priority(self, layer: int) -> float:
         """The priority an expert of `layer` must beat to displace a resident (-inf: a free slot;
@@ -458,7 +461,7 @@ class ExpertCache:
             # The victim's bookkeeping is undone here rather than in a helper: this is the hot path.
             old_layer, old_expert = self._slot_eid[slot]
             self._slot_index[old_layer][old_expert] = -1
-            self._slot_array[old_layer, old_expert] = -1
+            self._slot_array[old_layer, old_expert] = self.capacity
             self._resident[old_layer].discard(old_expert)
             self.evictions += 1
         if self.policy.uses_admit:
@@ -501,11 +504,9 @@ class ExpertCache:
             self._pinned.add(slot)
 
     def _refresh_layer(self, layer: int) -> None:
-        """Copies layer's (changed) priorities to its resident experts' slots."""
-        slots = self._slot_array[layer]  # [E]
-        resident = slots >= 0  # [E]
-        n_experts = self.n_experts
-        self._slot_prio[slots[resident]] = self._prio[layer * n_experts : (layer + 1) * n_experts][resident]
+        """Copies layer's (changed) priorities to its resident experts' slots (one scatter: the
+        non-resident ones land in the scratch entry)."""
+        self._slot_prio[self._slot_array[layer]] = self._prio_rows[layer]
 
     def _place(self, eid: ExpertId, slot: int) -> None:
         layer, expert = eid
