@@ -131,6 +131,33 @@ class Interference:
 
 
 @dataclass(frozen=True)
+class PlannerCost:
+    """Wall time of one strategy's planner per MoE layer call, measured in the runtime."""
+
+    strategy: str
+    layer_ms: float  # `plan_layer`: the layer's experts wait for it
+    prefetch_ms: float  # `plan_prefetch`: runs while the layer's experts run
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """What a forward step costs besides the routed experts, measured on one model's own modules
+    by `hybrimoe profile` (random weights, the checkpoint's shapes), with the runtime's executor.
+
+    Times are per forward step or per MoE layer; n_tokens is the step's new tokens (all sequences).
+    """
+
+    model: str  # the model these were measured on
+    outside_step: LatencyCurve  # embedding, rotary, mask, final norm, LM head, sampling, the loop
+    host_layer: LatencyCurve  # the executor's own host work per MoE layer, planning excluded
+    dense_ms_per_context_token: float = 0.0  # dense part of a layer: extra per new and cached token pair
+    planners: tuple[PlannerCost, ...] = ()
+
+    def planner(self, strategy: str) -> PlannerCost | None:
+        return next((p for p in self.planners if p.strategy == strategy), None)
+
+
+@dataclass(frozen=True)
 class Machine:
     cpu: str = "unknown"
     cores: int | None = None
@@ -185,6 +212,9 @@ class HardwareProfile:
     `gpu_expert` and `transfer` are None on a machine without an accelerator.
     `dense_layer` is the per-layer time of everything but routed experts (attention, norms, router,
     shared experts) on the accelerator, so simulated ms/token is end to end.
+    `stand_in`: the "accelerator" is the CPU stand-in, whose experts and copies run on the host
+    thread one after another, beside the CPU worker's experts.
+    `model_costs`: the rest of a step, measured on one model (absent: only `layer_overhead_ms`).
     """
 
     name: str
@@ -197,6 +227,8 @@ class HardwareProfile:
     layer_overhead_ms: float = 0.0
     cpu_first_expert_extra_ms: float = 0.0
     interference: Interference = field(default_factory=Interference)
+    stand_in: bool = False  # the accelerator is the CPU stand-in (see CostModel)
+    model_costs: ModelCosts | None = None
     machine: Machine = field(default_factory=Machine)
     estimated: bool = False
     sources: tuple[str, ...] = ()
@@ -278,6 +310,7 @@ _NESTED = {
     "Machine": Machine,
     "Provenance": Provenance,
     "PolicyConfig": PolicyConfig,
+    "ModelCosts": ModelCosts,
 }
 
 
@@ -302,6 +335,10 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
                 raise ProfileError(f"{where}[{i}]: n_tokens must be a positive integer, got {item[0]!r}")
             points.append(CurvePoint(int(numbers[0]), numbers[1], numbers[2] if len(numbers) == 3 else 0.0))
         return tuple(points)
+    if base == "tuple[PlannerCost, ...]":
+        if not isinstance(value, list):
+            raise ProfileError(f"{where}: expected a list of planner costs")
+        return tuple(_build(PlannerCost, item, f"{where}[{i}]") for i, item in enumerate(value))
     if base == "tuple[str, ...]":
         if not isinstance(value, list):
             raise ProfileError(f"{where}: expected a list of strings")

@@ -34,9 +34,9 @@ class LayerPlan(NamedTuple):
 
 
 class Planner(Protocol):
-    """What the runtime and the simulator both call, once per MoE layer of every forward step:
-    `plan_layer`, then `plan_prefetch`. The runtime asks for the prefetches once the layer's
-    experts are launched, so choosing them overlaps the layer's work instead of delaying its start.
+    """What the runtime and the simulator both call: `begin_step` once per forward step, then once
+    per MoE layer `plan_layer`, then `plan_prefetch`. The runtime asks for the prefetches once the
+    layer's experts are launched, so choosing them overlaps the layer's work instead of delaying its start.
 
     Shapes: T = tokens in this step, k = top-k, E = routed experts per layer.
     """
@@ -45,6 +45,11 @@ class Planner(Protocol):
 
     def initial_loads(self) -> tuple[SlotLoad, ...]:
         """Copies to make before the first step (a warm cache)."""
+        ...
+
+    def begin_step(self, n_tokens: int, context_tokens: int) -> None:
+        """A forward step of `n_tokens` new tokens (all sequences) over `context_tokens` cached
+        tokens per sequence starts."""
         ...
 
     def plan_layer(

@@ -65,8 +65,13 @@ def simulate(
     strategy: str = "",
     cache_ratio: float = 0.0,
     mode: str = "decode",
+    context_tokens: int = 0,
+    batch_size: int = 1,
 ) -> SimResult:
-    """Replays every step of `trace` through `planner`; the planner's clock gives the times."""
+    """Replays every step of `trace` through `planner`; the planner's clock gives the times.
+
+    In decode mode the steps continue `batch_size` sequences whose KV cache holds `context_tokens`
+    tokens before the first step; in prefill mode every step is a new prompt (an empty cache)."""
     if predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)}")
     n_layers = trace.meta.n_layers
@@ -75,6 +80,8 @@ def simulate(
     layer_ms = np.zeros(n_layers)
     start_ms = planner.clock_ms
     for step in trace.steps:
+        planner.begin_step(step.n_tokens, context_tokens if mode == "decode" else 0)
+        context_tokens += step.n_tokens // batch_size
         probs_all = step.router_probs
         weights_all = step.topk_weights
         # Traces store ids compactly (int16); numpy indexes with intp several times faster.

@@ -12,6 +12,11 @@ Design choices:
   wait for) and `plan_prefetch` (the prefetch choice, which the runtime makes while the experts
   run). The cache's priorities are read only by admits, so the layer's score update waits for the
   first admit; results are the same as updating first.
+- A forward step opens with `begin_step`, which charges the work outside the decoder layers and
+  sets the KV-cache length the layers' attention reads. Each layer is charged its dense part, the
+  executor's host work and `plan_layer`'s measured wall time before its experts, then the experts;
+  `plan_prefetch`'s wall time counts where nothing hides it (the experts finish first, or the CPU
+  stand-in, whose host thread also runs the experts and the copies; see costs.py).
 - Baselines, as they place experts:
   * `ktransformers`: a static GPU-resident set of the most frequent experts, counted on a separate
     profiling workload; all other routed experts on the CPU; no loads. Prefill uses the same static
@@ -88,11 +93,11 @@ class PlannerStats:
 
 
 class _Deferred:
-    """What `plan_layer` leaves to `plan_prefetch`: the layer's routing, and whether its score
-    update and protection have run (they run before the plan's first admit, wherever that is)."""
+    """What `plan_layer` leaves to `plan_prefetch`: the layer's routing, its timing, and whether its
+    score update and protection have run (they run before the plan's first admit, wherever that is)."""
 
     __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "dense_ms",
-                 "observed", "predicted_counts")
+                 "observed", "predicted_counts", "start_ms", "cpu_ms", "host_ms")
 
     def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, dense_ms):
         self.layer = layer
@@ -101,9 +106,12 @@ class _Deferred:
         self.topk_weights = topk_weights  # [T, k] or None
         self.counts: dict[int, int] = counts  # expert -> tokens
         self.predicted_topk: Mapping[int, np.ndarray] = predicted_topk  # later layer -> [T, k]
-        self.dense_ms = dense_ms  # the layer's dense part and overhead
+        self.dense_ms = dense_ms  # everything before the layer's experts start
         self.observed = False
         self.predicted_counts: dict[int, dict[int, int]] | None = None  # set when protected
+        self.start_ms = 0.0  # when the layer's experts start
+        self.cpu_ms = 0.0  # the CPU worker's experts, from start_ms
+        self.host_ms = 0.0  # the rest of the layer's expert phase (see PolicyPlanner._expert_phase)
 
 
 @dataclass
@@ -136,7 +144,9 @@ class PolicyPlanner:
         prefetch_depth: int = 0,
         admit_loads: bool = True,
         warm: tuple[ExpertId, ...] = (),
+        planning_ms: tuple[float, float] = (0.0, 0.0),
     ):
+        """`planning_ms`: this planner's measured (plan_layer, plan_prefetch) wall ms per layer."""
         self.dims = dims
         self.costs = costs
         self.cache = cache
@@ -154,6 +164,8 @@ class PolicyPlanner:
         self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
         self._layer_time_memo: dict[tuple, float] = {}
         self._prefetches = prefetch != "none" and prefetch_depth > 0
+        self._plan_layer_ms, self._plan_prefetch_ms = planning_ms
+        self._context_ms_per_token = 0.0  # attention over this step's KV cache, per new token
         self._deferred: _Deferred | None = None  # from the last plan_layer, until plan_prefetch
         # [L][depth] the layers after each layer, wrapping into the next step.
         self._later = [
@@ -167,8 +179,14 @@ class PolicyPlanner:
 
     @property
     def clock_ms(self) -> float:
-        """Modelled time since the planner's first layer, in ms."""
+        """Modelled time since the planner's first step, in ms."""
         return self._timeline.clock_ms
+
+    def begin_step(self, n_tokens: int, context_tokens: int) -> None:
+        """Opens a forward step of `n_tokens` new tokens over `context_tokens` cached ones (per
+        sequence): charges the work outside the decoder layers."""
+        self._timeline.clock_ms += self.costs.outside_ms(n_tokens)
+        self._context_ms_per_token = self.costs.dense_context_ms * context_tokens
 
     def _layer_time(self, counts: Mapping[int, int], resident: AbstractSet[int]) -> float:
         """A layer's simulated expert time with an idle copy engine (`resident`: which of the
@@ -215,7 +233,10 @@ class PolicyPlanner:
         counts = token_counts(topk_ids)
         resident = cache.resident(layer)
 
-        dense_ms = costs.dense_ms(n_tokens) + costs.layer_overhead_ms
+        dense_ms = (
+            costs.dense_ms(n_tokens) + self._context_ms_per_token * n_tokens + costs.host_ms(n_tokens)
+            + self._plan_layer_ms
+        )
         start_ms = timeline.clock_ms + dense_ms
         # The copy engine's backlog, rounded up to a 1/16 of a load so decode plans stay memoized.
         backlog_ms = timeline.pcie_free_ms - start_ms
@@ -250,7 +271,10 @@ class PolicyPlanner:
             loads.append(load)
             in_flight.pop(expert, None)
         n_loads = len(loads)
-        finish_ms = max(plan.cpu_end_ms + extra_cpu_ms, plan.gpu_end_ms + stall_ms)
+        copying = n_loads > 0 or (backlog_ms > 0 and costs.overlaps)  # copies run beside the CPU's experts
+        cpu_ms, host_ms, stall_ms = self._expert_phase(plan, counts, loads, extra_cpu_ms, stall_ms, copying)
+        finish_ms = max(cpu_ms, host_ms)
+        deferred.start_ms, deferred.cpu_ms, deferred.host_ms = start_ms, cpu_ms, host_ms
         timeline.clock_ms = start_ms + finish_ms
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
         load_ms = costs.load_ms
@@ -283,9 +307,8 @@ class PolicyPlanner:
             raise RuntimeError("plan_prefetch called without a plan_layer before it")
         if not deferred.observed:
             self._observe(deferred)
-        if not self._prefetches:
-            return ()
-        prefetch = self._choose_prefetch(deferred)
+        prefetch = self._choose_prefetch(deferred) if self._prefetches else []
+        self._end_layer(deferred, len(prefetch))
         if prefetch:
             load_ms, in_flight = self.costs.load_ms, self._in_flight
             pcie_free_ms = self._timeline.pcie_free_ms
@@ -295,6 +318,41 @@ class PolicyPlanner:
             self._timeline.pcie_free_ms = pcie_free_ms
             self.stats.prefetch_loads += len(prefetch)
         return tuple(prefetch)
+
+    def _expert_phase(
+        self, plan: sched.LayerSchedule, counts: Mapping[int, int], loads: list[SlotLoad], extra_cpu_ms: float,
+        stall_ms: float, copying: bool,
+    ) -> tuple[float, float, float]:
+        """(CPU worker ms, the other side's ms, stall ms) of a layer's expert phase, from its start.
+
+        On a GPU the other side is the GPU (its copies overlap its kernels, as scheduled); on the
+        stand-in it is the host thread, which copies and then computes, and never stalls.
+        `copying`: copies run during the phase, so CPU experts and copies slow each other.
+        """
+        costs = self.costs
+        cpu_ms = plan.cpu_end_ms + extra_cpu_ms
+        copies_ms = len(loads) * costs.load_ms
+        if cpu_ms and copying:
+            cpu_ms *= costs.cpu_slowdown
+            copies_ms *= costs.copy_slowdown
+        if costs.overlaps:  # slowed copies arrive later, and the GPU waits for them
+            return cpu_ms, plan.gpu_end_ms + stall_ms + (copies_ms - len(loads) * costs.load_ms), stall_ms
+        gpu_ms = costs.gpu_ms
+        host_ms = copies_ms + sum([gpu_ms(counts[expert]) for expert in plan.gpu])
+        host_ms += sum([gpu_ms(counts[expert]) for (_, expert), _ in loads])
+        return cpu_ms, host_ms, 0.0
+
+    def _end_layer(self, deferred: _Deferred, n_prefetches: int) -> None:
+        """Charges the prefetch choice and, on the stand-in, the prefetch copies, where nothing hides them."""
+        costs = self.costs
+        if costs.overlaps:  # the host chooses while the layer's experts run
+            host_ms = self._plan_prefetch_ms
+        else:  # the stand-in's host thread chooses and copies after its own experts
+            copies_ms = n_prefetches * costs.load_ms * (costs.copy_slowdown if deferred.cpu_ms else 1.0)
+            host_ms = deferred.host_ms + self._plan_prefetch_ms + copies_ms
+        end_ms = deferred.start_ms + max(deferred.cpu_ms, host_ms)
+        if end_ms > self._timeline.clock_ms:
+            self._timeline.clock_ms = end_ms
 
     def _observe(self, deferred: _Deferred) -> None:
         """The layer's score update (MRS); it waits until a priority is read, that is, an admit."""
@@ -373,28 +431,32 @@ def make_planner(
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if not costs.has_accelerator:
         strategy, capacity = "cpu-only", 0
+    planning = costs.planning_ms(strategy)
     n_layers, n_experts = dims.n_layers, dims.n_experts
     capacity = max(0, min(capacity, n_layers * n_experts))
     ranking = frequency_ranking(frequencies) if frequencies is not None else []
 
     if strategy == "cpu-only":
         cache = ExpertCache(n_layers, n_experts, 0, policy="static")  # no slots: no scores to keep
-        return PolicyPlanner(dims, costs, cache, sched.schedule_cpu_only, admit_loads=False)
+        return PolicyPlanner(dims, costs, cache, sched.schedule_cpu_only, admit_loads=False, planning_ms=planning)
     if strategy in ("ktransformers", "static-oracle"):
         if frequencies is None:
             raise ValueError(f"{strategy} needs expert frequencies")
         cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy="static")
         return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=tuple(ranking[:capacity])
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=tuple(ranking[:capacity]),
+            planning_ms=planning,
         )
     if strategy == "llamacpp":
         n_gpu_layers = capacity // n_experts
         warm = tuple((layer, e) for layer in range(n_layers - n_gpu_layers, n_layers) for e in range(n_experts))
         cache = ExpertCache(n_layers, n_experts, len(warm), layout="shared", policy="static")
-        return PolicyPlanner(dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm)
+        return PolicyPlanner(
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm, planning_ms=planning
+        )
     if strategy == "gpu-offload":
         cache = ExpertCache(n_layers, n_experts, capacity, layout=policy.cache_layout, policy="lru")
-        return PolicyPlanner(dims, costs, cache, sched.schedule_gpu_only, admit_loads=True)
+        return PolicyPlanner(dims, costs, cache, sched.schedule_gpu_only, admit_loads=True, planning_ms=planning)
     cache = ExpertCache(
         n_layers,
         n_experts,
@@ -415,4 +477,5 @@ def make_planner(
         prefetch_depth=policy.prefetch_depth,
         admit_loads=True,
         warm=warm,
+        planning_ms=planning,
     )
