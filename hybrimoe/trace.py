@@ -209,6 +209,23 @@ class RoutingTrace:
             offset += step.n_tokens
         return RoutingTrace(self.meta, tuple(steps))
 
+    def select_layers(self, layers: Sequence[int]) -> RoutingTrace:
+        """The same steps restricted to these MoE layers, in this order (e.g. `range(3)`: the first
+        three). Lookahead is dropped: its predictions are numbered by layers this view may lack."""
+        layers = [int(layer) for layer in layers]
+        n_layers = self.meta.n_layers
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= layer < n_layers for layer in layers):
+            raise TraceError(f"layer selection {layers} must be distinct MoE layers of [0, {n_layers})")
+        steps = tuple(
+            TraceStep(
+                topk_ids=step.topk_ids[layers],
+                topk_weights=None if step.topk_weights is None else step.topk_weights[layers],
+                router_probs=None if step.router_probs is None else step.router_probs[layers],
+            )
+            for step in self.steps
+        )
+        return RoutingTrace(dataclasses.replace(self.meta, n_layers=len(layers)), steps)
+
     def split(self, fraction: float) -> tuple[RoutingTrace, RoutingTrace]:
         """The decode view cut at round(fraction * N) tokens: e.g. a profiling part and a replay part."""
         n_first = round(fraction * self.n_tokens)

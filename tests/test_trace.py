@@ -166,6 +166,22 @@ def test_as_decode_split_and_frequencies():
     np.testing.assert_array_equal(freq[0], [2, 2, 2, 2])
 
 
+def test_select_layers_keeps_steps_and_drops_lookahead():
+    trace = tiny_trace()
+    for layers in ([1], [1, 0]):
+        view = trace.select_layers(layers)
+        assert view.meta.n_layers == len(layers) and view.meta.n_experts == trace.meta.n_experts
+        assert view.step_lengths == trace.step_lengths and view.lookahead_depth == 0
+        assert view.has_weights and view.has_router_probs
+        for name in ("topk_ids", "topk_weights", "router_probs"):
+            for mine, theirs in zip(view.steps, trace.steps):
+                np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name)[layers])
+    assert not tiny_trace(False).select_layers(range(1)).has_weights
+    for bad in ([], [2], [-1], [0, 0]):
+        with pytest.raises(TraceError, match="distinct MoE layers"):
+            trace.select_layers(bad)
+
+
 def test_summary_on_hand_made_trace():
     # 1 layer, 4 experts, top-2; tokens: {0,1}, {0,1}, {0,2}, {0,1}
     meta = TraceMeta("t", 1, 4, 2, 0, 8, 8, "float32", "")

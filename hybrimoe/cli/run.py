@@ -73,6 +73,8 @@ def _summary(stats) -> Panel:
             f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} (same profile)",
         ),
     ]
+    if stats.replay_trace:
+        rows.insert(1, ("Routing", f"replayed from {stats.replay_trace}"))
     if stats.trace_path:
         rows.append(("Routing trace", stats.trace_path))
     for name, value in rows:
@@ -97,6 +99,11 @@ def run(
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", rich_help_panel=_INPUT, help="Allow pickle-based weight files (.bin); safetensors otherwise."
+    ),
+    replay_trace: Path | None = typer.Option(
+        None, "--replay-trace", rich_help_panel=_INPUT,
+        help="Route every MoE layer as this recorded trace (.npz) says instead of by the model's routers "
+        "(its first layers when it has more), e.g. to run random weights with a trained model's routing.",
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", rich_help_panel=_GEN, help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", rich_help_panel=_GEN, help="Sampling temperature; 0 is greedy."),
@@ -150,6 +157,7 @@ def run(
             allow_pickle=allow_pickle,
             record_trace=record_trace,
             overwrite_trace=force,
+            replay_trace=replay_trace,
         )
         if json_out:
             report = run_model(options, show_progress=False)

@@ -7,6 +7,13 @@ token p // k's choice p % k); `span[e]` is expert e's (start, stop) in that orde
 Design choices:
 - The planner sees this layer's routing, its full router probabilities and the later layers'
   predicted routing (their routers applied to this layer's hidden state); it returns plain data.
+- Routing replay (optional): each step, at MoE layer 0, the replay hands out the next T tokens of
+  a recorded trace; every layer then uses the trace's experts in place of the router's, and
+  everything after (plan, records, expert runs, combine) sees only the replayed routing. Weights
+  are the trace's when recorded; otherwise the router probabilities at the replayed experts,
+  renormalised per token when the model's own weights sum to 1 (so the scale matches the model's
+  routing). Router probabilities are the trace's when recorded, else the model's own. The later
+  layers' predictions stay the model's routers' (the trace has no gates to run).
 - Order of work: CPU experts are handed to a worker thread first (it waits on the event of the
   hidden states' copy), then this layer's loads go on the copy stream, then the accelerator
   experts (each waits on its slot's `ready` event), then the planner chooses the prefetches while
@@ -34,6 +41,7 @@ from hybrimoe.policy.plan import LayerPlan, Planner
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.kernels import expert_mlp
 from hybrimoe.runtime.loading import MoeLayer
+from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import ExpertCounters
 from hybrimoe.runtime.store import ExpertStore
 
@@ -60,8 +68,10 @@ class LayerExecutor:
         n_experts: int,
         counters: ExpertCounters,
         record_depth: int | None = None,
+        replay: RoutingReplay | None = None,
     ):
-        """`record_depth`: keep each layer's routing with this many later layers' predictions."""
+        """`record_depth`: keep each layer's routing with this many later layers' predictions.
+        `replay`: route every layer as this recorded trace says instead of as the router does."""
         self.store, self.planner, self.accelerator = store, planner, accelerator
         self.n_experts, self.counters = n_experts, counters
         self.routers = [layer.router for layer in layers]
@@ -74,6 +84,9 @@ class LayerExecutor:
         self.record_depth = record_depth
         self.records: list[LayerRecord] = []  # this step's layers, when recording
         self._pending_prefetch: dict[int, set[int]] = {}  # layer -> experts prefetched for its next run
+        self.replay = replay
+        # this step's replayed routing on the device: ids [L, T, k], weights [L, T, k] | None, probs [L, T, E] | None
+        self._replayed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrimoe-cpu")
 
     def close(self) -> None:
@@ -94,11 +107,15 @@ class LayerExecutor:
         topk_weights: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:  # [T, D]
         acc, store, k = self.accelerator, self.store, topk_ids.shape[-1]
+        if self.replay is not None:
+            topk_ids, topk_weights, probs = self._replay_layer(layer, x, topk_ids, topk_weights)
+        else:
+            probs = self._router_probs(layer)  # [T, E]
         depth = max(self.plan_depth, self.record_depth or 0)
         later = list(range(layer + 1, min(layer + 1 + depth, len(self.routers))))
         # Later layers' routers on this hidden state; calling `forward` skips the capture hook.
         predicted = [type(self.routers[j]).forward(self.routers[j], x)[2] for j in later]
-        to_host = [topk_ids, self._router_probs(layer), *predicted]
+        to_host = [topk_ids, probs, *predicted]
         if self.record_depth is not None:
             to_host.append(topk_weights.float())
         # Sync point (CUDA): the planner needs this layer's routing on the host.
@@ -155,6 +172,34 @@ class LayerExecutor:
         return out.to(x.dtype)
 
     # -----------------------------------------------------------------------------------------
+
+    def _replay_layer(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, D]
+        topk_ids: torch.Tensor,  # [T, k]: the router's, for their dtype
+        topk_weights: torch.Tensor,  # [T, k]: the router's, for their dtype and normalisation
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # ids [T, k], weights [T, k], probs [T, E]
+        """This layer's routing from the replayed trace, on x's device."""
+        if layer == 0:  # a new forward step: the next T tokens of the trace
+            step = self.replay.next_step(x.shape[0])
+            # pinned copies on the compute stream (no sync); the step's later layers reuse them
+            self._replayed = tuple(
+                None if a is None else self.accelerator.index_to_device(np.ascontiguousarray(a)) for a in step
+            )
+        ids_all, weights_all, probs_all = self._replayed
+        if ids_all.shape[1] != x.shape[0]:
+            raise RuntimeError(f"layer {layer} runs {x.shape[0]} tokens; its step replayed {ids_all.shape[1]}")
+        ids = ids_all[layer]  # [T, k] int64
+        probs = self._router_probs(layer) if probs_all is None else probs_all[layer]  # [T, E]
+        if weights_all is not None:
+            weights = weights_all[layer]  # [T, k]
+        else:
+            weights = probs.gather(1, ids)  # [T, k]
+            # a 0-d flag kept on the device (no sync): the model's routing normalises its weights
+            normalised = ((topk_weights.float().sum(dim=-1) - 1.0).abs() <= 1e-3).all()
+            weights = torch.where(normalised, weights / weights.sum(dim=-1, keepdim=True), weights)
+        return ids.to(topk_ids.dtype), weights.to(topk_weights.dtype), probs
 
     def _router_probs(self, layer: int) -> torch.Tensor:  # [T, E] float32
         logits = self.router_logits[layer].float()

@@ -10,6 +10,10 @@ Design choices:
   this run on the same profile (`predict_run`).
 - The routing is always recorded (the planner needs it on the host anyway); it is written to a
   file only with `record_trace`.
+- `replay_trace`: every MoE layer routes as a recorded trace says (`runtime/replay.py`), so a model
+  with random weights routes like the trained model the trace came from; the trace is read and
+  checked against the model's shapes before the weights, and a trace of more MoE layers than the
+  model is replayed by its first layers.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from hybrimoe.runtime.capacity import GIB, Capacity, resolve_capacity
 from hybrimoe.runtime.executor import LayerRecord
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts
+from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
-from hybrimoe.trace import RoutingTrace, TraceStep, trace_meta_from_shape
+from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_shape
 
 DEFAULT_MACHINE = "rtx4090-desktop"
 TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
@@ -55,6 +60,7 @@ class RunOptions:
     allow_pickle: bool = False
     record_trace: Path | None = None
     overwrite_trace: bool = False
+    replay_trace: Path | None = None  # route as this recorded trace says, not as the model's routers do
 
 
 @dataclass
@@ -175,6 +181,8 @@ def run(
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
     profile = load_profile(options.profile) if options.profile is not None else None
+    replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
+    replay_source = str(options.replay_trace)
     budget = options.gpu_memory_gb
     free_bytes = accelerator.free_memory_bytes()
     chosen: dict[str, Capacity] = {}
@@ -182,6 +190,8 @@ def run(
     def before_weights(facts: ModelFacts) -> None:
         if profile is not None:
             profile.check_expert_shape(facts.expert_shape)
+        if replayed is not None:
+            check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, replay_source)
         policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
         chosen["capacity"] = resolve_capacity(
             n_experts_total=facts.n_layers * facts.n_experts,
@@ -220,6 +230,18 @@ def run(
     batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
     ids = batch["input_ids"].to(accelerator.device)
     mask = batch["attention_mask"].to(accelerator.device)
+    replay = None
+    if replayed is not None:
+        replay = RoutingReplay.for_model(replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, replay_source)
+        n_seqs, n_prompt = ids.shape
+        n_decode = options.max_new_tokens - 1  # steps after the prefill, one token per sequence each
+        n_needed = n_seqs * (n_prompt + n_decode)
+        if n_needed > replay.n_tokens:
+            raise UserError(
+                f"{replay_source}: the trace has {replay.n_tokens} tokens of routing; this run needs up to "
+                f"{n_needed} ({n_seqs} x {n_prompt} prompt + {n_seqs} x {n_decode} decode tokens); "
+                "lower --max-new-tokens"
+            )
     eos = loaded.model.generation_config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
@@ -234,7 +256,7 @@ def run(
             if piece:
                 on_text(piece)
 
-    with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth) as runtime:
+    with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay) as runtime:
         if on_start is not None:
             on_start()
         out = generate(
@@ -246,7 +268,10 @@ def run(
             sync=accelerator.synchronize,
         )
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    trace = RoutingTrace(trace_meta_from_shape(shape, f"hybrimoe run {__version__}, {stamp}"), tuple(steps))
+    provenance = f"hybrimoe run {__version__}, {stamp}"
+    if options.replay_trace is not None:
+        provenance += f"; routing replayed from {options.replay_trace.name}"
+    trace = RoutingTrace(trace_meta_from_shape(shape, provenance), tuple(steps))
     if options.record_trace is not None:
         from hybrimoe.trace import save_trace
 
@@ -275,6 +300,7 @@ def run(
         simulated_ttft_s=simulated_ttft_s,
         simulated_decode_tokens_per_s=simulated_tps,
         trace_path=str(options.record_trace) if options.record_trace is not None else None,
+        replay_trace=str(options.replay_trace) if options.replay_trace is not None else None,
     )
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.tokens.tolist()]
     return RunReport(stats, texts)

@@ -77,7 +77,8 @@ class RunStats:
     counters: ExpertCounters = field(default_factory=ExpertCounters)
     simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run
     simulated_ttft_s: float | None = None
-    trace_path: str | None = None
+    trace_path: str | None = None  # where the run's routing was recorded
+    replay_trace: str | None = None  # the trace whose routing the run replayed
 
     def to_dict(self) -> dict:
         data = asdict(self)
