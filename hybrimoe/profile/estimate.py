@@ -30,6 +30,12 @@ The roofline (also in profiles/README.md):
     layer_overhead_ms = 0.05 (planning, one synchronisation, the combine of CPU and GPU outputs)
     Interference: copies and CPU experts share DRAM; together they reach 0.85 * peak, so
           cpu_slowdown = max(1, cpu_BW / (0.85 * peak - pinned H2D)); copies are PCIe-bound: 1.0
+    CPU stand-in (a machine without a GPU; the runtime's stand-in accelerator is the same CPU):
+          gpu_expert = cpu_expert; dense part on the CPU (the formula above with the CPU's BW and C)
+          copy = a host memcpy, which reads and writes every byte: copy GB/s = cpu_BW / 2 (pinned,
+          pageable and D2H alike); expert_load_ms = 3*H*I*b / copy GB/s + 0.01
+          Interference: both are DRAM-bound and share 0.85 * peak in proportion to what they ask, so
+          cpu_slowdown = copy_slowdown = max(1, (cpu_BW + 2 * copy GB/s) / (0.85 * peak))
 
 Design choices:
 - Datasheets are plain frozen dataclasses with their source named; efficiencies are module
@@ -39,6 +45,12 @@ Design choices:
 - A machine's PCIe link is the slower end: an RTX A6000 (PCIe 4.0) in a Cascade Lake Xeon server
   (PCIe 3.0) copies at PCIe 3.0 speed.
 - Quantized weights (int8, int4) shrink bytes, not FLOPs: they are dequantized to the compute dtype.
+- A machine without a GPU (`MachineSpec.gpu` None; in STAND_IN_MACHINES, not MACHINES, as no
+  profile of it is shipped and its "GPU" is no faster than its CPU) is estimated as the runtime runs
+  it, with the CPU stand-in as accelerator, and marked `stand_in: true`. The stand-in and the CPU worker are each given the
+  whole CPU's rates; that they share its cores when both run is left to the cost model.
+- `estimate_for_this_machine` is what a run without a measured profile plans with: the stand-in
+  machine on a CPU-only run, the RTX 4090 desktop on any GPU.
 
 Regenerate the shipped profiles from the repository root: `python -m hybrimoe.profile.estimate --all`.
 """
@@ -83,6 +95,7 @@ DENSE_FIXED_MS = 0.06
 LAYER_OVERHEAD_MS = 0.05
 CONTEXT_TOKENS = 512
 COMBINED_DRAM_EFF = 0.85
+MEMCPY_DRAM_PASSES = 2  # a host memcpy reads and writes every byte it copies
 N_TOKENS_POINTS = tuple(2**i for i in range(12))  # 1, 2, 4, ..., 2048
 
 PCIE_X16_GBPS = {"3.0": 15.75, "4.0": 31.5, "5.0": 63.0}  # per direction, after 128b/130b encoding
@@ -118,7 +131,7 @@ class CpuSpec:
 class MachineSpec:
     name: str
     cpu: CpuSpec
-    gpu: GpuSpec
+    gpu: GpuSpec | None  # None: no GPU, the CPU stand-in plays the accelerator
     notes: str = ""
 
 
@@ -165,6 +178,18 @@ MACHINES: dict[str, MachineSpec] = {
     )
 }
 
+STAND_IN_MACHINES: dict[str, MachineSpec] = {
+    m.name: m
+    for m in (
+        MachineSpec("cpu-standin-desktop", CPUS["AMD Ryzen 9 7950X"], None,
+                    "the rtx4090-desktop's CPU without a GPU: the runtime's CPU stand-in is the accelerator, "
+                    "its copies host memcpys"),
+    )
+}
+
+DEFAULT_MACHINE = "rtx4090-desktop"  # the estimate for a run on a GPU nobody has measured
+STAND_IN_MACHINE = "cpu-standin-desktop"  # the estimate for a run on a machine without a GPU
+
 SHIPPED_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite", "demo")
 
 
@@ -190,13 +215,22 @@ class Roofline:
 
     @classmethod
     def of(cls, machine: MachineSpec, dtype: str) -> Roofline:
+        """Without a GPU, the "GPU" rates are the CPU's and the copies host memcpys (the stand-in)."""
         cpu, gpu = machine.cpu, machine.gpu
         fp32 = dtype == "float32"
         flops_per_cycle = cpu.fp32_flops_per_cycle if fp32 else cpu.bf16_flops_per_cycle
+        cpu_gbps = min(CPU_MEM_EFF * cpu.memory_gbps, cpu.cores * cpu.per_core_gbps)
+        cpu_tflops = CPU_COMPUTE_EFF * cpu.cores * cpu.avx_ghz * flops_per_cycle / 1e3
+        if gpu is None:
+            memcpy_gbps = cpu_gbps / MEMCPY_DRAM_PASSES
+            return cls(
+                cpu_gbps=cpu_gbps, cpu_tflops=cpu_tflops, gpu_gbps=cpu_gbps, gpu_tflops=cpu_tflops,
+                pinned_gbps=memcpy_gbps, pageable_gbps=memcpy_gbps, d2h_gbps=memcpy_gbps,
+            )
         link_gbps = min(PCIE_X16_GBPS[cpu.pcie], PCIE_X16_GBPS[gpu.pcie])
         return cls(
-            cpu_gbps=min(CPU_MEM_EFF * cpu.memory_gbps, cpu.cores * cpu.per_core_gbps),
-            cpu_tflops=CPU_COMPUTE_EFF * cpu.cores * cpu.avx_ghz * flops_per_cycle / 1e3,
+            cpu_gbps=cpu_gbps,
+            cpu_tflops=cpu_tflops,
             gpu_gbps=GPU_MEM_EFF * gpu.memory_gbps,
             gpu_tflops=GPU_COMPUTE_EFF * (gpu.fp32_tflops if fp32 else gpu.bf16_tflops),
             pinned_gbps=PCIE_PINNED_EFF * link_gbps,
@@ -254,29 +288,51 @@ def _curve(ms_of) -> LatencyCurve:
 
 
 def get_machine(name: str) -> MachineSpec:
+    known = {**MACHINES, **STAND_IN_MACHINES}
     try:
-        return MACHINES[name]
+        return known[name]
     except KeyError:
-        raise UserError(f"unknown machine {name!r}; known: {', '.join(MACHINES)}") from None
+        raise UserError(f"unknown machine {name!r}; known: {', '.join(known)}") from None
+
+
+def _interference(machine: MachineSpec, rates: Roofline) -> Interference:
+    combined_gbps = COMBINED_DRAM_EFF * machine.cpu.memory_gbps
+    if machine.gpu is None:
+        # Stand-in copies are host memcpys: both streams are DRAM-bound and share it by demand.
+        slowdown = max(1.0, (rates.cpu_gbps + MEMCPY_DRAM_PASSES * rates.pinned_gbps) / combined_gbps)
+        return Interference(cpu_slowdown=slowdown, copy_slowdown=slowdown)
+    return Interference(
+        cpu_slowdown=max(1.0, rates.cpu_gbps / (combined_gbps - rates.pinned_gbps)),
+        copy_slowdown=1.0,
+    )
 
 
 def estimate_profile(machine_name: str, shape: ModelShape, gpu: str | None = None) -> HardwareProfile:
-    """The roofline estimate of `machine_name` (optionally with another GPU from GPUS) for `shape`."""
+    """The roofline estimate of `machine_name` (optionally with another GPU from GPUS) for `shape`.
+
+    A machine without a GPU (STAND_IN_MACHINES) gets the CPU stand-in as its accelerator: the same
+    expert curve on both sides, host-memcpy copies, the dense part on the CPU, `stand_in` True.
+    """
     machine = get_machine(machine_name)
     if gpu is not None:
         if gpu not in GPUS:
             raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
         machine = dataclasses.replace(machine, name=f"{machine.name}+{gpu}", gpu=GPUS[gpu])
+    stand_in = machine.gpu is None
     rates = Roofline.of(machine, shape.dtype)
     weight_bytes = expert_weight_bytes(shape)
     load_ms = _ms(weight_bytes, rates.pinned_gbps) + COPY_LAUNCH_MS
-    combined_gbps = COMBINED_DRAM_EFF * machine.cpu.memory_gbps
+    cpu_expert = _curve(lambda n: expert_ms(shape, n, rates.cpu_gbps, rates.cpu_tflops, CPU_EXPERT_FIXED_MS))
+    gpu_expert = cpu_expert if stand_in else _curve(
+        lambda n: expert_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops, GPU_EXPERT_FIXED_MS)
+    )
+    dense_where = " on the CPU" if stand_in else ""  # on the GPU unless said
     return HardwareProfile(
         name=f"{machine.name}.{shape.name}",
         expert_shape=shape.expert_shape(),
-        cpu_expert=_curve(lambda n: expert_ms(shape, n, rates.cpu_gbps, rates.cpu_tflops, CPU_EXPERT_FIXED_MS)),
+        cpu_expert=cpu_expert,
         dense_layer=_curve(lambda n: dense_layer_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops)),
-        gpu_expert=_curve(lambda n: expert_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops, GPU_EXPERT_FIXED_MS)),
+        gpu_expert=gpu_expert,
         transfer=Transfer(
             expert_load_ms=load_ms,
             h2d_pinned_gbps=rates.pinned_gbps,
@@ -287,22 +343,24 @@ def estimate_profile(machine_name: str, shape: ModelShape, gpu: str | None = Non
         host_memory_gbps=rates.cpu_gbps,
         layer_overhead_ms=LAYER_OVERHEAD_MS,
         cpu_first_expert_extra_ms=CPU_FIRST_EXPERT_EXTRA_MS,
-        interference=Interference(
-            cpu_slowdown=max(1.0, rates.cpu_gbps / (combined_gbps - rates.pinned_gbps)),
-            copy_slowdown=1.0,
-        ),
+        interference=_interference(machine, rates),
+        stand_in=stand_in,
         machine=Machine(
             cpu=machine.cpu.name,
             cores=machine.cpu.cores,
             threads=machine.cpu.threads,
-            gpu=machine.gpu.name,
-            gpu_memory_gb=machine.gpu.memory_gb,
+            gpu=None if stand_in else machine.gpu.name,
+            gpu_memory_gb=None if stand_in else machine.gpu.memory_gb,
         ),
         estimated=True,
-        sources=(machine.cpu.source, machine.gpu.source, "roofline: hybrimoe/profile/estimate.py, profiles/README.md"),
+        sources=(
+            machine.cpu.source,
+            *(() if stand_in else (machine.gpu.source,)),
+            "roofline: hybrimoe/profile/estimate.py, profiles/README.md",
+        ),
         notes=(
-            f"{machine.notes}; {machine.cpu.memory}; dense part with a KV cache of {CONTEXT_TOKENS} tokens; "
-            f"model {shape.name}"
+            f"{machine.notes}; {machine.cpu.memory}; dense part{dense_where} with a KV cache of "
+            f"{CONTEXT_TOKENS} tokens; model {shape.name}"
         ),
         provenance=Provenance(
             created_by="python -m hybrimoe.profile.estimate",
@@ -310,6 +368,21 @@ def estimate_profile(machine_name: str, shape: ModelShape, gpu: str | None = Non
             tool_version=__version__,
         ),
     )
+
+
+def estimate_for_this_machine(shape: ModelShape, device: str) -> HardwareProfile:
+    """The estimate to plan with on a machine without a measured profile, for `device` 'cpu' or 'cuda[:N]'.
+
+    'cpu' (no GPU: the runtime's CPU stand-in is the accelerator): STAND_IN_MACHINE, marked `stand_in`.
+    'cuda': DEFAULT_MACHINE, an RTX 4090 desktop, whatever the GPU is; a datasheet of the actual
+    GPU (found by its name in GPUS) would be better, and measuring with `hybrimoe profile` better still.
+    """
+    kind = device.split(":", 1)[0]
+    if kind == "cpu":
+        return estimate_profile(STAND_IN_MACHINE, shape)
+    if kind == "cuda":
+        return estimate_profile(DEFAULT_MACHINE, shape)
+    raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]")
 
 
 def datasheet_rows() -> list[dict[str, str]]:
@@ -353,7 +426,9 @@ def _main() -> None:
     parser = argparse.ArgumentParser(prog="python -m hybrimoe.profile.estimate", description=__doc__.split("\n")[0])
     parser.add_argument("--all", action="store_true", help="write every shipped profile into --out-dir")
     parser.add_argument("--out-dir", default="profiles", help="where --all writes (default: profiles)")
-    parser.add_argument("--machine", choices=sorted(MACHINES), help="one machine (with --model and --out)")
+    parser.add_argument(
+        "--machine", choices=sorted({**MACHINES, **STAND_IN_MACHINES}), help="one machine (with --model and --out)"
+    )
     parser.add_argument("--model", choices=sorted(PRESETS), help="a model preset")
     parser.add_argument("--out", help="the profile YAML to write for --machine and --model")
     args = parser.parse_args()

@@ -1,0 +1,81 @@
+"""Where this machine's measured profiles live: one directory, one file per machine kind and model.
+
+`hybrimoe profile` without `--out` writes `profile_dir() / "{machine}.{model}.yaml"`; `hybrimoe run`
+and `simulate` can then find this machine's profile for a model with `find_profile`.
+
+Design choices:
+- The directory is `$HYBRIMOE_PROFILE_DIR`, else `$XDG_DATA_HOME/hybrimoe/profiles`, else
+  `~/.local/share/hybrimoe/profiles`: measurements are user data that outlive an install, and
+  the variable lets tests, containers and shared clusters point elsewhere.
+- A file is named by the machine kind, not the host: `nvidia-h200` (the GPU's name, slugged, as
+  `profile_name` in `hybrimoe.profile.run` does) or `cpu-standin-{cores}core` (the runtime's CPU
+  stand-in accelerator on a machine without a GPU), so a profile carries over to identical machines
+  and a different GPU on the same host never picks up the wrong one.
+- Slugs are lower case, `[a-z0-9._-]` only, so every key is a safe file name on any file system.
+- No torch at module level: `this_machine_key` imports it only to ask for the CUDA device's name,
+  so finding a profile costs nothing where no GPU is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PROFILE_DIR_ENV = "HYBRIMOE_PROFILE_DIR"
+
+
+def profile_dir() -> Path:
+    """`$HYBRIMOE_PROFILE_DIR`, else `$XDG_DATA_HOME/hybrimoe/profiles`, else `~/.local/share/hybrimoe/profiles`."""
+    explicit = os.environ.get(PROFILE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME")
+    base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
+    return base / "hybrimoe" / "profiles"
+
+
+def _slug(text: str, fallback: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
+    return slug or fallback
+
+
+def model_slug(model: str) -> str:
+    """A model name as a file-name part: 'Qwen/Qwen3-30B-A3B' -> 'qwen-qwen3-30b-a3b'."""
+    return _slug(model, "model")
+
+
+def machine_key(gpu_name: str | None, cores: int | None) -> str:
+    """The machine kind: the GPU's name slugged ('NVIDIA H200' -> 'nvidia-h200'), or without a GPU
+    the CPU stand-in accelerator on this many cores ('cpu-standin-2core')."""
+    if gpu_name:
+        return _slug(gpu_name, "gpu")
+    return f"cpu-standin-{max(1, cores or 1)}core"
+
+
+def this_machine_key(device: str) -> str:
+    """The machine kind that `device` ('cpu', 'cuda' or 'cuda:N') runs on here."""
+    import torch
+
+    from hybrimoe.errors import UserError
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: no CUDA device is available to torch {torch.__version__}")
+        return machine_key(torch.cuda.get_device_name(dev), os.cpu_count())
+    return machine_key(None, os.cpu_count())
+
+
+def default_profile_path(machine: str, model: str) -> Path:
+    """Where `hybrimoe profile` saves, and `find_profile` looks for, `machine`'s profile of `model`."""
+    return profile_dir() / f"{machine}.{model_slug(model)}.yaml"
+
+
+def find_profile(machine: str, model: str) -> Path | None:
+    """`machine`'s saved profile of `model`, or None when it has not been profiled."""
+    path = default_profile_path(machine, model)
+    return path if path.is_file() else None
