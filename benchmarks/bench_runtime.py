@@ -26,7 +26,7 @@ import torch
 
 from hybrimoe.config import PolicyConfig
 from hybrimoe.errors import ModelError
-from hybrimoe.policy.plan import LayerPlan, SlotLoad
+from hybrimoe.profile.model_costs import SideOnlyPlanner
 from hybrimoe.runtime.accelerator import CpuStandIn
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.hybrid import HybridRuntime
@@ -34,28 +34,6 @@ from hybrimoe.runtime.loading import LoadedModel, from_model, load_model
 from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
 
 PROMPT_TOKENS = 16
-
-
-class ResidentPlanner:
-    """Every expert resident in its own slot, every activated expert computed from it."""
-
-    lookahead_layers = 0
-
-    def __init__(self, n_layers: int, n_experts: int):
-        self.n_experts = n_experts
-        self._loads = tuple(SlotLoad((layer, e), layer * n_experts + e) for layer in range(n_layers)
-                            for e in range(n_experts))
-
-    def initial_loads(self) -> tuple[SlotLoad, ...]:
-        return self._loads
-
-    def plan_layer(self, layer, topk_ids, router_probs, predicted_topk) -> LayerPlan:
-        experts = tuple(np.unique(topk_ids).tolist())
-        base = layer * self.n_experts
-        return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), 0.0)
-
-    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
-        return ()
 
 
 def _decode_tokens_per_s(loaded: LoadedModel, ids: torch.Tensor, n_new: int, runtime: HybridRuntime | None) -> float:
@@ -67,7 +45,7 @@ def _decode_tokens_per_s(loaded: LoadedModel, ids: torch.Tensor, n_new: int, run
 def _planner(kind: str, loaded: LoadedModel, name: str):
     n_total = loaded.n_layers * loaded.n_experts
     if kind == "resident":
-        return ResidentPlanner(loaded.n_layers, loaded.n_experts)
+        return SideOnlyPlanner("accelerator", loaded.n_layers, loaded.n_experts)
     profile = default_profile(model_shape(loaded, name))
     uniform = np.ones((loaded.n_layers, loaded.n_experts))  # warm start: every expert resident
     return build_planner("hybrimoe", loaded, profile, PolicyConfig(cache_ratio=1.0), n_total, uniform)

@@ -1,5 +1,7 @@
 """`hybrimoe profile`: measure this machine's expert costs and bandwidths, fit them, write a profile.
 
+Without `--out` the profile is saved as this machine's, in the profile directory
+(`hybrimoe.profile.directory`), replacing an earlier measurement of the same machine and model.
 `--estimate` lists the datasheets behind the estimated profiles; `--estimate MACHINE` builds one.
 """
 
@@ -28,10 +30,12 @@ def profile(
     ),
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_MODEL,
-        help="Model directory or its config.json: only the shapes are read, never the weights.",
+        help="Model directory or its config.json (default: the demo model). Its config is read, never its "
+        "weights: the model is built with random weights to time its own layers with the runtime.",
     ),
     preset: str | None = typer.Option(
-        None, "--preset", rich_help_panel=_MODEL, help=f"A built-in model shape: {', '.join(PRESETS)}."
+        None, "--preset", rich_help_panel=_MODEL,
+        help=f"A built-in model shape, experts only: {', '.join(PRESETS)}."
     ),
     hidden_size: int | None = typer.Option(
         None, "--hidden-size", min=1, rich_help_panel=_MODEL, help="Expert hidden size (with --intermediate-size)."
@@ -58,8 +62,16 @@ def profile(
         False, "--estimate", rich_help_panel=_RUN,
         help="Do not measure: list the datasheets, or with MACHINE build an estimated profile.",
     ),
-    out: Path | None = typer.Option(None, "--out", rich_help_panel=_OUTPUT, help="Write the profile here (YAML)."),
-    force: bool = typer.Option(False, "--force", rich_help_panel=_OUTPUT, help="Overwrite an existing --out file."),
+    out: Path | None = typer.Option(
+        None, "--out", rich_help_panel=_OUTPUT,
+        help="Write the profile here (YAML). Default: as this machine's profile for the model, in "
+        "$HYBRIMOE_PROFILE_DIR, else $XDG_DATA_HOME/hybrimoe/profiles, else ~/.local/share/hybrimoe/profiles, "
+        "replacing the one there.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", rich_help_panel=_OUTPUT,
+        help="Overwrite an existing --out file (this machine's default profile is always replaced).",
+    ),
     name: str | None = typer.Option(
         None, "--name", rich_help_panel=_OUTPUT, help="Profile name (default: from the machine and model)."
     ),
@@ -74,11 +86,12 @@ def profile(
         help="Last-level cache (MiB) that benchmarks rotate weights past (default: read from the system).",
     ),
 ) -> None:
-    """Measure this machine's expert costs and bandwidths for one model's shapes, and write a profile."""
+    """Measure this machine for one model: expert costs, bandwidths and, with a model's config (the demo
+    model by default), the rest of a step on its own layers; write the profile."""
     from hybrimoe.config import save_profile
     from hybrimoe.errors import ProfileError, UserError
     from hybrimoe.profile import report
-    from hybrimoe.profile.inputs import resolve_model
+    from hybrimoe.profile.inputs import model_config_path, resolve_model
 
     with user_errors():
         if out is not None and out.exists() and not force:
@@ -105,11 +118,25 @@ def profile(
         from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine
 
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
+        to_default = out is None
+        if to_default:
+            from hybrimoe.profile.directory import default_profile_path, this_machine_key
+
+            out = default_profile_path(this_machine_key(device or default_device()), shape.name)
+            try:  # before measuring, so an unwritable directory fails in a second, not after minutes
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot create the profile directory {out.parent} ({exc.strerror}): "
+                    "set HYBRIMOE_PROFILE_DIR or pass --out FILE"
+                ) from None
         if plot is not None and not report.png_available():
             err_console.print("[yellow]matplotlib is not installed: --plot is skipped (pip install matplotlib)[/]")
             plot = None
+        on_model = model is not None or (preset is None and hidden_size is None and intermediate_size is None)
         options = ProfileOptions(
             model=shape,
+            model_config=model_config_path(model) if on_model else None,
             device=device or default_device(),
             threads=threads,
             quick=quick,
@@ -130,17 +157,15 @@ def profile(
                 bar.update(task, description=what or "measuring", completed=done, total=total)
 
             result = profile_machine(options, progress)
-        if out is not None:
-            save_profile(result, out, overwrite=force)
+        # This machine's current measurement replaces its previous one; an explicit --out needs --force.
+        replaced = to_default and out.exists()
+        save_profile(result, out, overwrite=force or to_default)
 
     console.print(report.summary_table(result))
     console.print(report.curves_table(result))
     console.print(report.terminal_plot(result, color=console.is_terminal))
-    if not result.has_accelerator:
-        console.print("No accelerator: this profile holds the CPU and memory sections only "
-                      "(combine it with `hybrimoe simulate --accelerator-from PROFILE`).")
-    if out is not None:
-        console.print(f"profile written to [bold]{out}[/]")
+    replacing = ", replacing this machine's previous profile" if replaced else ""
+    console.print(f"profile written to [bold]{out}[/]{replacing}")
     if plot is not None:
         console.print(f"plot written to [bold]{report.save_png(result, plot)}[/]")
 

@@ -2,7 +2,10 @@
 
 Design choices:
 - Only `config.json` is read, never weights, so a model can be profiled before it is downloaded.
-- Exactly one source is accepted; partial or ambiguous input is a `UserError` naming the flags.
+- At most one source is accepted (none means the embedded demo model); partial or ambiguous input
+  is a `UserError` naming the flags.
+- A model is named by its directory (the demo model: `demo`), as `hybrimoe run` names it, so a
+  profile saved for this machine is found again by the run.
 - Explicit sizes make a one-layer shape with 8 experts, top-2 and 128-wide heads: enough for the
   expert curves, and a plausible dense stand-in.
 - No torch here, so `hybrimoe profile --estimate` stays light.
@@ -14,6 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
 from hybrimoe.profile.presets import ModelShape, get_preset, shape_from_hf_config
 
@@ -25,26 +29,20 @@ def resolve_model(
     intermediate_size: int | None = None,
     dtype: str | None = None,
 ) -> ModelShape:
-    """The shapes to profile, from exactly one of: a model's config.json, a preset, explicit sizes."""
+    """The shapes to profile, from at most one of: a model's config.json, a preset, explicit sizes;
+    none given means the demo model."""
     explicit = hidden_size is not None or intermediate_size is not None
     given = [name for name, on in (("--model", model_path), ("--preset", preset), ("--hidden-size", explicit)) if on]
-    if len(given) != 1:
+    if len(given) > 1:
         raise UserError(
-            "give exactly one of --model PATH, --preset NAME or --hidden-size with --intermediate-size"
-            + (f" (got {' and '.join(given)})" if given else "")
+            "give one of --model PATH, --preset NAME or --hidden-size with --intermediate-size "
+            f"(got {' and '.join(given)})"
         )
+    if not given:
+        return _shape_from_config(demo_model_path() / "config.json", "demo", dtype)
     if model_path is not None:
-        config_path = model_path / "config.json" if model_path.is_dir() else model_path
-        if not config_path.is_file():
-            raise UserError(f"no config.json at {model_path}")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{config_path}: not a readable JSON file ({exc.__class__.__name__})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_path}: expected a JSON object")
-        fallback = config_path.parent.name or "model"
-        return shape_from_hf_config(config, name=config.get("_name_or_path") or fallback, dtype=dtype)
+        config_path = model_config_path(model_path)
+        return _shape_from_config(config_path, config_path.parent.name or "model", dtype)
     if preset is not None:
         shape = get_preset(preset)
         return shape if dtype is None else dataclasses.replace(shape, dtype=dtype)
@@ -58,3 +56,23 @@ def resolve_model(
         n_heads=n_heads, n_kv_heads=n_heads, head_dim=max(1, hidden_size // n_heads), vocab_size=32000,
         dtype=dtype or "bfloat16",
     )
+
+
+def model_config_path(model_path: Path | None) -> Path:
+    """The config.json of `--model PATH` (a directory or the file itself); the demo model's for None."""
+    if model_path is None:
+        return demo_model_path() / "config.json"
+    config_path = model_path / "config.json" if model_path.is_dir() else model_path
+    if not config_path.is_file():
+        raise UserError(f"no config.json at {model_path}")
+    return config_path
+
+
+def _shape_from_config(config_path: Path, name: str, dtype: str | None) -> ModelShape:
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
+    return shape_from_hf_config(config, name=name, dtype=dtype)

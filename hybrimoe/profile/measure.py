@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import statistics
 import threading
@@ -354,6 +355,21 @@ class TransferResult:
     h2d_pinned_gbps: float  # large transfers
     h2d_pageable_gbps: float
     d2h_gbps: float  # device -> pinned host, large transfers
+
+
+def slot_copy(pool: ExpertPool, budget: Budget) -> Sample:
+    """The CPU stand-in's expert load: one expert's weights copied into a slot, one copy per
+    weight tensor as the runtime's store does, from a pool larger than the cache."""
+    gate_up_slot = torch.empty_like(pool.gate_up[0])
+    down_slot = torch.empty_like(pool.down[0])
+    calls = itertools.count()
+
+    def copy() -> None:
+        e = next(calls) % pool.n_experts
+        gate_up_slot.copy_(pool.gate_up[e])
+        down_slot.copy_(pool.down[e])
+
+    return settle(host_ms(copy), budget)
 
 
 def weight_bytes(shape: ExpertShape) -> list[int]:

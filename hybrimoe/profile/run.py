@@ -3,20 +3,30 @@
 Design choices:
 - `profile_machine` runs every measurement in the runtime's conditions (`torch.inference_mode`, the
   expert dtype, the thread count) and returns a `HardwareProfile`; writing it is the caller's job.
-- Without an accelerator the profile holds the CPU and memory sections only (`gpu_expert` and
-  `transfer` None), measures the dense stand-in on the CPU, and says so in its notes: `simulate
-  --accelerator-from` combines it with a shipped accelerator profile.
+- Without a GPU the CPU stand-in is profiled as the accelerator, as the runtime uses it: its expert
+  curve is the CPU's (the same kernel on the same cores) and its expert load is a copy into a slot
+  on the host; the profile says `stand_in: true`, so `run` and `simulate` use it as they would a
+  GPU's, with the stand-in's timing (costs.py).
+- With a model's `config.json` (`--model`, or the demo model by default) the rest of a step is
+  measured on the model's own modules with the runtime (model_costs.py): the dense part of a layer
+  replaces the stand-in below, and the CPU worker's per-layer start-up replaces the first-expert
+  micro-benchmark. Shapes alone (`--preset`, explicit sizes) keep those stand-ins.
+- The thread count defaults to one less than the cores (at least one): the thread that launches
+  the layers' work and plans needs a core of its own beside the CPU experts. The profile records it
+  and `run` uses it.
 - The notes also record what each stand-in is, the load average before and after (other processes
   make CPU timings pessimistic), and any slowdown below 1 that was floored as noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,9 +46,17 @@ from hybrimoe.profile.measure import (
     interference,
     latency_curve,
     memcpy_stream,
+    slot_copy,
     torch_dtype,
     torch_threads,
     transfers,
+)
+from hybrimoe.profile.model_costs import (
+    DenseParts,
+    ModelTimer,
+    build_random_model,
+    measure_dense_parts,
+    measure_runtime_costs,
 )
 from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
@@ -58,7 +76,8 @@ Progress = Callable[[str, int, int], None]
 class ProfileOptions:
     model: ModelShape
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    threads: int | None = None  # torch intra-op threads; None: torch's default, as the runtime uses
+    threads: int | None = None  # torch intra-op threads; None: default_threads()
+    model_config: Path | None = None  # the model's config.json: also measure its step costs
     quick: bool = False  # about 30 s in all: fewer repeats and token counts
     max_repeats: int | None = None  # caps the timed runs per measurement (tests)
     cache_bytes: int | None = None  # last-level cache to rotate past; None: read from the system
@@ -69,6 +88,11 @@ class ProfileOptions:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_threads() -> int:
+    """CPU expert threads: every core but one, which the launching and planning thread needs."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _device(name: str) -> torch.device:
@@ -124,7 +148,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     model = options.model
     device = _device(options.device)
     accelerated = device.type == "cuda"
-    threads = options.threads or torch.get_num_threads()
+    threads = options.threads or default_threads()
     cache_bytes = options.cache_bytes or llc_bytes()
     setup = _Setup(
         model=model,
@@ -137,31 +161,43 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         # A host memcpy stream needs a core of its own, or the interference ratio measures core sharing.
         interference_threads=None if accelerated else max(1, min(threads, cores - 1)),
     )
-    steps = _Steps(progress, total=8 if accelerated else 6)
+    on_model = options.model_config is not None
+    steps = _Steps(progress, total=(8 if accelerated else 7) + (1 if on_model else 0))
     load_before = load_average()
     with torch.inference_mode(), torch_threads(threads):
-        cpu_points, first, memory_gbps, clash = _measure_cpu(setup, steps)
-        gpu_curve, transfer = _measure_accelerator(setup, steps) if accelerated else (None, None)
-        overhead, dense_points = _measure_layer(setup, steps)
+        cpu_points, first, memory_gbps, clash, pool = _measure_cpu(setup, steps)
+        if accelerated:
+            del pool
+            gpu_curve, transfer = _measure_accelerator(setup, steps)
+        else:
+            gpu_curve, transfer = fit_curve(cpu_points), _stand_in_transfer(pool, setup, steps)
+            del pool
+        if on_model:
+            timer, dense = _model_dense_parts(options.model_config, setup, steps)
+            dense_layer, overhead_ms = dense.dense_layer, None
+        else:
+            overhead, dense_points = _measure_layer(setup, steps)
+            dense_layer, overhead_ms = fit_curve(dense_points), overhead.median_ms
 
     machine = describe_machine(str(device), threads)
     cpu_expert = fit_curve(cpu_points)
     notes = _notes(options, setup, first, clash, threads, cores, load_before, load_average())
     if is_erratic(cpu_expert):
         notes += f" {ERRATIC_NOTE}"
-    return HardwareProfile(
+    profile = HardwareProfile(
         name=options.name or profile_name(model, machine.gpu, cores),
         expert_shape=model.expert_shape(),
         cpu_expert=cpu_expert,
-        dense_layer=fit_curve(dense_points),
+        dense_layer=dense_layer,
         gpu_expert=gpu_curve,
         transfer=transfer,
         host_memory_gbps=memory_gbps,
-        layer_overhead_ms=overhead.median_ms,
+        layer_overhead_ms=overhead_ms or 0.0,
         cpu_first_expert_extra_ms=first.extra_ms,
         interference=Interference(
             cpu_slowdown=max(1.0, clash.cpu_slowdown), copy_slowdown=max(1.0, clash.copy_slowdown)
         ),
+        stand_in=not accelerated,
         machine=machine,
         estimated=False,
         notes=notes,
@@ -171,10 +207,61 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
             tool_version=__version__,
         ),
     )
+    if on_model:
+        with torch.inference_mode(), torch_threads(threads):
+            profile = _with_runtime_costs(profile, timer, dense, steps)
+    return profile
 
 
-def _measure_cpu(setup: _Setup, steps: _Steps) -> tuple[list[CurvePoint], FirstExpert, float, InterferenceResult]:
-    """The CPU expert curve, the first expert of a layer, host memory bandwidth, interference."""
+def _stand_in_transfer(pool: ExpertPool, setup: _Setup, steps: _Steps) -> Transfer:
+    """The stand-in's expert load: a host copy into a slot."""
+    steps.show("stand-in expert load (a copy into a slot)")
+    load = slot_copy(pool, setup.budget)
+    steps.finish()
+    gbps = setup.model.expert_shape().expert_bytes / load.median_ms / 1e6
+    return Transfer(expert_load_ms=load.median_ms, h2d_pinned_gbps=gbps, h2d_pinned_expert_gbps=gbps)
+
+
+def _model_dense_parts(config_path: Path, setup: _Setup, steps: _Steps) -> tuple[ModelTimer, DenseParts]:
+    """The model built from its config with random weights, and its dense parts measured."""
+    from hybrimoe.runtime.accelerator import make_accelerator
+
+    steps.show("the model's own layers: building it with random weights")
+    loaded = build_random_model(config_path, setup.device)
+    timer = ModelTimer(loaded, make_accelerator(str(setup.device)), setup.budget,
+                       progress=lambda what: steps.show(f"the model: {what}"))
+    dense = measure_dense_parts(timer)
+    steps.finish()
+    return timer, dense
+
+
+def _with_runtime_costs(profile: HardwareProfile, timer: ModelTimer, dense: DenseParts, steps: _Steps) -> HardwareProfile:
+    """The profile with the model's step costs, measured with the runtime's executor."""
+    from hybrimoe.policy.strategies import STRATEGIES
+
+    measured = measure_runtime_costs(timer, dense, profile, STRATEGIES)
+    steps.finish()
+    config = timer.loaded.model.config
+    notes = profile.notes + (
+        f" dense_layer and model_costs were measured on the model's own modules ({config.model_type}, "
+        f"{timer.loaded.n_layers} MoE layers, random weights) with the runtime's executor; "
+        "cpu_first_expert_extra_ms is the CPU worker's per-layer start-up measured there, and "
+        "layer_overhead_ms the executor's host work for a 1-token step (model_costs.host_layer)."
+    )
+    return dataclasses.replace(
+        profile,
+        layer_overhead_ms=measured.costs.host_layer.ms(1),
+        cpu_first_expert_extra_ms=measured.cpu_worker_ms,
+        model_costs=measured.costs,
+        notes=notes,
+    )
+
+
+def _measure_cpu(
+    setup: _Setup, steps: _Steps
+) -> tuple[list[CurvePoint], FirstExpert, float, InterferenceResult, ExpertPool]:
+    """The CPU expert curve, the first expert of a layer, host memory bandwidth, interference
+    (and the expert pool, for the stand-in's slot copy)."""
     budget, accelerated = setup.budget, setup.device.type == "cuda"
     steps.show("CPU expert")
     pool = ExpertPool(setup.model.expert_shape(), setup.dtype, torch.device("cpu"), setup.cache_bytes)
@@ -190,7 +277,7 @@ def _measure_cpu(setup: _Setup, steps: _Steps) -> tuple[list[CurvePoint], FirstE
     background = h2d_stream(setup.device, setup.cache_bytes) if accelerated else memcpy_stream(setup.cache_bytes)
     clash = interference(pool, background, budget, setup.interference_threads)
     steps.finish()
-    return points, first, memory_gbps, clash
+    return points, first, memory_gbps, clash, pool
 
 
 def _measure_accelerator(setup: _Setup, steps: _Steps) -> tuple[LatencyCurve, Transfer]:
@@ -243,23 +330,24 @@ def _notes(options, setup, first, clash, threads, cores, load_before, load_after
     notes = [f"Measured for {model.name} ({model.dtype}) with {threads} CPU thread(s) of {cores}."]
     if device.type != "cuda":
         notes.append(
-            "No accelerator: gpu_expert and transfer are absent; combine with an accelerator profile "
-            "(`hybrimoe simulate --accelerator-from`)."
+            "No GPU: the accelerator is the runtime's CPU stand-in (stand_in: true): gpu_expert is the CPU "
+            "expert curve, transfer.expert_load_ms a host copy of one expert into a slot."
         )
-    notes.append(
-        f"dense_layer is a stand-in measured on {where}: RMSNorms, QKV/O projections, attention over a "
-        f"{CONTEXT_TOKENS}-token KV cache, router and shared experts (no rotary embedding, plain GQA)."
-    )
-    notes.append(
-        "layer_overhead_ms is a stand-in: softmax and top-k over router logits, ids to the host, "
-        "one tiny expert dispatched (gather, kernel, weighted scatter-add)"
-        + (" and the end-of-layer synchronisation." if device.type == "cuda" else ".")
-    )
-    notes.append(
-        f"cpu_first_expert_extra_ms: the first 1-token expert of a layer took {first.first.median_ms:.3f} ms, "
-        f"later ones {first.later.median_ms:.3f} ms (each layer after a {FIRST_EXPERT_GAP_S * 1e3:g} ms idle gap "
-        "and a pass over 8 MiB of other memory)."
-    )
+    if options.model_config is None:
+        notes.append(
+            f"dense_layer is a stand-in measured on {where}: RMSNorms, QKV/O projections, attention over a "
+            f"{CONTEXT_TOKENS}-token KV cache, router and shared experts (no rotary embedding, plain GQA)."
+        )
+        notes.append(
+            "layer_overhead_ms is a stand-in: softmax and top-k over router logits, ids to the host, "
+            "one tiny expert dispatched (gather, kernel, weighted scatter-add)"
+            + (" and the end-of-layer synchronisation." if device.type == "cuda" else ".")
+        )
+        notes.append(
+            f"cpu_first_expert_extra_ms: the first 1-token expert of a layer took {first.first.median_ms:.3f} ms, "
+            f"later ones {first.later.median_ms:.3f} ms (each layer after a {FIRST_EXPERT_GAP_S * 1e3:g} ms "
+            "idle gap and a pass over 8 MiB of other memory)."
+        )
     if device.type == "cuda":
         background = "a host-to-device copy loop"
     else:

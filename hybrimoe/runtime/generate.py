@@ -68,6 +68,7 @@ def generate(
     eos_token_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     on_tokens: Callable[[torch.Tensor], None] | None = None,  # called with [B] after each step
+    before_step: Callable[[int, int], None] | None = None,  # (new tokens, cached tokens per sequence)
     on_step: Callable[[], None] | None = None,  # called after each forward step
     sync: Callable[[], None] = lambda: None,
     keep_logits: bool = False,
@@ -89,6 +90,9 @@ def generate(
         start = time.perf_counter()
         ttft_s = 0.0
         for step in range(max_new_tokens):
+            if before_step is not None:
+                cached = 0 if step == 0 else input_ids.shape[1] + step - 1
+                before_step(inputs.numel(), cached)
             out = model(
                 input_ids=inputs,
                 attention_mask=mask,

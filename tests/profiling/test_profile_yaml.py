@@ -23,9 +23,10 @@ def measured():
     return profile, steps
 
 
-def test_a_cpu_only_profile_holds_cpu_and_memory_sections(measured):
+def test_a_profile_without_a_gpu_profiles_the_stand_in_as_the_accelerator(measured):
     profile, steps = measured
-    assert profile.gpu_expert is None and profile.transfer is None and not profile.has_accelerator
+    assert profile.stand_in and profile.has_accelerator and profile.gpu_expert == profile.cpu_expert
+    assert profile.transfer.expert_load_ms > 0 and profile.transfer.h2d_pinned_gbps > 0
     assert len(profile.cpu_expert.points) >= 2 and profile.cpu_expert.fit is not None
     assert profile.cpu_expert.fit.r2 is not None and profile.cpu_expert.fit.max_rel_error is not None
     assert len(profile.dense_layer.points) >= 2
@@ -33,9 +34,10 @@ def test_a_cpu_only_profile_holds_cpu_and_memory_sections(measured):
     assert profile.interference.cpu_slowdown >= 1.0 and profile.interference.copy_slowdown >= 1.0
     assert profile.expert_shape == ExpertShape(32, 48, "float32")
     assert profile.machine.cores and profile.machine.torch and profile.machine.gpu is None
-    assert "No accelerator" in profile.notes and "test run" in profile.notes and "Interference" in profile.notes
+    assert "CPU stand-in" in profile.notes and "test run" in profile.notes and "Interference" in profile.notes
     assert profile.provenance.created_by == "hybrimoe profile" and not profile.estimated
-    assert steps[-1] == (6, 6)
+    assert profile.model_costs is None  # shapes only: no model to measure
+    assert steps[-1] == (7, 7)
 
 
 def test_measured_profile_round_trips_through_yaml(measured, tmp_path):
@@ -57,7 +59,7 @@ def test_measured_profile_round_trips_through_yaml(measured, tmp_path):
         (lambda d: d["cpu_expert"]["fit"].update(intercept_ms=-1.0), "must not be negative"),
         (lambda d: d["cpu_expert"]["points"].reverse(), "strictly increasing"),
         (lambda d: d["expert_shape"].update(hidden_size="big"), "expected an integer"),
-        (lambda d: d.update(transfer={"expert_load_ms": 1.0, "h2d_pinned_gbps": 10.0}), "both gpu_expert and transfer"),
+        (lambda d: d.pop("gpu_expert"), "both gpu_expert and transfer"),
     ],
 )
 def test_bad_profiles_are_refused_in_one_line(measured, tmp_path, edit, message):
@@ -79,6 +81,7 @@ def test_a_profile_for_other_expert_shapes_is_refused(measured):
 
 def test_model_inputs_are_one_clear_source(tmp_path):
     assert resolve_model(preset="demo").name == "demo"
+    assert resolve_model().name == "demo"  # nothing given: the embedded demo model, named as `run` names it
     assert resolve_model(preset="demo", dtype="bfloat16").dtype == "bfloat16"
     custom = resolve_model(hidden_size=256, intermediate_size=64)
     assert (custom.hidden_size, custom.intermediate_size, custom.dtype) == (256, 64, "bfloat16")
@@ -89,10 +92,10 @@ def test_model_inputs_are_one_clear_source(tmp_path):
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     from_dir = resolve_model(model_path=tmp_path)
+    assert from_dir.name == tmp_path.name  # by its directory, as `run --model DIR` names it
     assert (from_dir.hidden_size, from_dir.intermediate_size, from_dir.n_experts) == (64, 32, 8)
     assert resolve_model(model_path=tmp_path / "config.json") == from_dir
     for kwargs, message in (
-        ({}, "exactly one of"),
         ({"preset": "demo", "hidden_size": 8, "intermediate_size": 8}, "--preset and --hidden-size"),
         ({"hidden_size": 8}, "go together"),
         ({"preset": "nope"}, "unknown model preset"),

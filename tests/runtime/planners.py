@@ -43,6 +43,9 @@ class RulePlanner:
     def initial_loads(self) -> tuple[SlotLoad, ...]:
         return self._warm
 
+    def begin_step(self, n_tokens: int, context_tokens: int) -> None:
+        pass
+
     def _apply(self, load: SlotLoad) -> None:
         old = self.holds[load.slot]
         if old is not None:

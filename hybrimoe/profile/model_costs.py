@@ -1,0 +1,422 @@
+"""What a forward step costs besides the routed experts, measured on a model's own modules.
+
+Shapes: L = MoE layers, E = experts per layer, T = new tokens in a step, C = cached tokens.
+
+Design choices:
+- The model is built from its `config.json` with random weights (no checkpoint is read) and at most
+  `MAX_MOE_LAYERS` MoE layers (fewer when a layer's experts would not fit in RAM): per-layer costs
+  are means over its layers, and the work outside the layers does not depend on their number.
+- Every figure comes from real forward steps through transformers and `generate`, the loop `run`
+  uses, timed by hooks on the model (each step's start) and on each MoE decoder layer (its wall
+  time; the accelerator is synchronised at each hook, so on CUDA the times are the device's too):
+  * null experts (an experts implementation returning zeros): the dense part of a layer at T new
+    tokens, its growth with the KV cache in decode, and the step's work outside the MoE layers
+    (embedding, rotary, mask, dense-MLP layers, final norm, LM head, sampling, the loop);
+  * the runtime's executor with every expert resident: its own host work per layer, that is the
+    layer's time less its dense part, its experts (the profile's accelerator curve at their token
+    counts) and the planner's measured wall time;
+  * the executor with every expert on the CPU worker: the worker's per-layer start-up cost (thread
+    hand-off and wait), the same way with the CPU curve;
+  * the executor with each strategy's own planner (the default policy, a quarter of the experts
+    cached): that planner's wall time per layer, the two calls apart.
+- Differences of measured times can come out slightly negative through noise; they are floored
+  at zero, and the host curve at a small positive value the schema accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrimoe.config import CurvePoint, HardwareProfile, LatencyCurve, ModelCosts, PlannerCost, PolicyConfig
+from hybrimoe.errors import UserError
+from hybrimoe.policy.plan import LayerPlan, SlotLoad
+from hybrimoe.profile.fit import fit_curve
+from hybrimoe.profile.machine import available_ram_bytes
+from hybrimoe.profile.measure import fill_weights, token_counts
+from hybrimoe.profile.timing import Budget
+from hybrimoe.runtime.accelerator import Accelerator
+from hybrimoe.runtime.generate import generate
+from hybrimoe.runtime.loading import LoadedModel
+
+MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' routers to be typical
+MAX_PREFILL_TOKENS = 512
+NULL_EXPERTS = "hybrimoe-null"
+_MIN_MS = 1e-4  # a floor for measured differences (the schema wants positive curve points)
+
+
+@dataclass(frozen=True)
+class DenseParts:
+    """What the null-experts runs give: the parts of a step that are not the executor's."""
+
+    dense_layer: LatencyCurve  # one MoE layer's dense part, T new tokens over an empty cache
+    dense_ms_per_context_token: float  # its growth in decode, per new and cached token pair
+    outside_step: LatencyCurve  # the step's work outside the MoE layers
+
+    def dense_ms(self, n_tokens: int, context_tokens: int) -> float:
+        return self.dense_layer.ms(n_tokens) + self.dense_ms_per_context_token * context_tokens * n_tokens
+
+
+@dataclass(frozen=True)
+class RuntimeCosts:
+    """What the executor runs give, with this machine's expert and copy costs taken out."""
+
+    cpu_worker_ms: float  # the CPU worker's start-up cost per layer it runs experts in
+    costs: ModelCosts
+
+
+class SideOnlyPlanner:
+    """Every activated expert on one side: `accelerator` (each expert resident in its own slot, so
+    `capacity` is L * E) or `cpu`. Implements the Planner protocol; plans cost a few microseconds."""
+
+    lookahead_layers = 0
+
+    def __init__(self, side: str, n_layers: int, n_experts: int):
+        if side not in ("accelerator", "cpu"):
+            raise ValueError(f"side must be accelerator or cpu, got {side!r}")
+        self.side, self.n_experts = side, n_experts
+        self._loads = ()
+        if side == "accelerator":
+            self._loads = tuple(
+                SlotLoad((layer, e), layer * n_experts + e) for layer in range(n_layers) for e in range(n_experts)
+            )
+
+    @property
+    def capacity(self) -> int:
+        return len(self._loads)
+
+    def initial_loads(self) -> tuple[SlotLoad, ...]:
+        return self._loads
+
+    def begin_step(self, n_tokens: int, context_tokens: int) -> None:
+        pass
+
+    def plan_layer(self, layer, topk_ids, router_probs, predicted_topk) -> LayerPlan:
+        experts = tuple(np.unique(topk_ids).tolist())
+        if self.side == "cpu":
+            return LayerPlan(layer, (), (), experts, {}, (), 0.0)
+        base = layer * self.n_experts
+        return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), 0.0)
+
+    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+        return ()
+
+
+# ---------------------------------------------------------------------------------------------
+# building the model
+
+
+def build_random_model(config_path: Path, device: torch.device, trust_remote_code: bool = False) -> LoadedModel:
+    """The model of `config_path` with random weights and at most MAX_MOE_LAYERS MoE layers."""
+    from hybrimoe.runtime.loading import _build_on_meta, _load_config, find_moe_layers, from_model
+
+    config = _load_config(config_path.parent, trust_remote_code)
+    meta = _build_on_meta(config, trust_remote_code)
+    layers, shape, n_experts, _ = find_moe_layers(meta, config.model_type)
+    free = available_ram_bytes()
+    fits = MAX_MOE_LAYERS if free is None else int(free // 4 // max(1, n_experts * shape.expert_bytes))
+    if fits < 1:
+        raise UserError(
+            f"one MoE layer's experts ({n_experts * shape.expert_bytes / 1e9:.1f} GB) do not fit in a quarter of "
+            f"the free RAM: profile with --preset or explicit sizes instead of --model"
+        )
+    wanted = min(MAX_MOE_LAYERS, fits, len(layers))
+    n_decoder_layers = layers[wanted - 1].decoder_layer + 1
+    config.num_hidden_layers = n_decoder_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:n_decoder_layers]
+    model = _build_uninitialised(config, trust_remote_code)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("e_score_correction_bias"):
+                param.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                fill_weights(param.data)
+    return from_model(model, device)
+
+
+def _build_uninitialised(config, trust_remote_code: bool) -> torch.nn.Module:
+    """On the host, parameters left unset (filled by the caller); buffers such as rotary
+    frequencies are computed as usual."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = getattr(config, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), torch.float32)
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing forward steps
+
+
+class _StepClock:
+    """Each forward step's start (a pre-hook on the model) and each MoE layer's wall time and
+    planning time within it (hooks on the decoder layers that hold experts)."""
+
+    def __init__(self, loaded: LoadedModel, sync: Callable[[], None], planning_ns: Callable[[], int]):
+        self._sync, self._planning_ns = sync, planning_ns
+        self.starts: list[float] = []  # perf_counter at each step's start
+        self.layers: list[list[tuple[float, float]]] = []  # per step: (layer ms, planning ms) per MoE layer
+        decoder = loaded.model.model.layers
+        self._handles = [loaded.model.register_forward_pre_hook(self._step)]
+        for layer in loaded.layers:
+            module = decoder[layer.decoder_layer]
+            self._handles.append(module.register_forward_pre_hook(self._layer_start))
+            self._handles.append(module.register_forward_hook(self._layer_end))
+        self._t0 = self._plan0 = 0.0
+
+    def _step(self, module, args) -> None:
+        self._sync()  # sync point: the previous step's work is done
+        self.starts.append(time.perf_counter())
+        self.layers.append([])
+
+    def _layer_start(self, module, args) -> None:
+        self._sync()  # sync point: the layer starts on an idle accelerator
+        self._plan0 = self._planning_ns()
+        self._t0 = time.perf_counter()
+
+    def _layer_end(self, module, args, output) -> None:
+        self._sync()  # sync point: the layer's work is done
+        elapsed_ms = (time.perf_counter() - self._t0) * 1e3
+        self.layers[-1].append((elapsed_ms, (self._planning_ns() - self._plan0) / 1e6))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class _Step:
+    n_tokens: int
+    context_tokens: int
+    step_ms: float  # from this step's start to the next one's
+    layer_ms: tuple[float, ...]  # [L] each MoE layer's wall time
+    planning_ms: tuple[float, ...]  # [L] planner wall time inside each layer
+    expert_tokens: tuple[tuple[int, ...], ...]  # [L] token counts of the layer's activated experts
+
+
+class _Runner:
+    """Runs `generate` on random prompts and returns its timed steps (the last step, which has no
+    successor to end it, is dropped)."""
+
+    def __init__(self, loaded: LoadedModel, accelerator: Accelerator, seed: int = 0):
+        self.loaded, self.accelerator = loaded, accelerator
+        self._generator = torch.Generator().manual_seed(seed)
+        self.vocab = loaded.model.config.vocab_size
+
+    def steps(self, prompt_tokens: int, n_new: int, runtime=None) -> list[_Step]:
+        ids = torch.randint(0, self.vocab, (1, prompt_tokens), generator=self._generator).to(self.accelerator.device)
+        routed: list[tuple[tuple[int, ...], ...]] = []
+
+        def on_step() -> None:
+            if runtime is not None:
+                records = runtime.end_step()
+                routed.append(tuple(tuple(np.bincount(r.topk_ids.ravel())[np.unique(r.topk_ids)].tolist())
+                                    for r in records))
+
+        counters = runtime.counters if runtime is not None else None
+        clock = _StepClock(
+            self.loaded, self.accelerator.synchronize,
+            (lambda: counters.planning_ns + counters.prefetch_planning_ns) if counters else (lambda: 0),
+        )
+        try:
+            generate(self.loaded.model, ids, torch.ones_like(ids), n_new + 1, on_step=on_step,
+                     sync=self.accelerator.synchronize)
+        finally:
+            clock.close()
+        steps = []
+        for i in range(len(clock.starts) - 1):
+            layers = clock.layers[i]
+            steps.append(_Step(
+                n_tokens=prompt_tokens if i == 0 else 1,
+                context_tokens=0 if i == 0 else prompt_tokens + i - 1,
+                step_ms=(clock.starts[i + 1] - clock.starts[i]) * 1e3,
+                layer_ms=tuple(ms for ms, _ in layers),
+                planning_ms=tuple(plan for _, plan in layers),
+                expert_tokens=routed[i] if routed else (),
+            ))
+        return steps
+
+
+@contextlib.contextmanager
+def _null_experts(loaded: LoadedModel) -> Iterator[None]:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NULL_EXPERTS, _null_forward)
+    previous = loaded.model.config._experts_implementation
+    loaded.model.set_experts_implementation(NULL_EXPERTS)
+    try:
+        yield
+    finally:
+        loaded.model.set_experts_implementation(previous)
+
+
+def _null_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    return torch.zeros_like(hidden_states)  # [T, D]: no routed expert contributes
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurement
+
+
+@dataclass(frozen=True)
+class _Plan:
+    prefill_tokens: tuple[int, ...]  # T of the timed prefills
+    prefill_repeats: int
+    decode_prompts: tuple[int, ...]  # prompt lengths the decode steps follow
+    decode_steps: int  # timed decode steps after each
+
+
+def _plan(loaded: LoadedModel, budget: Budget) -> _Plan:
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+    quick = budget.max_repeats < 20
+    decode_steps = 8 if quick else 24
+    longest = min(MAX_PREFILL_TOKENS, budget.max_tokens, max_positions // 2)
+    return _Plan(
+        prefill_tokens=tuple(token_counts(longest)),
+        prefill_repeats=2 if quick else 3,
+        decode_prompts=(8, max(9, min(longest, max_positions - decode_steps - 2))),
+        decode_steps=decode_steps,
+    )
+
+
+class ModelTimer:
+    """Times forward steps of one model with `generate`, as planned by `_plan`."""
+
+    def __init__(self, loaded: LoadedModel, accelerator: Accelerator, budget: Budget,
+                 progress: Callable[[str], None] = lambda what: None):
+        self.loaded, self.accelerator, self.progress = loaded, accelerator, progress
+        self.plan = _plan(loaded, budget)
+        self._runner = _Runner(loaded, accelerator)
+
+    def runs(self, what: str, runtime=None) -> list[_Step]:
+        """Timed prefills of every planned length, then decode steps after each planned prompt."""
+        steps = []
+        for n_tokens in self.plan.prefill_tokens:
+            self.progress(f"{what}: prefill of {n_tokens} token(s)")
+            for _ in range(self.plan.prefill_repeats):
+                steps.append(self._runner.steps(n_tokens, 1, runtime)[0])
+        for prompt in self.plan.decode_prompts:
+            self.progress(f"{what}: decode after {prompt} tokens")
+            steps += self._runner.steps(prompt, self.plan.decode_steps, runtime)[1:]
+        return steps
+
+    def decode(self, runtime) -> None:
+        """Decode steps after the shortest planned prompt, untimed (the runtime counts what it needs)."""
+        self._runner.steps(self.plan.decode_prompts[0], self.plan.decode_steps, runtime)
+
+
+def measure_dense_parts(timer: ModelTimer) -> DenseParts:
+    """The dense part of a layer and the work outside the MoE layers, with null experts."""
+    with _null_experts(timer.loaded):
+        timer.runs("warm-up")  # first calls of every kernel size
+        steps = timer.runs("dense parts")
+    prefill = [s for s in steps if s.context_tokens == 0]
+    decode = [s for s in steps if s.context_tokens > 0]
+    dense = _curve(_median_by_tokens([(s.n_tokens, ms) for s in prefill for ms in s.layer_ms], _MIN_MS))
+    pairs = np.array([(s.context_tokens, ms - dense.ms(1)) for s in decode for ms in s.layer_ms])
+    slope = 0.0
+    if len(pairs) and np.ptp(pairs[:, 0]) > 0:
+        slope = max(0.0, float(np.polyfit(pairs[:, 0], pairs[:, 1], 1)[0]))
+    outside = [(s.n_tokens, s.step_ms - sum(s.layer_ms)) for s in prefill if s.n_tokens > 1]
+    outside += [(1, s.step_ms - sum(s.layer_ms)) for s in decode]
+    return DenseParts(dense, slope, _curve(_median_by_tokens(outside, _MIN_MS)))
+
+
+def measure_runtime_costs(
+    timer: ModelTimer, dense: DenseParts, profile: HardwareProfile, strategies: tuple[str, ...]
+) -> RuntimeCosts:
+    """The executor's host work, the CPU worker's start-up and each strategy's planning time;
+    `profile` holds this machine's expert and copy costs (taken out of the layers' times) and is
+    what the strategies' planners plan with."""
+    from hybrimoe.runtime.hybrid import HybridRuntime
+    from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH
+
+    loaded, accelerator = timer.loaded, timer.accelerator
+    cpu_curve, accelerator_curve = profile.cpu_expert, profile.gpu_expert or profile.cpu_expert
+    n_layers, n_experts = loaded.n_layers, loaded.n_experts
+
+    resident = SideOnlyPlanner("accelerator", n_layers, n_experts)
+    with HybridRuntime(loaded, resident, accelerator, resident.capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
+        host_steps = timer.runs("executor, experts on the accelerator", runtime)
+    host = _per_layer_curve(host_steps, lambda step, layer: dense.dense_ms(step.n_tokens, step.context_tokens) + sum(
+        accelerator_curve.ms(n) for n in step.expert_tokens[layer]))
+
+    cpu_side = SideOnlyPlanner("cpu", n_layers, n_experts)
+    with HybridRuntime(loaded, cpu_side, accelerator, 0, TRACE_LOOKAHEAD_DEPTH) as runtime:
+        cpu_steps = timer.runs("executor, experts on the CPU worker", runtime)
+    decode_steps = [step for step in cpu_steps if step.context_tokens > 0]
+    cpu_worker = _per_layer_curve(decode_steps, lambda step, layer: (
+        dense.dense_ms(step.n_tokens, step.context_tokens) + host.ms(step.n_tokens)
+        + sum(cpu_curve.ms(n) for n in step.expert_tokens[layer])), floor_ms=0.0)
+
+    planning_profile = dataclasses.replace(profile, cpu_first_expert_extra_ms=cpu_worker.ms(1))
+    planners = tuple(_planner_cost(timer, planning_profile, strategy) for strategy in strategies)
+    return RuntimeCosts(
+        cpu_worker_ms=cpu_worker.ms(1),
+        costs=ModelCosts(
+            model=loaded.model.config.model_type,
+            outside_step=dense.outside_step,
+            host_layer=host,
+            dense_ms_per_context_token=dense.dense_ms_per_context_token,
+            planners=planners,
+        ),
+    )
+
+
+def _median_by_tokens(values: list[tuple[int, float]], floor_ms: float) -> list[CurvePoint]:
+    by_tokens: dict[int, list[float]] = {}
+    for n_tokens, ms in values:
+        by_tokens.setdefault(n_tokens, []).append(ms)
+    points = []
+    for n_tokens in sorted(by_tokens):
+        samples = by_tokens[n_tokens]
+        points.append(CurvePoint(n_tokens, max(floor_ms, statistics.median(samples)), max(samples) - min(samples)))
+    return points
+
+
+def _curve(points: list[CurvePoint]) -> LatencyCurve:
+    return fit_curve(points) if len(points) >= 2 else LatencyCurve(points=tuple(points))
+
+
+def _per_layer_curve(
+    steps: list[_Step], expected_ms: Callable[[_Step, int], float], floor_ms: float = _MIN_MS
+) -> LatencyCurve:
+    """What each layer's time has beyond `expected_ms` and the planner's, as a curve over T."""
+    residuals = []
+    for step in steps:
+        for layer, ms in enumerate(step.layer_ms):
+            residuals.append((step.n_tokens, ms - step.planning_ms[layer] - expected_ms(step, layer)))
+    if floor_ms == 0.0:
+        return LatencyCurve(points=tuple(
+            CurvePoint(p.n_tokens, max(p.ms, 0.0), p.spread_ms) for p in _median_by_tokens(residuals, 0.0)))
+    return _curve(_median_by_tokens(residuals, floor_ms))
+
+
+def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) -> PlannerCost:
+    """One strategy's planner wall time per layer, in decode after a prompt, a quarter cached."""
+    from hybrimoe.policy.strategies import ModelDims, cache_capacity
+    from hybrimoe.runtime.hybrid import HybridRuntime
+    from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH, build_planner
+
+    timer.progress(f"planner: {strategy}")
+    loaded = timer.loaded
+    dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
+    capacity = cache_capacity(dims, PolicyConfig().cache_ratio) if profile.has_accelerator else 0
+    uniform = np.ones((loaded.n_layers, loaded.n_experts))  # frequency baselines: no workload to count
+    planner = build_planner(strategy, loaded, profile, PolicyConfig(), capacity, uniform)
+    with HybridRuntime(loaded, planner, timer.accelerator, capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
+        timer.decode(runtime)
+        counters = runtime.counters
+    per_layer = max(1, counters.layers_planned)
+    return PlannerCost(strategy, counters.planning_ns / per_layer / 1e6, counters.prefetch_planning_ns / per_layer / 1e6)
