@@ -43,15 +43,16 @@ def _summary(stats) -> Panel:
     c = stats.counters
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     rows = [
         ("Model", f"{stats.model} ({stats.family})"),
         ("Device", stats.device),
         ("Profile", stats.profile),
         ("Strategy", stats.planner),
         ("Expert cache", f"{stats.capacity} of {stats.n_experts_total} experts ({stats.capacity_source})"),
+        ("CPU threads", f"{stats.threads} ({stats.threads_source})"),
         ("Tokens", f"{stats.batch_size} x ({stats.n_prompt_tokens} prompt + {stats.n_new_tokens} new)"),
-        ("Time to first token", _fmt(stats.ttft_s, ".3f", " s")),
+        ("Time to first token", _fmt(stats.ttft_s, ".3f", " s") + " (after a warm-up step)"),
         ("Prefill", _fmt(stats.prefill_tokens_per_s, ".1f", " tokens/s")),
         ("Decode", _fmt(stats.decode_tokens_per_s, ".2f", " tokens/s per sequence")),
         ("Cache hit rate", _fmt(c.hit_rate, ".1%")),
@@ -69,8 +70,9 @@ def _summary(stats) -> Panel:
         ),
         (
             "Simulator predicts",
-            f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')}, "
-            f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} (same profile)",
+            f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')} (measured/predicted {_fmt(stats.ttft_ratio, '.2f')}), "
+            f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} "
+            f"(measured/predicted time {_fmt(stats.decode_ratio, '.2f')}); same profile, routing and planner",
         ),
     ]
     if stats.replay_trace:
@@ -114,7 +116,8 @@ def run(
     ),
     profile: Path | None = typer.Option(
         None, "--profile", rich_help_panel=_PLACE,
-        help="Hardware profile (YAML, measured or tuned); default: a built-in estimate.",
+        help="Hardware profile (YAML, measured or tuned); default: this machine's from `hybrimoe profile`, "
+        "else a built-in estimate for this kind of machine.",
     ),
     strategy: str = typer.Option(
         "hybrimoe", "--strategy", rich_help_panel=_PLACE,
@@ -125,6 +128,10 @@ def run(
     ),
     cache_ratio: float | None = typer.Option(
         None, "--cache-ratio", rich_help_panel=_PLACE, help="Expert slots as a fraction of all routed experts."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, rich_help_panel=_PLACE,
+        help="CPU threads for expert kernels (default: the profile's, as it was measured with).",
     ),
     gpu_memory_gb: float | None = typer.Option(
         None, "--gpu-memory-gb", rich_help_panel=_PLACE,
@@ -153,6 +160,7 @@ def run(
             cache_experts=cache_experts,
             cache_ratio=cache_ratio,
             gpu_memory_gb=gpu_memory_gb,
+            threads=threads,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             record_trace=record_trace,

@@ -264,9 +264,9 @@ class PolicyPlanner:
         extra_cpu_ms = 0.0
         for expert in plan.load:
             load = cache.admit((layer, expert)) if self.admit_loads else None
-            if load is None:
+            if load is None:  # no slot to be had: the CPU runs it (starting up if it had nothing)
+                extra_cpu_ms += costs.cpu_ms(counts[expert]) + (0.0 if cpu else costs.cpu_first_extra_ms)
                 cpu += (expert,)
-                extra_cpu_ms += costs.cpu_ms(counts[expert])
                 continue
             loads.append(load)
             in_flight.pop(expert, None)

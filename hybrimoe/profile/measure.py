@@ -20,7 +20,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import statistics
@@ -37,6 +36,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.profile.machine import MiB, available_ram_bytes
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
 from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.runtime.threads import torch_threads
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FILL_BLOCK = 1 << 20  # elements of random values tiled over large weight buffers
@@ -49,18 +49,6 @@ def torch_dtype(name: str) -> torch.dtype:
         raise UserError(
             f"profiling times expert_mlp in {', '.join(TORCH_DTYPES)}; {name!r} is not one: pass --dtype"
         ) from None
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Sets torch's intra-op threads for a block (None: leaves them), restoring them afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fill_weights(tensor: torch.Tensor) -> torch.Tensor:

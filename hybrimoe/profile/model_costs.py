@@ -10,23 +10,25 @@ Design choices:
   uses, timed by hooks on the model (each step's start) and on each MoE decoder layer (its wall
   time; the accelerator is synchronised at each hook, so on CUDA the times are the device's too):
   * null experts (an experts implementation returning zeros): the dense part of a layer at T new
-    tokens, its growth with the KV cache in decode, and the step's work outside the MoE layers
-    (embedding, rotary, mask, dense-MLP layers, final norm, LM head, sampling, the loop);
+    tokens, and its growth with the KV cache in decode;
   * the runtime's executor with every expert resident: its own host work per layer, that is the
     layer's time less its dense part, its experts (the profile's accelerator curve at their token
-    counts) and the planner's measured wall time;
+    counts) and the planner's measured wall time; and the step's work outside the MoE layers
+    (embedding, rotary, mask, dense-MLP layers, final norm, LM head, sampling, the loop and the
+    runtime's per-step bookkeeping), measured here rather than with null experts because the
+    runtime's memory traffic leaves it slower (measured: 0.73-0.88 ms against 0.44 on the demo);
   * the executor with every expert on the CPU worker: the worker's per-layer start-up cost (thread
     hand-off and wait), the same way with the CPU curve;
   * the executor with each strategy's own planner (the default policy, a quarter of the experts
     cached): that planner's wall time per layer, the two calls apart.
-- Differences of measured times can come out slightly negative through noise; they are floored
-  at zero, and the host curve at a small positive value the schema accepts.
+- Per-step and per-layer figures are means, not medians: a run's time is their sum, slow
+  steps included. Differences of measured times can come out slightly negative through noise;
+  they are floored at zero, and curves at a small positive value the schema accepts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -51,26 +53,6 @@ MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' rou
 MAX_PREFILL_TOKENS = 512
 NULL_EXPERTS = "hybrimoe-null"
 _MIN_MS = 1e-4  # a floor for measured differences (the schema wants positive curve points)
-
-
-@dataclass(frozen=True)
-class DenseParts:
-    """What the null-experts runs give: the parts of a step that are not the executor's."""
-
-    dense_layer: LatencyCurve  # one MoE layer's dense part, T new tokens over an empty cache
-    dense_ms_per_context_token: float  # its growth in decode, per new and cached token pair
-    outside_step: LatencyCurve  # the step's work outside the MoE layers
-
-    def dense_ms(self, n_tokens: int, context_tokens: int) -> float:
-        return self.dense_layer.ms(n_tokens) + self.dense_ms_per_context_token * context_tokens * n_tokens
-
-
-@dataclass(frozen=True)
-class RuntimeCosts:
-    """What the executor runs give, with this machine's expert and copy costs taken out."""
-
-    cpu_worker_ms: float  # the CPU worker's start-up cost per layer it runs experts in
-    costs: ModelCosts
 
 
 class SideOnlyPlanner:
@@ -272,21 +254,21 @@ def _null_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
 @dataclass(frozen=True)
 class _Plan:
     prefill_tokens: tuple[int, ...]  # T of the timed prefills
-    prefill_repeats: int
     decode_prompts: tuple[int, ...]  # prompt lengths the decode steps follow
     decode_steps: int  # timed decode steps after each
+    rounds: int  # each kind of run is repeated this many times, the kinds interleaved
 
 
 def _plan(loaded: LoadedModel, budget: Budget) -> _Plan:
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
     quick = budget.max_repeats < 20
-    decode_steps = 8 if quick else 24
+    decode_steps = 8 if quick else 16
     longest = min(MAX_PREFILL_TOKENS, budget.max_tokens, max_positions // 2)
     return _Plan(
         prefill_tokens=tuple(token_counts(longest)),
-        prefill_repeats=2 if quick else 3,
         decode_prompts=(8, max(9, min(longest, max_positions - decode_steps - 2))),
         decode_steps=decode_steps,
+        rounds=2 if quick else 4,
     )
 
 
@@ -300,12 +282,11 @@ class ModelTimer:
         self._runner = _Runner(loaded, accelerator)
 
     def runs(self, what: str, runtime=None) -> list[_Step]:
-        """Timed prefills of every planned length, then decode steps after each planned prompt."""
+        """A timed prefill of every planned length, then decode steps after each planned prompt."""
         steps = []
         for n_tokens in self.plan.prefill_tokens:
             self.progress(f"{what}: prefill of {n_tokens} token(s)")
-            for _ in range(self.plan.prefill_repeats):
-                steps.append(self._runner.steps(n_tokens, 1, runtime)[0])
+            steps.append(self._runner.steps(n_tokens, 1, runtime)[0])
         for prompt in self.plan.decode_prompts:
             self.progress(f"{what}: decode after {prompt} tokens")
             steps += self._runner.steps(prompt, self.plan.decode_steps, runtime)[1:]
@@ -316,72 +297,75 @@ class ModelTimer:
         self._runner.steps(self.plan.decode_prompts[0], self.plan.decode_steps, runtime)
 
 
-def measure_dense_parts(timer: ModelTimer) -> DenseParts:
-    """The dense part of a layer and the work outside the MoE layers, with null experts."""
-    with _null_experts(timer.loaded):
-        timer.runs("warm-up")  # first calls of every kernel size
-        steps = timer.runs("dense parts")
-    prefill = [s for s in steps if s.context_tokens == 0]
-    decode = [s for s in steps if s.context_tokens > 0]
-    dense = _curve(_median_by_tokens([(s.n_tokens, ms) for s in prefill for ms in s.layer_ms], _MIN_MS))
-    pairs = np.array([(s.context_tokens, ms - dense.ms(1)) for s in decode for ms in s.layer_ms])
-    slope = 0.0
-    if len(pairs) and np.ptp(pairs[:, 0]) > 0:
-        slope = max(0.0, float(np.polyfit(pairs[:, 0], pairs[:, 1], 1)[0]))
-    outside = [(s.n_tokens, s.step_ms - sum(s.layer_ms)) for s in prefill if s.n_tokens > 1]
-    outside += [(1, s.step_ms - sum(s.layer_ms)) for s in decode]
-    return DenseParts(dense, slope, _curve(_median_by_tokens(outside, _MIN_MS)))
+@dataclass(frozen=True)
+class ModelMeasurement:
+    dense_layer: LatencyCurve  # one MoE layer's dense part, T new tokens over an empty cache
+    dense_ms_per_context_token: float  # its growth in decode, per new and cached token pair
+    outside_step: LatencyCurve  # the step's work outside the MoE layers, with the runtime
+    host_layer: LatencyCurve  # the executor's host work per MoE layer, planning excluded
+    cpu_worker_ms: float  # the CPU worker's start-up cost per layer it runs experts in
+
+    def model_costs(self, model: str, planners: tuple[PlannerCost, ...] = ()) -> ModelCosts:
+        return ModelCosts(model, self.outside_step, self.host_layer, self.dense_ms_per_context_token, planners)
 
 
-def measure_runtime_costs(
-    timer: ModelTimer, dense: DenseParts, profile: HardwareProfile, strategies: tuple[str, ...]
-) -> RuntimeCosts:
-    """The executor's host work, the CPU worker's start-up and each strategy's planning time;
-    `profile` holds this machine's expert and copy costs (taken out of the layers' times) and is
-    what the strategies' planners plan with."""
+def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_expert: LatencyCurve) -> ModelMeasurement:
+    """Null experts, every expert resident, every expert on the CPU worker: each kind of run
+    repeated in interleaved rounds, so a machine whose speed drifts slows them alike. The expert
+    curves are this machine's, taken out of the layers' times."""
     from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH
 
     loaded, accelerator = timer.loaded, timer.accelerator
-    cpu_curve, accelerator_curve = profile.cpu_expert, profile.gpu_expert or profile.cpu_expert
-    n_layers, n_experts = loaded.n_layers, loaded.n_experts
+    resident = SideOnlyPlanner("accelerator", loaded.n_layers, loaded.n_experts)
+    cpu_side = SideOnlyPlanner("cpu", loaded.n_layers, loaded.n_experts)
+    null_steps, resident_steps, cpu_steps = [], [], []
+    with _null_experts(loaded):
+        timer.runs("warm-up")  # first calls of every kernel size
+    for round_ in range(1, timer.plan.rounds + 1):
+        with _null_experts(loaded):
+            null_steps += timer.runs(f"round {round_}, null experts")
+        with HybridRuntime(loaded, resident, accelerator, resident.capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
+            resident_steps += timer.runs(f"round {round_}, experts on the accelerator", runtime)
+        with HybridRuntime(loaded, cpu_side, accelerator, 0, TRACE_LOOKAHEAD_DEPTH) as runtime:
+            cpu_steps += timer.runs(f"round {round_}, experts on the CPU worker", runtime)
 
-    resident = SideOnlyPlanner("accelerator", n_layers, n_experts)
-    with HybridRuntime(loaded, resident, accelerator, resident.capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
-        host_steps = timer.runs("executor, experts on the accelerator", runtime)
-    host = _per_layer_curve(host_steps, lambda step, layer: dense.dense_ms(step.n_tokens, step.context_tokens) + sum(
-        accelerator_curve.ms(n) for n in step.expert_tokens[layer]))
+    prefill = [s for s in null_steps if s.context_tokens == 0]
+    dense = _curve(_mean_by_tokens([(s.n_tokens, ms) for s in prefill for ms in s.layer_ms], _MIN_MS))
+    pairs = np.array([(s.context_tokens, ms - dense.ms(1)) for s in null_steps if s.context_tokens
+                      for ms in s.layer_ms])
+    slope = 0.0
+    if len(pairs) and np.ptp(pairs[:, 0]) > 0:
+        slope = max(0.0, float(np.polyfit(pairs[:, 0], pairs[:, 1], 1)[0]))
 
-    cpu_side = SideOnlyPlanner("cpu", n_layers, n_experts)
-    with HybridRuntime(loaded, cpu_side, accelerator, 0, TRACE_LOOKAHEAD_DEPTH) as runtime:
-        cpu_steps = timer.runs("executor, experts on the CPU worker", runtime)
-    decode_steps = [step for step in cpu_steps if step.context_tokens > 0]
-    cpu_worker = _per_layer_curve(decode_steps, lambda step, layer: (
-        dense.dense_ms(step.n_tokens, step.context_tokens) + host.ms(step.n_tokens)
-        + sum(cpu_curve.ms(n) for n in step.expert_tokens[layer])), floor_ms=0.0)
+    def dense_ms(step: _Step) -> float:
+        return dense.ms(step.n_tokens) + slope * step.context_tokens * step.n_tokens
 
-    planning_profile = dataclasses.replace(profile, cpu_first_expert_extra_ms=cpu_worker.ms(1))
-    planners = tuple(_planner_cost(timer, planning_profile, strategy) for strategy in strategies)
-    return RuntimeCosts(
-        cpu_worker_ms=cpu_worker.ms(1),
-        costs=ModelCosts(
-            model=loaded.model.config.model_type,
-            outside_step=dense.outside_step,
-            host_layer=host,
-            dense_ms_per_context_token=dense.dense_ms_per_context_token,
-            planners=planners,
-        ),
-    )
+    host = _per_layer_curve(resident_steps, lambda step, layer: dense_ms(step) + sum(
+        accelerator_expert.ms(n) for n in step.expert_tokens[layer]))
+    # Outside the layers with the runtime's memory in use and its per-step bookkeeping, as in a run.
+    outside = _curve(_mean_by_tokens([(s.n_tokens, s.step_ms - sum(s.layer_ms)) for s in resident_steps], _MIN_MS))
+    cpu_worker = _per_layer_curve([s for s in cpu_steps if s.context_tokens], lambda step, layer: (
+        dense_ms(step) + host.ms(step.n_tokens) + sum(cpu_expert.ms(n) for n in step.expert_tokens[layer])
+    ), floor_ms=0.0)
+    return ModelMeasurement(dense, slope, outside, host, cpu_worker.ms(1))
 
 
-def _median_by_tokens(values: list[tuple[int, float]], floor_ms: float) -> list[CurvePoint]:
+def measure_planners(timer: ModelTimer, profile: HardwareProfile, strategies: tuple[str, ...]) -> tuple[PlannerCost, ...]:
+    """Each strategy's planner wall time per layer, planning with `profile`."""
+    return tuple(_planner_cost(timer, profile, strategy) for strategy in strategies)
+
+
+def _mean_by_tokens(values: list[tuple[int, float]], floor_ms: float) -> list[CurvePoint]:
+    """One point per token count: the mean (a run's total is a sum of such times, slow ones
+    included), with the spread of the samples."""
     by_tokens: dict[int, list[float]] = {}
     for n_tokens, ms in values:
         by_tokens.setdefault(n_tokens, []).append(ms)
     points = []
     for n_tokens in sorted(by_tokens):
         samples = by_tokens[n_tokens]
-        points.append(CurvePoint(n_tokens, max(floor_ms, statistics.median(samples)), max(samples) - min(samples)))
+        points.append(CurvePoint(n_tokens, max(floor_ms, statistics.fmean(samples)), max(samples) - min(samples)))
     return points
 
 
@@ -399,8 +383,8 @@ def _per_layer_curve(
             residuals.append((step.n_tokens, ms - step.planning_ms[layer] - expected_ms(step, layer)))
     if floor_ms == 0.0:
         return LatencyCurve(points=tuple(
-            CurvePoint(p.n_tokens, max(p.ms, 0.0), p.spread_ms) for p in _median_by_tokens(residuals, 0.0)))
-    return _curve(_median_by_tokens(residuals, floor_ms))
+            CurvePoint(p.n_tokens, max(p.ms, 0.0), p.spread_ms) for p in _mean_by_tokens(residuals, 0.0)))
+    return _curve(_mean_by_tokens(residuals, floor_ms))
 
 
 def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) -> PlannerCost:

@@ -48,19 +48,19 @@ from hybrimoe.profile.measure import (
     memcpy_stream,
     slot_copy,
     torch_dtype,
-    torch_threads,
     transfers,
 )
 from hybrimoe.profile.model_costs import (
-    DenseParts,
+    ModelMeasurement,
     ModelTimer,
     build_random_model,
-    measure_dense_parts,
-    measure_runtime_costs,
+    measure_model,
+    measure_planners,
 )
 from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import FULL, QUICK, Budget, Sample, device_timer, host_ms, settle
+from hybrimoe.runtime.threads import default_threads, torch_threads
 
 FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
 ERRATIC_NOTE = (
@@ -88,11 +88,6 @@ class ProfileOptions:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_threads() -> int:
-    """CPU expert threads: every core but one, which the launching and planning thread needs."""
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _device(name: str) -> torch.device:
@@ -162,7 +157,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         interference_threads=None if accelerated else max(1, min(threads, cores - 1)),
     )
     on_model = options.model_config is not None
-    steps = _Steps(progress, total=(8 if accelerated else 7) + (1 if on_model else 0))
+    steps = _Steps(progress, total=8 if accelerated else 7)
     load_before = load_average()
     with torch.inference_mode(), torch_threads(threads):
         cpu_points, first, memory_gbps, clash, pool = _measure_cpu(setup, steps)
@@ -173,11 +168,12 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
             gpu_curve, transfer = fit_curve(cpu_points), _stand_in_transfer(pool, setup, steps)
             del pool
         if on_model:
-            timer, dense = _model_dense_parts(options.model_config, setup, steps)
-            dense_layer, overhead_ms = dense.dense_layer, None
+            timer, measured = _measure_model(options.model_config, setup, steps, cpu_points, gpu_curve)
+            dense_layer, overhead_ms = measured.dense_layer, measured.host_layer.ms(1)
+            first_extra_ms = measured.cpu_worker_ms
         else:
             overhead, dense_points = _measure_layer(setup, steps)
-            dense_layer, overhead_ms = fit_curve(dense_points), overhead.median_ms
+            dense_layer, overhead_ms, first_extra_ms = fit_curve(dense_points), overhead.median_ms, first.extra_ms
 
     machine = describe_machine(str(device), threads)
     cpu_expert = fit_curve(cpu_points)
@@ -192,8 +188,8 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
         gpu_expert=gpu_curve,
         transfer=transfer,
         host_memory_gbps=memory_gbps,
-        layer_overhead_ms=overhead_ms or 0.0,
-        cpu_first_expert_extra_ms=first.extra_ms,
+        layer_overhead_ms=overhead_ms,
+        cpu_first_expert_extra_ms=first_extra_ms,
         interference=Interference(
             cpu_slowdown=max(1.0, clash.cpu_slowdown), copy_slowdown=max(1.0, clash.copy_slowdown)
         ),
@@ -209,7 +205,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     )
     if on_model:
         with torch.inference_mode(), torch_threads(threads):
-            profile = _with_runtime_costs(profile, timer, dense, steps)
+            profile = _with_model_costs(profile, timer, measured, steps)
     return profile
 
 
@@ -222,26 +218,32 @@ def _stand_in_transfer(pool: ExpertPool, setup: _Setup, steps: _Steps) -> Transf
     return Transfer(expert_load_ms=load.median_ms, h2d_pinned_gbps=gbps, h2d_pinned_expert_gbps=gbps)
 
 
-def _model_dense_parts(config_path: Path, setup: _Setup, steps: _Steps) -> tuple[ModelTimer, DenseParts]:
-    """The model built from its config with random weights, and its dense parts measured."""
+def _measure_model(
+    config_path: Path, setup: _Setup, steps: _Steps, cpu_points: list[CurvePoint], accelerator_expert: LatencyCurve
+) -> tuple[ModelTimer, ModelMeasurement]:
+    """The model built from its config with random weights, and its step costs measured with the runtime."""
     from hybrimoe.runtime.accelerator import make_accelerator
 
     steps.show("the model's own layers: building it with random weights")
     loaded = build_random_model(config_path, setup.device)
     timer = ModelTimer(loaded, make_accelerator(str(setup.device)), setup.budget,
                        progress=lambda what: steps.show(f"the model: {what}"))
-    dense = measure_dense_parts(timer)
+    measured = measure_model(timer, fit_curve(cpu_points), accelerator_expert)
     steps.finish()
-    return timer, dense
+    return timer, measured
 
 
-def _with_runtime_costs(profile: HardwareProfile, timer: ModelTimer, dense: DenseParts, steps: _Steps) -> HardwareProfile:
-    """The profile with the model's step costs, measured with the runtime's executor."""
+def _with_model_costs(
+    profile: HardwareProfile, timer: ModelTimer, measured: ModelMeasurement, steps: _Steps
+) -> HardwareProfile:
+    """The profile with the model's step costs and each strategy's planning time, measured with
+    the runtime's executor (the planners plan with this profile)."""
     from hybrimoe.policy.strategies import STRATEGIES
 
-    measured = measure_runtime_costs(timer, dense, profile, STRATEGIES)
-    steps.finish()
     config = timer.loaded.model.config
+    profile = dataclasses.replace(profile, model_costs=measured.model_costs(config.model_type))
+    planners = measure_planners(timer, profile, STRATEGIES)
+    steps.finish()
     notes = profile.notes + (
         f" dense_layer and model_costs were measured on the model's own modules ({config.model_type}, "
         f"{timer.loaded.n_layers} MoE layers, random weights) with the runtime's executor; "
@@ -249,11 +251,7 @@ def _with_runtime_costs(profile: HardwareProfile, timer: ModelTimer, dense: Dens
         "layer_overhead_ms the executor's host work for a 1-token step (model_costs.host_layer)."
     )
     return dataclasses.replace(
-        profile,
-        layer_overhead_ms=measured.costs.host_layer.ms(1),
-        cpu_first_expert_extra_ms=measured.cpu_worker_ms,
-        model_costs=measured.costs,
-        notes=notes,
+        profile, model_costs=measured.model_costs(config.model_type, planners), notes=notes
     )
 
 

@@ -3,8 +3,15 @@
 Design choices:
 - Everything a user can get wrong is refused before the weights are read where possible (bad
   options, a profile for other expert shapes, an impossible memory budget), as one UserError line.
-- No profile means a built-in default: the datasheet estimate of `DEFAULT_MACHINE` for this
-  model's shapes; the report says so.
+- No profile means this machine's: the one `hybrimoe profile` measured for this model and machine
+  kind (`profile/directory.py`), else the datasheet estimate for this kind of machine (the CPU
+  stand-in's without a GPU); the report says which.
+- Threads: the CPU experts use the thread count the profile was measured with (`--threads`
+  overrides; an estimate uses one less than the cores), so the run matches its profile.
+- TTFT and tokens/s are measured after a warm-up forward step on a throwaway runtime (first calls
+  of kernels cost extra), and the report puts the simulator's prediction for the same profile,
+  routing and planner next to them; the planner sees each step's start (`begin_step`), as the
+  simulator's does.
 - The planner comes from the policy core's factory (`build_planner`), the same one the simulator
   replays, so the run's own routing, recorded as a trace, gives the simulator's prediction for
   this run on the same profile (`predict_run`).
@@ -38,10 +45,10 @@ from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
 from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_shape
 
-DEFAULT_MACHINE = "rtx4090-desktop"
 TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
 # strategies that place experts by frequencies counted on a separate profiling workload
 NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
+WARM_UP_TOKENS = 16  # prompt tokens of the warm-up step
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class RunOptions:
     record_trace: Path | None = None
     overwrite_trace: bool = False
     replay_trace: Path | None = None  # route as this recorded trace says, not as the model's routers do
+    threads: int | None = None  # CPU threads for experts; None: the profile's
 
 
 @dataclass
@@ -89,6 +97,8 @@ def _check_options(options: RunOptions) -> None:
         raise UserError("--top-p must be in (0, 1]")
     if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
         raise UserError("--gpu-memory-gb must be positive")
+    if options.threads is not None and options.threads < 1:
+        raise UserError("--threads must be at least 1")
     if options.record_trace is not None:
         if options.record_trace.suffix != ".npz":
             raise UserError(f"{options.record_trace}: a trace file must end in .npz")
@@ -104,11 +114,29 @@ def model_shape(loaded: LoadedModel, name: str) -> ModelShape:
     return shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
 
 
-def default_profile(shape: ModelShape) -> HardwareProfile:
-    """The datasheet estimate of DEFAULT_MACHINE for this model's shapes."""
-    from hybrimoe.profile.estimate import estimate_profile
+def default_profile(shape: ModelShape, device: str = "cpu") -> HardwareProfile:
+    """The datasheet estimate for this kind of machine, for this model's shapes."""
+    from hybrimoe.profile.estimate import estimate_for_this_machine
 
-    return estimate_profile(DEFAULT_MACHINE, shape)
+    return estimate_for_this_machine(shape, device)
+
+
+def this_machines_profile(model_name: str, device: str) -> Path | None:
+    """The profile `hybrimoe profile` saved for this model on this kind of machine, if any."""
+    from hybrimoe.profile.directory import find_profile, this_machine_key
+
+    return find_profile(this_machine_key(device), model_name)
+
+
+def run_threads(options: RunOptions, profile: HardwareProfile) -> tuple[int, str]:
+    """CPU expert threads for the run, and where the number came from."""
+    from hybrimoe.runtime.threads import default_threads
+
+    if options.threads is not None:
+        return options.threads, "--threads"
+    if not profile.estimated and profile.machine.threads:
+        return profile.machine.threads, "the profile"
+    return default_threads(), "one less than the cores"
 
 
 def build_planner(
@@ -131,10 +159,10 @@ def build_planner(
 
 
 def predict_run(
-    trace: RoutingTrace, planner: Planner, strategy: str, cache_ratio: float
+    trace: RoutingTrace, planner: Planner, strategy: str, cache_ratio: float, batch_size: int = 1
 ) -> tuple[float | None, float | None]:
     """The simulator's (TTFT s, decode tokens/s per sequence) for the recorded run, replayed
-    through a fresh planner built like the run's."""
+    through a fresh planner built like the run's (the first step is the prefill of the prompts)."""
     from hybrimoe.policy.simulator import simulate
 
     predictor = "recorded" if trace.lookahead_depth else "recent"
@@ -142,8 +170,20 @@ def predict_run(
     ttft_s = prefill.total_ms / 1000.0
     if trace.n_steps < 2:
         return ttft_s, None
-    decode = simulate(RoutingTrace(trace.meta, trace.steps[1:]), planner, predictor, strategy, cache_ratio, "decode")
+    decode = simulate(
+        RoutingTrace(trace.meta, trace.steps[1:]), planner, predictor, strategy, cache_ratio, "decode",
+        context_tokens=trace.steps[0].n_tokens // batch_size, batch_size=batch_size,
+    )
     return ttft_s, (1000.0 / decode.step_ms if decode.step_ms else None)
+
+
+def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, ids, mask) -> None:
+    """One prefill and one decode step on a throwaway runtime, so the timed run pays no first calls."""
+    from hybrimoe.runtime.hybrid import HybridRuntime
+
+    with HybridRuntime(loaded, planner, accelerator, capacity) as runtime:
+        generate(loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
+                 sync=accelerator.synchronize)
 
 
 def _trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
@@ -173,6 +213,7 @@ def run(
     import torch
 
     from hybrimoe.demo import demo_model_path
+    from hybrimoe.runtime.threads import torch_threads
     from hybrimoe.runtime.accelerator import make_accelerator
     from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.loading import load_model
@@ -180,7 +221,9 @@ def run(
     _check_options(options)
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
-    profile = load_profile(options.profile) if options.profile is not None else None
+    model_name = path.name if options.model is not None else "demo"
+    profile_path = options.profile or this_machines_profile(model_name, str(accelerator.device))
+    profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
     replay_source = str(options.replay_trace)
     budget = options.gpu_memory_gb
@@ -213,14 +256,22 @@ def run(
         show_progress=show_progress,
         before_weights=before_weights,
     )
-    shape = model_shape(loaded, path.name if options.model is not None else "demo")
-    profile_name = profile.name if profile is not None else None
+    shape = model_shape(loaded, model_name)
     if profile is None:
-        profile = default_profile(shape)
-        profile_name = f"built-in default ({profile.name}, estimated)"
+        profile = default_profile(shape, str(accelerator.device))
+        profile_name = (f"built-in estimate ({profile.name}, for this kind of machine): "
+                        "`hybrimoe profile` measures this one")
+    elif options.profile is None:
+        profile_name = f"{profile.name}, this machine's ({profile_path})"
+    else:
+        profile_name = profile.name
     policy = profile.policy or PolicyConfig()
-    capacity = chosen["capacity"].slots if profile.has_accelerator else 0
-    planner = build_planner(options.strategy, loaded, profile, policy, capacity)
+    strategy, capacity, capacity_source = options.strategy, chosen["capacity"].slots, chosen["capacity"].source
+    if not profile.has_accelerator:
+        strategy, capacity = "cpu-only", 0
+        capacity_source = f"none: profile {profile.name} has no accelerator section"
+    threads, threads_source = run_threads(options, profile)
+    planner = build_planner(strategy, loaded, profile, policy, capacity)
     depth = max(planner.lookahead_layers, TRACE_LOOKAHEAD_DEPTH)
 
     tokenizer = loaded.tokenizer
@@ -256,17 +307,21 @@ def run(
             if piece:
                 on_text(piece)
 
-    with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay) as runtime:
-        if on_start is not None:
-            on_start()
-        out = generate(
-            loaded.model, ids, mask, options.max_new_tokens, options.sampling,
-            eos_token_ids=eos_ids,
-            pad_token_id=tokenizer.pad_token_id or 0,
-            on_tokens=on_tokens,
-            on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
-            sync=accelerator.synchronize,
-        )
+    with torch_threads(threads):
+        _warm_up(loaded, build_planner(strategy, loaded, profile, policy, capacity), accelerator, capacity,
+                 ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
+        with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay) as runtime:
+            if on_start is not None:
+                on_start()
+            out = generate(
+                loaded.model, ids, mask, options.max_new_tokens, options.sampling,
+                eos_token_ids=eos_ids,
+                pad_token_id=tokenizer.pad_token_id or 0,
+                on_tokens=on_tokens,
+                before_step=runtime.begin_step,
+                on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
+                sync=accelerator.synchronize,
+            )
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     provenance = f"hybrimoe run {__version__}, {stamp}"
     if options.replay_trace is not None:
@@ -278,7 +333,7 @@ def run(
         save_trace(trace, options.record_trace, overwrite=options.overwrite_trace)
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
     simulated_ttft_s, simulated_tps = predict_run(
-        trace, build_planner(options.strategy, loaded, profile, policy, capacity), options.strategy, cache_ratio
+        trace, build_planner(strategy, loaded, profile, policy, capacity), strategy, cache_ratio, ids.shape[0]
     )
     n_new = out.tokens.shape[1]
     stats = RunStats(
@@ -286,9 +341,11 @@ def run(
         family=loaded.family,
         device=accelerator.describe(),
         profile=profile_name,
-        planner=options.strategy,
+        planner=strategy,
         capacity=capacity,
-        capacity_source=chosen["capacity"].source,
+        capacity_source=capacity_source,
+        threads=threads,
+        threads_source=threads_source,
         n_experts_total=loaded.n_layers * loaded.n_experts,
         batch_size=ids.shape[0],
         n_prompt_tokens=ids.shape[1],

@@ -67,6 +67,8 @@ class RunStats:
     planner: str
     capacity: int  # expert slots on the accelerator
     capacity_source: str  # which flag, profile or budget set it
+    threads: int  # CPU threads for expert kernels
+    threads_source: str  # which flag or profile set them
     n_experts_total: int  # routed experts over all MoE layers
     batch_size: int
     n_prompt_tokens: int  # per sequence, padding included
@@ -80,8 +82,22 @@ class RunStats:
     trace_path: str | None = None  # where the run's routing was recorded
     replay_trace: str | None = None  # the trace whose routing the run replayed
 
+    @property
+    def decode_ratio(self) -> float | None:
+        """Measured over predicted decode time per token (above 1: slower than predicted)."""
+        if not self.decode_tokens_per_s or not self.simulated_decode_tokens_per_s:
+            return None
+        return self.simulated_decode_tokens_per_s / self.decode_tokens_per_s
+
+    @property
+    def ttft_ratio(self) -> float | None:
+        """Measured over predicted time to first token."""
+        return self.ttft_s / self.simulated_ttft_s if self.simulated_ttft_s else None
+
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["decode_measured_over_predicted"] = self.decode_ratio
+        data["ttft_measured_over_predicted"] = self.ttft_ratio
         counters = self.counters
         data["counters"] = {
             **asdict(counters),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -30,7 +31,8 @@ def test_streams_text_and_prints_the_summary(model_dir):
     result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "6")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("ROMEO:")
-    for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "Planning", "built-in default"):
+    for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "Planning",
+                  "built-in estimate", "measured/predicted", "CPU threads"):
         assert label in result.stdout
 
 
@@ -44,7 +46,32 @@ def test_json_statistics(model_dir):
     assert data["counters"]["layers_planned"] > 0 and data["counters"]["planning_us_per_layer"] > 0
     assert data["counters"]["prefetch_planning_us_per_layer"] > 0  # the score update runs there at least
     assert data["simulated_decode_tokens_per_s"] > 0
+    assert data["decode_measured_over_predicted"] > 0 and data["ttft_measured_over_predicted"] > 0
     assert len(data["texts"]) == 1
+
+
+def test_this_machines_profile_is_the_default(model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from hybrimoe.profile.directory import default_profile_path, this_machine_key
+    from hybrimoe.profile.estimate import estimate_for_this_machine
+    from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.runner import model_shape
+
+    shape = model_shape(load_model(model_dir, "cpu", show_progress=False), Path(model_dir).name)
+    mine = dataclasses.replace(estimate_for_this_machine(shape, "cpu"), name="mine", estimated=False,
+                               machine=dataclasses.replace(estimate_for_this_machine(shape, "cpu").machine, threads=1))
+    path = default_profile_path(this_machine_key("cpu"), Path(model_dir).name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(mine, path)
+    data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json").stdout)
+    assert data["profile"].startswith("mine, this machine's") and str(path) in data["profile"]
+    assert (data["threads"], data["threads_source"]) == (1, "the profile")
+    flagged = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json", "--threads", "2").stdout)
+    assert (flagged["threads"], flagged["threads_source"]) == (2, "--threads")
+    path.unlink()
+    data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json").stdout)
+    assert data["profile"].startswith("built-in estimate")
 
 
 def test_prompt_from_stdin_and_trace_recording(model_dir, tmp_path):
@@ -142,4 +169,4 @@ def test_without_a_model_runs_the_demo():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["model"] == "demo" and data["family"] == "qwen2_moe"
-    assert data["profile"].startswith("built-in default")
+    assert data["profile"].startswith("built-in estimate")
