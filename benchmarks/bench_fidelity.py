@@ -63,6 +63,7 @@ CONFIGS = (
     Config("hybrimoe, 25% cache", "hybrimoe", 0.25),
     Config("hybrimoe, 50% cache", "hybrimoe", 0.5),
     Config("hybrimoe, full cache", "hybrimoe", 1.0),
+    Config("gpu-offload, 5% cache", "gpu-offload", 0.05),
     Config("gpu-offload, 25% cache", "gpu-offload", 0.25),
     Config("gpu-offload, 50% cache", "gpu-offload", 0.5),
     Config("llamacpp, 50% cache", "llamacpp", 0.5),
@@ -98,7 +99,15 @@ def write_qwen3_model(directory: Path, n_layers: int) -> Path:
 def measure_profile(model_dir: Path, quick: bool) -> HardwareProfile:
     print(f"profiling this machine for {model_dir.name} (hybrimoe profile --model {model_dir})", flush=True)
     shape = resolve_model(model_path=model_dir)
-    return profile_machine(ProfileOptions(model=shape, device="cpu", quick=quick, model_config=model_dir / "config.json"))
+    options = ProfileOptions(model=shape, device="cpu", quick=quick, model_config=model_dir / "config.json")
+    shown = set()
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what and what not in shown:
+            shown.add(what)
+            print(f"    [{done}/{total}] {what}", flush=True)
+
+    return profile_machine(options, progress)
 
 
 def prompt_text(n_tokens: int) -> str:
@@ -133,6 +142,8 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float:
 
 def bench_model(name: str, model_dir: Path, replay: Path | None, prompt: str, args, workdir: Path) -> None:
     base = measure_profile(model_dir, args.quick_profile)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"  profile kept as {save_profile(base, args.cache_dir / f'{name}.profile.yaml', overwrite=True)}")
     profiles = {}
     for config in CONFIGS:
         path = workdir / f"{name}.{config.policy.prefetch_depth}.yaml"

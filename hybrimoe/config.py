@@ -135,8 +135,8 @@ class PlannerCost:
     """Wall time of one strategy's planner per MoE layer call, measured in the runtime."""
 
     strategy: str
-    layer_ms: float  # `plan_layer`: the layer's experts wait for it
-    prefetch_ms: float  # `plan_prefetch`: runs while the layer's experts run
+    plan_layer: LatencyCurve  # `plan_layer`, over the step's tokens: the layer's experts wait for it
+    plan_prefetch: LatencyCurve  # `plan_prefetch`: it runs while the layer's experts run
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 from hybrimoe.config import HardwareProfile
 
@@ -46,19 +47,22 @@ class CostModel:
         if model is None:
             self.dense_context_ms = 0.0
             self.host_ms = functools.lru_cache(maxsize=4096)(lambda n_tokens: profile.layer_overhead_ms)
-            self.outside_ms = functools.lru_cache(maxsize=4096)(lambda n_tokens: 0.0)
+            self.outside_ms = no_time
         else:
             self.dense_context_ms = model.dense_ms_per_context_token
             self.host_ms = functools.lru_cache(maxsize=4096)(model.host_layer.ms)
             self.outside_ms = functools.lru_cache(maxsize=4096)(model.outside_step.ms)
         self.schedule_memo: dict = {}  # the scheduler's memo for these costs (see scheduler.py)
 
-    def planning_ms(self, strategy: str) -> tuple[float, float]:
-        """(plan_layer, plan_prefetch) wall ms per MoE layer for `strategy`, where measured; an
-        estimated profile counts planning in its `layer_overhead_ms`."""
+    def planning_ms(self, strategy: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
+        """n_tokens -> wall ms per MoE layer of `strategy`'s plan_layer and plan_prefetch, where
+        measured; an estimated profile counts planning in its `layer_overhead_ms`."""
         model = self.profile.model_costs
         cost = model.planner(strategy) if model is not None else None
-        return (cost.layer_ms, cost.prefetch_ms) if cost is not None else (0.0, 0.0)
+        if cost is None:
+            return no_time, no_time
+        return (functools.lru_cache(maxsize=4096)(cost.plan_layer.ms),
+                functools.lru_cache(maxsize=4096)(cost.plan_prefetch.ms))
 
     def without_loads(self) -> CostModel:
         """The same costs with copies impossible, for caches that never admit (static placement)."""
@@ -66,3 +70,8 @@ class CostModel:
         costs.load_ms = float("inf")
         costs.schedule_memo = {}
         return costs
+
+
+def no_time(n_tokens: int) -> float:
+    """The cost of work a profile does not measure separately."""
+    return 0.0

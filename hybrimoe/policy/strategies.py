@@ -35,7 +35,7 @@ Design choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -44,7 +44,7 @@ import numpy as np
 from hybrimoe.config import PolicyConfig
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.cache import ExpertCache
-from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.costs import CostModel, no_time
 from hybrimoe.policy.plan import ExpertId, LayerPlan, SlotLoad
 from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch
 
@@ -144,9 +144,10 @@ class PolicyPlanner:
         prefetch_depth: int = 0,
         admit_loads: bool = True,
         warm: tuple[ExpertId, ...] = (),
-        planning_ms: tuple[float, float] = (0.0, 0.0),
+        planning_ms: tuple[Callable[[int], float], Callable[[int], float]] | None = None,
     ):
-        """`planning_ms`: this planner's measured (plan_layer, plan_prefetch) wall ms per layer."""
+        """`planning_ms`: n_tokens -> this planner's measured plan_layer and plan_prefetch wall ms
+        per layer (`CostModel.planning_ms`); None: planning costs no modelled time."""
         self.dims = dims
         self.costs = costs
         self.cache = cache
@@ -164,7 +165,7 @@ class PolicyPlanner:
         self._backlog_step_ms = costs.load_ms / 16 if math.isfinite(costs.load_ms) else 1.0
         self._layer_time_memo: dict[tuple, float] = {}
         self._prefetches = prefetch != "none" and prefetch_depth > 0
-        self._plan_layer_ms, self._plan_prefetch_ms = planning_ms
+        self._plan_layer_ms, self._plan_prefetch_ms = planning_ms or (no_time, no_time)
         self._context_ms_per_token = 0.0  # attention over this step's KV cache, per new token
         self._deferred: _Deferred | None = None  # from the last plan_layer, until plan_prefetch
         # [L][depth] the layers after each layer, wrapping into the next step.
@@ -235,7 +236,7 @@ class PolicyPlanner:
 
         dense_ms = (
             costs.dense_ms(n_tokens) + self._context_ms_per_token * n_tokens + costs.host_ms(n_tokens)
-            + self._plan_layer_ms
+            + self._plan_layer_ms(n_tokens)
         )
         start_ms = timeline.clock_ms + dense_ms
         # The copy engine's backlog, rounded up to a 1/16 of a load so decode plans stay memoized.
@@ -345,11 +346,12 @@ class PolicyPlanner:
     def _end_layer(self, deferred: _Deferred, n_prefetches: int) -> None:
         """Charges the prefetch choice and, on the stand-in, the prefetch copies, where nothing hides them."""
         costs = self.costs
+        choice_ms = self._plan_prefetch_ms(deferred.topk_ids.shape[0])
         if costs.overlaps:  # the host chooses while the layer's experts run
-            host_ms = self._plan_prefetch_ms
+            host_ms = choice_ms
         else:  # the stand-in's host thread chooses and copies after its own experts
             copies_ms = n_prefetches * costs.load_ms * (costs.copy_slowdown if deferred.cpu_ms else 1.0)
-            host_ms = deferred.host_ms + self._plan_prefetch_ms + copies_ms
+            host_ms = deferred.host_ms + choice_ms + copies_ms
         end_ms = deferred.start_ms + max(deferred.cpu_ms, host_ms)
         if end_ms > self._timeline.clock_ms:
             self._timeline.clock_ms = end_ms

@@ -48,6 +48,7 @@ from hybrimoe.profile.timing import Budget
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.loading import LoadedModel
+from hybrimoe.runtime.stats import ExpertCounters
 
 MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' routers to be typical
 MAX_PREFILL_TOKENS = 512
@@ -145,10 +146,11 @@ class _StepClock:
     """Each forward step's start (a pre-hook on the model) and each MoE layer's wall time and
     planning time within it (hooks on the decoder layers that hold experts)."""
 
-    def __init__(self, loaded: LoadedModel, sync: Callable[[], None], planning_ns: Callable[[], int]):
-        self._sync, self._planning_ns = sync, planning_ns
+    def __init__(self, loaded: LoadedModel, sync: Callable[[], None], counters: ExpertCounters | None):
+        self._sync, self._counters = sync, counters
         self.starts: list[float] = []  # perf_counter at each step's start
-        self.layers: list[list[tuple[float, float]]] = []  # per step: (layer ms, planning ms) per MoE layer
+        # per step, per MoE layer: (layer ms, plan_layer ms, plan_prefetch ms)
+        self.layers: list[list[tuple[float, float, float]]] = []
         decoder = loaded.model.model.layers
         self._handles = [loaded.model.register_forward_pre_hook(self._step)]
         for layer in loaded.layers:
@@ -167,10 +169,15 @@ class _StepClock:
         self._plan0 = self._planning_ns()
         self._t0 = time.perf_counter()
 
+    def _planning_ns(self) -> tuple[int, int]:
+        counters = self._counters
+        return (counters.planning_ns, counters.prefetch_planning_ns) if counters is not None else (0, 0)
+
     def _layer_end(self, module, args, output) -> None:
         self._sync()  # sync point: the layer's work is done
         elapsed_ms = (time.perf_counter() - self._t0) * 1e3
-        self.layers[-1].append((elapsed_ms, (self._planning_ns() - self._plan0) / 1e6))
+        layer_ns, prefetch_ns = self._planning_ns()
+        self.layers[-1].append((elapsed_ms, (layer_ns - self._plan0[0]) / 1e6, (prefetch_ns - self._plan0[1]) / 1e6))
 
     def close(self) -> None:
         for handle in self._handles:
@@ -183,7 +190,8 @@ class _Step:
     context_tokens: int
     step_ms: float  # from this step's start to the next one's
     layer_ms: tuple[float, ...]  # [L] each MoE layer's wall time
-    planning_ms: tuple[float, ...]  # [L] planner wall time inside each layer
+    plan_layer_ms: tuple[float, ...]  # [L] the planner's plan_layer wall time in each layer
+    plan_prefetch_ms: tuple[float, ...]  # [L] its plan_prefetch wall time
     expert_tokens: tuple[tuple[int, ...], ...]  # [L] token counts of the layer's activated experts
 
 
@@ -206,11 +214,7 @@ class _Runner:
                 routed.append(tuple(tuple(np.bincount(r.topk_ids.ravel())[np.unique(r.topk_ids)].tolist())
                                     for r in records))
 
-        counters = runtime.counters if runtime is not None else None
-        clock = _StepClock(
-            self.loaded, self.accelerator.synchronize,
-            (lambda: counters.planning_ns + counters.prefetch_planning_ns) if counters else (lambda: 0),
-        )
+        clock = _StepClock(self.loaded, self.accelerator.synchronize, runtime.counters if runtime else None)
         try:
             generate(self.loaded.model, ids, torch.ones_like(ids), n_new + 1, on_step=on_step,
                      sync=self.accelerator.synchronize)
@@ -223,8 +227,9 @@ class _Runner:
                 n_tokens=prompt_tokens if i == 0 else 1,
                 context_tokens=0 if i == 0 else prompt_tokens + i - 1,
                 step_ms=(clock.starts[i + 1] - clock.starts[i]) * 1e3,
-                layer_ms=tuple(ms for ms, _ in layers),
-                planning_ms=tuple(plan for _, plan in layers),
+                layer_ms=tuple(ms for ms, _, _ in layers),
+                plan_layer_ms=tuple(plan for _, plan, _ in layers),
+                plan_prefetch_ms=tuple(plan for _, _, plan in layers),
                 expert_tokens=routed[i] if routed else (),
             ))
         return steps
@@ -380,7 +385,8 @@ def _per_layer_curve(
     residuals = []
     for step in steps:
         for layer, ms in enumerate(step.layer_ms):
-            residuals.append((step.n_tokens, ms - step.planning_ms[layer] - expected_ms(step, layer)))
+            planning_ms = step.plan_layer_ms[layer] + step.plan_prefetch_ms[layer]
+            residuals.append((step.n_tokens, ms - planning_ms - expected_ms(step, layer)))
     if floor_ms == 0.0:
         return LatencyCurve(points=tuple(
             CurvePoint(p.n_tokens, max(p.ms, 0.0), p.spread_ms) for p in _mean_by_tokens(residuals, 0.0)))
@@ -388,19 +394,18 @@ def _per_layer_curve(
 
 
 def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) -> PlannerCost:
-    """One strategy's planner wall time per layer, in decode after a prompt, a quarter cached."""
+    """One strategy's planner wall time per layer as tokens grow, a quarter of the experts cached."""
     from hybrimoe.policy.strategies import ModelDims, cache_capacity
     from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH, build_planner
 
-    timer.progress(f"planner: {strategy}")
     loaded = timer.loaded
     dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
     capacity = cache_capacity(dims, PolicyConfig().cache_ratio) if profile.has_accelerator else 0
     uniform = np.ones((loaded.n_layers, loaded.n_experts))  # frequency baselines: no workload to count
     planner = build_planner(strategy, loaded, profile, PolicyConfig(), capacity, uniform)
     with HybridRuntime(loaded, planner, timer.accelerator, capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
-        timer.decode(runtime)
-        counters = runtime.counters
-    per_layer = max(1, counters.layers_planned)
-    return PlannerCost(strategy, counters.planning_ns / per_layer / 1e6, counters.prefetch_planning_ns / per_layer / 1e6)
+        steps = timer.runs(f"planner {strategy}", runtime)
+    layer = _mean_by_tokens([(s.n_tokens, ms) for s in steps for ms in s.plan_layer_ms], _MIN_MS)
+    prefetch = _mean_by_tokens([(s.n_tokens, ms) for s in steps for ms in s.plan_prefetch_ms], _MIN_MS)
+    return PlannerCost(strategy, _curve(layer), _curve(prefetch))

@@ -38,9 +38,10 @@ class ExpertStore:
             for name in _WEIGHT_NAMES
             if getattr(layers[0].experts, name, None) is not None
         }
-        # slots[name]: [C, ...] on the accelerator, allocated once
+        # slots[name]: [C, ...] on the accelerator, allocated and written once: on the host (the
+        # stand-in) a first copy into untouched pages pays the kernel's page zeroing, ~7x a copy
         self.slots: dict[str, torch.Tensor] = {
-            name: torch.empty((capacity, *stacked[0].shape[1:]), dtype=stacked[0].dtype, device=accelerator.device)
+            name: torch.zeros((capacity, *stacked[0].shape[1:]), dtype=stacked[0].dtype, device=accelerator.device)
             for name, stacked in self.host.items()
         }
         # per-slot views, made once: the executor asks for a slot's weights once per expert run
