@@ -28,7 +28,11 @@ def _names(text: str) -> tuple[str, ...]:
 @app.command()
 def simulate(
     trace: Path = typer.Option(..., "--trace", help="Routing trace (.npz) from `hybrimoe trace import` or `run --record-trace`."),
-    profile: Path = typer.Option(..., "--profile", help="Hardware profile (YAML): measured, estimated or tuned."),
+    profile: Path | None = typer.Option(
+        None, "--profile",
+        help="Hardware profile (YAML): measured, estimated or tuned (default: this machine's, from "
+        "`hybrimoe profile`, for the trace's experts).",
+    ),
     cache_ratio: str = typer.Option("0.25,0.5,0.75", "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts."),
     strategies: str = typer.Option(",".join(STRATEGIES), "--strategies", help="Comma-separated strategies to compare."),
     modes: str = typer.Option("decode,prefill", "--mode", help="decode, prefill, or both."),
@@ -43,6 +47,12 @@ def simulate(
     from hybrimoe.policy.simulator import simulate_files
 
     with user_errors(), console.status("simulating", spinner="dots") as status:
+        if profile is None:
+            from hybrimoe.profile.directory import this_machines_profile_for
+            from hybrimoe.trace import load_trace
+
+            profile = this_machines_profile_for(load_trace(trace).meta.expert_shape())
+            console.print(f"profile: this machine's, {profile}")
         comparisons = simulate_files(
             trace,
             profile,

@@ -79,3 +79,36 @@ def find_profile(machine: str, model: str) -> Path | None:
     """`machine`'s saved profile of `model`, or None when it has not been profiled."""
     path = default_profile_path(machine, model)
     return path if path.is_file() else None
+
+
+def find_profile_for_experts(machine: str, expert_shape) -> Path | None:
+    """`machine`'s saved profile for experts of `expert_shape` (any model), the newest first; for a
+    trace, whose model may be named otherwise than the directory `hybrimoe profile` measured."""
+    from hybrimoe.config import load_profile
+    from hybrimoe.errors import ProfileError
+
+    candidates = sorted(profile_dir().glob(f"{machine}.*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            load_profile(path).check_expert_shape(expert_shape)
+        except ProfileError:
+            continue
+        return path
+    return None
+
+
+def this_machines_profile_for(expert_shape) -> Path:
+    """The profile `hybrimoe profile` saved on this machine for experts of `expert_shape`
+    (`hybrimoe simulate` without --profile); a UserError saying how to make one when there is none."""
+    import torch
+
+    from hybrimoe.errors import UserError
+
+    machine = this_machine_key("cuda" if torch.cuda.is_available() else "cpu")
+    path = find_profile_for_experts(machine, expert_shape)
+    if path is None:
+        raise UserError(
+            f"no profile of this machine ({machine}) for experts {expert_shape.describe()}: run "
+            "`hybrimoe profile --model DIR` for the trace's model, or pass --profile"
+        )
+    return path

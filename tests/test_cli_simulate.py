@@ -1,0 +1,36 @@
+"""`hybrimoe simulate` from the command line: with a profile, and with this machine's by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hybrimoe.cli import app
+from hybrimoe.config import save_profile
+from hybrimoe.profile.directory import default_profile_path, this_machine_key
+from hybrimoe.profile.estimate import estimate_for_this_machine
+from hybrimoe.profile.presets import get_preset
+
+REPO = Path(__file__).resolve().parent.parent
+TRACE = str(REPO / "traces" / "qwen3-30b-a3b.npz")
+SMALL = ["--max-tokens", "8", "--mode", "decode", "--cache-ratio", "0.5", "--strategies", "hybrimoe,cpu-only"]
+runner = CliRunner()
+
+
+def test_simulate_with_a_profile():
+    profile = str(REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml")
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", profile, *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "hybrimoe" in result.output and "cpu-only" in result.output
+
+
+def test_simulate_takes_this_machines_profile_by_default():
+    missing = runner.invoke(app, ["simulate", "--trace", TRACE, *SMALL])
+    assert missing.exit_code == 2 and "no profile of this machine" in missing.output
+    path = default_profile_path(this_machine_key("cpu"), "qwen3-30b-a3b")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(estimate_for_this_machine(get_preset("qwen3-30b-a3b"), "cpu"), path)
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "this machine's" in result.output
