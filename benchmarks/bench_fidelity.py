@@ -63,6 +63,7 @@ CONFIGS = (
     Config("hybrimoe, 25% cache", "hybrimoe", 0.25),
     Config("hybrimoe, 50% cache", "hybrimoe", 0.5),
     Config("hybrimoe, full cache", "hybrimoe", 1.0),
+    Config("hybrimoe, 5% cache, prefetch depth 4", "hybrimoe", 0.05, PolicyConfig(prefetch_depth=4)),
     Config("gpu-offload, 5% cache", "gpu-offload", 0.05),
     Config("gpu-offload, 25% cache", "gpu-offload", 0.25),
     Config("gpu-offload, 50% cache", "gpu-offload", 0.5),

@@ -19,6 +19,10 @@ Design choices:
     runtime's memory traffic leaves it slower (measured: 0.73-0.88 ms against 0.44 on the demo);
   * the executor with every expert on the CPU worker: the worker's per-layer start-up cost (thread
     hand-off and wait), the same way with the CPU curve;
+  * the executor copying every expert into a slot before running it (decode): what a copy costs
+    from the model's own host weights (the stand-in's expert load; measured: 2.3x a copy between
+    two warm buffers on a random Qwen3-shaped model, whose copies touch pages and TLB entries the
+    micro-benchmark's do not);
   * the executor with each strategy's own planner (the default policy, a quarter of the experts
     cached): that planner's wall time per layer, the two calls apart.
 - Per-step and per-layer figures are means, not medians: a run's time is their sum, slow
@@ -58,13 +62,14 @@ _MIN_MS = 1e-4  # a floor for measured differences (the schema wants positive cu
 
 class SideOnlyPlanner:
     """Every activated expert on one side: `accelerator` (each expert resident in its own slot, so
-    `capacity` is L * E) or `cpu`. Implements the Planner protocol; plans cost a few microseconds."""
+    `capacity` is L * E), `cpu`, or `load` (copied into a slot at every use, then run on the
+    accelerator; `capacity` is E). Implements the Planner protocol; plans cost a few microseconds."""
 
     lookahead_layers = 0
 
     def __init__(self, side: str, n_layers: int, n_experts: int):
-        if side not in ("accelerator", "cpu"):
-            raise ValueError(f"side must be accelerator or cpu, got {side!r}")
+        if side not in ("accelerator", "cpu", "load"):
+            raise ValueError(f"side must be accelerator, cpu or load, got {side!r}")
         self.side, self.n_experts = side, n_experts
         self._loads = ()
         if side == "accelerator":
@@ -74,7 +79,7 @@ class SideOnlyPlanner:
 
     @property
     def capacity(self) -> int:
-        return len(self._loads)
+        return self.n_experts if self.side == "load" else len(self._loads)
 
     def initial_loads(self) -> tuple[SlotLoad, ...]:
         return self._loads
@@ -86,6 +91,9 @@ class SideOnlyPlanner:
         experts = tuple(np.unique(topk_ids).tolist())
         if self.side == "cpu":
             return LayerPlan(layer, (), (), experts, {}, (), 0.0)
+        if self.side == "load":
+            loads = tuple(SlotLoad((layer, e), slot) for slot, e in enumerate(experts))
+            return LayerPlan(layer, (), experts, (), {e: slot for slot, e in enumerate(experts)}, loads, 0.0)
         base = layer * self.n_experts
         return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), 0.0)
 
@@ -286,10 +294,11 @@ class ModelTimer:
         self.plan = _plan(loaded, budget)
         self._runner = _Runner(loaded, accelerator)
 
-    def runs(self, what: str, runtime=None) -> list[_Step]:
-        """A timed prefill of every planned length, then decode steps after each planned prompt."""
+    def runs(self, what: str, runtime=None, prefill_tokens: tuple[int, ...] | None = None) -> list[_Step]:
+        """A timed prefill of every planned length (or of `prefill_tokens`), then decode steps
+        after each planned prompt."""
         steps = []
-        for n_tokens in self.plan.prefill_tokens:
+        for n_tokens in self.plan.prefill_tokens if prefill_tokens is None else prefill_tokens:
             self.progress(f"{what}: prefill of {n_tokens} token(s)")
             steps.append(self._runner.steps(n_tokens, 1, runtime)[0])
         for prompt in self.plan.decode_prompts:
@@ -309,6 +318,7 @@ class ModelMeasurement:
     outside_step: LatencyCurve  # the step's work outside the MoE layers, with the runtime
     host_layer: LatencyCurve  # the executor's host work per MoE layer, planning excluded
     cpu_worker_ms: float  # the CPU worker's start-up cost per layer it runs experts in
+    expert_load_ms: float  # one expert copied into a slot, from the model's own host weights
 
     def model_costs(self, model: str, planners: tuple[PlannerCost, ...] = ()) -> ModelCosts:
         return ModelCosts(model, self.outside_step, self.host_layer, self.dense_ms_per_context_token, planners)
@@ -324,7 +334,8 @@ def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_exper
     loaded, accelerator = timer.loaded, timer.accelerator
     resident = SideOnlyPlanner("accelerator", loaded.n_layers, loaded.n_experts)
     cpu_side = SideOnlyPlanner("cpu", loaded.n_layers, loaded.n_experts)
-    null_steps, resident_steps, cpu_steps = [], [], []
+    copying = SideOnlyPlanner("load", loaded.n_layers, loaded.n_experts)
+    null_steps, resident_steps, cpu_steps, load_steps = [], [], [], []
     with _null_experts(loaded):
         timer.runs("warm-up")  # first calls of every kernel size
     for round_ in range(1, timer.plan.rounds + 1):
@@ -334,6 +345,8 @@ def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_exper
             resident_steps += timer.runs(f"round {round_}, experts on the accelerator", runtime)
         with HybridRuntime(loaded, cpu_side, accelerator, 0, TRACE_LOOKAHEAD_DEPTH) as runtime:
             cpu_steps += timer.runs(f"round {round_}, experts on the CPU worker", runtime)
+        with HybridRuntime(loaded, copying, accelerator, copying.capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
+            load_steps += timer.runs(f"round {round_}, every expert copied in", runtime, prefill_tokens=())
 
     prefill = [s for s in null_steps if s.context_tokens == 0]
     dense = _curve(_mean_by_tokens([(s.n_tokens, ms) for s in prefill for ms in s.layer_ms], _MIN_MS))
@@ -353,7 +366,13 @@ def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_exper
     cpu_worker = _per_layer_curve([s for s in cpu_steps if s.context_tokens], lambda step, layer: (
         dense_ms(step) + host.ms(step.n_tokens) + sum(cpu_expert.ms(n) for n in step.expert_tokens[layer])
     ), floor_ms=0.0)
-    return ModelMeasurement(dense, slope, outside, host, cpu_worker.ms(1))
+    # What the copies add to a decode layer, per copy: the copies of the model's own weights.
+    per_load = [
+        (ms - step.plan_layer_ms[layer] - step.plan_prefetch_ms[layer] - dense_ms(step) - host.ms(step.n_tokens)
+         - sum(accelerator_expert.ms(n) for n in step.expert_tokens[layer])) / len(step.expert_tokens[layer])
+        for step in load_steps for layer, ms in enumerate(step.layer_ms)
+    ]
+    return ModelMeasurement(dense, slope, outside, host, cpu_worker.ms(1), max(_MIN_MS, statistics.fmean(per_load)))
 
 
 def measure_planners(timer: ModelTimer, profile: HardwareProfile, strategies: tuple[str, ...]) -> tuple[PlannerCost, ...]:
@@ -404,8 +423,9 @@ def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) ->
     capacity = cache_capacity(dims, PolicyConfig().cache_ratio) if profile.has_accelerator else 0
     uniform = np.ones((loaded.n_layers, loaded.n_experts))  # frequency baselines: no workload to count
     planner = build_planner(strategy, loaded, profile, PolicyConfig(), capacity, uniform)
+    prefill_tokens = timer.plan.prefill_tokens[::-2][::-1]  # every other length, the longest kept
     with HybridRuntime(loaded, planner, timer.accelerator, capacity, TRACE_LOOKAHEAD_DEPTH) as runtime:
-        steps = timer.runs(f"planner {strategy}", runtime)
+        steps = timer.runs(f"planner {strategy}", runtime, prefill_tokens)
     layer = _mean_by_tokens([(s.n_tokens, ms) for s in steps for ms in s.plan_layer_ms], _MIN_MS)
     prefetch = _mean_by_tokens([(s.n_tokens, ms) for s in steps for ms in s.plan_prefetch_ms], _MIN_MS)
     return PlannerCost(strategy, _curve(layer), _curve(prefetch))
