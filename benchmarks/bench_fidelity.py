@@ -13,8 +13,12 @@ Models:
   top-8; its attention shapes; the demo's byte tokenizer, so a small LM head) and `--qwen3-layers`
   MoE layers, whose routing is replayed (`--replay-trace`) from the same layers of the shipped
   Qwen3-30B-A3B trace, so the cache sees real routing. Written once to `--cache-dir`.
+- `qwen3-narrow`: the same with a quarter of the attention heads (8 query, 1 key/value). On the CPU
+  stand-in the dense part runs on the CPU, where Qwen3's attention takes about a third of a decode
+  step; on a GPU it is a small part. With it narrowed the experts dominate the step as they do
+  on a GPU machine, and the configurations span a wider range.
 
-Usage: python benchmarks/bench_fidelity.py [--models demo,qwen3] [--repeats 3] [--new-tokens 32]
+Usage: python benchmarks/bench_fidelity.py [--models demo,qwen3,qwen3-narrow] [--repeats 3] [--new-tokens 32]
        [--quick-profile] [--qwen3-layers 3] [--cache-dir DIR]
 """
 
@@ -72,17 +76,23 @@ CONFIGS = (
 )
 
 
-def write_qwen3_model(directory: Path, n_layers: int) -> Path:
+QWEN3_NARROW = dict(num_attention_heads=8, num_key_value_heads=1)
+
+
+def write_qwen3_model(directory: Path, n_layers: int, **changes) -> Path:
     """The random Qwen3-shaped checkpoint (written once; reused while its config matches)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     from hybrimoe.profile.measure import fill_weights
 
-    config = AutoConfig.for_model(**{**QWEN3_CONFIG, "num_hidden_layers": n_layers})
+    wanted = {**QWEN3_CONFIG, "num_hidden_layers": n_layers, **changes}
+    config = AutoConfig.for_model(**wanted)
     config_file = directory / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("num_hidden_layers") == n_layers:
-        return directory
+    if config_file.is_file():
+        written = json.loads(config_file.read_text())
+        if all(written.get(key) == wanted[key] for key in ("num_hidden_layers", *changes)):
+            return directory
     if directory.exists():
         shutil.rmtree(directory)
     print(f"writing a random Qwen3-shaped model with {n_layers} MoE layers to {directory}", flush=True)
@@ -186,7 +196,7 @@ def bench_model(name: str, model_dir: Path, replay: Path | None, prompt: str, ar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="demo,qwen3")
+    parser.add_argument("--models", default="demo,qwen3,qwen3-narrow")  # the demo first: see the README
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -199,11 +209,13 @@ def main() -> None:
         for name in args.models.split(","):
             if name == "demo":
                 bench_model("demo", demo_model_path(), None, prompt, args, Path(work))
-            elif name == "qwen3":
-                model_dir = write_qwen3_model(args.cache_dir / f"qwen3-shaped-{args.qwen3_layers}", args.qwen3_layers)
-                bench_model("qwen3", model_dir, QWEN3_TRACE, prompt, args, Path(work))
+            elif name in ("qwen3", "qwen3-narrow"):
+                changes = QWEN3_NARROW if name == "qwen3-narrow" else {}
+                directory = args.cache_dir / f"{name}-shaped-{args.qwen3_layers}"
+                model_dir = write_qwen3_model(directory, args.qwen3_layers, **changes)
+                bench_model(name, model_dir, QWEN3_TRACE, prompt, args, Path(work))
             else:
-                raise SystemExit(f"unknown model {name!r}; expected demo or qwen3")
+                raise SystemExit(f"unknown model {name!r}; expected demo, qwen3 or qwen3-narrow")
 
 
 if __name__ == "__main__":
