@@ -24,7 +24,7 @@ from hybrimoe.trace import (
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "traces" / "qwen3-30b-a3b.npz"
-SHARED_JSONL = Path("/work/shared/traces/qwen3-30b-a3b/token_distri_16.jsonl")
+SHARED_JSONL = REPO.parent / "shared" / "traces" / "qwen3-30b-a3b" / "token_distri_16.jsonl"
 
 META = TraceMeta(
     model="tiny", n_layers=2, n_experts=4, top_k=2, n_shared_experts=0,
