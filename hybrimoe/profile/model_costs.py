@@ -51,7 +51,7 @@ from hybrimoe.profile.measure import fill_weights, token_counts
 from hybrimoe.profile.timing import Budget
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.generate import generate
-from hybrimoe.runtime.loading import LoadedModel
+from hybrimoe.runtime.loading import LoadedModel, build_on_meta, config_dtype, find_moe_layers, from_model, load_config
 from hybrimoe.runtime.stats import ExpertCounters
 
 MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' routers to be typical
@@ -107,10 +107,8 @@ class SideOnlyPlanner:
 
 def build_random_model(config_path: Path, device: torch.device, trust_remote_code: bool = False) -> LoadedModel:
     """The model of `config_path` with random weights and at most MAX_MOE_LAYERS MoE layers."""
-    from hybrimoe.runtime.loading import _build_on_meta, _load_config, find_moe_layers, from_model
-
-    config = _load_config(config_path.parent, trust_remote_code)
-    meta = _build_on_meta(config, trust_remote_code)
+    config = load_config(config_path.parent, trust_remote_code)
+    meta = build_on_meta(config, trust_remote_code)
     layers, shape, n_experts, _ = find_moe_layers(meta, config.model_type)
     free = available_ram_bytes()
     fits = MAX_MOE_LAYERS if free is None else int(free // 4 // max(1, n_experts * shape.expert_bytes))
@@ -140,10 +138,8 @@ def _build_uninitialised(config, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    dtype = getattr(config, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), torch.float32)
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=config_dtype(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,23 +355,29 @@ def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_exper
     def dense_ms(step: _Step) -> float:
         return dense.ms(step.n_tokens) + slope * step.context_tokens * step.n_tokens
 
-    host = _per_layer_curve(resident_steps, lambda step, layer: dense_ms(step) + sum(
-        accelerator_expert.ms(n) for n in step.expert_tokens[layer]))
+    def expected_ms(curve: LatencyCurve) -> Callable[[_Step, int], float]:
+        """A layer's dense part and its experts' time on `curve`."""
+        return lambda step, layer: dense_ms(step) + sum(curve.ms(n) for n in step.expert_tokens[layer])
+
+    host = _curve(_mean_by_tokens(
+        [(step.n_tokens, ms) for step, _, ms in _residuals(resident_steps, expected_ms(accelerator_expert))], _MIN_MS))
     # Outside the layers with the runtime's memory in use and its per-step bookkeeping, as in a run.
     outside = _curve(_mean_by_tokens([(s.n_tokens, s.step_ms - sum(s.layer_ms)) for s in resident_steps], _MIN_MS))
-    cpu_worker = _per_layer_curve([s for s in cpu_steps if s.context_tokens], lambda step, layer: (
-        dense_ms(step) + host.ms(step.n_tokens) + sum(cpu_expert.ms(n) for n in step.expert_tokens[layer])
-    ), floor_ms=0.0)
+
+    def with_host(curve: LatencyCurve) -> Callable[[_Step, int], float]:
+        return lambda step, layer: expected_ms(curve)(step, layer) + host.ms(step.n_tokens)
+
+    decode_cpu_steps = [step for step in cpu_steps if step.context_tokens]
+    cpu_worker_ms = statistics.fmean(ms for _, _, ms in _residuals(decode_cpu_steps, with_host(cpu_expert)))
     # What the copies add to a decode layer, per copy: the copies of the model's own weights.
-    per_load = [
-        (ms - step.plan_layer_ms[layer] - step.plan_prefetch_ms[layer] - dense_ms(step) - host.ms(step.n_tokens)
-         - sum(accelerator_expert.ms(n) for n in step.expert_tokens[layer])) / len(step.expert_tokens[layer])
-        for step in load_steps for layer, ms in enumerate(step.layer_ms)
-    ]
-    return ModelMeasurement(dense, slope, outside, host, cpu_worker.ms(1), max(_MIN_MS, statistics.fmean(per_load)))
+    load_ms = statistics.fmean(ms / len(step.expert_tokens[layer])
+                               for step, layer, ms in _residuals(load_steps, with_host(accelerator_expert)))
+    return ModelMeasurement(dense, slope, outside, host, max(0.0, cpu_worker_ms), max(_MIN_MS, load_ms))
 
 
-def measure_planners(timer: ModelTimer, profile: HardwareProfile, strategies: tuple[str, ...]) -> tuple[PlannerCost, ...]:
+def measure_planners(
+    timer: ModelTimer, profile: HardwareProfile, strategies: tuple[str, ...]
+) -> tuple[PlannerCost, ...]:
     """Each strategy's planner wall time per layer, planning with `profile`."""
     return tuple(_planner_cost(timer, profile, strategy) for strategy in strategies)
 
@@ -397,19 +399,16 @@ def _curve(points: list[CurvePoint]) -> LatencyCurve:
     return fit_curve(points) if len(points) >= 2 else LatencyCurve(points=tuple(points))
 
 
-def _per_layer_curve(
-    steps: list[_Step], expected_ms: Callable[[_Step, int], float], floor_ms: float = _MIN_MS
-) -> LatencyCurve:
-    """What each layer's time has beyond `expected_ms` and the planner's, as a curve over T."""
-    residuals = []
-    for step in steps:
-        for layer, ms in enumerate(step.layer_ms):
-            planning_ms = step.plan_layer_ms[layer] + step.plan_prefetch_ms[layer]
-            residuals.append((step.n_tokens, ms - planning_ms - expected_ms(step, layer)))
-    if floor_ms == 0.0:
-        return LatencyCurve(points=tuple(
-            CurvePoint(p.n_tokens, max(p.ms, 0.0), p.spread_ms) for p in _mean_by_tokens(residuals, 0.0)))
-    return _curve(_mean_by_tokens(residuals, floor_ms))
+def _residuals(
+    steps: list[_Step], expected_ms: Callable[[_Step, int], float]
+) -> list[tuple[_Step, int, float]]:
+    """(step, layer, what the layer's time has beyond `expected_ms` and the planner's) for every
+    MoE layer of every step."""
+    return [
+        (step, layer, ms - step.plan_layer_ms[layer] - step.plan_prefetch_ms[layer] - expected_ms(step, layer))
+        for step in steps
+        for layer, ms in enumerate(step.layer_ms)
+    ]
 
 
 def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) -> PlannerCost:

@@ -204,7 +204,9 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
             raise ModelError(f"{file}: {problem}")
 
 
-def _load_config(path: Path, trust_remote_code: bool):
+def load_config(path: Path, trust_remote_code: bool):
+    """The checkpoint directory's config, refused in one line when unreadable, unknown or (without
+    `trust_remote_code`) shipping its own code."""
     from transformers import AutoConfig
 
     try:
@@ -228,7 +230,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _build_on_meta(config, trust_remote_code: bool) -> nn.Module:
+def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
+    """The model of `config` on the meta device: its structure, no memory."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -238,10 +241,15 @@ def _build_on_meta(config, trust_remote_code: bool) -> nn.Module:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
 
 
+def config_dtype(config) -> torch.dtype:
+    """The weights' dtype a config names (float32 when it names none)."""
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), torch.float32)
+
+
 def _facts(meta_model: nn.Module, config) -> ModelFacts:
     layers, shape, n_experts, top_k = find_moe_layers(meta_model, config.model_type)
-    dtype = getattr(config, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), torch.float32)
+    dtype = config_dtype(config)
     if dtype not in _DTYPE_NAMES:
         raise ModelError(f"{config.model_type}: weights of dtype {dtype} are not supported")
     experts = {id(p) for layer in layers for p in layer.experts.parameters()}
@@ -315,8 +323,8 @@ def load_model(
         raise ModelError(
             f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
         )
-    config = _load_config(path, trust_remote_code)
-    facts = _facts(_build_on_meta(config, trust_remote_code), config)
+    config = load_config(path, trust_remote_code)
+    facts = _facts(build_on_meta(config, trust_remote_code), config)
     if before_weights is not None:
         before_weights(facts)
     check_weight_files(path, allow_pickle)
