@@ -46,7 +46,7 @@ class CostModel:
         model = profile.model_costs
         if model is None:
             self.dense_context_ms = 0.0
-            self.host_ms = functools.lru_cache(maxsize=4096)(lambda n_tokens: profile.layer_overhead_ms)
+            self.host_ms = lambda n_tokens: profile.layer_overhead_ms
             self.outside_ms = no_time
         else:
             self.dense_context_ms = model.dense_ms_per_context_token

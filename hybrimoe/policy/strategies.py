@@ -96,17 +96,17 @@ class _Deferred:
     """What `plan_layer` leaves to `plan_prefetch`: the layer's routing, its timing, and whether its
     score update and protection have run (they run before the plan's first admit, wherever that is)."""
 
-    __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "dense_ms",
+    __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "before_ms",
                  "observed", "predicted_counts", "start_ms", "cpu_ms", "host_ms")
 
-    def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, dense_ms):
+    def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, before_ms):
         self.layer = layer
         self.topk_ids = topk_ids  # [T, k]
         self.router_probs = router_probs  # [T, E] or None
         self.topk_weights = topk_weights  # [T, k] or None
         self.counts: dict[int, int] = counts  # expert -> tokens
         self.predicted_topk: Mapping[int, np.ndarray] = predicted_topk  # later layer -> [T, k]
-        self.dense_ms = dense_ms  # everything before the layer's experts start
+        self.before_ms = before_ms  # dense part, host work and plan_layer: before the experts start
         self.observed = False
         self.predicted_counts: dict[int, dict[int, int]] | None = None  # set when protected
         self.start_ms = 0.0  # when the layer's experts start
@@ -234,11 +234,11 @@ class PolicyPlanner:
         counts = token_counts(topk_ids)
         resident = cache.resident(layer)
 
-        dense_ms = (
+        before_ms = (
             costs.dense_ms(n_tokens) + self._context_ms_per_token * n_tokens + costs.host_ms(n_tokens)
             + self._plan_layer_ms(n_tokens)
         )
-        start_ms = timeline.clock_ms + dense_ms
+        start_ms = timeline.clock_ms + before_ms
         # The copy engine's backlog, rounded up to a 1/16 of a load so decode plans stay memoized.
         backlog_ms = timeline.pcie_free_ms - start_ms
         backlog_ms = math.ceil(backlog_ms / self._backlog_step_ms) * self._backlog_step_ms if backlog_ms > 0 else 0.0
@@ -256,7 +256,7 @@ class PolicyPlanner:
             stats.prefetch_used += len(used)
         hits = cache.access(layer, counts)
 
-        deferred = _Deferred(layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, dense_ms)
+        deferred = _Deferred(layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, before_ms)
         if plan.load and self.admit_loads:  # the score update and protection come before any admit
             self._observe(deferred)
             self._protect(deferred)
@@ -280,7 +280,7 @@ class PolicyPlanner:
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
         load_ms = costs.load_ms
         timeline.pcie_free_ms = max(timeline.pcie_free_ms, start_ms) + n_loads * load_ms
-        idle_ms = max(0.0, dense_ms + finish_ms - n_loads * load_ms)
+        idle_ms = max(0.0, before_ms + finish_ms - n_loads * load_ms)
         timeline.pcie_idle_ms += 0.1 * (idle_ms - timeline.pcie_idle_ms)
         self._deferred = deferred
 
@@ -332,14 +332,15 @@ class PolicyPlanner:
         """
         costs = self.costs
         cpu_ms = plan.cpu_end_ms + extra_cpu_ms
-        copies_ms = len(loads) * costs.load_ms
+        copy_slowdown = 1.0
         if cpu_ms and copying:
             cpu_ms *= costs.cpu_slowdown
-            copies_ms *= costs.copy_slowdown
+            copy_slowdown = costs.copy_slowdown
+        copies_ms = len(loads) * costs.load_ms
         if costs.overlaps:  # slowed copies arrive later, and the GPU waits for them
-            return cpu_ms, plan.gpu_end_ms + stall_ms + (copies_ms - len(loads) * costs.load_ms), stall_ms
+            return cpu_ms, plan.gpu_end_ms + stall_ms + copies_ms * (copy_slowdown - 1.0), stall_ms
         gpu_ms = costs.gpu_ms
-        host_ms = copies_ms + sum([gpu_ms(counts[expert]) for expert in plan.gpu])
+        host_ms = copies_ms * copy_slowdown + sum([gpu_ms(counts[expert]) for expert in plan.gpu])
         host_ms += sum([gpu_ms(counts[expert]) for (_, expert), _ in loads])
         return cpu_ms, host_ms, 0.0
 
@@ -377,7 +378,7 @@ class PolicyPlanner:
         # Copies should land before the next layer's expert phase, or in the copy time later
         # layers are expected to leave idle, so they do not delay those layers' own loads.
         # The next layer's dense part and overhead are taken as this layer's.
-        deadline_ms = timeline.clock_ms + deferred.dense_ms + (depth - 1) * timeline.pcie_idle_ms
+        deadline_ms = timeline.clock_ms + deferred.before_ms + (depth - 1) * timeline.pcie_idle_ms
         idle_ms = deadline_ms - timeline.pcie_free_ms
         max_loads = math.floor(idle_ms / self.costs.load_ms) if idle_ms > 0 else 0
         if max_loads <= 0:
