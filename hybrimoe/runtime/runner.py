@@ -201,6 +201,68 @@ def _trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
     )
 
 
+def _profile_for_run(
+    profile: HardwareProfile | None, profile_path: Path | None, options: RunOptions, shape: ModelShape, device: str
+) -> tuple[HardwareProfile, str]:
+    """The profile the run plans with (an estimate for this kind of machine when none was found),
+    and how the summary names it."""
+    if profile is None:
+        profile = default_profile(shape, device)
+        label = f"built-in estimate ({profile.name}, for this kind of machine): `hybrimoe profile` measures this one"
+        return profile, label
+    if options.profile is None:
+        return profile, f"{profile.name}, this machine's ({profile_path})"
+    return profile, profile.name
+
+
+def _placement(options: RunOptions, profile: HardwareProfile, capacity: Capacity) -> tuple[str, int, str]:
+    """(strategy, expert slots, where the slots came from) as the run will really place experts:
+    a profile without an accelerator section places every expert on the CPU."""
+    if not profile.has_accelerator:
+        return "cpu-only", 0, f"none: profile {profile.name} has no accelerator section"
+    return options.strategy, capacity.slots, capacity.source
+
+
+def _replay(replayed: RoutingTrace, loaded: LoadedModel, prompt_shape: tuple[int, int], options: RunOptions):
+    """The routing replay for this model, refused in one line when the trace is too short for the run."""
+    source = str(options.replay_trace)
+    replay = RoutingReplay.for_model(replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, source)
+    n_seqs, n_prompt = prompt_shape
+    n_decode = options.max_new_tokens - 1  # steps after the prefill, one token per sequence each
+    n_needed = n_seqs * (n_prompt + n_decode)
+    if n_needed > replay.n_tokens:
+        raise UserError(
+            f"{source}: the trace has {replay.n_tokens} tokens of routing; this run needs up to "
+            f"{n_needed} ({n_seqs} x {n_prompt} prompt + {n_seqs} x {n_decode} decode tokens); "
+            "lower --max-new-tokens"
+        )
+    return replay
+
+
+def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """Every token id that ends a sequence: the generation config's and the tokenizer's."""
+    eos = loaded.model.generation_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    tokenizer_eos = loaded.tokenizer.eos_token_id
+    if tokenizer_eos is not None and tokenizer_eos not in eos_ids:
+        eos_ids += (tokenizer_eos,)
+    return eos_ids
+
+
+def _recorded_trace(shape: ModelShape, steps: list[TraceStep], options: RunOptions) -> RoutingTrace:
+    """The run's routing as a trace, written to `options.record_trace` when asked."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    provenance = f"hybrimoe run {__version__}, {stamp}"
+    if options.replay_trace is not None:
+        provenance += f"; routing replayed from {options.replay_trace.name}"
+    trace = RoutingTrace(trace_meta_from_shape(shape, provenance), tuple(steps))
+    if options.record_trace is not None:
+        from hybrimoe.trace import save_trace
+
+        save_trace(trace, options.record_trace, overwrite=options.overwrite_trace)
+    return trace
+
+
 def run(
     options: RunOptions,
     on_text: Callable[[str], None] | None = None,
@@ -213,10 +275,10 @@ def run(
     import torch
 
     from hybrimoe.demo import demo_model_path
-    from hybrimoe.runtime.threads import torch_threads
     from hybrimoe.runtime.accelerator import make_accelerator
     from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.threads import torch_threads
 
     _check_options(options)
     accelerator = make_accelerator(options.device)
@@ -225,7 +287,6 @@ def run(
     profile_path = options.profile or this_machines_profile(model_name, str(accelerator.device))
     profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
-    replay_source = str(options.replay_trace)
     budget = options.gpu_memory_gb
     free_bytes = accelerator.free_memory_bytes()
     chosen: dict[str, Capacity] = {}
@@ -234,7 +295,7 @@ def run(
         if profile is not None:
             profile.check_expert_shape(facts.expert_shape)
         if replayed is not None:
-            check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, replay_source)
+            check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
         policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
         chosen["capacity"] = resolve_capacity(
             n_experts_total=facts.n_layers * facts.n_experts,
@@ -257,21 +318,15 @@ def run(
         before_weights=before_weights,
     )
     shape = model_shape(loaded, model_name)
-    if profile is None:
-        profile = default_profile(shape, str(accelerator.device))
-        profile_name = (f"built-in estimate ({profile.name}, for this kind of machine): "
-                        "`hybrimoe profile` measures this one")
-    elif options.profile is None:
-        profile_name = f"{profile.name}, this machine's ({profile_path})"
-    else:
-        profile_name = profile.name
+    profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     policy = profile.policy or PolicyConfig()
-    strategy, capacity, capacity_source = options.strategy, chosen["capacity"].slots, chosen["capacity"].source
-    if not profile.has_accelerator:
-        strategy, capacity = "cpu-only", 0
-        capacity_source = f"none: profile {profile.name} has no accelerator section"
+    strategy, capacity, capacity_source = _placement(options, profile, chosen["capacity"])
     threads, threads_source = run_threads(options, profile)
-    planner = build_planner(strategy, loaded, profile, policy, capacity)
+
+    def fresh_planner() -> Planner:
+        return build_planner(strategy, loaded, profile, policy, capacity)
+
+    planner = fresh_planner()
     depth = max(planner.lookahead_layers, TRACE_LOOKAHEAD_DEPTH)
 
     tokenizer = loaded.tokenizer
@@ -281,22 +336,7 @@ def run(
     batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
     ids = batch["input_ids"].to(accelerator.device)
     mask = batch["attention_mask"].to(accelerator.device)
-    replay = None
-    if replayed is not None:
-        replay = RoutingReplay.for_model(replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, replay_source)
-        n_seqs, n_prompt = ids.shape
-        n_decode = options.max_new_tokens - 1  # steps after the prefill, one token per sequence each
-        n_needed = n_seqs * (n_prompt + n_decode)
-        if n_needed > replay.n_tokens:
-            raise UserError(
-                f"{replay_source}: the trace has {replay.n_tokens} tokens of routing; this run needs up to "
-                f"{n_needed} ({n_seqs} x {n_prompt} prompt + {n_seqs} x {n_decode} decode tokens); "
-                "lower --max-new-tokens"
-            )
-    eos = loaded.model.generation_config.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids += (tokenizer.eos_token_id,)
+    replay = _replay(replayed, loaded, ids.shape, options) if replayed is not None else None
 
     stream = TextStream(tokenizer)
     steps: list[TraceStep] = []
@@ -308,39 +348,28 @@ def run(
                 on_text(piece)
 
     with torch_threads(threads):
-        _warm_up(loaded, build_planner(strategy, loaded, profile, policy, capacity), accelerator, capacity,
-                 ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
+        _warm_up(loaded, fresh_planner(), accelerator, capacity, ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
         with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay) as runtime:
             if on_start is not None:
                 on_start()
             out = generate(
                 loaded.model, ids, mask, options.max_new_tokens, options.sampling,
-                eos_token_ids=eos_ids,
+                eos_token_ids=_eos_ids(loaded),
                 pad_token_id=tokenizer.pad_token_id or 0,
                 on_tokens=on_tokens,
                 before_step=runtime.begin_step,
                 on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    provenance = f"hybrimoe run {__version__}, {stamp}"
-    if options.replay_trace is not None:
-        provenance += f"; routing replayed from {options.replay_trace.name}"
-    trace = RoutingTrace(trace_meta_from_shape(shape, provenance), tuple(steps))
-    if options.record_trace is not None:
-        from hybrimoe.trace import save_trace
-
-        save_trace(trace, options.record_trace, overwrite=options.overwrite_trace)
+    trace = _recorded_trace(shape, steps, options)
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
-    simulated_ttft_s, simulated_tps = predict_run(
-        trace, build_planner(strategy, loaded, profile, policy, capacity), strategy, cache_ratio, ids.shape[0]
-    )
+    simulated_ttft_s, simulated_tps = predict_run(trace, fresh_planner(), strategy, cache_ratio, ids.shape[0])
     n_new = out.tokens.shape[1]
     stats = RunStats(
         model=shape.name,
         family=loaded.family,
         device=accelerator.describe(),
-        profile=profile_name,
+        profile=profile_label,
         planner=strategy,
         capacity=capacity,
         capacity_source=capacity_source,
