@@ -91,7 +91,7 @@ def profile(
     from hybrimoe.config import save_profile
     from hybrimoe.errors import ProfileError, UserError
     from hybrimoe.profile import report
-    from hybrimoe.profile.inputs import model_config_path, resolve_model
+    from hybrimoe.profile.inputs import config_to_measure, resolve_model
 
     with user_errors():
         if out is not None and out.exists() and not force:
@@ -120,23 +120,13 @@ def profile(
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
         to_default = out is None
         if to_default:
-            from hybrimoe.profile.directory import default_profile_path, this_machine_key
-
-            out = default_profile_path(this_machine_key(device or default_device()), shape.name)
-            try:  # before measuring, so an unwritable directory fails in a second, not after minutes
-                out.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(
-                    f"cannot create the profile directory {out.parent} ({exc.strerror}): "
-                    "set HYBRIMOE_PROFILE_DIR or pass --out FILE"
-                ) from None
+            out = _this_machines_path(device or default_device(), shape.name)
         if plot is not None and not report.png_available():
             err_console.print("[yellow]matplotlib is not installed: --plot is skipped (pip install matplotlib)[/]")
             plot = None
-        on_model = model is not None or (preset is None and hidden_size is None and intermediate_size is None)
         options = ProfileOptions(
             model=shape,
-            model_config=model_config_path(model) if on_model else None,
+            model_config=config_to_measure(model, preset, hidden_size, intermediate_size),
             device=device or default_device(),
             threads=threads,
             quick=quick,
@@ -168,6 +158,23 @@ def profile(
     console.print(f"profile written to [bold]{out}[/]{replacing}")
     if plot is not None:
         console.print(f"plot written to [bold]{report.save_png(result, plot)}[/]")
+
+
+def _this_machines_path(device: str, model_name: str) -> Path:
+    """Where this machine's profile of the model goes, its directory made now: an unwritable one
+    fails in a second, not after minutes of measuring."""
+    from hybrimoe.errors import UserError
+    from hybrimoe.profile.directory import default_profile_path, this_machine_key
+
+    out = default_profile_path(this_machine_key(device), model_name)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create the profile directory {out.parent} ({exc.strerror}): "
+            "set HYBRIMOE_PROFILE_DIR or pass --out FILE"
+        ) from None
+    return out
 
 
 def _command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick) -> str:

@@ -58,6 +58,16 @@ def resolve_model(
     )
 
 
+def config_to_measure(
+    model_path: Path | None, preset: str | None, hidden_size: int | None, intermediate_size: int | None
+) -> Path | None:
+    """The config.json whose model `hybrimoe profile` also measures: `--model`'s, or the demo
+    model's when no source is given; None for shapes alone (a preset or explicit sizes)."""
+    if preset is not None or hidden_size is not None or intermediate_size is not None:
+        return None
+    return model_config_path(model_path)
+
+
 def model_config_path(model_path: Path | None) -> Path:
     """The config.json of `--model PATH` (a directory or the file itself); the demo model's for None."""
     if model_path is None:
