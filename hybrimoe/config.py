@@ -206,6 +206,45 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class TraceRef:
+    """A routing trace a tuning run read, by path and content hash."""
+
+    path: str
+    sha256: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class TunedResult:
+    """One configuration's simulated values on one part of the workload (train or holdout)."""
+
+    config: str  # "tuned", "default", or a baseline strategy
+    part: str  # "train" or "holdout"
+    objective_ms: float  # the study's objective (see TuningRecord.objective)
+    decode_ms_per_token: float | None = None
+    ttft_ms: float | None = None
+    hit_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """How `hybrimoe tune` chose a profile's policy section, and what it simulated."""
+
+    study: str
+    storage: str  # without any password
+    objective: str  # decode (ms/token), prefill (TTFT ms) or weighted (TTFT + decode_tokens x ms/token)
+    decode_tokens: int
+    budget: str  # where the cache capacity came from
+    cache_experts: int  # the tuned cache capacity, in experts
+    trials: int  # finished trials in the study (complete and pruned)
+    pruned: int
+    traces: tuple[TraceRef, ...]
+    holdout: str  # what was held out of the search
+    results: tuple[TunedResult, ...]
+    created_at: str = ""
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """What the cost model needs about one machine, for one expert shape.
 
@@ -235,6 +274,7 @@ class HardwareProfile:
     notes: str = ""
     provenance: Provenance | None = None
     policy: PolicyConfig | None = None
+    tuning: TuningRecord | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -311,6 +351,10 @@ _NESTED = {
     "Provenance": Provenance,
     "PolicyConfig": PolicyConfig,
     "ModelCosts": ModelCosts,
+    "PlannerCost": PlannerCost,
+    "TraceRef": TraceRef,
+    "TunedResult": TunedResult,
+    "TuningRecord": TuningRecord,
 }
 
 
@@ -335,10 +379,11 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
                 raise ProfileError(f"{where}[{i}]: n_tokens must be a positive integer, got {item[0]!r}")
             points.append(CurvePoint(int(numbers[0]), numbers[1], numbers[2] if len(numbers) == 3 else 0.0))
         return tuple(points)
-    if base == "tuple[PlannerCost, ...]":
+    if base.startswith("tuple[") and base.removeprefix("tuple[").removesuffix(", ...]") in _NESTED:
         if not isinstance(value, list):
-            raise ProfileError(f"{where}: expected a list of planner costs")
-        return tuple(_build(PlannerCost, item, f"{where}[{i}]") for i, item in enumerate(value))
+            raise ProfileError(f"{where}: expected a list")
+        cls = _NESTED[base.removeprefix("tuple[").removesuffix(", ...]")]
+        return tuple(_build(cls, item, f"{where}[{i}]") for i, item in enumerate(value))
     if base == "tuple[str, ...]":
         if not isinstance(value, list):
             raise ProfileError(f"{where}: expected a list of strings")

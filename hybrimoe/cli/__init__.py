@@ -59,7 +59,7 @@ def user_errors() -> Iterator[None]:
 
 # Modules beside this one that register sub-commands on `app`. They import torch and other heavy
 # libraries inside their command functions, so `hybrimoe --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("trace", "simulate", "profile", "run")
+_COMMAND_MODULES: tuple[str, ...] = ("trace", "simulate", "profile", "tune", "run")
 for _module in _COMMAND_MODULES:
     importlib.import_module(f"hybrimoe.cli.{_module}")
 

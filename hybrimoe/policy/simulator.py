@@ -16,6 +16,7 @@ Design choices:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -67,11 +68,15 @@ def simulate(
     mode: str = "decode",
     context_tokens: int = 0,
     batch_size: int = 1,
+    checkpoints: int = 0,
+    on_checkpoint: Callable[[int, float], None] | None = None,
 ) -> SimResult:
     """Replays every step of `trace` through `planner`; the planner's clock gives the times.
 
     In decode mode the steps continue `batch_size` sequences whose KV cache holds `context_tokens`
-    tokens before the first step; in prefill mode every step is a new prompt (an empty cache)."""
+    tokens before the first step; in prefill mode every step is a new prompt (an empty cache).
+    `on_checkpoint(steps_done, ms_so_far)` is called after each of `checkpoints` equal slices of
+    the steps (the tuner's intermediate values; it may raise to stop the replay)."""
     if predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {predictor!r}; expected one of {', '.join(PREDICTORS)}")
     n_layers = trace.meta.n_layers
@@ -79,7 +84,9 @@ def simulate(
     recent: list[np.ndarray | None] = [None] * n_layers
     layer_ms = np.zeros(n_layers)
     start_ms = planner.clock_ms
-    for step in trace.steps:
+    n_steps = trace.n_steps
+    slice_ends = {math.ceil(n_steps * (i + 1) / checkpoints) for i in range(checkpoints)} if on_checkpoint else set()
+    for done, step in enumerate(trace.steps, start=1):
         planner.begin_step(step.n_tokens, context_tokens if mode == "decode" else 0)
         context_tokens += step.n_tokens // batch_size
         probs_all = step.router_probs
@@ -102,9 +109,10 @@ def simulate(
             planner.plan_prefetch()
             layer_ms[layer] += planner.clock_ms - layer_start
             recent[layer] = ids
+        if done in slice_ends:
+            on_checkpoint(done, planner.clock_ms - start_ms)
     total_ms = planner.clock_ms - start_ms
     stats = planner.stats
-    n_steps = trace.n_steps
     return SimResult(
         strategy=strategy,
         mode=mode,
@@ -190,7 +198,7 @@ def make_workload(
         raise UserError(f"a trace of {n_tokens} tokens is too short to split at {profile_fraction}")
     profiling = trace.tokens(0, n_profiling)
     replay = trace.tokens(n_profiling, n_profiling + n_replay)
-    replay = replay.as_decode() if mode == "decode" else _chunked(replay, prefill_tokens)
+    replay = replay.as_decode() if mode == "decode" else as_prompts(replay, prefill_tokens)
     return Workload(
         replay=replay,
         profiling_frequencies=profiling.expert_frequencies(),
@@ -199,7 +207,7 @@ def make_workload(
     )
 
 
-def _chunked(trace: RoutingTrace, n_tokens: int) -> RoutingTrace:
+def as_prompts(trace: RoutingTrace, n_tokens: int) -> RoutingTrace:
     """The token stream regrouped into steps of `n_tokens` tokens (the last may be shorter)."""
     steps = []
     for start in range(0, trace.n_tokens, n_tokens):

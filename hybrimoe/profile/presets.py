@@ -71,6 +71,26 @@ class ModelShape:
     def n_decoder_layers(self) -> int:
         return self.n_layers + self.n_dense_layers
 
+    @property
+    def _dense_dtype_bytes(self) -> float:
+        return max(DTYPE_BYTES[self.dtype], 2)  # quantized checkpoints keep their dense part in 16 bits
+
+    @property
+    def dense_bytes(self) -> int:
+        """Every weight but the routed experts: embeddings and LM head (untied), attention, routers,
+        shared experts and dense MLPs (norms are negligible)."""
+        H = self.hidden_size
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = H * q_width + 2 * H * kv_width + q_width * H
+        moe_layer = attention + H * self.n_experts + 3 * H * self.shared_intermediate_size * self.n_shared_experts
+        dense_layer = attention + 3 * H * self.dense_intermediate_size
+        weights = 2 * self.vocab_size * H + self.n_layers * moe_layer + self.n_dense_layers * dense_layer
+        return int(weights * self._dense_dtype_bytes)
+
+    def kv_cache_bytes(self, n_tokens: int) -> int:
+        """Keys and values of `n_tokens` tokens (all sequences) in every decoder layer."""
+        return int(2 * self.n_decoder_layers * self.n_kv_heads * self.head_dim * self._dense_dtype_bytes * n_tokens)
+
 
 PRESETS: dict[str, ModelShape] = {
     shape.name: shape

@@ -35,6 +35,7 @@ def resolve_capacity(
     cache_ratio: float | None = None,
     budget_bytes: int | None = None,  # --gpu-memory-gb, or free accelerator memory
     budget_source: str = "",
+    kv_cache_bytes: int = 0,  # beyond what the reserve holds (`hybrimoe tune --context`)
 ) -> Capacity:
     if cache_experts is not None and cache_ratio is not None:
         raise UserError("pass --cache-experts or --cache-ratio, not both")
@@ -50,13 +51,21 @@ def resolve_capacity(
         slots, source = round(policy_ratio * n_experts_total), f"cache ratio {policy_ratio:g} from {policy_source}"
     if budget_bytes is None:
         return Capacity(slots, source)
-    room = budget_bytes - dense_bytes - RESERVE_BYTES
-    if room < 0:
-        raise UserError(
-            f"{budget_source} is not enough: the dense weights need {dense_bytes / GIB:.2f} GiB "
-            f"plus {RESERVE_BYTES / GIB:.0f} GiB for activations"
-        )
-    fits = room // expert_bytes
+    fits = slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, kv_cache_bytes)
     if fits < slots:
         return Capacity(int(fits), f"{source}, capped to {fits} experts by {budget_source}")
     return Capacity(slots, source)
+
+
+def slots_in_budget(
+    budget_bytes: int, budget_source: str, expert_bytes: int, dense_bytes: int, kv_cache_bytes: int = 0
+) -> int:
+    """Expert slots left once the dense weights, the reserve and the KV cache are placed."""
+    room = budget_bytes - dense_bytes - RESERVE_BYTES - kv_cache_bytes
+    if room < 0:
+        kv = f", {kv_cache_bytes / GIB:.2f} GiB for the KV cache" if kv_cache_bytes else ""
+        raise UserError(
+            f"{budget_source} is not enough: the dense weights need {dense_bytes / GIB:.2f} GiB "
+            f"plus {RESERVE_BYTES / GIB:.0f} GiB for activations{kv}"
+        )
+    return int(room // expert_bytes)

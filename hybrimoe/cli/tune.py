@@ -1,0 +1,177 @@
+"""`hybrimoe tune`: Optuna chooses the policy for this machine and this workload; writes a tuned profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hybrimoe.cli import app, console, user_errors
+
+_WORK = "Workload"
+_BUDGET = "Budget"
+_SEARCH = "Search"
+_OUT = "Output"
+
+
+@app.command()
+def tune(
+    traces: list[Path] = typer.Option(
+        ..., "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model)."
+    ),
+    out: Path = typer.Option(..., "--out", rich_help_panel=_OUT, help="Where to write the tuned profile (YAML)."),
+    profile: Path | None = typer.Option(
+        None, "--profile", rich_help_panel=_WORK,
+        help="Hardware profile to tune for (default: this machine's, for the traces' experts).",
+    ),
+    holdout: list[Path] = typer.Option(
+        [], "--holdout", rich_help_panel=_WORK, help="Trace never seen by the search, to check the result on; repeatable.",
+    ),
+    holdout_split: float | None = typer.Option(
+        None, "--holdout-split", rich_help_panel=_WORK,
+        help="Hold out this last fraction of every trace's tokens instead (default 0.3 without --holdout; 0: none).",
+    ),
+    objective: str = typer.Option(
+        "weighted", "--objective", rich_help_panel=_WORK,
+        help="decode (ms/token), prefill (TTFT) or weighted (a request: TTFT + --decode-tokens tokens).",
+    ),
+    decode_tokens: int = typer.Option(256, "--decode-tokens", rich_help_panel=_WORK, help="Generated tokens per prompt, for weighted."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, rich_help_panel=_WORK, help="Replay at most this many tokens of each trace."),
+    gpu_memory_gb: float | None = typer.Option(
+        None, "--gpu-memory-gb", rich_help_panel=_BUDGET,
+        help="Accelerator memory: the dense weights, a reserve and the KV cache first, then expert slots "
+        "(the capacity is searched up to what fits).",
+    ),
+    context: int = typer.Option(4096, "--context", rich_help_panel=_BUDGET, help="KV-cache tokens per sequence, with --gpu-memory-gb."),
+    batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb."),
+    model: Path | None = typer.Option(
+        None, "--model", rich_help_panel=_BUDGET,
+        help="Model directory (its config.json sizes the dense weights for --gpu-memory-gb; default: a preset "
+        "matching the trace).",
+    ),
+    cache_ratio: float | None = typer.Option(
+        None, "--cache-ratio", rich_help_panel=_BUDGET, help="Fix the cache at this fraction of all routed experts."
+    ),
+    cache_experts: int | None = typer.Option(None, "--cache-experts", rich_help_panel=_BUDGET, help="Fix the cache at this many experts."),
+    trials: int | None = typer.Option(60, "--trials", rich_help_panel=_SEARCH, help="Trials in the study in all (a rerun completes it)."),
+    timeout: float | None = typer.Option(None, "--timeout", rich_help_panel=_SEARCH, help="Stop starting trials after this many seconds."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=_SEARCH, help="Sampler seed."),
+    workers: int = typer.Option(1, "--workers", rich_help_panel=_SEARCH, help="Local worker processes."),
+    storage: str | None = typer.Option(
+        None, "--storage", rich_help_panel=_SEARCH,
+        help="Optuna storage URL (e.g. postgresql://user@host/db, shared by several machines), or `memory` "
+        "(default: SQLite beside --out, so a rerun resumes).",
+    ),
+    pareto: bool = typer.Option(False, "--pareto", rich_help_panel=_SEARCH, help="Two objectives: time and expert-cache memory; print the Pareto front."),
+    force: bool = typer.Option(False, "--force", rich_help_panel=_OUT, help="Overwrite an existing --out."),
+) -> None:
+    """Choose the policy (cache, prefetch, warm start) for a profile by simulating routing traces."""
+    with user_errors():
+        from hybrimoe.tune.setup import TuneOptions
+        from hybrimoe.tune.tuner import prepare, tune as run_tune
+
+        options = TuneOptions(
+            traces=tuple(traces), out=out, profile=profile, holdout=tuple(holdout), holdout_split=holdout_split,
+            objective=objective, decode_tokens=decode_tokens, gpu_memory_gb=gpu_memory_gb,
+            cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=context, batch_size=batch,
+            model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
+            pareto=pareto, force=force, max_tokens=max_tokens,
+        )
+        inputs = prepare(options)
+        console.print(f"study [bold]{inputs.study_name}[/] in {_storage(inputs)}; budget: {inputs.budget}", highlight=False)
+        with _progress_bar(trials) as (bar, update):
+            result = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
+    _render(result, objective)
+    console.print(f"tuned profile written to [bold]{out}[/]", highlight=False)
+
+
+def _storage(inputs) -> str:
+    from hybrimoe.tune.study import storage_display
+
+    return storage_display(inputs.storage_url)
+
+
+class _progress_bar:
+    """A rich progress bar over the study's finished trials (every worker's), with the best so far."""
+
+    def __init__(self, target: int | None):
+        self.bar = Progress(
+            TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.task = self.bar.add_task("trials", total=target, detail="")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, progress) -> None:
+        best = "-" if progress.best_ms is None else f"{progress.best_ms:.2f} ms"
+        self.bar.update(self.task, completed=progress.finished, detail=f"pruned {progress.pruned}, best {best}")
+
+
+def _cell(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def _render(result, objective: str) -> None:
+    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    default = result.row("default")
+    table = Table(
+        title=f"best vs default vs baselines ({result.trials} trials, {result.pruned} pruned, {result.seconds:.0f} s)",
+        title_justify="left",
+    )
+    detail = "holdout" if result.tuned.holdout is not None else "train"
+    table.add_column("config")
+    for part in ("train", "holdout"):
+        table.add_column(f"{part} {unit}", justify="right")
+        table.add_column("vs default", justify="right")
+    table.add_column(f"ms/token ({detail})", justify="right")
+    table.add_column(f"TTFT ms ({detail})", justify="right")
+    table.add_column(f"hit ({detail})", justify="right")
+    for row in result.rows:
+        cells = []
+        for part in ("train", "holdout"):
+            value = getattr(row, part)
+            base = None if default is None else getattr(default, part)
+            speedup = None if value is None or base is None else base.objective_ms / value.objective_ms
+            cells += [_cell(None if value is None else value.objective_ms), _cell(speedup, ".2f") + ("x" if speedup else "")]
+        shown = getattr(row, detail)
+        cells += [_cell(shown.decode_ms_per_token), _cell(shown.ttft_ms, ".1f"), f"{shown.hit_rate:.0%}"]
+        table.add_row(row.config, *cells, style="bold green" if row.config == "tuned" else None)
+    console.print(table)
+    console.print(f"tuned policy: {_describe(result.tuned)}", highlight=False)
+    if result.importances:
+        importances = Table(title="parameter importances (fANOVA)", title_justify="left")
+        importances.add_column("knob")
+        importances.add_column("importance", justify="right")
+        for name, value in result.importances.items():
+            importances.add_row(name, f"{value:.2f}")
+        console.print(importances)
+    top = Table(title=f"top {len(result.top)} configurations (train)", title_justify="left")
+    top.add_column("trial")
+    top.add_column(unit, justify="right")
+    top.add_column("policy")
+    for row in result.top:
+        top.add_row(row.config, _cell(row.train.objective_ms), _describe(row))
+    console.print(top)
+    if result.pareto_front:
+        front = Table(title="Pareto front: time against expert-cache memory", title_justify="left")
+        front.add_column("slots", justify="right")
+        front.add_column(unit, justify="right")
+        front.add_column("policy")
+        for row in result.pareto_front:
+            front.add_row(str(row.slots), _cell(row.train.objective_ms), _describe(row))
+        console.print(front)
+
+
+def _describe(row) -> str:
+    p = row.policy
+    cache = f"{p.cache_policy}" + (f" (decay {p.mrs_alpha:g}, top-p {p.mrs_top_p})" if p.cache_policy == "mrs" else "")
+    prefetch = "no prefetch" if p.prefetch == "none" or not p.prefetch_depth else f"{p.prefetch} prefetch depth {p.prefetch_depth}"
+    return f"{row.slots} slots, {p.cache_layout} {cache}, {prefetch}, warm start {'on' if p.warm_start else 'off'}"

@@ -1,0 +1,162 @@
+"""What a finished study says: the best policy, its comparison on train and holdout, and the tuned profile.
+
+Design choices:
+- The tuned configuration is the best completed hybrimoe trial (in a Pareto study, the fastest on
+  the front). The default policy and the baselines are read from their enqueued trials for the
+  training replay, then all of them are simulated once more on the holdout, which the search never
+  saw.
+- The tuned profile is the input profile unchanged but for its `policy` section (the best trial)
+  and a `tuning` record: study, storage without password, trial counts, traces and their hashes,
+  objective, budget, and every simulated value the report shows.
+- Importances are Optuna's (fANOVA) over the knobs every tuned trial chose (the conditional ones
+  are left out); they need a few completed trials and are absent otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hybrimoe.config import PolicyConfig, TunedResult, TuningRecord, save_profile
+from hybrimoe.tune.setup import Inputs
+from hybrimoe.tune.study import BASELINES, storage_display
+from hybrimoe.tune.workload import Evaluation
+
+TOP = 5
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration in the report: its simulated values on train and holdout."""
+
+    config: str  # "tuned", "default", or a baseline strategy
+    strategy: str
+    policy: PolicyConfig
+    slots: int
+    train: Evaluation
+    holdout: Evaluation | None
+    trial: int
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    study_name: str
+    storage: str
+    trials: int  # finished: complete and pruned
+    pruned: int
+    failed: int
+    rows: tuple[Row, ...]  # tuned, default, then the baselines
+    top: tuple[Row, ...]  # the best tuned trials on train (holdout not simulated)
+    importances: dict[str, float] | None
+    pareto_front: tuple[Row, ...]  # Pareto studies only, fewest slots first
+    record: TuningRecord
+    seconds: float
+
+    @property
+    def tuned(self) -> Row:
+        return self.rows[0]
+
+    def row(self, config: str) -> Row | None:
+        return next((row for row in self.rows if row.config == config), None)
+
+
+def _evaluation(trial: FrozenTrial) -> Evaluation:
+    attrs = trial.user_attrs
+    return Evaluation(trial.values[0], attrs.get("decode_ms_per_token"), attrs.get("ttft_ms"), attrs.get("hit_rate", 0.0))
+
+
+def _row(inputs: Inputs, config: str, trial: FrozenTrial, holdout: bool) -> Row:
+    strategy = trial.user_attrs.get("strategy", "hybrimoe")
+    if strategy == "hybrimoe":
+        policy, slots = inputs.space.policy_of(trial.params), inputs.space.slots_of(trial.params)
+    else:
+        policy, slots = PolicyConfig(), inputs.max_slots
+    held = None
+    if holdout and inputs.workload.holdout:
+        held = inputs.workload.evaluate(inputs.workload.holdout, inputs.profile, strategy, policy, slots)
+    return Row(config, strategy, policy, slots, _evaluation(trial), held, trial.number)
+
+
+def summarize(inputs: Inputs, study: optuna.Study, seconds: float) -> TuneResult:
+    """The report's contents; simulates the holdout for the tuned, default and baseline configs."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    tuned = sorted((t for t in complete if "strategy" not in t.user_attrs), key=lambda t: t.values)
+    if not tuned:
+        raise RuntimeError("the study has no completed tuned trial")
+    pareto = inputs.options.pareto
+    best = tuned[0]
+    references = {}
+    for t in complete:
+        config = t.user_attrs.get("config")
+        if config is not None and config not in references:
+            references[config] = t
+    rows = [_row(inputs, "tuned", best, holdout=True)]
+    rows += [_row(inputs, name, references[name], holdout=True) for name in ("default", *BASELINES) if name in references]
+    front = ()
+    if pareto:
+        front_trials = [t for t in study.best_trials if "strategy" not in t.user_attrs]
+        front = tuple(sorted((_row(inputs, "front", t, holdout=False) for t in front_trials), key=lambda r: r.slots))
+    n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    record = _record(inputs, rows, len(complete) + n_pruned, n_pruned)
+    return TuneResult(
+        study_name=inputs.study_name,
+        storage=storage_display(inputs.storage_url),
+        trials=len(complete) + n_pruned,
+        pruned=n_pruned,
+        failed=sum(t.state == TrialState.FAIL for t in trials),
+        rows=tuple(rows),
+        top=tuple(_row(inputs, f"#{t.number}", t, holdout=False) for t in tuned[:TOP]),
+        importances=None if pareto else _importances(tuned),
+        pareto_front=front,
+        record=record,
+        seconds=seconds,
+    )
+
+
+def _importances(tuned: list[FrozenTrial]) -> dict[str, float] | None:
+    """fANOVA importances over the knobs every completed tuned trial chose."""
+    common = set.intersection(*(set(t.params) for t in tuned))
+    if len(tuned) < 4 or not common:
+        return None
+    study = optuna.create_study()
+    study.add_trials(tuned)
+    try:
+        return optuna.importance.get_param_importances(study, params=sorted(common))
+    except (RuntimeError, ValueError):  # too few distinct values to fit
+        return None
+
+
+def _record(inputs: Inputs, rows: list[Row], n_finished: int, n_pruned: int) -> TuningRecord:
+    results = []
+    for row in rows:
+        for part, value in (("train", row.train), ("holdout", row.holdout)):
+            if value is not None:
+                results.append(TunedResult(row.config, part, value.objective_ms, value.decode_ms_per_token,
+                                           value.ttft_ms, value.hit_rate))
+    options = inputs.options
+    return TuningRecord(
+        study=inputs.study_name,
+        storage=storage_display(inputs.storage_url),
+        objective=options.objective,
+        decode_tokens=options.decode_tokens,
+        budget=inputs.budget,
+        cache_experts=rows[0].slots,
+        trials=n_finished,
+        pruned=n_pruned,
+        traces=inputs.traces,
+        holdout=inputs.holdout,
+        results=tuple(results),
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def write_tuned_profile(inputs: Inputs, result: TuneResult, path: Path | None = None) -> Path:
+    """The input profile with the tuned policy section and the tuning record."""
+    tuned = dataclasses.replace(inputs.profile, policy=result.tuned.policy, tuning=result.record)
+    return save_profile(tuned, path or inputs.options.out, overwrite=inputs.options.force)

@@ -1,0 +1,242 @@
+"""Everything `hybrimoe tune` checks before its first trial: inputs, budget, study identity, outputs.
+
+Design choices:
+- Every input a user can get wrong is checked here, before any trial runs, and raises a
+  `UserError` (one line, exit 2): no trace, traces of another model than the profile, a budget too
+  small for one expert slot, an unknown objective, a storage that cannot be opened, an existing
+  `--out` without `--force`, an output directory that cannot be written.
+- The budget follows `run`'s arithmetic (`runtime/capacity.py`): from `--gpu-memory-gb` the dense
+  weights, the activation reserve and the KV cache for `--context` tokens of `--batch` sequences
+  are taken first, and the cache capacity is searched up to what is left; `--cache-experts` or
+  `--cache-ratio` fixes it instead; with neither, the profile's policy (or the default) fixes it,
+  as `run` does. The dense size comes from `--model DIR`'s config.json, or from the preset whose
+  shape matches the traces.
+- One study per question: the study name hashes the traces, the profile and every setting that
+  changes a trial's value, so rerunning a command continues its study and another question never
+  mixes with it.
+- Workers rebuild the setup from the same options (`load_inputs`), so they replay exactly what the
+  main process does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrimoe.config import HardwareProfile, PolicyConfig, TraceRef, load_profile
+from hybrimoe.errors import UserError
+from hybrimoe.profile.presets import PRESETS, ModelShape
+from hybrimoe.runtime.capacity import GIB, resolve_capacity, slots_in_budget
+from hybrimoe.trace import TraceMeta, load_trace
+from hybrimoe.tune.space import SearchSpace, policy_space
+from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
+
+DEFAULT_HOLDOUT_SPLIT = 0.3
+MEMORY_STORAGE = "memory"
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    traces: tuple[Path, ...]
+    out: Path
+    profile: Path | None = None  # default: this machine's profile for the traces' experts
+    holdout: tuple[Path, ...] = ()
+    holdout_split: float | None = None  # default: DEFAULT_HOLDOUT_SPLIT unless `holdout` is given
+    objective: str = "weighted"
+    decode_tokens: int = 256
+    gpu_memory_gb: float | None = None
+    cache_ratio: float | None = None
+    cache_experts: int | None = None
+    context_tokens: int = 4096
+    batch_size: int = 1
+    model: Path | None = None  # config.json for the dense size under --gpu-memory-gb
+    trials: int | None = 60  # the study's total, default and baselines included
+    timeout_s: float | None = None
+    seed: int = 0
+    workers: int = 1
+    storage: str | None = None  # an Optuna RDB URL, "memory", or None: SQLite beside `out`
+    pareto: bool = False
+    force: bool = False
+    profile_split: float = 0.25
+    prefill_tokens: int = 512
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every worker needs: the profile, the replays, the space and the study's identity."""
+
+    options: TuneOptions
+    profile: HardwareProfile
+    profile_path: Path
+    workload: Workload
+    traces: tuple[TraceRef, ...]
+    holdout: str  # what is held out, in words
+    space: SearchSpace
+    max_slots: int  # the budget's capacity: the baselines' and the largest the search tries
+    budget: str  # where the capacity comes from, in words
+    storage_url: str | None  # None: in memory
+    study_name: str
+
+
+def load_inputs(options: TuneOptions) -> Inputs:
+    """Reads and checks the traces, the profile and the budget; names the study and its storage."""
+    _check_numbers(options)
+    if not options.traces:
+        raise UserError("give at least one --trace to tune on")
+    traces = [(str(path), load_trace(path)) for path in options.traces]
+    holdout = [(str(path), load_trace(path)) for path in options.holdout]
+    meta = traces[0][1].meta
+    profile_path = options.profile or _this_machines_profile(meta)
+    profile = load_profile(profile_path)
+    if not profile.has_accelerator:
+        raise UserError(f"profile {profile.name!r} has no accelerator section: there is nothing to place")
+    profile.check_expert_shape(meta.expert_shape())
+    split = options.holdout_split
+    if split is None:
+        split = 0.0 if options.holdout else DEFAULT_HOLDOUT_SPLIT
+    workload = build_workload(
+        traces, holdout, split, options.objective, options.decode_tokens, options.profile_split,
+        options.prefill_tokens, options.max_tokens,
+    )
+    max_slots, fixed_slots, budget = _capacity(options, meta, profile)
+    space = policy_space(meta.n_layers * meta.n_experts, meta.top_k, max_slots, fixed_slots)
+    refs = tuple(TraceRef(str(path), _sha256(path), trace.n_tokens) for path, (_, trace) in zip(options.traces, traces))
+    held_refs = [f"{path} ({_sha256(path)[:12]})" for path in options.holdout]
+    held = ", ".join(held_refs) if held_refs else (f"the last {split:.0%} of each trace's tokens" if split else "nothing")
+    identity = {
+        "traces": [ref.sha256 for ref in refs],
+        "holdout": held,
+        "profile": _sha256(profile_path),
+        "objective": options.objective,
+        "decode_tokens": options.decode_tokens,
+        "slots": [max_slots, fixed_slots],
+        "splits": [options.profile_split, split, options.prefill_tokens, options.max_tokens],
+        "pareto": options.pareto,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Inputs(
+        options=options,
+        profile=profile,
+        profile_path=Path(profile_path),
+        workload=workload,
+        traces=refs,
+        holdout=held,
+        space=space,
+        max_slots=fixed_slots if fixed_slots is not None else max_slots,
+        budget=budget,
+        storage_url=_storage_url(options),
+        study_name=f"hybrimoe-tune-{digest}",
+    )
+
+
+def check_outputs(options: TuneOptions) -> None:
+    """Refuses, before any trial, an output that would fail or overwrite something unasked."""
+    out = options.out
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name for the tuned profile")
+    if out.exists() and not options.force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"cannot write {out}: {parent} is not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: {parent} is not writable")
+
+
+def _check_numbers(options: TuneOptions) -> None:
+    if options.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {options.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if options.trials is None and options.timeout_s is None:
+        raise UserError("give --trials N or --timeout S (or both)")
+    if options.trials is not None and options.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {options.trials}")
+    if options.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {options.workers}")
+    if options.workers > 1 and options.storage == MEMORY_STORAGE:
+        raise UserError("--workers above 1 need a shared storage (the default SQLite file or --storage URL), not memory")
+    if options.decode_tokens < 0 or options.context_tokens < 0 or options.batch_size < 1:
+        raise UserError("--decode-tokens and --context must be >= 0, --batch >= 1")
+
+
+def _this_machines_profile(meta: TraceMeta) -> Path:
+    from hybrimoe.profile.directory import this_machines_profile_for
+
+    return this_machines_profile_for(meta.expert_shape())
+
+
+def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -> tuple[int, int | None, str]:
+    """(largest capacity, the fixed capacity or None when it is searched, the budget in words)."""
+    total = meta.n_layers * meta.n_experts
+    expert_bytes = meta.expert_bytes
+    budget_bytes = kv_bytes = dense_bytes = None
+    budget_source = ""
+    if options.gpu_memory_gb is not None:
+        if not options.gpu_memory_gb > 0:
+            raise UserError(f"--gpu-memory-gb must be positive, got {options.gpu_memory_gb}")
+        shape = _dense_shape(options, meta)
+        budget_bytes = int(options.gpu_memory_gb * GIB)
+        dense_bytes = shape.dense_bytes
+        kv_bytes = shape.kv_cache_bytes(options.context_tokens * options.batch_size)
+        budget_source = f"--gpu-memory-gb {options.gpu_memory_gb:g}"
+    fixed = options.cache_experts is not None or options.cache_ratio is not None
+    if budget_bytes is not None and not fixed:
+        slots = min(total, slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, kv_bytes))
+        if slots < 1:
+            raise UserError(f"{budget_source} leaves no room for one expert slot ({expert_bytes / 2**20:.1f} MiB)")
+        words = (
+            f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, 1 GiB reserve, "
+            f"{kv_bytes / GIB:.2f} GiB KV cache ({options.batch_size} x {options.context_tokens} tokens), "
+            f"up to {slots} expert slots"
+        )
+        return slots, None, words
+    policy = profile.policy or PolicyConfig()
+    capacity = resolve_capacity(
+        n_experts_total=total,
+        expert_bytes=expert_bytes,
+        dense_bytes=dense_bytes or 0,
+        policy_ratio=policy.cache_ratio,
+        policy_source=f"profile {profile.name}" if profile.policy else "the default policy",
+        cache_experts=options.cache_experts,
+        cache_ratio=options.cache_ratio,
+        budget_bytes=budget_bytes,
+        budget_source=budget_source,
+        kv_cache_bytes=kv_bytes or 0,
+    )
+    if capacity.slots < 1:
+        raise UserError(f"the budget ({capacity.source}) leaves no room for one expert slot")
+    return capacity.slots, capacity.slots, f"{capacity.slots} expert slots ({capacity.source})"
+
+
+def _dense_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape:
+    """The model whose dense weights share the budget: `--model`'s config, or the matching preset."""
+    if options.model is not None:
+        from hybrimoe.profile.inputs import resolve_model
+
+        return resolve_model(model_path=options.model, dtype=meta.dtype)
+    key = (meta.n_layers, meta.n_experts, meta.top_k, meta.hidden_size, meta.intermediate_size)
+    for shape in PRESETS.values():
+        if (shape.n_layers, shape.n_experts, shape.top_k, shape.hidden_size, shape.intermediate_size) == key:
+            return shape
+    raise UserError(
+        f"--gpu-memory-gb needs the size of {meta.model}'s dense weights: pass --model DIR (its config.json)"
+    )
+
+
+def _storage_url(options: TuneOptions) -> str | None:
+    if options.storage == MEMORY_STORAGE:
+        return None
+    if options.storage is not None:
+        return options.storage
+    return f"sqlite:///{options.out.with_suffix('.optuna.db').resolve()}"
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

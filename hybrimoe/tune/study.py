@@ -1,0 +1,222 @@
+"""The Optuna study: storage, sampler, pruner, the objective, and the worker processes.
+
+Design choices:
+- Storage: an Optuna RDB storage (SQLite beside `--out` by default, any URL with `--storage`: one
+  PostgreSQL study shared by `hybrimoe tune` on several machines), or memory. RDB storages keep a
+  heartbeat: a trial whose process died (SIGKILL) is failed when a worker next starts a trial and
+  rerun with its parameters (`RetryFailedTrialCallback`), so completed trials are never lost and
+  the interrupted one is not skipped.
+- `--trials` is the study's total, counted over every worker and every rerun (finished trials:
+  complete or pruned), so a rerun after an interruption completes the study rather than adding to it.
+- Sampler: TPE, seeded (worker i uses seed + i so workers do not propose the same trial),
+  multivariate with group decomposition for the conditional knobs, and a constant liar so parallel
+  workers do not all chase the same region. The default policy and each baseline strategy are
+  enqueued first, at the same budget: baseline trials carry a `strategy` user attribute and
+  suggest no knobs, so the report compares against them without them informing the sampler.
+- Pruning: Hyperband over the objective's checkpoints (see workload.py). Pareto studies (time and
+  expert-cache memory) are not pruned: Optuna prunes single-objective studies only.
+- Workers are processes, not threads: the simulator is Python and would hold the GIL. Each opens
+  the same storage; the main process is worker 0 and reports progress for all.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from hybrimoe.config import PolicyConfig
+from hybrimoe.errors import UserError
+from hybrimoe.tune.setup import Inputs, TuneOptions, load_inputs
+
+BASELINES = ("ktransformers", "llamacpp", "gpu-offload", "cpu-only")
+HEARTBEAT_S = 2
+GRACE_S = 10  # a running trial without a heartbeat for this long is failed and retried
+MAX_RETRIES = 2
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Progress:
+    finished: int
+    pruned: int
+    target: int | None
+    best_ms: float | None  # the best tuned (not baseline) value so far
+    elapsed_s: float
+
+
+def open_storage(inputs: Inputs):
+    """The study's storage; a URL that cannot be opened is one line, before any trial."""
+    if inputs.storage_url is None:
+        return optuna.storages.InMemoryStorage()
+    engine_kwargs = {"connect_args": {"timeout": 60}} if inputs.storage_url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                inputs.storage_url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )
+    except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {first_line}") from None
+
+
+def storage_display(url: str | None) -> str:
+    """The storage URL without its password, as reports and tuned profiles show it."""
+    if url is None:
+        return "memory"
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).set(password=None).render_as_string(hide_password=False)
+    except Exception:  # not a URL sqlalchemy parses: show only its scheme
+        return url.split(":", 1)[0] + ":..."
+
+
+def open_study(inputs: Inputs, storage, worker: int = 0) -> optuna.Study:
+    options = inputs.options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=options.seed + worker, multivariate=True, group=True, constant_liar=True,
+            n_startup_trials=10,
+        )
+    pruner = optuna.pruners.NopPruner() if options.pareto else optuna.pruners.HyperbandPruner(
+        min_resource=1, max_resource=inputs.workload.n_checkpoints, reduction_factor=3
+    )
+    directions = ["minimize", "minimize"] if options.pareto else ["minimize"]
+    return optuna.create_study(
+        study_name=inputs.study_name, storage=storage, sampler=sampler, pruner=pruner,
+        directions=directions, load_if_exists=True,
+    )
+
+
+def enqueue_references(study: optuna.Study, inputs: Inputs) -> None:
+    """The default policy, then every baseline strategy, as a new study's first trials."""
+    default = PolicyConfig()
+    study.enqueue_trial(inputs.space.choices_of(default, inputs.workload.meta.top_k), user_attrs={"config": "default"})
+    for strategy in BASELINES:
+        study.enqueue_trial({}, user_attrs={"config": strategy, "strategy": strategy})
+
+
+def objective(inputs: Inputs) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    """One trial: a baseline strategy at the budget, or the hybrimoe policy the sampler suggests."""
+    workload, space = inputs.workload, inputs.space
+    expert_bytes = workload.meta.expert_bytes
+
+    def run(trial: optuna.Trial):
+        strategy = trial.user_attrs.get("strategy", "hybrimoe")
+        if strategy == "hybrimoe":
+            chosen = space.suggest(trial)
+            earlier = _completed_with(trial.study, chosen)
+            if earlier is not None:  # the simulator is deterministic: the same choices give the same values
+                for name in RESULT_ATTRS:
+                    trial.set_user_attr(name, earlier.user_attrs.get(name))
+                trial.set_user_attr("repeat_of", earlier.number)
+                return earlier.values[0] if len(earlier.values) == 1 else tuple(earlier.values)
+            policy, slots = space.policy_of(chosen), space.slots_of(chosen)
+        else:
+            policy, slots = PolicyConfig(), inputs.max_slots
+        report = None
+        if strategy == "hybrimoe" and not inputs.options.pareto:
+            def report(step: int, value: float) -> None:
+                trial.report(value, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+        result = workload.evaluate(workload.train, inputs.profile, strategy, policy, slots, report)
+        values = {"slots": slots, "decode_ms_per_token": result.decode_ms_per_token, "ttft_ms": result.ttft_ms,
+                  "hit_rate": result.hit_rate}
+        for name in RESULT_ATTRS:
+            trial.set_user_attr(name, values[name])
+        if inputs.options.pareto:
+            return result.objective_ms, slots * expert_bytes / GIB
+        return result.objective_ms
+
+    return run
+
+
+def _completed_with(study: optuna.Study, chosen: dict) -> optuna.trial.FrozenTrial | None:
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.params == chosen and "strategy" not in trial.user_attrs:
+            return trial
+    return None
+
+
+def progress_of(study: optuna.Study, target: int | None, started_s: float) -> Progress:
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    tuned = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and "strategy" not in t.user_attrs]
+    return Progress(
+        finished=len(trials),
+        pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        target=target,
+        best_ms=min(tuned) if tuned else None,
+        elapsed_s=time.perf_counter() - started_s,
+    )
+
+
+def _optimize(inputs: Inputs, study: optuna.Study, callbacks=()) -> None:
+    options = inputs.options
+    remaining = None
+    if options.trials is not None:
+        remaining = options.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        if remaining <= 0:
+            return
+    stop = [optuna.study.MaxTrialsCallback(options.trials, states=FINISHED)] if options.trials is not None else []
+    study.optimize(
+        objective(inputs), n_trials=remaining, timeout=options.timeout_s, callbacks=[*stop, *callbacks],
+        gc_after_trial=False,
+    )
+
+
+def _worker(options: TuneOptions, worker: int) -> None:
+    """A worker process: the same inputs and study, its own sampler seed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    inputs = load_inputs(options)
+    _optimize(inputs, open_study(inputs, open_storage(inputs), worker))
+
+
+def run_study(inputs: Inputs, on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:
+    """Runs the study to its trial target or timeout with `--workers` processes; returns it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    options = inputs.options
+    study = open_study(inputs, open_storage(inputs))
+    if not study.trials:
+        enqueue_references(study, inputs)
+    started_s = time.perf_counter()
+
+    def report(*_) -> None:
+        if on_progress is not None:
+            on_progress(progress_of(study, options.trials, started_s))
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(options, i), daemon=True) for i in range(1, options.workers)]
+    for process in workers:
+        process.start()
+    try:
+        report()
+        _optimize(inputs, study, callbacks=[report])
+        while any(process.is_alive() for process in workers):
+            report()
+            time.sleep(0.5)
+    finally:  # on an interrupt the workers stop too; their running trials are retried on the next run
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    report()
+    failed = [process.exitcode for process in workers if process.exitcode not in (0, None)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} tuning worker process(es) failed (exit codes {failed})")
+    return study
