@@ -128,13 +128,7 @@ def objective(inputs: Inputs) -> Callable[[optuna.Trial], float | tuple[float, f
             policy, slots = space.policy_of(chosen), space.slots_of(chosen)
         else:
             policy, slots = PolicyConfig(), inputs.max_slots
-        report = None
-        if strategy == "hybrimoe" and not inputs.options.pareto:
-            def report(step: int, value: float) -> None:
-                trial.report(value, step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
-
+        report = _pruning_reporter(trial) if strategy == "hybrimoe" and not inputs.options.pareto else None
         result = workload.evaluate(workload.train, inputs.profile, strategy, policy, slots, report)
         values = {"slots": slots, "decode_ms_per_token": result.decode_ms_per_token, "ttft_ms": result.ttft_ms,
                   "hit_rate": result.hit_rate}
@@ -145,6 +139,15 @@ def objective(inputs: Inputs) -> Callable[[optuna.Trial], float | tuple[float, f
         return result.objective_ms
 
     return run
+
+
+def _pruning_reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
+    def report(step: int, value: float) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    return report
 
 
 def _completed_with(study: optuna.Study, chosen: dict) -> optuna.trial.FrozenTrial | None:
