@@ -218,8 +218,8 @@ class TraceRef:
 class TunedResult:
     """One configuration's simulated values on one part of the workload (train or holdout)."""
 
-    config: str  # "tuned", "default", or a baseline strategy
-    part: str  # "train" or "holdout"
+    config: str  # "tuned", "default", a baseline strategy, or "#N" (trial N, when measured)
+    part: str  # "train", "holdout" (simulated), or "measured" and "predicted" (`tune --measure-top`)
     objective_ms: float  # the study's objective (see TuningRecord.objective)
     decode_ms_per_token: float | None = None
     ttft_ms: float | None = None

@@ -14,12 +14,13 @@ _WORK = "Workload"
 _BUDGET = "Budget"
 _SEARCH = "Search"
 _OUT = "Output"
+_CHECK = "Check on the runtime"
 
 
 @app.command()
 def tune(
     traces: list[Path] = typer.Option(
-        ..., "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model)."
+        [], "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model)."
     ),
     out: Path = typer.Option(..., "--out", rich_help_panel=_OUT, help="Where to write the tuned profile (YAML)."),
     profile: Path | None = typer.Option(
@@ -48,8 +49,8 @@ def tune(
     batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb."),
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_BUDGET,
-        help="Model directory (its config.json sizes the dense weights for --gpu-memory-gb; default: a preset "
-        "matching the trace).",
+        help="Model directory: its config.json sizes the dense weights for --gpu-memory-gb (default: a preset "
+        "matching the trace), and --measure-top runs it (default: the demo model).",
     ),
     cache_ratio: float | None = typer.Option(
         None, "--cache-ratio", rich_help_panel=_BUDGET, help="Fix the cache at this fraction of all routed experts."
@@ -65,7 +66,24 @@ def tune(
         "(default: SQLite beside --out, so a rerun resumes).",
     ),
     pareto: bool = typer.Option(False, "--pareto", rich_help_panel=_SEARCH, help="Two objectives: time and expert-cache memory; print the Pareto front."),
-    force: bool = typer.Option(False, "--force", rich_help_panel=_OUT, help="Overwrite an existing --out."),
+    force: bool = typer.Option(False, "--force", rich_help_panel=_OUT, help="Overwrite existing output files."),
+    report: Path | None = typer.Option(
+        None, "--report", rich_help_panel=_OUT,
+        help="Directory for the trials (CSV), plots (PNG, with the `plot` extra) and an index.md.",
+    ),
+    export: list[str] = typer.Option(
+        [], "--export", rich_help_panel=_OUT,
+        help="Placement for another engine at the same budget: llamacpp (prints --n-cpu-moe and -ot) or "
+        "ktransformers (writes the GPU-resident experts per layer beside --out, as JSON); repeatable.",
+    ),
+    measure_top: int = typer.Option(
+        0, "--measure-top", rich_help_panel=_CHECK,
+        help="Run the K best simulated configs and the default on the real runtime and keep the best measured.",
+    ),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", rich_help_panel=_CHECK, help="Prompts for --measure-top, one per line (default: two short ones)."
+    ),
+    measure_tokens: int = typer.Option(32, "--measure-tokens", rich_help_panel=_CHECK, help="New tokens per prompt for --measure-top."),
 ) -> None:
     """Choose the policy (cache, prefetch, warm start) for a profile by simulating routing traces."""
     with user_errors():
@@ -77,14 +95,24 @@ def tune(
             objective=objective, decode_tokens=decode_tokens, gpu_memory_gb=gpu_memory_gb,
             cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=context, batch_size=batch,
             model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
-            pareto=pareto, force=force, max_tokens=max_tokens,
+            pareto=pareto, force=force, max_tokens=max_tokens, report_dir=report, exports=tuple(export),
+            measure_top=measure_top, prompts=prompts, measure_tokens=measure_tokens,
         )
         inputs = prepare(options)
         console.print(f"study [bold]{inputs.study_name}[/] in {_storage(inputs)}; budget: {inputs.budget}", highlight=False)
         with _progress_bar(trials) as (bar, update):
-            result = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
-    _render(result, objective)
-    console.print(f"tuned profile written to [bold]{out}[/]", highlight=False)
+            outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
+    _render(outcome.result, objective)
+    if outcome.measured:
+        _render_measured(outcome.measured, objective)
+    if outcome.llamacpp is not None:
+        _render_llamacpp(outcome.llamacpp, objective)
+    if outcome.ktransformers_path is not None:
+        console.print(f"kTransformers placement (GPU-resident experts per layer) written to {outcome.ktransformers_path}",
+                      highlight=False, markup=False)
+    for path in outcome.report_files:
+        console.print(f"report: {path}", highlight=False, markup=False)
+    console.print(f"tuned profile written to {outcome.profile_path}", highlight=False, markup=False)
 
 
 def _storage(inputs) -> str:
@@ -168,6 +196,32 @@ def _render(result, objective: str) -> None:
         for row in result.pareto_front:
             front.add_row(str(row.slots), _cell(row.train.objective_ms), _describe(row))
         console.print(front)
+
+
+def _render_measured(measured, objective: str) -> None:
+    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    table = Table(title="measured on the runtime (medians); the best measured is the tuned policy", title_justify="left")
+    for name in ("trial", f"simulated {unit}", f"predicted {unit}", f"measured {unit}", "measured/predicted", "policy"):
+        table.add_column(name, justify="left" if name in ("trial", "policy") else "right")
+    best = min(measured, key=lambda m: m.measured_ms)
+    for m in measured:
+        ratio = None if not m.predicted_ms else m.measured_ms / m.predicted_ms
+        table.add_row(m.row.config, _cell(m.row.train.objective_ms), _cell(m.predicted_ms), _cell(m.measured_ms),
+                      _cell(ratio), _describe(m.row), style="bold green" if m is best else None)
+    console.print(table)
+
+
+def _render_llamacpp(placement, objective: str) -> None:
+    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    simulated = "-" if placement.baseline is None else f"{placement.baseline.train.objective_ms:.2f}"
+    console.print(f"llama.cpp at this budget: --n-cpu-moe {placement.n_cpu_moe}", highlight=False, markup=False)
+    if placement.override:
+        console.print(f"  or: -ot '{placement.override}'", highlight=False, markup=False)
+    console.print(
+        f"  simulated {simulated} {unit}, against {placement.tuned.train.objective_ms:.2f} for the tuned hybrimoe policy "
+        "(layer numbers are MoE layers: shift them by a model's leading dense layers)",
+        highlight=False, markup=False,
+    )
 
 
 def _describe(row) -> str:

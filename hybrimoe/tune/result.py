@@ -82,15 +82,24 @@ def _row(inputs: Inputs, config: str, trial: FrozenTrial, holdout: bool) -> Row:
     return Row(config, strategy, policy, slots, _evaluation(trial), held, trial.number)
 
 
-def summarize(inputs: Inputs, study: optuna.Study, seconds: float) -> TuneResult:
-    """The report's contents; simulates the holdout for the tuned, default and baseline configs."""
+def summarize(
+    inputs: Inputs,
+    study: optuna.Study,
+    seconds: float,
+    chosen_trial: int | None = None,
+    measured: tuple[TunedResult, ...] = (),
+) -> TuneResult:
+    """The report's contents; simulates the holdout for the tuned, default and baseline configs.
+
+    The tuned configuration is the best simulated one, or trial `chosen_trial` (chosen by
+    measurement, whose results `measured` joins the tuning record)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     tuned = sorted((t for t in complete if "strategy" not in t.user_attrs), key=lambda t: t.values)
     if not tuned:
         raise RuntimeError("the study has no completed tuned trial")
     pareto = inputs.options.pareto
-    best = tuned[0]
+    best = tuned[0] if chosen_trial is None else study.trials[chosen_trial]
     references = {}
     for t in complete:
         config = t.user_attrs.get("config")
@@ -103,7 +112,7 @@ def summarize(inputs: Inputs, study: optuna.Study, seconds: float) -> TuneResult
         front_trials = [t for t in study.best_trials if "strategy" not in t.user_attrs]
         front = tuple(sorted((_row(inputs, "front", t, holdout=False) for t in front_trials), key=lambda r: r.slots))
     n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    record = _record(inputs, rows, len(complete) + n_pruned, n_pruned)
+    record = _record(inputs, rows, len(complete) + n_pruned, n_pruned, measured)
     return TuneResult(
         study_name=inputs.study_name,
         storage=storage_display(inputs.storage_url),
@@ -132,7 +141,9 @@ def _importances(tuned: list[FrozenTrial]) -> dict[str, float] | None:
         return None
 
 
-def _record(inputs: Inputs, rows: list[Row], n_finished: int, n_pruned: int) -> TuningRecord:
+def _record(
+    inputs: Inputs, rows: list[Row], n_finished: int, n_pruned: int, measured: tuple[TunedResult, ...]
+) -> TuningRecord:
     results = []
     for row in rows:
         for part, value in (("train", row.train), ("holdout", row.holdout)):
@@ -151,7 +162,7 @@ def _record(inputs: Inputs, rows: list[Row], n_finished: int, n_pruned: int) -> 
         pruned=n_pruned,
         traces=inputs.traces,
         holdout=inputs.holdout,
-        results=tuple(results),
+        results=(*results, *measured),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 

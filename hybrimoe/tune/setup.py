@@ -63,6 +63,11 @@ class TuneOptions:
     profile_split: float = 0.25
     prefill_tokens: int = 512
     max_tokens: int | None = None
+    report_dir: Path | None = None  # trials CSV, plots and index.md
+    exports: tuple[str, ...] = ()  # placements for other engines: llamacpp, ktransformers
+    measure_top: int = 0  # run this many best simulated configs and the default on the runtime
+    prompts: Path | None = None  # for measure_top: one prompt per line
+    measure_tokens: int = 32  # for measure_top: new tokens per prompt
 
 
 @dataclass(frozen=True)
@@ -135,16 +140,40 @@ def load_inputs(options: TuneOptions) -> Inputs:
 
 def check_outputs(options: TuneOptions) -> None:
     """Refuses, before any trial, an output that would fail or overwrite something unasked."""
-    out = options.out
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name for the tuned profile")
-    if out.exists() and not options.force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"cannot write {out}: {parent} is not a directory")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {out}: {parent} is not writable")
+    from hybrimoe.tune.export import ENGINES, ktransformers_path
+
+    unknown = [engine for engine in options.exports if engine not in ENGINES]
+    if unknown:
+        raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(ENGINES)}")
+    _check_file(options.out, "--out", options.force)
+    if "ktransformers" in options.exports:
+        _check_file(ktransformers_path(options.out), "--export ktransformers", options.force)
+    if options.report_dir is not None:
+        report = options.report_dir
+        if report.exists() and not report.is_dir():
+            raise UserError(f"--report {report} is not a directory")
+        _check_writable_parent(report if report.exists() else report.parent, f"--report {report}")
+    if options.measure_top < 0 or options.measure_tokens < 2:
+        raise UserError("--measure-top must be >= 0 and --measure-tokens >= 2")
+
+
+def _check_file(path: Path, flag: str, force: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    _check_writable_parent(path.parent, f"{flag} {path}")
+
+
+def _check_writable_parent(parent: Path, what: str) -> None:
+    """The nearest existing ancestor must be a writable directory (missing ones are created)."""
+    parent = parent if str(parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {what}: {parent} is not writable")
 
 
 def _check_numbers(options: TuneOptions) -> None:

@@ -79,7 +79,7 @@ def storage_display(url: str | None) -> str:
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).set(password=None).render_as_string(hide_password=False)
+        return make_url(url)._replace(password=None).render_as_string(hide_password=False)
     except Exception:  # not a URL sqlalchemy parses: show only its scheme
         return url.split(":", 1)[0] + ":..."
 
@@ -110,12 +110,13 @@ def enqueue_references(study: optuna.Study, inputs: Inputs) -> None:
         study.enqueue_trial({}, user_attrs={"config": strategy, "strategy": strategy})
 
 
-def objective(inputs: Inputs) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+def objective(inputs: Inputs, worker: int = 0) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """One trial: a baseline strategy at the budget, or the hybrimoe policy the sampler suggests."""
     workload, space = inputs.workload, inputs.space
     expert_bytes = workload.meta.expert_bytes
 
     def run(trial: optuna.Trial):
+        trial.set_user_attr("worker", worker)
         strategy = trial.user_attrs.get("strategy", "hybrimoe")
         if strategy == "hybrimoe":
             chosen = space.suggest(trial)
@@ -169,7 +170,7 @@ def progress_of(study: optuna.Study, target: int | None, started_s: float) -> Pr
     )
 
 
-def _optimize(inputs: Inputs, study: optuna.Study, callbacks=()) -> None:
+def _optimize(inputs: Inputs, study: optuna.Study, worker: int = 0, callbacks=()) -> None:
     options = inputs.options
     remaining = None
     if options.trials is not None:
@@ -178,7 +179,7 @@ def _optimize(inputs: Inputs, study: optuna.Study, callbacks=()) -> None:
             return
     stop = [optuna.study.MaxTrialsCallback(options.trials, states=FINISHED)] if options.trials is not None else []
     study.optimize(
-        objective(inputs), n_trials=remaining, timeout=options.timeout_s, callbacks=[*stop, *callbacks],
+        objective(inputs, worker), n_trials=remaining, timeout=options.timeout_s, callbacks=[*stop, *callbacks],
         gc_after_trial=False,
     )
 
@@ -187,7 +188,7 @@ def _worker(options: TuneOptions, worker: int) -> None:
     """A worker process: the same inputs and study, its own sampler seed."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     inputs = load_inputs(options)
-    _optimize(inputs, open_study(inputs, open_storage(inputs), worker))
+    _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker)
 
 
 def run_study(inputs: Inputs, on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:

@@ -90,7 +90,7 @@ class Workload:
             def on_slice(done: int, ms: float, n_steps: int) -> None:
                 # Runs during the reporting mode's replay; ttft_ms is set by then when prefill came first.
                 mean_ms = ms / done
-                partial = self._combine(mean_ms, ttft_ms) if reporting_mode == "decode" else self._combine(None, mean_ms)
+                partial = self.combine(mean_ms, ttft_ms) if reporting_mode == "decode" else self.combine(None, mean_ms)
                 step = i * CHECKPOINTS + round(CHECKPOINTS * done / n_steps)
                 report(step, (sum(totals) + partial) / (len(totals) + 1))
 
@@ -111,7 +111,7 @@ class Workload:
                     decode_values.append(decode_ms)
                 hit_rate = result.hit_rate
             hit_rates.append(hit_rate)
-            totals.append(self._combine(decode_ms, ttft_ms))
+            totals.append(self.combine(decode_ms, ttft_ms))
         return Evaluation(
             objective_ms=float(np.mean(totals)),
             decode_ms_per_token=float(np.mean(decode_values)) if decode_values else None,
@@ -119,7 +119,7 @@ class Workload:
             hit_rate=float(np.mean(hit_rates)),
         )
 
-    def _combine(self, decode_ms: float | None, ttft_ms: float | None) -> float:
+    def combine(self, decode_ms: float | None, ttft_ms: float | None) -> float:
         if self.objective == "decode":
             return decode_ms
         if self.objective == "prefill":

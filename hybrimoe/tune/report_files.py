@@ -1,0 +1,177 @@
+"""A finished study as files: its trials as CSV, a few images, and a markdown page linking them.
+
+Design choices:
+- `trials.csv` is Optuna's trials dataframe with parameters and user attributes (slots, decode
+  ms/token, TTFT, hit rate, the reference's name); Optuna's own system attributes are left out.
+- The images are Optuna's matplotlib plots (history, importances, Pareto front) and one of ours:
+  each completed trial's time against its expert-cache slots. Baseline trials suggest no knobs, so
+  importances (of the time, by Optuna's default evaluator) are computed over the completed tuned
+  trials alone and the knobs every one of them chose, as `result.py` does; with fewer than four
+  such trials, or when Optuna cannot fit them, the image is skipped rather than failing the report.
+- matplotlib is optional (`pip install hybrimoe[plot]`): without it the CSV and the page are still
+  written, and the page says how to get the images. Figures render off screen (Agg), are closed as
+  soon as they are saved, and the style Optuna's plots set globally is undone afterwards.
+- Every file is written atomically, so an interrupted report leaves no half-written file; a
+  directory that cannot be created or written is a `UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hybrimoe.errors import UserError
+from hybrimoe.files import write_atomically
+from hybrimoe.tune.result import TuneResult
+
+CSV_NAME = "trials.csv"
+INDEX_NAME = "index.md"
+MIN_IMPORTANCE_TRIALS = 4
+CSV_ATTRS = ("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs", "state")
+
+
+def write_report(study: optuna.Study, result: TuneResult, directory: Path, unit: str) -> list[Path]:
+    """Writes trials.csv, the images matplotlib allows, and index.md into `directory`; returns their paths."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from None
+    csv_path = _write(directory / CSV_NAME, study.trials_dataframe(attrs=CSV_ATTRS).to_csv(index=False).encode())
+    images = _write_images(study, result, directory, unit)
+    index_path = _write(directory / INDEX_NAME, _index_markdown(result, csv_path, images, unit).encode())
+    return [csv_path, *(images or []), index_path]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    try:
+        return write_atomically(path, lambda fh: fh.write(data))
+    except OSError as exc:
+        raise UserError(f"cannot write {path.name} in the report directory {path.parent}: {exc.strerror or exc}") from None
+
+
+def _write_images(study: optuna.Study, result: TuneResult, directory: Path, unit: str) -> list[Path] | None:
+    """The images written, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    pareto = len(study.directions) > 1
+    time_name = f"time ({unit})"
+    time_of = (lambda t: t.values[0]) if pareto else None
+    figures = {
+        "history.png": lambda: optuna.visualization.matplotlib.plot_optimization_history(
+            study, target=time_of, target_name=time_name).figure,
+        "importances.png": lambda: _importances_figure(study, time_name),
+        "latency_vs_slots.png": lambda: _latency_vs_slots_figure(study, result, time_name),
+    }
+    if pareto:
+        figures["pareto.png"] = lambda: optuna.visualization.matplotlib.plot_pareto_front(
+            study, target_names=[time_name, "expert cache (GiB)"]).figure
+    written = []
+    with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna's plots switch the global style to ggplot
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, draw in figures.items():
+            fig = draw()
+            if fig is not None:
+                written.append(_write(directory / name, _png_bytes(fig)))
+    return written
+
+
+def _png_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def _tuned_completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "strategy" not in t.user_attrs]
+
+
+def _importances_figure(study: optuna.Study, time_name: str):
+    """Optuna's importances (of the time) over the knobs every completed tuned trial chose; None when too few."""
+    tuned = _tuned_completed(study)
+    if len(tuned) < MIN_IMPORTANCE_TRIALS:
+        return None
+    common = sorted(set.intersection(*(set(t.params) for t in tuned)))
+    if not common:
+        return None
+    tuned_only = optuna.create_study()  # single objective: the time, also in a Pareto study
+    tuned_only.add_trials(
+        [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0]) for t in tuned]
+    )
+    try:
+        ax = optuna.visualization.matplotlib.plot_param_importances(tuned_only, params=common, target_name=time_name)
+    except (RuntimeError, ValueError):  # too few distinct values to fit
+        return None
+    return ax.figure
+
+
+def _latency_vs_slots_figure(study: optuna.Study, result: TuneResult, time_name: str):
+    """Each completed trial's time against its cache slots: tuned trials, the default, each baseline, the best."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    tuned = _tuned_completed(study)
+    ax.scatter([t.user_attrs["slots"] for t in tuned], [t.values[0] for t in tuned], color="tab:blue", alpha=0.6,
+               label="tuned trials")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for trial in (t for t in complete if "config" in t.user_attrs):  # the default policy and the baselines
+        ax.scatter(trial.user_attrs["slots"], trial.values[0], marker="s", s=50, label=trial.user_attrs["config"])
+    best = result.tuned
+    ax.scatter(best.slots, best.train.objective_ms, marker="*", s=250, color="gold", edgecolors="black", zorder=3,
+               label=f"tuned best (trial {best.trial})")
+    ax.set_xlabel("expert-cache slots")
+    ax.set_ylabel(time_name)
+    ax.set_title(f"{result.study_name}: time against cache capacity (train)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _cell(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def _index_markdown(result: TuneResult, csv_path: Path, images: list[Path] | None, unit: str) -> str:
+    tuned = result.tuned
+    detail = "holdout" if tuned.holdout is not None else "train"
+    lines = [
+        f"# Tuning report: {result.study_name}",
+        "",
+        f"{result.trials} trials finished ({result.pruned} pruned, {result.failed} failed) in {result.seconds:.0f} s; "
+        f"storage {result.storage}.",
+        "",
+        f"## Tuned policy (trial {tuned.trial}, {tuned.slots} expert slots)",
+        "",
+        *(f"- {field.name}: {getattr(tuned.policy, field.name)}" for field in dataclasses.fields(tuned.policy)),
+        "",
+        "## Tuned, default and baselines",
+        "",
+        f"| config | train {unit} | holdout {unit} | decode ms/token | TTFT ms | hit rate |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result.rows:
+        shown = getattr(row, detail)
+        holdout_ms = None if row.holdout is None else row.holdout.objective_ms
+        lines.append(
+            f"| {row.config} | {_cell(row.train.objective_ms)} | {_cell(holdout_ms)} | "
+            f"{_cell(shown.decode_ms_per_token)} | {_cell(shown.ttft_ms, '.1f')} | {shown.hit_rate:.0%} |"
+        )
+    lines += ["", f"Decode ms/token, TTFT and hit rate are on the {detail} tokens.", "", "## Files", "",
+              f"- [{csv_path.name}]({csv_path.name}): every trial"]
+    if images is None:
+        lines.append("- images: not drawn, they need the `plot` extra (`pip install hybrimoe[plot]`)")
+    else:
+        lines += [f"- [{path.name}]({path.name})\n\n  ![{path.stem}]({path.name})" for path in images]
+    return "\n".join(lines) + "\n"

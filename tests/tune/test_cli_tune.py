@@ -1,0 +1,200 @@
+"""`hybrimoe tune` end to end: a tuned profile that `run` and `simulate` use, resume after SIGKILL,
+local workers sharing one SQLite study, the budget as a hard limit, exports, and one line with exit
+code 2 for every malformed input, before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from hybrimoe.cli import app
+from hybrimoe.config import load_profile
+from hybrimoe.runtime.capacity import GIB
+from hybrimoe.profile.presets import get_preset
+
+REPO = Path(__file__).resolve().parents[2]
+QWEN_TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
+QWEN_PROFILE = REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"
+DEMO_PROFILE = REPO / "profiles" / "measured-2core-cpu.demo.yaml"
+QUICK = ["--max-tokens", "120", "--objective", "decode"]
+HYBRIMOE = [sys.executable, "-c", "from hybrimoe.cli import main; main()"]
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["tune", *map(str, args)])
+
+
+def finished(storage: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+@pytest.fixture(scope="module")
+def demo_trace(tmp_path_factory) -> Path:
+    """The demo model's own routing, recorded by `hybrimoe run`."""
+    from hybrimoe.runtime.runner import RunOptions, run
+
+    path = tmp_path_factory.mktemp("trace") / "demo.npz"
+    prompt = "ROMEO: What light through yonder window breaks? It is the east, and Juliet is the sun."
+    run(RunOptions(prompts=(prompt,), max_new_tokens=48, device="cpu", profile=DEMO_PROFILE, record_trace=path),
+        show_progress=False)
+    return path
+
+
+def test_tuned_profile_is_used_by_run_and_simulate(tmp_path, demo_trace):
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", demo_trace, "--profile", DEMO_PROFILE, "--out", out, "--storage", "memory",
+                    "--trials", "8", "--cache-experts", "24", "--decode-tokens", "16")
+    assert result.exit_code == 0, result.output
+    assert "best vs default vs baselines" in result.output and "tuned profile written" in result.output
+    tuned = load_profile(out)
+    original = load_profile(DEMO_PROFILE)
+    assert tuned.cpu_expert == original.cpu_expert and tuned.transfer == original.transfer  # hardware unchanged
+    assert tuned.tuning.cache_experts == 24 and tuned.tuning.storage == "memory"
+    assert tuned.tuning.trials >= 8 and tuned.tuning.traces[0].sha256
+    configs = {(r.config, r.part) for r in tuned.tuning.results}
+    assert {("tuned", "train"), ("tuned", "holdout"), ("default", "holdout"), ("ktransformers", "train")} <= configs
+    assert round(tuned.policy.cache_ratio * 4 * 16) == 24
+
+    ran = runner.invoke(app, ["run", "--prompt", "ROMEO:", "-n", "4", "--device", "cpu", "--profile", str(out), "--json"])
+    assert ran.exit_code == 0, ran.output
+    stats = json.loads(ran.output)
+    assert stats["capacity"] == 24 and "profile" in stats["capacity_source"]
+    simulated = runner.invoke(app, ["simulate", "--trace", str(demo_trace), "--profile", str(out), "--mode", "decode",
+                                    "--cache-ratio", "0.375"])
+    assert simulated.exit_code == 0, simulated.output
+
+
+@pytest.mark.slow
+def test_measure_top_runs_candidates_on_the_runtime(tmp_path, demo_trace):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET: O Romeo\n")
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", demo_trace, "--profile", DEMO_PROFILE, "--out", out, "--storage", "memory",
+                    "--trials", "7", "--cache-experts", "16", "--measure-top", "1", "--prompts", prompts,
+                    "--measure-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "measured on the runtime" in result.output
+    parts = {r.part for r in load_profile(out).tuning.results}
+    assert {"measured", "predicted"} <= parts
+
+
+def test_budget_is_never_exceeded(tmp_path):
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", out, "--trials", "12",
+                    "--gpu-memory-gb", "8", "--context", "2048", *QUICK)
+    assert result.exit_code == 0, result.output
+    shape = get_preset("qwen3-30b-a3b")
+    room = 8 * GIB - shape.dense_bytes - GIB - shape.kv_cache_bytes(2048)
+    max_slots = room // shape.expert_shape().expert_bytes
+    tuned = load_profile(out)
+    assert 0 < tuned.tuning.cache_experts <= max_slots
+    storage = f"sqlite:///{out.with_suffix('.optuna.db')}"
+    slots = [t.user_attrs["slots"] for t in finished(storage, tuned.tuning.study) if "slots" in t.user_attrs]
+    assert slots and max(slots) <= max_slots
+
+
+def test_exports_for_other_engines(tmp_path):
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", out, "--storage", "memory",
+                    "--trials", "6", "--cache-ratio", "0.25", "--export", "llamacpp", "--export", "ktransformers", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert "--n-cpu-moe 36" in result.output  # 48 layers, 12 of them fit in a quarter of the experts
+    placement = json.loads(out.with_suffix(".ktransformers.json").read_text())
+    per_layer = placement["gpu_experts_per_layer"]
+    assert len(per_layer) == 48 and sum(map(len, per_layer.values())) == 1536
+    assert placement["simulated"]["static_placement"]["train"]["objective_ms"] > 0
+
+
+def test_pareto_front(tmp_path):
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", tmp_path / "t.yaml", "--storage",
+                    "memory", "--trials", "10", "--gpu-memory-gb", "16", "--pareto", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_no_trial(tmp_path):
+    out = tmp_path / "tuned.yaml"
+    storage = f"sqlite:///{out.with_suffix('.optuna.db')}"
+    args = [*HYBRIMOE, "tune", "--trace", str(QWEN_TRACE), "--profile", str(QWEN_PROFILE), "--out", str(out),
+            "--trials", "14", "--cache-ratio", "0.25", "--max-tokens", "300", "--objective", "decode"]
+    env = {**os.environ, "COLUMNS": "120"}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    study_name = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        names = optuna.get_all_study_names(storage) if out.with_suffix(".optuna.db").exists() else []
+        if names:
+            study_name = names[0]
+            if len(finished(storage, study_name)) >= 6:
+                break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert study_name is not None, process.stderr.read().decode()
+    before = {t.number: t.values for t in finished(storage, study_name)}
+    assert 6 <= len(before) < 14
+    assert not out.exists()  # nothing half-written
+
+    time.sleep(11)  # past the heartbeat's grace period: the killed trial is stale
+    rerun = subprocess.run(args, env=env, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    after = {t.number: t.values for t in finished(storage, study_name)}
+    assert len(after) >= 14
+    assert all(after[number] == values for number, values in before.items())  # none lost or changed
+    assert load_profile(out).tuning.study == study_name
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_one_sqlite_study(tmp_path):
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", out, "--trials", "14",
+                    "--cache-ratio", "0.25", "--workers", "2", *QUICK)
+    assert result.exit_code == 0, result.output
+    tuned = load_profile(out)
+    trials = finished(f"sqlite:///{out.with_suffix('.optuna.db')}", tuned.tuning.study)
+    assert len(trials) >= 14
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+    assert tuned.tuning.trials == len(trials)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "at least one --trace"),
+        (["--trace", "{demo}", "--profile", QWEN_PROFILE], "was made for experts"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--gpu-memory-gb", "3"], "is not enough"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--objective", "fastest"], "unknown objective"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--storage", "postgresql+psycopg2://u:pw@127.0.0.1:1/db"],
+         "cannot open storage"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", "{existing}"], "pass --force"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--export", "vllm"], "unknown --export"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--workers", "2", "--storage", "memory"], "shared storage"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--measure-top", "2"], "--measure-top runs the model"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--trials", "0"], "--trials must be"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_trial(tmp_path, demo_trace, args, message):
+    existing = tmp_path / "existing.yaml"
+    existing.write_text("x")
+    args = [str(a).replace("{demo}", str(demo_trace)).replace("{existing}", str(existing)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "tuned.yaml")]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in result.output, result.output
+    assert "pw" not in result.output
+    assert not (tmp_path / "tuned.optuna.db").exists()  # no study was started
