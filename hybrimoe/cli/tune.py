@@ -175,7 +175,7 @@ def _render(result, objective: str) -> None:
     console.print(table)
     console.print(f"tuned policy: {_describe(result.tuned)}", highlight=False)
     if result.importances:
-        importances = Table(title="parameter importances (fANOVA)", title_justify="left")
+        importances = Table(title="parameter importances (Optuna)", title_justify="left")
         importances.add_column("knob")
         importances.add_column("importance", justify="right")
         for name, value in result.importances.items():

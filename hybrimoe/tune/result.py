@@ -2,14 +2,15 @@
 
 Design choices:
 - The tuned configuration is the best completed hybrimoe trial (in a Pareto study, the fastest on
-  the front). The default policy and the baselines are read from their enqueued trials for the
+  the front), or the best measured one with `--measure-top`. The default policy and the baselines are read from their enqueued trials for the
   training replay, then all of them are simulated once more on the holdout, which the search never
   saw.
 - The tuned profile is the input profile unchanged but for its `policy` section (the best trial)
   and a `tuning` record: study, storage without password, trial counts, traces and their hashes,
   objective, budget, and every simulated value the report shows.
-- Importances are Optuna's (fANOVA) over the knobs every tuned trial chose (the conditional ones
-  are left out); they need a few completed trials and are absent otherwise.
+- Importances come from Optuna's default evaluator (PED-ANOVA in Optuna 5) over the knobs every
+  tuned trial chose (the conditional ones are left out); they need a few completed trials and are
+  absent otherwise.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def summarize(
 
 
 def _importances(tuned: list[FrozenTrial]) -> dict[str, float] | None:
-    """fANOVA importances over the knobs every completed tuned trial chose."""
+    """Optuna's importances over the knobs every completed tuned trial chose."""
     common = set.intersection(*(set(t.params) for t in tuned))
     if len(tuned) < 4 or not common:
         return None
