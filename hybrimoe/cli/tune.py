@@ -216,7 +216,7 @@ def _render_llamacpp(placement, objective: str) -> None:
     simulated = "-" if placement.baseline is None else f"{placement.baseline.train.objective_ms:.2f}"
     console.print(f"llama.cpp at this budget: --n-cpu-moe {placement.n_cpu_moe}", highlight=False, markup=False)
     if placement.override:
-        console.print(f"  or: -ot '{placement.override}'", highlight=False, markup=False)
+        console.print(f"  or: -ot '{placement.override}'", highlight=False, markup=False, soft_wrap=True)
     console.print(
         f"  simulated {simulated} {unit}, against {placement.tuned.train.objective_ms:.2f} for the tuned hybrimoe policy "
         "(layer numbers are MoE layers: shift them by a model's leading dense layers)",

@@ -52,7 +52,7 @@ class TuneResult:
     pruned: int
     failed: int
     rows: tuple[Row, ...]  # tuned, default, then the baselines
-    top: tuple[Row, ...]  # the best tuned trials on train (holdout not simulated)
+    top: tuple[Row, ...]  # the best distinct tuned configurations on train (holdout not simulated)
     importances: dict[str, float] | None
     pareto_front: tuple[Row, ...]  # Pareto studies only, fewest slots first
     record: TuningRecord
@@ -113,6 +113,7 @@ def summarize(
         front_trials = [t for t in study.best_trials if "strategy" not in t.user_attrs]
         front = tuple(sorted((_row(inputs, "front", t, holdout=False) for t in front_trials), key=lambda r: r.slots))
     n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    distinct = [t for t in tuned if "repeat_of" not in t.user_attrs]
     record = _record(inputs, rows, len(complete) + n_pruned, n_pruned, measured)
     return TuneResult(
         study_name=inputs.study_name,
@@ -121,7 +122,7 @@ def summarize(
         pruned=n_pruned,
         failed=sum(t.state == TrialState.FAIL for t in trials),
         rows=tuple(rows),
-        top=tuple(_row(inputs, f"#{t.number}", t, holdout=False) for t in tuned[:TOP]),
+        top=tuple(_row(inputs, f"#{t.number}", t, holdout=False) for t in distinct[:TOP]),
         importances=None if pareto else _importances(tuned),
         pareto_front=front,
         record=record,
