@@ -38,6 +38,7 @@ BASELINES = ("ktransformers", "llamacpp", "gpu-offload", "cpu-only")
 HEARTBEAT_S = 2
 GRACE_S = 10  # a running trial without a heartbeat for this long is failed and retried
 MAX_RETRIES = 2
+OPEN_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
 GIB = 1 << 30
@@ -53,23 +54,39 @@ class Progress:
 
 
 def open_storage(inputs: Inputs):
-    """The study's storage; a URL that cannot be opened is one line, before any trial."""
+    """The study's storage; a URL that cannot be opened is one line, before any trial.
+
+    Opening creates Optuna's tables in a new database; when several machines start on an empty
+    PostgreSQL database at once, all but one lose that race (optuna#1092) and simply open again."""
     if inputs.storage_url is None:
         return optuna.storages.InMemoryStorage()
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if inputs.storage_url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                inputs.storage_url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            )
-    except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {first_line}") from None
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    inputs.storage_url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES
+                    ),
+                )
+        except (IntegrityError, ProgrammingError) as exc:
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise _storage_error(inputs, exc) from None
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
+            raise _storage_error(inputs, exc) from None
+
+
+def _storage_error(inputs: Inputs, exc: Exception) -> UserError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {first_line}")
 
 
 def storage_display(url: str | None) -> str:
@@ -196,7 +213,7 @@ def run_study(inputs: Inputs, on_progress: Callable[[Progress], None] | None = N
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     options = inputs.options
     study = open_study(inputs, open_storage(inputs))
-    if not study.trials:
+    if not study.trials:  # two machines starting at once may both enqueue them; the report reads the first
         enqueue_references(study, inputs)
     started_s = time.perf_counter()
 

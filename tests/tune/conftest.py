@@ -1,0 +1,83 @@
+"""`postgres_url`: a real PostgreSQL server for the tuning tests, started from Debian's server binaries.
+
+`hybrimoe tune --storage URL` promises that processes on several machines share one study in a
+PostgreSQL database, and only a real server shows it: SQLite neither locks nor parses URLs the same
+way. The server runs from a fresh data directory in /tmp, listens on a free port of 127.0.0.1 (its
+unix socket stays inside that directory) with trust authentication, holds one database `hybrimoe`,
+and is stopped and removed when the session ends. PostgreSQL refuses to run as root, so under root
+it runs as the `postgres` system user. Tests that use it are skipped only when no server binaries
+(`initdb`, `pg_ctl`) or no psycopg2 are installed; a server that is installed but fails to start
+fails them, with its log.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 60
+DATABASE = "hybrimoe"
+
+
+def _server_bin() -> Path | None:
+    """The directory of `initdb` and `pg_ctl`: from PATH, else Debian's /usr/lib/postgresql/*/bin."""
+    on_path = shutil.which("initdb")
+    found = [on_path] if on_path else sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).resolve().parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install psycopg2-binary)")
+    bin_dir = _server_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries: initdb is neither on PATH nor in /usr/lib/postgresql/*/bin")
+    as_root = os.geteuid() == 0
+    as_server_user = ["runuser", "-u", "postgres", "--"] if as_root else []
+    root = Path(tempfile.mkdtemp(prefix="hybrimoe-pg-", dir="/tmp"))  # /tmp: the postgres user can reach it
+    if as_root:
+        shutil.chown(root, "postgres", "postgres")
+    data, log, port = root / "data", root / "server.log", _free_port()
+
+    def pg(*args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
+        command = [*as_server_user, str(bin_dir / args[0]), *args[1:]]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    def failure(what: str, detail: str) -> str:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
+        return f"PostgreSQL {what} failed: {detail.strip()}\n--- server log tail ---\n{tail}"
+
+    try:
+        done = pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
+        if done.returncode != 0:
+            pytest.fail(failure("initdb", done.stdout + done.stderr))
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+        try:
+            done = pg("pg_ctl", "start", "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT_S), "-o", options,
+                      timeout=START_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(failure("server start", f"pg_ctl start took over {START_TIMEOUT_S} s"))
+        if done.returncode != 0:
+            pytest.fail(failure("server start", done.stdout + done.stderr))
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=10)
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        connection.cursor().execute(f"CREATE DATABASE {DATABASE}")
+        connection.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{DATABASE}"
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg("pg_ctl", "stop", "-D", str(data), "-m", "fast", "-w")
+        shutil.rmtree(root, ignore_errors=True)
