@@ -7,7 +7,7 @@ experts, decode objective:
 2. every configuration of the same discretised space (`SearchSpace.grid`), simulated on the same
    training replay: the tuned config against the grid's best, both on the holdout too;
 3. the wall time of `hybrimoe tune`'s defaults (weighted objective, the whole training replay,
-   60 trials, one worker) on this machine, with how many trials were pruned.
+   100 trials, one worker) on this machine, with how many trials were pruned.
 
 Run: python benchmarks/bench_tune.py [--max-tokens 600] [--workers 2]
 """
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=600, help="replayed tokens of the training part")
     parser.add_argument("--workers", type=int, default=2, help="processes for the grid")
-    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--trials", type=int, default=TuneOptions.trials)
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-tune-")) / "tuned.yaml"
 

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hybrimoe.cli import app, console, user_errors
+from hybrimoe.cli import app, console, err_console, user_errors
 
 _WORK = "Workload"
 _BUDGET = "Budget"
@@ -56,7 +56,7 @@ def tune(
         None, "--cache-ratio", rich_help_panel=_BUDGET, help="Fix the cache at this fraction of all routed experts."
     ),
     cache_experts: int | None = typer.Option(None, "--cache-experts", rich_help_panel=_BUDGET, help="Fix the cache at this many experts."),
-    trials: int | None = typer.Option(60, "--trials", rich_help_panel=_SEARCH, help="Trials in the study in all (a rerun completes it)."),
+    trials: int | None = typer.Option(100, "--trials", rich_help_panel=_SEARCH, help="Trials in the study in all (a rerun completes it)."),
     timeout: float | None = typer.Option(None, "--timeout", rich_help_panel=_SEARCH, help="Stop starting trials after this many seconds."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=_SEARCH, help="Sampler seed."),
     workers: int = typer.Option(1, "--workers", rich_help_panel=_SEARCH, help="Local worker processes."),
@@ -100,8 +100,14 @@ def tune(
         )
         inputs = prepare(options)
         console.print(f"study [bold]{inputs.study_name}[/] in {_storage(inputs)}; budget: {inputs.budget}", highlight=False)
-        with _progress_bar(trials) as (bar, update):
-            outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
+        try:
+            with _progress_bar(trials) as (bar, update):
+                outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
+        except KeyboardInterrupt:
+            kept = ("nothing is kept (in-memory storage)" if inputs.storage_url is None else
+                    f"the finished trials are kept in {_storage(inputs)}; rerun the same command to continue")
+            err_console.print(f"interrupted: {kept}", highlight=False, markup=False)
+            raise typer.Exit(130) from None
     _render(outcome.result, objective)
     if outcome.measured:
         _render_measured(outcome.measured, objective)

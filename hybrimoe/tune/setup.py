@@ -53,7 +53,7 @@ class TuneOptions:
     context_tokens: int = 4096
     batch_size: int = 1
     model: Path | None = None  # config.json for the dense size under --gpu-memory-gb
-    trials: int | None = 60  # the study's total, default and baselines included
+    trials: int | None = 100  # the study's total, default and baselines included
     timeout_s: float | None = None
     seed: int = 0
     workers: int = 1
