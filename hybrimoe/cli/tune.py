@@ -156,20 +156,21 @@ def _cell(value: float | None, spec: str = ".2f") -> str:
 def _render(result, objective: str) -> None:
     unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
     default = result.row("default")
+    detail = "holdout" if result.tuned.holdout is not None else "train"
     table = Table(
-        title=f"best vs default vs baselines ({result.trials} trials, {result.pruned} pruned, {result.seconds:.0f} s)",
+        title=f"{unit}: tuned vs default vs baselines ({result.trials} trials, {result.pruned} pruned, "
+        f"{result.seconds:.0f} s); ms/token, TTFT and hit rate on the {detail} tokens",
         title_justify="left",
     )
-    detail = "holdout" if result.tuned.holdout is not None else "train"
     table.add_column("config")
+    table.add_column("slots", justify="right")
     for part in ("train", "holdout"):
-        table.add_column(f"{part} {unit}", justify="right")
+        table.add_column(part, justify="right")
         table.add_column("vs default", justify="right")
-    table.add_column(f"ms/token ({detail})", justify="right")
-    table.add_column(f"TTFT ms ({detail})", justify="right")
-    table.add_column(f"hit ({detail})", justify="right")
+    for name in ("ms/token", "TTFT ms", "hit"):
+        table.add_column(name, justify="right")
     for row in result.rows:
-        cells = []
+        cells = [str(row.slots)]
         for part in ("train", "holdout"):
             value = getattr(row, part)
             base = None if default is None else getattr(default, part)

@@ -77,47 +77,51 @@ class Workload:
         """Simulates one configuration on `replays`; `report(step, estimate)` after each slice."""
         costs = CostModel(profile)
         dims = ModelDims(self.meta.n_layers, self.meta.n_experts, self.meta.top_k)
-        totals = []
-        decode_values, ttft_values, hit_rates = [], [], []
 
         def planner():
             return make_planner(strategy, dims, costs, policy, slots, self.frequencies)
 
+        totals, ttft_values, decode_values, hit_rates = [], [], [], []
         for i, replay in enumerate(replays):
-            ttft_ms = decode_ms = None
-            reporting_mode = "decode" if replay.decode is not None else "prefill"
+            def on_partial(fraction_done: float, partial_ms: float, i: int = i) -> None:
+                report(i * CHECKPOINTS + round(CHECKPOINTS * fraction_done), (sum(totals) + partial_ms) / (i + 1))
 
-            def on_slice(done: int, ms: float, n_steps: int) -> None:
-                # Runs during the reporting mode's replay; ttft_ms is set by then when prefill came first.
-                mean_ms = ms / done
-                partial = self.combine(mean_ms, ttft_ms) if reporting_mode == "decode" else self.combine(None, mean_ms)
-                step = i * CHECKPOINTS + round(CHECKPOINTS * done / n_steps)
-                report(step, (sum(totals) + partial) / (len(totals) + 1))
-
-            for mode, trace in (("prefill", replay.prefill), ("decode", replay.decode)):
-                if trace is None:
-                    continue
-                reporting = report is not None and mode == reporting_mode
-                result = simulate(
-                    trace, planner(), mode=mode, strategy=strategy,
-                    checkpoints=CHECKPOINTS if reporting else 0,
-                    on_checkpoint=(lambda done, ms, n=trace.n_steps: on_slice(done, ms, n)) if reporting else None,
-                )
-                if mode == "prefill":
-                    ttft_ms = result.step_ms
-                    ttft_values.append(ttft_ms)
-                else:
-                    decode_ms = result.step_ms
-                    decode_values.append(decode_ms)
-                hit_rate = result.hit_rate
-            hit_rates.append(hit_rate)
+            ttft_ms, decode_ms, hit_rate = self._replay(replay, planner, on_partial if report else None)
             totals.append(self.combine(decode_ms, ttft_ms))
+            ttft_values += [ttft_ms] if ttft_ms is not None else []
+            decode_values += [decode_ms] if decode_ms is not None else []
+            hit_rates.append(hit_rate)
         return Evaluation(
             objective_ms=float(np.mean(totals)),
             decode_ms_per_token=float(np.mean(decode_values)) if decode_values else None,
             ttft_ms=float(np.mean(ttft_values)) if ttft_values else None,
             hit_rate=float(np.mean(hit_rates)),
         )
+
+    def _replay(
+        self, replay: Replay, planner: Callable, on_partial: Callable[[float, float], None] | None
+    ) -> tuple[float | None, float | None, float]:
+        """(TTFT ms, decode ms/token, hit rate) on one trace. The last mode replayed reports the
+        running objective, `on_partial(fraction of its steps done, objective so far)`."""
+        ttft_ms = decode_ms = None
+        hit_rate = 0.0
+
+        def watcher(trace: RoutingTrace, objective_of: Callable[[float], float]):
+            if on_partial is None:
+                return None
+            return lambda done, ms: on_partial(done / trace.n_steps, objective_of(ms / done))
+
+        if replay.prefill is not None:
+            watch = watcher(replay.prefill, lambda mean_ms: self.combine(None, mean_ms)) if replay.decode is None else None
+            result = simulate(replay.prefill, planner(), mode="prefill",
+                              checkpoints=CHECKPOINTS if watch else 0, on_checkpoint=watch)
+            ttft_ms, hit_rate = result.step_ms, result.hit_rate
+        if replay.decode is not None:
+            watch = watcher(replay.decode, lambda mean_ms: self.combine(mean_ms, ttft_ms))
+            result = simulate(replay.decode, planner(), mode="decode",
+                              checkpoints=CHECKPOINTS if watch else 0, on_checkpoint=watch)
+            decode_ms, hit_rate = result.step_ms, result.hit_rate
+        return ttft_ms, decode_ms, hit_rate
 
     def combine(self, decode_ms: float | None, ttft_ms: float | None) -> float:
         if self.objective == "decode":

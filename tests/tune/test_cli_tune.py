@@ -57,7 +57,7 @@ def test_tuned_profile_is_used_by_run_and_simulate(tmp_path, demo_trace):
     result = invoke("--trace", demo_trace, "--profile", DEMO_PROFILE, "--out", out, "--storage", "memory",
                     "--trials", "8", "--cache-experts", "24", "--decode-tokens", "16")
     assert result.exit_code == 0, result.output
-    assert "best vs default vs baselines" in result.output and "tuned profile written" in result.output
+    assert "tuned vs default vs baselines" in result.output and "tuned profile written" in result.output
     tuned = load_profile(out)
     original = load_profile(DEMO_PROFILE)
     assert tuned.cpu_expert == original.cpu_expert and tuned.transfer == original.transfer  # hardware unchanged
