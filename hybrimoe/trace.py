@@ -83,6 +83,11 @@ class TraceMeta:
     def expert_bytes(self) -> int:
         return self.expert_shape().expert_bytes
 
+    @property
+    def routing_shape(self) -> tuple[int, int, int, int, int]:
+        """What must agree for routing and costs to transfer: layers, experts, top-k, expert sizes."""
+        return (self.n_layers, self.n_experts, self.top_k, self.hidden_size, self.intermediate_size)
+
 
 def _ids(array: Any, name: str) -> np.ndarray:
     """Integer expert ids as int16, refusing values the cast would wrap."""

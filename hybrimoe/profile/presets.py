@@ -72,6 +72,11 @@ class ModelShape:
         return self.n_layers + self.n_dense_layers
 
     @property
+    def routing_shape(self) -> tuple[int, int, int, int, int]:
+        """What must agree for routing and costs to transfer: layers, experts, top-k, expert sizes."""
+        return (self.n_layers, self.n_experts, self.top_k, self.hidden_size, self.intermediate_size)
+
+    @property
     def _dense_dtype_bytes(self) -> float:
         return max(DTYPE_BYTES[self.dtype], 2)  # quantized checkpoints keep their dense part in 16 bits
 

@@ -45,9 +45,7 @@ def check_model(inputs: Inputs, model: Path | None) -> None:
 
     meta = inputs.workload.meta
     shape = resolve_model(model_path=model)
-    mine = (meta.n_layers, meta.n_experts, meta.top_k, meta.hidden_size, meta.intermediate_size)
-    theirs = (shape.n_layers, shape.n_experts, shape.top_k, shape.hidden_size, shape.intermediate_size)
-    if mine != theirs:
+    if meta.routing_shape != shape.routing_shape:
         raise UserError(
             f"--measure-top runs the model the traces were recorded on: the traces are of {meta.model} "
             f"({meta.n_layers} x {meta.n_experts} experts), the model is {shape.name} "

@@ -246,9 +246,8 @@ def _dense_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape:
         from hybrimoe.profile.inputs import resolve_model
 
         return resolve_model(model_path=options.model, dtype=meta.dtype)
-    key = (meta.n_layers, meta.n_experts, meta.top_k, meta.hidden_size, meta.intermediate_size)
     for shape in PRESETS.values():
-        if (shape.n_layers, shape.n_experts, shape.top_k, shape.hidden_size, shape.intermediate_size) == key:
+        if shape.routing_shape == meta.routing_shape:
             return shape
     raise UserError(
         f"--gpu-memory-gb needs the size of {meta.model}'s dense weights: pass --model DIR (its config.json)"

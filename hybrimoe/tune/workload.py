@@ -181,9 +181,7 @@ def build_workload(
 
 
 def _check_same_model(meta: TraceMeta, other: TraceMeta, name: str) -> None:
-    mine = (meta.n_layers, meta.n_experts, meta.top_k, meta.hidden_size, meta.intermediate_size)
-    theirs = (other.n_layers, other.n_experts, other.top_k, other.hidden_size, other.intermediate_size)
-    if mine != theirs:
+    if meta.routing_shape != other.routing_shape:
         raise UserError(
             f"{name} is a trace of {other.model} ({other.n_layers} layers x {other.n_experts} experts), "
             f"not of {meta.model} like the first trace: tune on traces of one model"
