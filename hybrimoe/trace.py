@@ -506,7 +506,7 @@ def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read ({_one_line(exc)})") from None
-    L, k = meta.n_layers, meta.top_k
+    L = meta.n_layers
     if not lines:
         raise TraceError(f"{path}: no lines")
     if len(lines) % L:
