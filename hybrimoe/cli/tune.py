@@ -154,7 +154,9 @@ def _cell(value: float | None, spec: str = ".2f") -> str:
 
 
 def _render(result, objective: str) -> None:
-    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    from hybrimoe.tune.workload import UNITS
+
+    unit = UNITS[objective]
     default = result.row("default")
     detail = "holdout" if result.tuned.holdout is not None else "train"
     table = Table(
@@ -206,7 +208,9 @@ def _render(result, objective: str) -> None:
 
 
 def _render_measured(measured, objective: str) -> None:
-    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    from hybrimoe.tune.workload import UNITS
+
+    unit = UNITS[objective]
     table = Table(title="measured on the runtime (medians); the best measured is the tuned policy", title_justify="left")
     for name in ("trial", f"simulated {unit}", f"predicted {unit}", f"measured {unit}", "measured/predicted", "policy"):
         table.add_column(name, justify="left" if name in ("trial", "policy") else "right")
@@ -219,7 +223,9 @@ def _render_measured(measured, objective: str) -> None:
 
 
 def _render_llamacpp(placement, objective: str) -> None:
-    unit = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}[objective]
+    from hybrimoe.tune.workload import UNITS
+
+    unit = UNITS[objective]
     simulated = "-" if placement.baseline is None else f"{placement.baseline.train.objective_ms:.2f}"
     console.print(f"llama.cpp at this budget: --n-cpu-moe {placement.n_cpu_moe}", highlight=False, markup=False)
     if placement.override:

@@ -53,7 +53,7 @@ def resolve_capacity(
         return Capacity(slots, source)
     fits = slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, kv_cache_bytes)
     if fits < slots:
-        return Capacity(int(fits), f"{source}, capped to {fits} experts by {budget_source}")
+        return Capacity(fits, f"{source}, capped to {fits} experts by {budget_source}")
     return Capacity(slots, source)
 
 

@@ -6,8 +6,9 @@ Design choices:
 - The images are Optuna's matplotlib plots (history, importances, Pareto front) and one of ours:
   each completed trial's time against its expert-cache slots. Baseline trials suggest no knobs, so
   importances (of the time, by Optuna's default evaluator) are computed over the completed tuned
-  trials alone and the knobs every one of them chose, as `result.py` does; with fewer than four
-  such trials, or when Optuna cannot fit them, the image is skipped rather than failing the report.
+  trials alone and the knobs every one of them chose (`result.importance_study`, shared with the
+  report's table); with too few such trials, or when Optuna cannot fit them, the image is skipped
+  rather than failing the report.
 - matplotlib is optional (`pip install hybrimoe[plot]`): without it the CSV and the page are still
   written, and the page says how to get the images. Figures render off screen (Agg), are closed as
   soon as they are saved, and the style Optuna's plots set globally is undone afterwards.
@@ -23,15 +24,15 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from hybrimoe.errors import UserError
 from hybrimoe.files import write_atomically
-from hybrimoe.tune.result import TuneResult
+from hybrimoe.tune.result import TuneResult, importance_study
+from hybrimoe.tune.study import tuned_trials
 
 CSV_NAME = "trials.csv"
 INDEX_NAME = "index.md"
-MIN_IMPORTANCE_TRIALS = 4
 CSV_ATTRS = ("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs", "state")
 
 
@@ -94,24 +95,14 @@ def _png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _tuned_completed(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "strategy" not in t.user_attrs]
-
-
 def _importances_figure(study: optuna.Study, time_name: str):
     """Optuna's importances (of the time) over the knobs every completed tuned trial chose; None when too few."""
-    tuned = _tuned_completed(study)
-    if len(tuned) < MIN_IMPORTANCE_TRIALS:
+    found = importance_study(tuned_trials(study))
+    if found is None:
         return None
-    common = sorted(set.intersection(*(set(t.params) for t in tuned)))
-    if not common:
-        return None
-    tuned_only = optuna.create_study()  # single objective: the time, also in a Pareto study
-    tuned_only.add_trials(
-        [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0]) for t in tuned]
-    )
+    tuned_only, knobs = found
     try:
-        ax = optuna.visualization.matplotlib.plot_param_importances(tuned_only, params=common, target_name=time_name)
+        ax = optuna.visualization.matplotlib.plot_param_importances(tuned_only, params=knobs, target_name=time_name)
     except (RuntimeError, ValueError):  # too few distinct values to fit
         return None
     return ax.figure
@@ -122,7 +113,7 @@ def _latency_vs_slots_figure(study: optuna.Study, result: TuneResult, time_name:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    tuned = _tuned_completed(study)
+    tuned = tuned_trials(study)
     ax.scatter([t.user_attrs["slots"] for t in tuned], [t.values[0] for t in tuned], color="tab:blue", alpha=0.6,
                label="tuned trials")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -25,10 +25,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hybrimoe.config import PolicyConfig, TunedResult, TuningRecord, save_profile
 from hybrimoe.tune.setup import Inputs
-from hybrimoe.tune.study import BASELINES, storage_display
+from hybrimoe.tune.study import BASELINES, is_baseline, storage_display, tuned_trials
 from hybrimoe.tune.workload import Evaluation
 
 TOP = 5
+MIN_IMPORTANCE_TRIALS = 4
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,16 @@ def summarize(
     seconds: float,
     chosen_trial: int | None = None,
     measured: tuple[TunedResult, ...] = (),
+    earlier: TuneResult | None = None,
 ) -> TuneResult:
     """The report's contents; simulates the holdout for the tuned, default and baseline configs.
 
     The tuned configuration is the best simulated one, or trial `chosen_trial` (chosen by
-    measurement, whose results `measured` joins the tuning record)."""
+    measurement, whose results `measured` joins the tuning record); an `earlier` summary of the
+    same study lends the holdout values it already simulated."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    tuned = sorted((t for t in complete if "strategy" not in t.user_attrs), key=lambda t: t.values)
+    tuned = sorted(tuned_trials(study), key=lambda t: t.values)
     if not tuned:
         raise RuntimeError("the study has no completed tuned trial")
     pareto = inputs.options.pareto
@@ -106,11 +109,18 @@ def summarize(
         config = t.user_attrs.get("config")
         if config is not None and config not in references:
             references[config] = t
-    rows = [_row(inputs, "tuned", best, holdout=True)]
-    rows += [_row(inputs, name, references[name], holdout=True) for name in ("default", *BASELINES) if name in references]
+    simulated = {row.trial: row for row in earlier.rows} if earlier is not None else {}
+
+    def with_holdout(config: str, trial: FrozenTrial) -> Row:
+        if trial.number in simulated:
+            return dataclasses.replace(simulated[trial.number], config=config)
+        return _row(inputs, config, trial, holdout=True)
+
+    rows = [with_holdout("tuned", best)]
+    rows += [with_holdout(name, references[name]) for name in ("default", *BASELINES) if name in references]
     front = ()
     if pareto:
-        front_trials = [t for t in study.best_trials if "strategy" not in t.user_attrs]
+        front_trials = [t for t in study.best_trials if not is_baseline(t)]
         front = tuple(sorted((_row(inputs, "front", t, holdout=False) for t in front_trials), key=lambda r: r.slots))
     n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
     distinct = [t for t in tuned if "repeat_of" not in t.user_attrs]
@@ -130,15 +140,29 @@ def summarize(
     )
 
 
-def _importances(tuned: list[FrozenTrial]) -> dict[str, float] | None:
-    """Optuna's importances over the knobs every completed tuned trial chose."""
-    common = set.intersection(*(set(t.params) for t in tuned))
-    if len(tuned) < 4 or not common:
+def importance_study(tuned: list[FrozenTrial]) -> tuple[optuna.Study, list[str]] | None:
+    """The completed tuned trials as a single-objective study of their time (a Pareto study's first
+    value), with the knobs every one of them chose; None with too few trials or no common knob."""
+    if len(tuned) < MIN_IMPORTANCE_TRIALS:
+        return None
+    common = sorted(set.intersection(*(set(t.params) for t in tuned)))
+    if not common:
         return None
     study = optuna.create_study()
-    study.add_trials(tuned)
+    study.add_trials(
+        [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0]) for t in tuned]
+    )
+    return study, common
+
+
+def _importances(tuned: list[FrozenTrial]) -> dict[str, float] | None:
+    """Optuna's importances over the knobs every completed tuned trial chose."""
+    found = importance_study(tuned)
+    if found is None:
+        return None
+    study, knobs = found
     try:
-        return optuna.importance.get_param_importances(study, params=sorted(common))
+        return optuna.importance.get_param_importances(study, params=knobs)
     except (RuntimeError, ValueError):  # too few distinct values to fit
         return None
 

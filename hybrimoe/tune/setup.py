@@ -29,7 +29,7 @@ from pathlib import Path
 from hybrimoe.config import HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.profile.presets import PRESETS, ModelShape
-from hybrimoe.runtime.capacity import GIB, resolve_capacity, slots_in_budget
+from hybrimoe.runtime.capacity import GIB, RESERVE_BYTES, resolve_capacity, slots_in_budget
 from hybrimoe.trace import TraceMeta, load_trace
 from hybrimoe.tune.space import SearchSpace, policy_space
 from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
@@ -131,7 +131,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         traces=refs,
         holdout=held,
         space=space,
-        max_slots=fixed_slots if fixed_slots is not None else max_slots,
+        max_slots=max_slots,
         budget=budget,
         storage_url=_storage_url(options),
         study_name=f"hybrimoe-tune-{digest}",
@@ -217,7 +217,7 @@ def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -
         if slots < 1:
             raise UserError(f"{budget_source} leaves no room for one expert slot ({expert_bytes / 2**20:.1f} MiB)")
         words = (
-            f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, 1 GiB reserve, "
+            f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, {RESERVE_BYTES / GIB:.0f} GiB reserve, "
             f"{kv_bytes / GIB:.2f} GiB KV cache ({options.batch_size} x {options.context_tokens} tokens), "
             f"up to {slots} expert slots"
         )

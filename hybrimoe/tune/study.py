@@ -4,7 +4,7 @@ Design choices:
 - Storage: an Optuna RDB storage (SQLite beside `--out` by default, any URL with `--storage`: one
   PostgreSQL study shared by `hybrimoe tune` on several machines), or memory. RDB storages keep a
   heartbeat: a trial whose process died (SIGKILL) is failed when a worker next starts a trial and
-  rerun with its parameters (`RetryFailedTrialCallback`), so completed trials are never lost and
+  rerun with its parameters (`RetryHeartbeatStaleTrialCallback`), so completed trials are never lost and
   the interrupted one is not skipped.
 - `--trials` is the study's total, counted over every worker and every rerun (finished trials:
   complete or pruned), so a rerun after an interruption completes the study rather than adding to it.
@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from hybrimoe.config import PolicyConfig
 from hybrimoe.errors import UserError
+from hybrimoe.runtime.capacity import GIB
 from hybrimoe.tune.setup import Inputs, TuneOptions, load_inputs
 
 BASELINES = ("ktransformers", "llamacpp", "gpu-offload", "cpu-only")
@@ -41,7 +42,6 @@ MAX_RETRIES = 2
 OPEN_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -168,16 +168,23 @@ def _pruning_reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
     return report
 
 
+def is_baseline(trial: optuna.trial.FrozenTrial) -> bool:
+    """An enqueued baseline strategy's trial (it suggests no knobs); every other trial tunes hybrimoe."""
+    return "strategy" in trial.user_attrs
+
+
+def tuned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The completed trials of the hybrimoe policy (the default's included), baselines left out."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_baseline(t)]
+
+
 def _completed_with(study: optuna.Study, chosen: dict) -> optuna.trial.FrozenTrial | None:
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.params == chosen and "strategy" not in trial.user_attrs:
-            return trial
-    return None
+    return next((trial for trial in tuned_trials(study) if trial.params == chosen), None)
 
 
 def progress_of(study: optuna.Study, target: int | None, started_s: float) -> Progress:
     trials = study.get_trials(deepcopy=False, states=FINISHED)
-    tuned = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and "strategy" not in t.user_attrs]
+    tuned = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and not is_baseline(t)]
     return Progress(
         finished=len(trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),

@@ -19,8 +19,7 @@ from hybrimoe.tune.measure import Measured, as_results, best, candidates, check_
 from hybrimoe.tune.result import TuneResult, summarize, write_tuned_profile
 from hybrimoe.tune.setup import Inputs, TuneOptions, check_outputs, load_inputs
 from hybrimoe.tune.study import Progress, open_storage, run_study
-
-UNITS = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}
+from hybrimoe.tune.workload import UNITS
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def tune(
         measured = measure(inputs, candidates(result, options.measure_top), options.model,
                            read_prompts(options.prompts), options.measure_tokens, progress=phase)
         result = summarize(inputs, study, time.perf_counter() - started_s, best(measured).row.trial,
-                           as_results(measured))
+                           as_results(measured), earlier=result)
     profile_path = write_tuned_profile(inputs, result)
     report_files: tuple[Path, ...] = ()
     if options.report_dir is not None:

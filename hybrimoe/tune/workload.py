@@ -32,6 +32,7 @@ from hybrimoe.policy.strategies import ModelDims, make_planner
 from hybrimoe.trace import RoutingTrace, TraceMeta
 
 OBJECTIVES = ("weighted", "decode", "prefill")
+UNITS = {"decode": "ms/token", "prefill": "TTFT ms", "weighted": "ms/request"}  # of each objective
 CHECKPOINTS = 4  # intermediate values per trace
 
 
