@@ -23,6 +23,7 @@ import yaml
 
 from hybrimoe.errors import ProfileError
 from hybrimoe.files import write_atomically
+from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
 
 SCHEMA_VERSION = 1
 
@@ -195,8 +196,10 @@ class PolicyConfig:
             raise ProfileError(f"policy.cache_ratio must be in [0, 1], got {self.cache_ratio}")
         if self.cache_layout not in ("shared", "per-layer"):
             raise ProfileError(f"policy.cache_layout must be 'shared' or 'per-layer', got {self.cache_layout!r}")
-        if self.cache_policy not in ("mrs", "lru", "lfu", "static"):
-            raise ProfileError(f"policy.cache_policy must be mrs, lru, lfu or static, got {self.cache_policy!r}")
+        if self.cache_policy not in CONFIGURABLE_POLICIES:
+            raise ProfileError(
+                f"policy.cache_policy must be one of {', '.join(CONFIGURABLE_POLICIES)}, got {self.cache_policy!r}"
+            )
         if not 0.0 < self.mrs_alpha <= 1.0:
             raise ProfileError(f"policy.mrs_alpha must be in (0, 1], got {self.mrs_alpha}")
         if self.prefetch not in ("impact", "top-score", "none"):

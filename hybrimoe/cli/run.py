@@ -121,7 +121,8 @@ def run(
     ),
     strategy: str = typer.Option(
         "hybrimoe", "--strategy", rich_help_panel=_PLACE,
-        help="Placement: hybrimoe, llamacpp, gpu-offload or cpu-only (frequency-based baselines: `hybrimoe simulate`).",
+        help="Placement: hybrimoe, ktransformers-dynamic (from kTransformers' uniform start), ktransformers-front, "
+        "llamacpp, llamacpp-lru, gpu-offload or cpu-only (frequency-placed baselines: `hybrimoe simulate`).",
     ),
     cache_experts: int | None = typer.Option(
         None, "--cache-experts", rich_help_panel=_PLACE, help="Expert slots on the accelerator."

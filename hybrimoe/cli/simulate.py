@@ -25,6 +25,34 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _baseline_params(settings: list[str]):
+    """`--baseline KEY=VALUE` settings as BaselineParams (values typed like the defaults)."""
+    from hybrimoe.policy.strategies import BaselineParams
+
+    defaults = BaselineParams()
+    fields = {field.name: field for field in dataclasses.fields(BaselineParams)}
+    values = {}
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in fields or not text.strip():
+            raise UserError(f"--baseline takes KEY=VALUE with KEY one of {', '.join(fields)}, got {setting!r}")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, str):
+                values[key] = text.strip()
+            elif isinstance(default, float):
+                values[key] = float(text)
+            else:
+                values[key] = int(text)
+        except ValueError:
+            raise UserError(f"--baseline {key} takes a number, got {text!r}") from None
+    try:
+        return BaselineParams(**values)
+    except ValueError as exc:
+        raise UserError(f"--baseline: {exc}") from None
+
+
 @app.command()
 def simulate(
     trace: Path = typer.Option(..., "--trace", help="Routing trace (.npz) from `hybrimoe trace import` or `run --record-trace`."),
@@ -38,10 +66,21 @@ def simulate(
     modes: str = typer.Option("decode,prefill", "--mode", help="decode, prefill, or both."),
     accelerator_from: Path | None = typer.Option(None, "--accelerator-from", help="Take the accelerator section from this profile (what-if planning on a CPU-only profile)."),
     predictor: str = typer.Option("recent", "--predictor", help="Routing prediction for prefetch: recorded, recent or oracle."),
-    profile_split: float = typer.Option(0.25, "--profile-split", help="Fraction of the trace's tokens used as the profiling workload for frequency placement."),
+    profiling_trace: Path | None = typer.Option(
+        None, "--profiling-trace",
+        help="Count expert frequencies (frequency placement, warm start) on this other trace of the same model, "
+        "and replay all of --trace.",
+    ),
+    profile_split: float = typer.Option(0.25, "--profile-split", help="Without --profiling-trace: the fraction of the trace's tokens used as the profiling workload."),
+    baseline: list[str] = typer.Option(
+        [], "--baseline",
+        help="A baseline setting KEY=VALUE, repeatable: refresh_steps, refresh_prefill_tokens, refresh_decay "
+        "(ktransformers-dynamic), lru_inserts, lru_cpu_layers (llamacpp-lru), eviction (gpu-offload, llamacpp-lru).",
+    ),
     prefill_tokens: int = typer.Option(512, "--prefill-tokens", min=1, help="Prompt length of each simulated prefill."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Replay at most this many tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown (as in the README)."),
 ) -> None:
     """Replay a routing trace through every strategy and compare simulated latency."""
     from hybrimoe.policy.simulator import simulate_files
@@ -62,12 +101,17 @@ def simulate(
             accelerator_from=accelerator_from,
             predictor=predictor,
             profile_fraction=profile_split,
+            profiling_trace=profiling_trace,
+            baseline=_baseline_params(baseline),
             prefill_tokens=prefill_tokens,
             max_tokens=max_tokens,
             progress=lambda text: status.update(f"simulating {text}"),
         )
     if json_out:
         console.print_json(json.dumps([_to_json(c) for c in comparisons]))
+        return
+    if markdown:
+        print("\n\n".join(_markdown(c) for c in comparisons))
         return
     for comparison in comparisons:
         console.print(_table(comparison))
@@ -76,10 +120,46 @@ def simulate(
 def _to_json(comparison) -> dict:
     data = dataclasses.asdict(comparison)
     data["results"] = [
-        {**dataclasses.asdict(r), "speedup": comparison.speedup(r.strategy, r.cache_ratio)}
+        {
+            **dataclasses.asdict(r),
+            "speedup": comparison.speedup(r.strategy, r.cache_ratio),
+            "vs_best_baseline": comparison.vs_best_baseline(r.strategy, r.cache_ratio),
+        }
         for r in comparison.results.values()
     ]
+    data["best_baseline"] = {str(ratio): comparison.best_baseline(ratio) for ratio in comparison.ratios}
     return data
+
+
+def _profiled(comparison) -> str:
+    if comparison.profiling_trace:
+        return f"placement learned on {comparison.profiling_trace} ({comparison.profiling_tokens} tokens)"
+    return f"placement learned on the first {comparison.profiling_tokens} tokens"
+
+
+def _markdown(comparison) -> str:
+    """One Markdown table: each cell ms, ratio to the best deployable baseline (marked *), hit rate."""
+    unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
+    lines = [
+        f"**{comparison.mode}, {comparison.profile_name}** ({comparison.replay_tokens} tokens replayed, "
+        f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, cache hit rate); "
+        "*: the best baseline",
+        "",
+        "| strategy | " + " | ".join(f"{ratio:.0%} cache" for ratio in comparison.ratios) + " |",
+        "|---|" + "---|" * len(comparison.ratios),
+    ]
+    for strategy in dict.fromkeys(strategy for strategy, _ in comparison.results):
+        cells = []
+        for ratio in comparison.ratios:
+            result = comparison.results[(strategy, ratio)]
+            star = "*" if strategy == comparison.best_baseline(ratio) else ""
+            to_best = comparison.vs_best_baseline(strategy, ratio)
+            to_best_text = "" if to_best is None else f"{to_best:.2f}x, "
+            cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.hit_rate:.0%})")
+        if strategy == "hybrimoe":
+            cells, strategy = [f"**{cell}**" for cell in cells], f"**{strategy}**"
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _table(comparison) -> Table:
@@ -87,29 +167,31 @@ def _table(comparison) -> Table:
     unit = "ms/token" if decode else "TTFT ms"
     title = (
         f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
-        f"({comparison.replay_tokens} tokens replayed, {comparison.profiling_tokens} profiled; "
-        f"{comparison.seconds:.1f} s)"
+        f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("strategy")
     for ratio in comparison.ratios:
         table.add_column(f"{ratio:.0%} {unit}", justify="right")
-        table.add_column(f"vs {comparison.baseline}", justify="right")
+        table.add_column("vs best", justify="right")
         table.add_column("hit", justify="right")
     strategies = dict.fromkeys(strategy for strategy, _ in comparison.results)
+    best = {ratio: comparison.best_baseline(ratio) for ratio in comparison.ratios}
     for strategy in strategies:
         cells = []
         for ratio in comparison.ratios:
             result = comparison.results[(strategy, ratio)]
-            speedup = comparison.speedup(strategy, ratio)
+            ratio_to_best = comparison.vs_best_baseline(strategy, ratio)
             cells += [
-                f"{result.step_ms:.2f}",
-                "" if speedup is None else f"{speedup:.2f}x",
+                f"{result.step_ms:.2f}" + ("*" if strategy == best[ratio] else ""),
+                "" if ratio_to_best is None else f"{ratio_to_best:.2f}x",
                 f"{result.hit_rate:.0%}",
             ]
-        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy == "oracle" else None)
+        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
         table.add_row(strategy, *cells, style=style)
+    caption = ["*: the best baseline a user can deploy in that column; vs best: its time over the row's."]
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
-        table.caption = f"HybriMoE greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x"
+        caption.append(f"HybriMoE greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")
+    table.caption = "\n".join(caption)
     return table

@@ -34,6 +34,11 @@ def tune(
         None, "--holdout-split", rich_help_panel=_WORK,
         help="Hold out this last fraction of every trace's tokens instead (default 0.3 without --holdout; 0: none).",
     ),
+    profiling_trace: list[Path] = typer.Option(
+        [], "--profiling-trace", rich_help_panel=_WORK,
+        help="Count the expert frequencies (warm start, frequency-placed baselines) on this trace instead of "
+        "on the first quarter of each --trace, which are then replayed whole; repeatable.",
+    ),
     objective: str = typer.Option(
         "weighted", "--objective", rich_help_panel=_WORK,
         help="decode (ms/token), prefill (TTFT) or weighted (a request: TTFT + --decode-tokens tokens).",
@@ -97,6 +102,7 @@ def tune(
             model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
             pareto=pareto, force=force, max_tokens=max_tokens, report_dir=report, exports=tuple(export),
             measure_top=measure_top, prompts=prompts, measure_tokens=measure_tokens,
+            profiling_traces=tuple(profiling_trace),
         )
         inputs = prepare(options)
         console.print(f"study [bold]{inputs.study_name}[/] in {_storage(inputs)}; budget: {inputs.budget}", highlight=False)

@@ -2,8 +2,8 @@
 
 Design choices:
 - Capacity counts experts. Layout "shared" is one pool of `capacity` slots for all layers;
-  "per-layer" splits it evenly (the first `capacity % n_layers` layers get one slot more), each
-  layer owning a contiguous slot range. Slots are numbered 0..capacity-1 overall either way, and a
+  "per-layer" splits it evenly (the first `capacity % n_layers` layers get one slot more) or as
+  given (`pool_sizes`), each layer owning a contiguous slot range. Slots are numbered 0..capacity-1 overall either way, and a
   free slot is always the lowest-numbered free one of its pool.
 - Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
@@ -22,6 +22,8 @@ Design choices:
   * LRU: the tick (one per `access` call) of the last use; admission counts as a use, so a
     prefetched expert is not the next victim.
   * LFU: uses counted over the whole run, resident or not; ties go to the least recently used.
+  * Least-Stale (SpecMD): experts not yet used in the ongoing forward pass go first, first in
+    first out within each tier (see `LeastStalePolicy`).
   * static: the resident set is fixed by `fill`; `admit` always returns None. Priorities are the
     given frequencies (for `top_experts`), zero without them.
   * Belady (clairvoyant): built with the future access sequence; priority = -(position of next use),
@@ -46,7 +48,8 @@ import numpy as np
 
 from hybrimoe.policy.plan import ExpertId, SlotLoad
 
-POLICIES = ("mrs", "lru", "lfu", "static", "belady")
+POLICIES = ("mrs", "lru", "lfu", "least-stale", "static", "belady")
+CONFIGURABLE_POLICIES = ("mrs", "lru", "lfu", "least-stale", "static")  # what a profile's policy may name
 LAYOUTS = ("shared", "per-layer")
 _NEVER = 1e18  # Belady: distance of an expert never used again
 _INF = float("inf")
@@ -180,6 +183,66 @@ class LFUPolicy(CachePolicy):
             prio[key] = (prio[key] // use + 1.0) * use + self.tick
 
 
+class LeastStalePolicy(CachePolicy):
+    """SpecMD's Least-Stale (Hoang et al., 2026), as its published descriptions state it: an expert
+    is current once used or admitted in the ongoing forward pass and stale otherwise; the victim is a
+    stale expert if there is one, first in first out within each tier. A forward pass starts when a
+    layer is accessed that is not after the last one accessed.
+
+    Priority = the tick at which the expert last entered the current tier: stale experts entered in
+    earlier passes, so they rank below current ones, oldest first, and a hit on a current expert
+    changes nothing.
+    """
+
+    name = "least-stale"
+    uses_access = True
+    uses_admit = True
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        self.tick = 0
+        self.forward_pass = 0
+        self._last_layer = n_layers  # the first access opens the first pass
+        self._entered_pass = np.zeros(n_layers * n_experts, dtype=np.int64)  # [L*E] when last made current
+
+    def on_access(self, layer: int, experts: Sequence[int]) -> None:
+        if layer <= self._last_layer:
+            self.forward_pass += 1
+        self._last_layer = layer
+        self.tick += 1
+        base, entered, current = layer * self.n_experts, self._entered_pass, self.forward_pass
+        for e in experts:
+            key = base + e
+            if entered[key] != current:
+                entered[key] = current
+                self.prio[key] = float(self.tick)
+
+    def on_admit(self, key: int) -> None:
+        self._entered_pass[key] = self.forward_pass
+        self.prio[key] = float(self.tick)
+
+
+class ActivationCountPolicy(MRSPolicy):
+    """An exponentially decayed count of each expert's activations, per token (`decay` per token);
+    the router's probabilities and weights are ignored. Starts from `rates` [L, E] (activations per
+    token of a profiling workload) when given."""
+
+    name = "activation-count"
+
+    def __init__(self, decay: float, rates: np.ndarray | None = None):
+        super().__init__(alpha=1.0 - decay)
+        self.rates = rates
+
+    def bind(self, n_layers: int, n_experts: int) -> None:
+        super().bind(n_layers, n_experts)
+        if self.rates is not None:
+            self.scores[:] = self.rates
+
+    def on_observe(self, layer: int, topk_ids: np.ndarray, router_probs: np.ndarray | None,
+                   topk_weights: np.ndarray | None) -> None:
+        super().on_observe(layer, topk_ids, None, np.ones(topk_ids.shape))
+
+
 class StaticPolicy(CachePolicy):
     """The resident set is whatever `fill` put there; priorities are the given frequencies."""
 
@@ -246,13 +309,15 @@ class BeladyPolicy(CachePolicy):
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:
-    """'mrs' (alpha, top_p), 'lru', 'lfu', 'static' (frequencies) or 'belady' (accesses)."""
+    """'mrs' (alpha, top_p), 'lru', 'lfu', 'least-stale', 'static' (frequencies) or 'belady' (accesses)."""
     if name == "mrs":
         return MRSPolicy(alpha=kwargs.get("alpha", 0.5), top_p=kwargs.get("top_p"))
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
         return LFUPolicy()
+    if name == "least-stale":
+        return LeastStalePolicy()
     if name == "static":
         return StaticPolicy(kwargs.get("frequencies"))
     if name == "belady":
@@ -276,6 +341,7 @@ class ExpertCache:
         mrs_top_p: int | None = None,
         frequencies: np.ndarray | None = None,  # [L, E], for the static policy's priorities
         accesses: Sequence[tuple[int, Iterable[int]]] | None = None,  # the future, for "belady"
+        pool_sizes: Sequence[int] | None = None,  # [L] slots per layer, for "per-layer" (default: even)
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown cache layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -293,12 +359,13 @@ class ExpertCache:
             self._pools = [(0, capacity)]
             self._pool_of_layer = [0] * n_layers
         else:
-            share, extra = divmod(capacity, n_layers)
+            sizes = pool_sizes if pool_sizes is not None else even_pool_sizes(capacity, n_layers)
+            if len(sizes) != n_layers or sum(sizes) != capacity or min(sizes, default=0) < 0:
+                raise ValueError(f"pool sizes must be {n_layers} counts summing to {capacity}, got {list(sizes)}")
             self._pools, lo = [], 0
-            for layer in range(n_layers):
-                hi = lo + share + (1 if layer < extra else 0)
-                self._pools.append((lo, hi))
-                lo = hi
+            for size in sizes:
+                self._pools.append((lo, lo + size))
+                lo += size
             self._pool_of_layer = list(range(n_layers))
         self._free = [list(range(hi - 1, lo - 1, -1)) for lo, hi in self._pools]  # popped from the end
         # [capacity + 1] each slot's expert's priority, +inf when free or pinned; the last entry is
@@ -386,6 +453,12 @@ class ExpertCache:
         ids = np.argpartition(-row, n - 1)[:n] if n < n_experts else np.arange(n_experts)
         ids = ids[np.lexsort((ids, -row[ids]))]
         return ids.tolist()
+
+    def top_experts_overall(self, n: int) -> list[ExpertId]:
+        """The n highest-priority experts of all layers, highest first (ties: lower layer, then expert)."""
+        prio = self._prio[:-1]  # [L*E]
+        keys = np.lexsort((np.arange(prio.shape[0]), -prio))[: max(0, n)]
+        return [(int(key) // self.n_experts, int(key) % self.n_experts) for key in keys]
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -522,6 +595,12 @@ class ExpertCache:
         self._resident[layer].add(expert)
 
 
+def even_pool_sizes(capacity: int, n_layers: int) -> list[int]:
+    """[L] a per-layer split of `capacity` slots: even, the first `capacity % n_layers` layers one more."""
+    share, extra = divmod(capacity, n_layers)
+    return [share + (1 if layer < extra else 0) for layer in range(n_layers)]
+
+
 def belady_misses(
     accesses: Sequence[tuple[int, Iterable[int]]],  # (layer, experts used) per layer call, in order
     capacity: int,
@@ -543,8 +622,7 @@ def belady_misses(
         sizes = [capacity]
         pool_of = [0] * n_layers
     else:
-        share, extra = divmod(capacity, n_layers)
-        sizes = [share + (1 if layer < extra else 0) for layer in range(n_layers)]
+        sizes = even_pool_sizes(capacity, n_layers)
         pool_of = list(range(n_layers))
     resident: list[dict[int, int]] = [{} for _ in sizes]  # key -> its next use
     heaps: list[list[tuple[int, int]]] = [[] for _ in sizes]  # (-next use, key), stale entries skipped

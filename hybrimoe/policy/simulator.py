@@ -7,9 +7,10 @@ Design choices:
 - Predictions for prefetching, in order of preference: recorded lookahead (the runtime's gate
   predictions) when the trace has them; otherwise the most recent routing seen at the target layer
   (`recent`, the stated predictor); `oracle` passes the true routing (an upper bound).
-- Baselines that place by frequency count on a profiling workload: the first `profile_fraction` of
-  the trace's tokens (a separate part of the workload); the rest is replayed. `static-oracle` counts
-  on the replayed part itself.
+- Baselines that place by frequency count on a profiling workload: another trace (`profiling`, as
+  a user who profiled last week's prompts would), or else the first `profile_fraction` of the
+  trace's tokens (a separate part of the same batch), the rest being replayed. `static-oracle`
+  counts on the replayed part itself.
 - Deterministic: no randomness anywhere; the same inputs give the same report.
 - Shapes: T = tokens in a step, k = top-k, E = experts, L = MoE layers.
 """
@@ -29,7 +30,15 @@ from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.prefetch import token_counts
-from hybrimoe.policy.strategies import STRATEGIES, ModelDims, PolicyPlanner, cache_capacity, make_planner
+from hybrimoe.policy.strategies import (
+    BASELINES,
+    STRATEGIES,
+    BaselineParams,
+    ModelDims,
+    PolicyPlanner,
+    cache_capacity,
+    make_planner,
+)
 from hybrimoe.trace import RoutingTrace, TraceStep
 
 PREDICTORS = ("recorded", "recent", "oracle")
@@ -163,6 +172,7 @@ class Comparison:
     profiling_tokens: int
     seconds: float
     greedy_vs_exact: tuple[float, float] | None = None  # (mean, worst) greedy/exact time ratio
+    profiling_trace: str | None = None  # the other trace frequencies were counted on; None: this one's first part
 
     def speedup(self, strategy: str, ratio: float) -> float | None:
         base = self.results.get((self.baseline, ratio))
@@ -170,6 +180,19 @@ class Comparison:
         if base is None or mine is None or mine.step_ms == 0:
             return None
         return base.step_ms / mine.step_ms
+
+    def best_baseline(self, ratio: float) -> str | None:
+        """The fastest deployable baseline in this comparison at `ratio` (see strategies.BASELINES)."""
+        timed = [(self.results[(s, ratio)].step_ms, s) for s in BASELINES if (s, ratio) in self.results]
+        return min(timed)[1] if timed else None
+
+    def vs_best_baseline(self, strategy: str, ratio: float) -> float | None:
+        """How many times faster `strategy` is than the best baseline at `ratio`."""
+        best = self.best_baseline(ratio)
+        mine = self.results.get((strategy, ratio))
+        if best is None or mine is None or mine.step_ms == 0:
+            return None
+        return self.results[(best, ratio)].step_ms / mine.step_ms
 
 
 @dataclass
@@ -183,28 +206,50 @@ class Workload:
 
 
 def make_workload(
-    trace: RoutingTrace, mode: str, profile_fraction: float, prefill_tokens: int, max_tokens: int | None
+    trace: RoutingTrace,
+    mode: str,
+    profile_fraction: float,
+    prefill_tokens: int,
+    max_tokens: int | None,
+    profiling: RoutingTrace | None = None,
 ) -> Workload:
-    """Splits the trace's tokens into a profiling part and a replayed part, then shapes the replay:
-    one token per step for decode, prompts of `prefill_tokens` tokens for prefill."""
+    """The profiling workload (`profiling`, or else the first `profile_fraction` of the trace's
+    tokens) and the replayed tokens, shaped one token per step for decode and as prompts of
+    `prefill_tokens` tokens for prefill."""
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; expected decode or prefill")
-    if not 0.0 < profile_fraction < 1.0:
-        raise UserError(f"--profile-split must be in (0, 1), got {profile_fraction}")
     n_tokens = trace.n_tokens
-    n_profiling = round(profile_fraction * n_tokens)
+    if profiling is not None:
+        check_same_routing(trace, profiling)
+        n_profiling = 0
+    else:
+        if not 0.0 < profile_fraction < 1.0:
+            raise UserError(f"--profile-split must be in (0, 1), got {profile_fraction}")
+        n_profiling = round(profile_fraction * n_tokens)
+        if n_profiling == 0:
+            raise UserError(f"a trace of {n_tokens} tokens is too short to split at {profile_fraction}")
+        profiling = trace.tokens(0, n_profiling)
     n_replay = n_tokens - n_profiling if max_tokens is None else min(max_tokens, n_tokens - n_profiling)
-    if n_profiling == 0 or n_replay <= 0:
+    if n_replay <= 0:
         raise UserError(f"a trace of {n_tokens} tokens is too short to split at {profile_fraction}")
-    profiling = trace.tokens(0, n_profiling)
     replay = trace.tokens(n_profiling, n_profiling + n_replay)
     replay = replay.as_decode() if mode == "decode" else as_prompts(replay, prefill_tokens)
     return Workload(
         replay=replay,
         profiling_frequencies=profiling.expert_frequencies(),
         replay_frequencies=replay.expert_frequencies(),
-        profiling_tokens=n_profiling,
+        profiling_tokens=profiling.n_tokens,
     )
+
+
+def check_same_routing(trace: RoutingTrace, profiling: RoutingTrace) -> None:
+    """A profiling trace must route like the replayed one: same layers, experts and top-k."""
+    if profiling.meta.routing_shape != trace.meta.routing_shape:
+        raise UserError(
+            f"the profiling trace ({profiling.meta.model}: {profiling.meta.n_layers} layers x "
+            f"{profiling.meta.n_experts} experts, top-{profiling.meta.top_k}) does not route like the replayed "
+            f"one ({trace.meta.model}: {trace.meta.n_layers} x {trace.meta.n_experts}, top-{trace.meta.top_k})"
+        )
 
 
 def as_prompts(trace: RoutingTrace, n_tokens: int) -> RoutingTrace:
@@ -237,8 +282,13 @@ def compare_strategies(
     max_tokens: int | None = None,
     bound: bool = True,
     progress: Callable[[str], None] | None = None,
+    profiling: RoutingTrace | None = None,
+    profiling_name: str | None = None,
+    baseline: BaselineParams = BaselineParams(),
 ) -> Comparison:
-    """Every strategy at every cache ratio on one workload: what `hybrimoe simulate` prints."""
+    """Every strategy at every cache ratio on one workload: what `hybrimoe simulate` prints.
+    `profiling`: the trace frequency placement is counted on (named `profiling_name`); None:
+    the first `profile_fraction` of `trace`."""
     strategies = tuple(strategies)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -250,7 +300,7 @@ def compare_strategies(
     policy = policy or profile.policy or PolicyConfig()
     costs = CostModel(profile)
     dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
-    workload = make_workload(trace, mode, profile_fraction, prefill_tokens, max_tokens)
+    workload = make_workload(trace, mode, profile_fraction, prefill_tokens, max_tokens, profiling)
     started = time.perf_counter()
     results = {}
     for ratio in ratios:
@@ -259,7 +309,7 @@ def compare_strategies(
             if progress is not None:
                 progress(f"{strategy} at {ratio:.0%} cache")
             freqs = workload.replay_frequencies if strategy == "static-oracle" else workload.profiling_frequencies
-            planner = make_planner(strategy, dims, costs, policy, capacity, freqs)
+            planner = make_planner(strategy, dims, costs, policy, capacity, freqs, baseline)
             results[(strategy, ratio)] = simulate(
                 workload.replay, planner, predictor, strategy=strategy, cache_ratio=ratio, mode=mode
             )
@@ -282,6 +332,7 @@ def compare_strategies(
         profiling_tokens=workload.profiling_tokens,
         seconds=time.perf_counter() - started,
         greedy_vs_exact=_greedy_vs_exact(workload.replay, costs) if mode == "decode" else None,
+        profiling_trace=None if profiling is None else (profiling_name or profiling.meta.model),
     )
 
 
@@ -329,9 +380,11 @@ def simulate_files(
     profile_path,
     modes: Iterable[str] = MODES,
     accelerator_from=None,
+    profiling_trace=None,
     **options,
 ) -> list[Comparison]:
-    """Loads a trace and a profile (optionally borrowing another's accelerator) and compares."""
+    """Loads a trace and a profile (optionally borrowing another's accelerator, optionally
+    counting frequencies on another trace) and compares."""
     from hybrimoe.config import load_profile
     from hybrimoe.trace import load_trace
 
@@ -343,4 +396,6 @@ def simulate_files(
             f"profile {profile.name!r} has no accelerator section: pass --accelerator-from with a profile that has one"
         )
     trace = load_trace(trace_path)
+    if profiling_trace is not None:
+        options.update(profiling=load_trace(profiling_trace), profiling_name=str(profiling_trace))
     return [compare_strategies(trace, profile, mode=mode, **options) for mode in modes]

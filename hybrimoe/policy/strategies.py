@@ -22,10 +22,26 @@ Design choices:
     profiling workload; all other routed experts on the CPU; no loads. Prefill uses the same static
     split (kTransformers' CPU kernels compute non-resident experts for every batch size).
   * `static-oracle`: the same, with frequencies counted on the replayed trace itself (a bound).
+  * `ktransformers-front`: kTransformers' front-loading placement: the cache filled from the first
+    layer onwards (lowest expert ids first in the last, partly filled layer), the rest on the CPU.
+  * `ktransformers-dynamic`: kTransformers' dynamic expert update. Its documentation says only that
+    it updates the GPU experts during inference, triggered by prefills of at least
+    `--kt-gpu-prefill-token-threshold` tokens; modelled as frequency placement (from the profiling
+    workload, or kTransformers' default uniform placement without one) refreshed to the top
+    experts of an online activation count (decayed per token) after every `refresh_steps`-th step
+    and every step of at least `refresh_prefill_tokens` tokens. The refresh's copies queue on the
+    copy engine like prefetches; between refreshes, misses run on the CPU.
   * `llamacpp`: `--n-cpu-moe N`: the experts of the first N layers on the CPU, all later layers'
     experts resident, N the smallest that fits the cache; prefill uses the same split.
+  * `llamacpp-lru`: llama.cpp's open expert-cache change (pull request 27861): the experts of the
+    first `lru_cpu_layers` layers (default: every layer) live on the CPU, each of those layers with
+    an LRU pool of the cache's slots left after the fully resident later layers (split evenly);
+    resident experts run on the GPU, the rest on the CPU, and after each layer up to `lru_inserts`
+    of its CPU experts are copied into its pool for later steps (`--moe-expert-cache-inserts`).
   * `gpu-offload`: every expert computed on the accelerator; misses loaded on demand into an LRU
     cache that starts empty (accelerate-style offload).
+  * The caches of `gpu-offload` and `llamacpp-lru` evict by `BaselineParams.eviction` (LRU by
+    default; any admitting policy, e.g. least-stale).
   * `cpu-only`: every routed expert on the CPU.
   * `hybrimoe`: HybriMoE scheduling, MRS cache (or the configured policy), impact-driven prefetch,
     warm start from profiled frequencies.
@@ -38,18 +54,50 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from hybrimoe.config import PolicyConfig
 from hybrimoe.policy import scheduler as sched
-from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.cache import ActivationCountPolicy, ExpertCache, even_pool_sizes
 from hybrimoe.policy.costs import CostModel, no_time
 from hybrimoe.policy.plan import ExpertId, LayerPlan, SlotLoad
 from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch
 
 _MEMO_MAX = 1 << 16
-STRATEGIES = ("hybrimoe", "ktransformers", "static-oracle", "llamacpp", "gpu-offload", "cpu-only")
+ADMITTING_POLICIES = ("mrs", "lru", "lfu", "least-stale")  # the cache policies that take loads
+STRATEGIES = (
+    "hybrimoe", "ktransformers", "ktransformers-dynamic", "ktransformers-front", "static-oracle", "llamacpp",
+    "llamacpp-lru", "gpu-offload", "cpu-only",
+)
+# Strategies a user could deploy today: the comparison's "best baseline" is the fastest of these.
+# (static-oracle places by the replayed tokens' own frequencies, which no deployment knows.)
+BASELINES = ("ktransformers", "ktransformers-dynamic", "ktransformers-front", "llamacpp", "llamacpp-lru",
+             "gpu-offload", "cpu-only")
+# Strategies whose placement is counted on a profiling workload (ktransformers-dynamic starts from
+# kTransformers' default uniform placement without one).
+NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
+
+
+@dataclass(frozen=True)
+class BaselineParams:
+    """Settings of the peer mechanisms the dynamic baselines model (see the module docstring)."""
+
+    refresh_steps: int = 32  # ktransformers-dynamic: forward steps between placement refreshes
+    refresh_prefill_tokens: int = 512  # a step of at least this many tokens also refreshes (kTransformers' threshold)
+    refresh_decay: float = 0.99  # per-token decay of the online activation count
+    lru_inserts: int = 2  # llamacpp-lru: experts uploaded per layer per step (--moe-expert-cache-inserts)
+    lru_cpu_layers: int | None = None  # llamacpp-lru: --n-cpu-moe, layers with an LRU; None: every layer
+    eviction: str = "lru"  # the cache policy of gpu-offload and llamacpp-lru (e.g. least-stale)
+
+    def __post_init__(self) -> None:
+        if self.refresh_steps < 1 or self.refresh_prefill_tokens < 1 or self.lru_inserts < 0:
+            raise ValueError("refresh_steps and refresh_prefill_tokens must be at least 1, lru_inserts at least 0")
+        if not 0.0 <= self.refresh_decay < 1.0:
+            raise ValueError(f"refresh_decay must be in [0, 1), got {self.refresh_decay}")
+        if self.eviction not in ADMITTING_POLICIES:
+            raise ValueError(f"eviction must be one of {', '.join(ADMITTING_POLICIES)}, got {self.eviction!r}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +145,7 @@ class _Deferred:
     score update and protection have run (they run before the plan's first admit, wherever that is)."""
 
     __slots__ = ("layer", "topk_ids", "router_probs", "topk_weights", "counts", "predicted_topk", "before_ms",
-                 "observed", "predicted_counts", "start_ms", "cpu_ms", "host_ms")
+                 "observed", "predicted_counts", "start_ms", "cpu_ms", "host_ms", "cpu")
 
     def __init__(self, layer, topk_ids, router_probs, topk_weights, counts, predicted_topk, before_ms):
         self.layer = layer
@@ -112,6 +160,7 @@ class _Deferred:
         self.start_ms = 0.0  # when the layer's experts start
         self.cpu_ms = 0.0  # the CPU worker's experts, from start_ms
         self.host_ms = 0.0  # the rest of the layer's expert phase (see PolicyPlanner._expert_phase)
+        self.cpu: tuple[int, ...] = ()  # the experts the plan ran on the CPU
 
 
 @dataclass
@@ -121,6 +170,67 @@ class _Timeline:
     clock_ms: float = 0.0
     pcie_free_ms: float = 0.0
     pcie_idle_ms: float = 0.0  # moving average of the copy-engine time a layer leaves unused
+
+
+class Refill(Protocol):
+    """A baseline's own background copies (not HybriMoE's prefetch): asked after each layer."""
+
+    def begin_step(self, n_tokens: int) -> None: ...
+
+    def after_layer(
+        self, cache: ExpertCache, layer: int, counts: Mapping[int, int], cpu: tuple[int, ...]
+    ) -> list[SlotLoad]:
+        """Copies to queue now; `counts`: expert -> tokens of this layer; `cpu`: experts it ran on the CPU."""
+        ...
+
+
+class PeriodicRefresh:
+    """kTransformers' dynamic expert update, as modelled here: after the last layer of every
+    `every_steps`-th step, and of every step of at least `prefill_tokens` tokens, the resident set
+    becomes the `capacity` experts the cache's priorities (an online activation count) rank first."""
+
+    def __init__(self, n_layers: int, every_steps: int, prefill_tokens: int):
+        self._last_layer = n_layers - 1
+        self.every_steps, self.prefill_tokens = every_steps, prefill_tokens
+        self._steps_since = 0
+        self._n_tokens = 0
+
+    def begin_step(self, n_tokens: int) -> None:
+        self._steps_since += 1
+        self._n_tokens = n_tokens
+
+    def after_layer(
+        self, cache: ExpertCache, layer: int, counts: Mapping[int, int], cpu: tuple[int, ...]
+    ) -> list[SlotLoad]:
+        due = self._steps_since >= self.every_steps or self._n_tokens >= self.prefill_tokens
+        if layer != self._last_layer or not due:
+            return []
+        self._steps_since = 0
+        cache.protect({layer: counts})  # in use until this layer's experts finish
+        loads = [cache.admit(eid, only_if_better=True) for eid in cache.top_experts_overall(cache.capacity)]
+        return [load for load in loads if load is not None]
+
+
+class InsertMisses:
+    """llama.cpp's expert LRU (its open pull request 27861), as modelled here: after a layer runs, up
+    to `per_step` of the experts it ran on the CPU (most tokens first) are copied into the layer's
+    LRU slots, for its later steps."""
+
+    def __init__(self, per_step: int):
+        self.per_step = per_step
+
+    def begin_step(self, n_tokens: int) -> None:
+        pass
+
+    def after_layer(
+        self, cache: ExpertCache, layer: int, counts: Mapping[int, int], cpu: tuple[int, ...]
+    ) -> list[SlotLoad]:
+        if not cpu or not self.per_step:
+            return []
+        cache.protect({layer: counts})  # in use until this layer's experts finish
+        chosen = sorted(cpu, key=lambda expert: (-counts[expert], expert))[: self.per_step]
+        loads = [cache.admit((layer, expert)) for expert in chosen]
+        return [load for load in loads if load is not None]
 
 
 class PolicyPlanner:
@@ -145,9 +255,11 @@ class PolicyPlanner:
         admit_loads: bool = True,
         warm: tuple[ExpertId, ...] = (),
         planning_ms: tuple[Callable[[int], float], Callable[[int], float]] | None = None,
+        refill: Refill | None = None,
     ):
         """`planning_ms`: n_tokens -> this planner's measured plan_layer and plan_prefetch wall ms
-        per layer (`CostModel.planning_ms`); None: planning costs no modelled time."""
+        per layer (`CostModel.planning_ms`); None: planning costs no modelled time. `refill`: a
+        baseline's own background copies, queued after each layer's prefetches."""
         self.dims = dims
         self.costs = costs
         self.cache = cache
@@ -156,6 +268,7 @@ class PolicyPlanner:
         self.prefetch_depth = prefetch_depth
         self.lookahead_layers = prefetch_depth if prefetch == "impact" else 0
         self.admit_loads = admit_loads
+        self.refill = refill
         # A cache that never admits cannot take copies: schedule as if copies were impossible.
         self._schedule_costs = costs if admit_loads and cache.policy.admits else costs.without_loads()
         self.stats = PlannerStats()
@@ -188,6 +301,8 @@ class PolicyPlanner:
         sequence): charges the work outside the decoder layers."""
         self._timeline.clock_ms += self.costs.outside_ms(n_tokens)
         self._context_ms_per_token = self.costs.dense_context_ms * context_tokens
+        if self.refill is not None:
+            self.refill.begin_step(n_tokens)
 
     def _layer_time(self, counts: Mapping[int, int], resident: AbstractSet[int]) -> float:
         """A layer's simulated expert time with an idle copy engine (`resident`: which of the
@@ -275,7 +390,7 @@ class PolicyPlanner:
         copying = n_loads > 0 or (backlog_ms > 0 and costs.overlaps)  # copies run beside the CPU's experts
         cpu_ms, host_ms, stall_ms = self._expert_phase(plan, counts, loads, extra_cpu_ms, stall_ms, copying)
         finish_ms = max(cpu_ms, host_ms)
-        deferred.start_ms, deferred.cpu_ms, deferred.host_ms = start_ms, cpu_ms, host_ms
+        deferred.start_ms, deferred.cpu_ms, deferred.host_ms, deferred.cpu = start_ms, cpu_ms, host_ms, cpu
         timeline.clock_ms = start_ms + finish_ms
         # Prefetches queue on the copy engine behind this layer's loads, during its expert phase.
         load_ms = costs.load_ms
@@ -301,14 +416,17 @@ class PolicyPlanner:
         return LayerPlan(layer, gpu, load_experts, cpu, slots, tuple(loads), finish_ms)
 
     def plan_prefetch(self) -> tuple[SlotLoad, ...]:
-        """Copies for the layers after the last planned one, queued on the copy engine behind its
-        loads. Also runs that layer's score update if `plan_layer` had no demand loads."""
+        """Copies for the layers after the last planned one (and a baseline's refill copies), queued
+        on the copy engine behind its loads. Also runs that layer's score update if `plan_layer` had
+        no demand loads."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:
             raise RuntimeError("plan_prefetch called without a plan_layer before it")
         if not deferred.observed:
             self._observe(deferred)
         prefetch = self._choose_prefetch(deferred) if self._prefetches else []
+        if self.refill is not None:
+            prefetch += self.refill.after_layer(self.cache, deferred.layer, deferred.counts, deferred.cpu)
         self._end_layer(deferred, len(prefetch))
         if prefetch:
             load_ms, in_flight = self.costs.load_ms, self._in_flight
@@ -417,6 +535,12 @@ def frequency_ranking(frequencies: np.ndarray) -> list[ExpertId]:
     return [(int(i) // n_experts, int(i) % n_experts) for i in order]
 
 
+def _uniform(dims: ModelDims, capacity: int) -> tuple[ExpertId, ...]:
+    """kTransformers' default placement: the slots spread evenly over the layers, lowest ids first."""
+    sizes = even_pool_sizes(capacity, dims.n_layers)
+    return tuple((layer, e) for layer, size in enumerate(sizes) for e in range(min(size, dims.n_experts)))
+
+
 def cache_capacity(dims: ModelDims, cache_ratio: float) -> int:
     return int(round(cache_ratio * dims.n_layers * dims.n_experts))
 
@@ -428,6 +552,7 @@ def make_planner(
     policy: PolicyConfig,
     capacity: int,
     frequencies: np.ndarray | None = None,  # [L, E] from a profiling workload
+    baseline: BaselineParams = BaselineParams(),
 ) -> PolicyPlanner:
     """Builds one strategy's planner; `capacity` counts experts the accelerator cache holds."""
     if strategy not in STRATEGIES:
@@ -450,6 +575,40 @@ def make_planner(
             dims, costs, cache, sched.schedule_static, admit_loads=False, warm=tuple(ranking[:capacity]),
             planning_ms=planning,
         )
+    if strategy == "ktransformers-front":
+        front = tuple((layer, e) for layer in range(n_layers) for e in range(n_experts))[:capacity]
+        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy="static")
+        return PolicyPlanner(
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=front, planning_ms=planning
+        )
+    if strategy == "ktransformers-dynamic":
+        rates = None
+        if frequencies is not None:  # activations per token of each expert
+            rates = dims.top_k * frequencies / np.maximum(frequencies.sum(axis=1, keepdims=True), 1)
+        count = ActivationCountPolicy(baseline.refresh_decay, rates)
+        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy=count)
+        refresh = PeriodicRefresh(n_layers, baseline.refresh_steps, baseline.refresh_prefill_tokens)
+        start = tuple(ranking[:capacity]) if ranking else _uniform(dims, capacity)
+        return PolicyPlanner(
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=start, planning_ms=planning,
+            refill=refresh,
+        )
+    if strategy == "llamacpp-lru":
+        cpu_layers = n_layers if baseline.lru_cpu_layers is None else baseline.lru_cpu_layers
+        gpu_layers = n_layers - cpu_layers
+        if not 0 <= gpu_layers * n_experts <= capacity:
+            raise ValueError(
+                f"llamacpp-lru with {cpu_layers} CPU layers needs {gpu_layers * n_experts} slots for the rest; "
+                f"the cache has {capacity}"
+            )
+        lru_slots = even_pool_sizes(capacity - gpu_layers * n_experts, cpu_layers) if cpu_layers else []
+        cache = ExpertCache(n_layers, n_experts, capacity, layout="per-layer", policy=baseline.eviction,
+                            pool_sizes=lru_slots + [n_experts] * gpu_layers)
+        warm = tuple((layer, e) for layer in range(cpu_layers, n_layers) for e in range(n_experts))
+        return PolicyPlanner(
+            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm, planning_ms=planning,
+            refill=InsertMisses(baseline.lru_inserts),
+        )
     if strategy == "llamacpp":
         n_gpu_layers = capacity // n_experts
         warm = tuple((layer, e) for layer in range(n_layers - n_gpu_layers, n_layers) for e in range(n_experts))
@@ -458,7 +617,7 @@ def make_planner(
             dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm, planning_ms=planning
         )
     if strategy == "gpu-offload":
-        cache = ExpertCache(n_layers, n_experts, capacity, layout=policy.cache_layout, policy="lru")
+        cache = ExpertCache(n_layers, n_experts, capacity, layout=policy.cache_layout, policy=baseline.eviction)
         return PolicyPlanner(dims, costs, cache, sched.schedule_gpu_only, admit_loads=True, planning_ms=planning)
     cache = ExpertCache(
         n_layers,

@@ -46,8 +46,6 @@ from hybrimoe.runtime.stats import RunStats
 from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_shape
 
 TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
-# strategies that place experts by frequencies counted on a separate profiling workload
-NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
 WARM_UP_TOKENS = 16  # prompt tokens of the warm-up step
 
 
@@ -78,7 +76,7 @@ class RunReport:
 
 
 def _check_options(options: RunOptions) -> None:
-    from hybrimoe.policy.strategies import STRATEGIES
+    from hybrimoe.policy.strategies import NEEDS_FREQUENCIES, STRATEGIES
 
     if not options.prompts or any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")

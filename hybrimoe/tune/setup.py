@@ -61,6 +61,7 @@ class TuneOptions:
     pareto: bool = False
     force: bool = False
     profile_split: float = 0.25
+    profiling_traces: tuple[Path, ...] = ()  # frequencies counted here instead of on the traces' first part
     prefill_tokens: int = 512
     max_tokens: int | None = None
     report_dir: Path | None = None  # trials CSV, plots and index.md
@@ -94,6 +95,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         raise UserError("give at least one --trace to tune on")
     traces = [(str(path), load_trace(path)) for path in options.traces]
     holdout = [(str(path), load_trace(path)) for path in options.holdout]
+    profiling = [(str(path), load_trace(path)) for path in options.profiling_traces]
     meta = traces[0][1].meta
     profile_path = options.profile or _this_machines_profile(meta)
     profile = load_profile(profile_path)
@@ -105,7 +107,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         split = 0.0 if options.holdout else DEFAULT_HOLDOUT_SPLIT
     workload = build_workload(
         traces, holdout, split, options.objective, options.decode_tokens, options.profile_split,
-        options.prefill_tokens, options.max_tokens,
+        options.prefill_tokens, options.max_tokens, profiling,
     )
     max_slots, fixed_slots, budget = _capacity(options, meta, profile)
     space = policy_space(meta.n_layers * meta.n_experts, meta.top_k, max_slots, fixed_slots)
@@ -120,6 +122,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         "decode_tokens": options.decode_tokens,
         "slots": [max_slots, fixed_slots],
         "splits": [options.profile_split, split, options.prefill_tokens, options.max_tokens],
+        "profiling": [_sha256(path) for path in options.profiling_traces],
         "pareto": options.pareto,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrimoe.config import PolicyConfig
+from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
 
 SLOT_STEPS = 16  # capacities tried between no cache and the budget's largest
 
@@ -136,7 +137,7 @@ def policy_space(total_experts: int, top_k: int, max_slots: int, fixed_slots: in
         knobs.append(Knob("cache_slots", tuple(range(max_slots % step, max_slots + 1, step))))
     knobs += [
         Knob("cache_layout", ("shared", "per-layer")),
-        Knob("cache_policy", ("mrs", "lru", "lfu", "static")),
+        Knob("cache_policy", CONFIGURABLE_POLICIES),
         Knob("mrs_alpha", (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), when=("cache_policy", ("mrs",))),
         Knob("mrs_top_p", (top_k, 2 * top_k, 4 * top_k), when=("cache_policy", ("mrs",))),
         Knob("prefetch_depth", (0, 1, 2, 3, 4)),

@@ -32,10 +32,10 @@ from optuna.trial import TrialState
 
 from hybrimoe.config import PolicyConfig
 from hybrimoe.errors import UserError
+from hybrimoe.policy.strategies import BASELINES
 from hybrimoe.runtime.capacity import GIB
 from hybrimoe.tune.setup import Inputs, TuneOptions, load_inputs
 
-BASELINES = ("ktransformers", "llamacpp", "gpu-offload", "cpu-only")
 HEARTBEAT_S = 2
 GRACE_S = 10  # a running trial without a heartbeat for this long is failed and retried
 MAX_RETRIES = 2

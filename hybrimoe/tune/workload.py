@@ -3,7 +3,8 @@
 Design choices:
 - The training traces are split as `simulate` splits a trace: the first `profile_split` of each
   trace's tokens is the profiling workload (the expert frequencies that the warm start and the
-  frequency-placed baselines use); the rest is replayed. The holdout is never seen by the search:
+  frequency-placed baselines use); the rest is replayed. With profiling traces, the frequencies
+  are theirs and the training traces are replayed whole. The holdout is never seen by the search:
   either other traces, or the last `holdout_split` of every training trace's tokens. It is
   replayed with the training traces' frequencies, as a user profiles one workload and serves
   another.
@@ -141,6 +142,7 @@ def build_workload(
     profile_split: float = 0.25,
     prefill_tokens: int = 512,
     max_tokens: int | None = None,
+    profiling: Sequence[tuple[str, RoutingTrace]] = (),
 ) -> Workload:
     """Splits and shapes the traces (all of one model); see the module's design choices."""
     if objective not in OBJECTIVES:
@@ -154,7 +156,7 @@ def build_workload(
     if not 0.0 < profile_split < 1.0:
         raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
     meta = traces[0][1].meta
-    for name, trace in [*traces, *holdout]:
+    for name, trace in [*traces, *holdout, *profiling]:
         _check_same_model(meta, trace.meta, name)
     modes = {"decode": ("decode",), "prefill": ("prefill",), "weighted": ("prefill", "decode")}[objective]
 
@@ -168,13 +170,18 @@ def build_workload(
         )
 
     frequencies = np.zeros((meta.n_layers, meta.n_experts))
+    for _, trace in profiling:
+        frequencies += trace.expert_frequencies()
     train, held = [], [shaped(name, trace) for name, trace in holdout]
     for name, trace in traces:
         n_train = trace.n_tokens - round(holdout_split * trace.n_tokens)
-        n_profiling = round(profile_split * n_train)
-        if n_profiling == 0 or n_train - n_profiling <= 0 or (holdout_split and n_train == trace.n_tokens):
+        n_profiling = 0 if profiling else round(profile_split * n_train)
+        if (n_profiling == 0 and not profiling) or n_train - n_profiling <= 0 or (
+            holdout_split and n_train == trace.n_tokens
+        ):
             raise UserError(f"{name}: {trace.n_tokens} tokens are too few to split for tuning")
-        frequencies += trace.tokens(0, n_profiling).expert_frequencies()
+        if not profiling:
+            frequencies += trace.tokens(0, n_profiling).expert_frequencies()
         train.append(shaped(name, trace.tokens(n_profiling, n_train)))
         if holdout_split:
             held.append(shaped(f"{name} (last {holdout_split:.0%})", trace.tokens(n_train, trace.n_tokens)))

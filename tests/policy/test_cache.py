@@ -71,7 +71,7 @@ def make(policy, capacity, layout="shared", calls=None, **kwargs):
 
 
 @pytest.mark.parametrize("layout", ["shared", "per-layer"])
-@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "belady"])
+@pytest.mark.parametrize("policy", ["mrs", "lru", "lfu", "least-stale", "belady"])
 def test_invariants_under_replay(policy, layout):
     calls = routing(seed=1, n_steps=40, skew=1.0)
     for capacity in (0, 3, 13, 32, 64):
@@ -247,7 +247,7 @@ def test_fill_skips_full_pools_and_residents():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    policy=st.sampled_from(["mrs", "lru", "lfu"]),
+    policy=st.sampled_from(["mrs", "lru", "lfu", "least-stale"]),
     layout=st.sampled_from(["shared", "per-layer"]),
     capacity=st.integers(0, N_LAYERS * N_EXPERTS),
     ops=st.lists(
@@ -275,7 +275,7 @@ def test_random_operations_keep_invariants(policy, layout, capacity, ops):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    policy=st.sampled_from(["mrs", "lru", "lfu"]),
+    policy=st.sampled_from(["mrs", "lru", "lfu", "least-stale"]),
     layout=st.sampled_from(["shared", "per-layer"]),
     capacity=st.integers(1, N_LAYERS * N_EXPERTS // 2),
     ops=st.lists(

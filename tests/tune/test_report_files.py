@@ -1,4 +1,4 @@
-"""The tuning report's files, from small real studies (ten trials of 60 replayed tokens)."""
+"""The tuning report's files, from small real studies (a few trials of 60 replayed tokens; the first eight are the default and the baselines)."""
 
 import csv
 import sys
@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _study(out_dir: Path, **budget):
+def _study(out_dir: Path, trials: int, **budget):
     options = TuneOptions(
         traces=(REPO / "traces/qwen3-30b-a3b.npz",), out=out_dir / "tuned.yaml",
-        profile=REPO / "profiles/rtx4090-desktop.qwen3-30b-a3b.yaml", storage="memory", trials=10, max_tokens=60,
+        profile=REPO / "profiles/rtx4090-desktop.qwen3-30b-a3b.yaml", storage="memory", trials=trials, max_tokens=60,
         objective="decode", **budget,
     )
     inputs = load_inputs(options)
@@ -31,7 +31,7 @@ def _study(out_dir: Path, **budget):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _study(tmp_path_factory.mktemp("single"), cache_ratio=0.25)
+    return _study(tmp_path_factory.mktemp("single"), 10, cache_ratio=0.25)
 
 
 def _check_files(written: list[Path], directory: Path, study, expected_images: set[str]) -> str:
@@ -59,7 +59,7 @@ def test_writes_csv_images_and_index(single, tmp_path):
     directory = tmp_path / "report"
     directory.mkdir()  # an existing directory is fine
     written = write_report(study, result, directory, "ms/token")
-    # two completed tuned trials: too few for importances
+    # two tuned trials: too few for importances
     index = _check_files(written, directory, study, {"history.png", "latency_vs_slots.png"})
     assert result.study_name in index
     assert f"{result.trials} trials finished ({result.pruned} pruned" in index
@@ -70,7 +70,7 @@ def test_writes_csv_images_and_index(single, tmp_path):
 
 
 def test_pareto_study_draws_the_front_and_importances(tmp_path):
-    study, result = _study(tmp_path, gpu_memory_gb=24, pareto=True)
+    study, result = _study(tmp_path, 14, gpu_memory_gb=24, pareto=True)
     directory = tmp_path / "nested" / "report"
     written = write_report(study, result, directory, "ms/token")
     _check_files(written, directory, study, {"history.png", "importances.png", "latency_vs_slots.png", "pareto.png"})
