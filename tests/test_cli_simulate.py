@@ -34,3 +34,25 @@ def test_simulate_takes_this_machines_profile_by_default():
     result = runner.invoke(app, ["simulate", "--trace", TRACE, *SMALL])
     assert result.exit_code == 0, result.output
     assert "this machine's" in result.output
+
+
+PROFILE = str(REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml")
+BATCH2 = str(REPO / "traces" / "qwen3-30b-a3b-batch2.npz")
+
+
+def test_placement_learned_on_another_trace_as_markdown():
+    args = ["simulate", "--trace", TRACE, "--profile", PROFILE, "--profiling-trace", BATCH2, "--max-tokens", "8",
+            "--mode", "decode", "--cache-ratio", "0.25", "--strategies", "hybrimoe,ktransformers,llamacpp-lru",
+            "--baseline", "lru_inserts=4", "--markdown"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"placement learned on {BATCH2} (1983 tokens)" in result.output
+    assert "| **hybrimoe** |" in result.output and "| llamacpp-lru |" in result.output
+    assert result.output.count("*") >= 1 + 4  # the best baseline's star, hybrimoe's bold
+
+
+def test_bad_baseline_settings_are_one_line_errors():
+    for setting, message in [("warp=3", "KEY one of"), ("lru_inserts=two", "takes a number"),
+                             ("eviction=static", "eviction must be one of")]:
+        result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, *SMALL, "--baseline", setting])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -158,6 +158,51 @@ def test_product_planner_matches_transformers(checkpoint, family, ratio):
     assert runtime.counters.accelerator_runs > 0
 
 
+_BASELINES = [  # (strategy, cache policy, n_layers -> baseline settings that make its copies happen in 17 steps)
+    ("ktransformers-dynamic", "mrs", lambda n_layers: {"refresh_steps": 1, "refresh_decay": 0.5}),
+    ("ktransformers-front", "mrs", lambda n_layers: {}),
+    ("llamacpp-lru", "mrs", lambda n_layers: {"lru_inserts": 2}),
+    ("llamacpp-lru", "mrs", lambda n_layers: {"lru_inserts": 1, "lru_cpu_layers": n_layers - 1}),
+    ("gpu-offload", "mrs", lambda n_layers: {"eviction": "least-stale"}),
+    ("hybrimoe", "least-stale", lambda n_layers: {}),
+]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("strategy, cache_policy, settings", _BASELINES)
+def test_new_baselines_match_transformers(checkpoint, family, strategy, cache_policy, settings):
+    """The peers' mechanisms (refreshes, LRU uploads, Least-Stale eviction) through the runtime."""
+    import numpy as np
+
+    from hybrimoe.config import PolicyConfig
+    from hybrimoe.policy.costs import CostModel
+    from hybrimoe.policy.strategies import BaselineParams, ModelDims, make_planner
+    from hybrimoe.runtime.runner import default_profile, model_shape
+
+    path = str(checkpoint(family))
+    loaded = _loaded(path)
+    settings = settings(loaded.n_layers)
+    # half the experts; three quarters where whole layers are resident, so some slots remain for the LRU
+    slots = loaded.n_layers * loaded.n_experts * (3 if "lru_cpu_layers" in settings else 2) // 4
+    dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
+    costs = CostModel(default_profile(model_shape(loaded, family)))
+    frequencies = np.random.default_rng(0).integers(0, 50, (loaded.n_layers, loaded.n_experts)).astype(float)
+    planner = make_planner(strategy, dims, costs, PolicyConfig(cache_policy=cache_policy, prefetch_depth=2), slots,
+                           frequencies, BaselineParams(**settings))
+    ids, mask = _prompt(2)
+    with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
+        out = generate(loaded.model, ids, mask, N_NEW, before_step=runtime.begin_step, on_step=runtime.end_step,
+                       keep_logits=True)
+    ref_prefill, ref_steps, ref_tokens = _reference(path, 2)
+    assert (out.prefill_logits - ref_prefill).abs()[mask.bool()].max().item() <= TOLERANCE
+    assert (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item() <= TOLERANCE
+    assert torch.equal(out.tokens, ref_tokens)
+    assert runtime.counters.accelerator_runs > 0
+    assert (runtime.counters.cpu_runs > 0) == (strategy != "gpu-offload")
+    if strategy in ("ktransformers-dynamic", "llamacpp-lru", "gpu-offload"):
+        assert runtime.counters.prefetches + runtime.counters.loads > 0  # its copies ran
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
 def test_bfloat16_models_agree_with_transformers(family):
     """bfloat16 weights; DeepSeek's router hands float32 weights to bfloat16 experts."""

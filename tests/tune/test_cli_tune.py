@@ -105,6 +105,23 @@ def test_budget_is_never_exceeded(tmp_path):
     assert slots and max(slots) <= max_slots
 
 
+def test_placement_learned_on_another_trace(tmp_path):
+    """With --profiling-trace, the training trace is replayed whole and the baselines place by the other batch."""
+    from hybrimoe.trace import load_trace
+    from hybrimoe.tune.setup import TuneOptions, load_inputs
+
+    batch2 = REPO / "traces" / "qwen3-30b-a3b-batch2.npz"
+    options = TuneOptions(traces=(QWEN_TRACE,), out=tmp_path / "t.yaml", profile=QWEN_PROFILE, storage="memory",
+                          max_tokens=120, objective="decode", cache_ratio=0.25)
+    in_batch = load_inputs(options)
+    learned = load_inputs(TuneOptions(**{**options.__dict__, "profiling_traces": (batch2,)}))
+    assert learned.study_name != in_batch.study_name
+    assert (learned.workload.frequencies == load_trace(batch2).expert_frequencies()).all()
+    first_token = load_trace(QWEN_TRACE).tokens(0, 1).steps[0].topk_ids
+    assert (learned.workload.train[0].decode.steps[0].topk_ids == first_token).all()  # replayed from the start
+    assert not (in_batch.workload.train[0].decode.steps[0].topk_ids == first_token).all()
+
+
 def test_exports_for_other_engines(tmp_path):
     out = tmp_path / "tuned.yaml"
     result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", out, "--storage", "memory",
@@ -184,6 +201,7 @@ def test_two_local_workers_share_one_sqlite_study(tmp_path):
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--workers", "2", "--storage", "memory"], "shared storage"),
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--measure-top", "2"], "--measure-top runs the model"),
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--trials", "0"], "--trials must be"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--profiling-trace", "{demo}"], "not of Qwen3"),
     ],
 )
 def test_bad_input_is_one_line_before_any_trial(tmp_path, demo_trace, args, message):
