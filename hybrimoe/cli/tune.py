@@ -159,6 +159,11 @@ def _cell(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else f"{value:{spec}}"
 
 
+def _time_cell(value_ms: float | None) -> str:
+    """A time to 4-5 significant digits: whole ms from a second up."""
+    return _cell(value_ms, ".0f" if value_ms is not None and value_ms >= 1000 else ".2f")
+
+
 def _render(result, objective: str) -> None:
     from hybrimoe.tune.workload import UNITS
 
@@ -170,7 +175,7 @@ def _render(result, objective: str) -> None:
         f"{result.seconds:.0f} s); ms/token, TTFT and hit rate on the {detail} tokens",
         title_justify="left",
     )
-    table.add_column("config")
+    table.add_column("config", no_wrap=True, min_width=max(len(row.config) for row in result.rows))
     table.add_column("slots", justify="right")
     for part in ("train", "holdout"):
         table.add_column(part, justify="right")
@@ -183,7 +188,7 @@ def _render(result, objective: str) -> None:
             value = getattr(row, part)
             base = None if default is None else getattr(default, part)
             speedup = None if value is None or base is None else base.objective_ms / value.objective_ms
-            cells += [_cell(None if value is None else value.objective_ms), _cell(speedup, ".2f") + ("x" if speedup else "")]
+            cells += [_time_cell(None if value is None else value.objective_ms), _cell(speedup) + ("x" if speedup else "")]
         shown = getattr(row, detail)
         cells += [_cell(shown.decode_ms_per_token), _cell(shown.ttft_ms, ".1f"), f"{shown.hit_rate:.0%}"]
         table.add_row(row.config, *cells, style="bold green" if row.config == "tuned" else None)
