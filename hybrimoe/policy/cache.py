@@ -3,8 +3,9 @@
 Design choices:
 - Capacity counts experts. Layout "shared" is one pool of `capacity` slots for all layers;
   "per-layer" splits it evenly (the first `capacity % n_layers` layers get one slot more) or as
-  given (`pool_sizes`), each layer owning a contiguous slot range. Slots are numbered 0..capacity-1 overall either way, and a
-  free slot is always the lowest-numbered free one of its pool.
+  given (`pool_sizes`), each layer owning a contiguous slot range. Slots are numbered
+  0..capacity-1 overall either way, and a free slot is always the lowest-numbered free one of its
+  pool.
 - Every policy keeps one flat float array `prio` [L*E + 1] (index layer * E + expert; the last entry
   is +inf for free slots). The victim is the unprotected resident expert of the pool with the lowest
   priority, lowest slot on ties: an argmin over the pool's slots in `_slot_prio` (each slot's

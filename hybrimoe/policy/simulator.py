@@ -309,7 +309,10 @@ def compare_strategies(
             if progress is not None:
                 progress(f"{strategy} at {ratio:.0%} cache")
             freqs = workload.replay_frequencies if strategy == "static-oracle" else workload.profiling_frequencies
-            planner = make_planner(strategy, dims, costs, policy, capacity, freqs, baseline)
+            try:
+                planner = make_planner(strategy, dims, costs, policy, capacity, freqs, baseline)
+            except ValueError as exc:  # a baseline setting that does not fit this cache
+                raise UserError(f"{strategy} at {ratio:.0%} cache: {exc}") from None
             results[(strategy, ratio)] = simulate(
                 workload.replay, planner, predictor, strategy=strategy, cache_ratio=ratio, mode=mode
             )

@@ -596,7 +596,9 @@ def make_planner(
     if strategy == "llamacpp-lru":
         cpu_layers = n_layers if baseline.lru_cpu_layers is None else baseline.lru_cpu_layers
         gpu_layers = n_layers - cpu_layers
-        if not 0 <= gpu_layers * n_experts <= capacity:
+        if not 0 <= cpu_layers <= n_layers:
+            raise ValueError(f"llamacpp-lru's CPU layers must be in [0, {n_layers}], got {cpu_layers}")
+        if gpu_layers * n_experts > capacity:
             raise ValueError(
                 f"llamacpp-lru with {cpu_layers} CPU layers needs {gpu_layers * n_experts} slots for the rest; "
                 f"the cache has {capacity}"

@@ -135,6 +135,9 @@ def test_llamacpp_lru_keeps_later_layers_fully_resident():
     with pytest.raises(ValueError, match="needs 8 slots"):
         make_planner("llamacpp-lru", dims, CostModel(make_profile()), PolicyConfig(), 6, None,
                      BaselineParams(lru_cpu_layers=1))
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\]"):
+        make_planner("llamacpp-lru", dims, CostModel(make_profile()), PolicyConfig(), 6, None,
+                     BaselineParams(lru_cpu_layers=4))
 
 
 def test_least_stale_serves_the_caching_baselines():
