@@ -6,3 +6,10 @@ prefetch; the simulator and the runtime call the same policy objects.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# Models come from local paths only: the Hugging Face hub is never consulted, whatever a checkpoint
+# names (set before transformers or huggingface_hub are imported; a user's explicit setting wins).
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

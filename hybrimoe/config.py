@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from hybrimoe.errors import ProfileError
-from hybrimoe.files import write_atomically
+from hybrimoe.errors import ProfileError, UserError
+from hybrimoe.files import read_text, write_atomically
 from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
 
 SCHEMA_VERSION = 1
@@ -311,10 +312,11 @@ class HardwareProfile:
     def check_expert_shape(self, shape: ExpertShape) -> None:
         """Refuses a profile measured for other expert shapes than the model's."""
         mine = self.expert_shape
-        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices) != (
+        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices, mine.dtype) != (
             shape.hidden_size,
             shape.intermediate_size,
             shape.n_matrices,
+            shape.dtype,
         ):
             raise ProfileError(
                 f"profile {self.name!r} was made for experts {mine.describe()}, "
@@ -394,8 +396,8 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProfileError(f"{where}: expected a number, got {value!r}")
-        if value < 0:
-            raise ProfileError(f"{where}: must not be negative, got {value}")
+        if not math.isfinite(value) or value < 0:
+            raise ProfileError(f"{where}: must be a finite number, not negative, got {value}")
         return float(value)
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -439,7 +441,24 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ProfileError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    return _build(HardwareProfile, data, source)
+    return _check_physics(_build(HardwareProfile, data, source), source)
+
+
+def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
+    """What the cost model divides by or relies on is strictly positive (finiteness is checked
+    field by field as the profile is read)."""
+    curves = {"cpu_expert": profile.cpu_expert, "gpu_expert": profile.gpu_expert, "dense_layer": profile.dense_layer}
+    for name, curve in curves.items():
+        if curve is not None and not curve.ms(1) > 0:
+            raise ProfileError(f"{source}: {name}: the latency of 1 token must be positive, got {curve.ms(1)} ms")
+    if profile.transfer is not None:
+        for name in ("expert_load_ms", "h2d_pinned_gbps"):
+            if not getattr(profile.transfer, name) > 0:
+                raise ProfileError(f"{source}: transfer.{name} must be positive, got {getattr(profile.transfer, name)}")
+    for name in ("cpu_slowdown", "copy_slowdown"):
+        if not getattr(profile.interference, name) > 0:
+            raise ProfileError(f"{source}: interference.{name} must be positive")
+    return profile
 
 
 def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
@@ -451,10 +470,12 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
     """Reads and validates a profile; every problem is one line naming the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"profile not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = read_text(path, "profile")
+    except UserError as exc:
+        raise ProfileError(str(exc)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

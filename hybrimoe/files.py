@@ -1,25 +1,83 @@
-"""Writing result files atomically: a temp file beside the target, then a rename.
+"""Reading inputs and writing results, with every problem a user can cause as one line.
 
-A profile or trace is either complete or absent, never half-written, whatever interrupts the write.
+- `read_text` / `read_json`: a missing, unreadable or non-UTF-8 file, a directory, or JSON nested
+  too deeply to parse becomes a UserError naming the file.
+- `check_output`: before the work starts, an output path must be writable: not a directory, its
+  nearest existing ancestor a writable directory, and not an existing file unless `force`.
+- `write_atomically`: a temp file beside the target, then a rename, so a profile or trace is either
+  complete or absent, never half-written, whatever interrupts the write; an OS error is one line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from hybrimoe.errors import UserError
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of `path` (`what` names it in errors: "profile", "prompt file", ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON from `text`; malformed or too deeply nested JSON is one line naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    return parse_json(read_text(path, what), str(path))
+
+
+def check_output(path: str | os.PathLike, force: bool, flag: str) -> Path:
+    """Refuses, before any work, an output path that cannot be written (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    ancestor = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {ancestor}")
+    return path
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -32,7 +32,7 @@ import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import TraceError, UserError
-from hybrimoe.files import write_atomically
+from hybrimoe.files import check_output, read_json, read_text, write_atomically
 
 if TYPE_CHECKING:
     from hybrimoe.profile.presets import ModelShape
@@ -349,8 +349,10 @@ _ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_prob
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Reads and validates a trace; every problem is one TraceError line naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise TraceError(f"trace not found: {path}")
+    if path.is_dir():
+        raise TraceError(f"trace {path} is a directory, not a file")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -454,12 +456,7 @@ def trace_meta_from_hf_config(
     from hybrimoe.profile.presets import shape_from_hf_config
 
     config_path = Path(config_path)
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise TraceError(f"config not found: {config_path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceError(f"{config_path}: not a readable JSON config ({_one_line(exc)})") from None
+    config = read_json(config_path, "config")
     if not isinstance(config, dict):
         raise TraceError(f"{config_path}: a config must be a JSON object")
     overrides = {k: v for k, v in (("name", model), ("dtype", dtype)) if v is not None}
@@ -471,7 +468,13 @@ def trace_meta_from_hf_config(
 
 
 def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> RoutingTrace:
-    """Reads vLLM-style fused-MoE routing dumps: one JSON line per MoE layer call.
+    """`read_vllm_jsonl`'s trace."""
+    return read_vllm_jsonl(paths, meta)[0]
+
+
+def read_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> tuple[RoutingTrace, int]:
+    """Reads vLLM-style fused-MoE routing dumps: one JSON line per MoE layer call; returns the
+    trace and how many repeated steps were dropped.
 
     Each line holds `topk_ids` [T][k] and optionally `topk_weights`, either the weights [T][k] or
     only the tensor's shape [T, k] (then no weights are kept). `meta.n_layers` consecutive lines
@@ -496,16 +499,11 @@ def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> Ro
         raise TraceError("some lines carry routing weights and others only a shape: cannot mix them")
     note = f"imported from {', '.join(Path(p).name for p in paths)} (vllm-jsonl); {n_dropped} repeated steps dropped"
     provenance = f"{meta.provenance}; {note}" if meta.provenance else note
-    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(steps))
+    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(steps)), n_dropped
 
 
 def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
-    if not path.is_file():
-        raise TraceError(f"trace input not found: {path}")
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{path}: cannot read ({_one_line(exc)})") from None
+    lines = [line for line in read_text(path, "trace input").splitlines() if line.strip()]
     L = meta.n_layers
     if not lines:
         raise TraceError(f"{path}: no lines")
@@ -538,6 +536,8 @@ def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.n
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise TraceError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(record, dict) or "topk_ids" not in record:
         raise TraceError(f"{where}: expected an object with 'topk_ids'")
     try:
@@ -591,13 +591,15 @@ def import_trace_files(
     dtype: str | None = None,
     provenance: str = "",
     overwrite: bool = False,
-) -> RoutingTrace:
-    """`hybrimoe trace import`: shape facts from `config_path` or from every explicit argument."""
+) -> tuple[RoutingTrace, int]:
+    """`hybrimoe trace import`: shape facts from `config_path` or from every explicit argument;
+    returns the trace written and how many repeated steps were dropped."""
     out = Path(out)
     if fmt not in IMPORT_FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}; expected one of {', '.join(IMPORT_FORMATS)}")
-    if out.exists() and not overwrite:
-        raise TraceError(f"{out} exists; pass --force to overwrite it")
+    if out.suffix != ".npz":
+        raise TraceError(f"{out}: a trace file must end in .npz")
+    check_output(out, overwrite, "--out")
     explicit = {
         "n_layers": n_layers,
         "n_experts": n_experts,
@@ -618,9 +620,9 @@ def import_trace_files(
         meta = TraceMeta(
             model=model, n_shared_experts=n_shared_experts or 0, dtype=dtype, provenance=provenance, **explicit
         )
-    trace = import_vllm_jsonl(paths, meta)
+    trace, n_dropped = read_vllm_jsonl(paths, meta)
     save_trace(trace, out, overwrite=overwrite)
-    return trace
+    return trace, n_dropped
 
 
 # ---------------------------------------------------------------------------------------------

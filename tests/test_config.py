@@ -90,7 +90,7 @@ def _good_dict() -> dict:
         (lambda d: d.pop("schema_version"), "schema_version None is not supported"),
         (lambda d: d.update(colour="blue"), "unknown field\\(s\\) colour"),
         (lambda d: d["transfer"].update(speed=1), "transfer: unknown field\\(s\\) speed"),
-        (lambda d: d.update(layer_overhead_ms=-1.0), "layer_overhead_ms: must not be negative"),
+        (lambda d: d.update(layer_overhead_ms=-1.0), "layer_overhead_ms: must be a finite number, not negative"),
         (lambda d: d["transfer"].update(expert_load_ms="fast"), "expert_load_ms: expected a number"),
         (lambda d: d["expert_shape"].update(dtype="float13"), "unknown dtype 'float13'"),
         (lambda d: d["expert_shape"].update(hidden_size=0), "sizes must be positive"),
@@ -127,10 +127,11 @@ def test_not_a_mapping_and_missing_file(tmp_path):
 
 def test_mismatched_expert_shape_rejected():
     profile = make_profile()
-    profile.check_expert_shape(ExpertShape(64, 32, "bfloat16"))  # dtype alone does not matter
-    with pytest.raises(ProfileError, match="made for experts 3 x 64 x 32 float32") as info:
-        profile.check_expert_shape(ExpertShape(2048, 768, "bfloat16"))
-    assert "\n" not in str(info.value)
+    profile.check_expert_shape(ExpertShape(64, 32, "float32"))
+    for other in (ExpertShape(2048, 768, "float32"), ExpertShape(64, 32, "bfloat16"), ExpertShape(64, 32, "int4")):
+        with pytest.raises(ProfileError, match="made for experts 3 x 64 x 32 float32") as info:
+            profile.check_expert_shape(other)
+        assert "\n" not in str(info.value)
 
 
 def test_with_accelerator_from():

@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from collections.abc import Iterator
 
 import typer
+from typer._click import exceptions as click_errors  # typer vendors click: its own exception classes
+from typer.core import TyperGroup
 from rich.console import Console
+from rich.text import Text
 
 from hybrimoe import __version__
 from hybrimoe.errors import UserError
 
+class _OneLineErrors(TyperGroup):
+    """Typer's command group, with a bad option value or a usage mistake reported like every other
+    user error: one `error:` line on stderr and exit code 2 (typer would draw a box)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:  # the help is already shown
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            command = f" (see `{exc.ctx.command_path} -h`)" if getattr(exc, "ctx", None) is not None else ""
+            print_error(exc.format_message() + command)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err_console.print("Aborted.")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="hybrimoe",
+    cls=_OneLineErrors,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
@@ -53,8 +79,14 @@ def user_errors() -> Iterator[None]:
     except UserError as exc:
         if _state["verbose"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        print_error(str(exc))
         raise typer.Exit(exc.exit_code) from None
+
+
+def print_error(message: str) -> None:
+    """One line on stderr: "error: " and the message as plain text (never read as markup)."""
+    err_console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False,
+                      soft_wrap=True)
 
 
 # Modules beside this one that register sub-commands on `app`. They import torch and other heavy

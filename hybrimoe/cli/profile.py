@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.profile.presets import PRESETS
@@ -89,13 +90,16 @@ def profile(
     """Measure this machine for one model: expert costs, bandwidths and, with a model's config (the demo
     model by default), the rest of a step on its own layers; write the profile."""
     from hybrimoe.config import save_profile
-    from hybrimoe.errors import ProfileError, UserError
+    from hybrimoe.errors import UserError
+    from hybrimoe.files import check_output
     from hybrimoe.profile import report
     from hybrimoe.profile.inputs import config_to_measure, resolve_model
 
     with user_errors():
-        if out is not None and out.exists() and not force:
-            raise ProfileError(f"{out} exists; pass --force to overwrite it")
+        if out is not None:
+            check_output(out, force, "--out")
+        if plot is not None:
+            check_output(plot, True, "--plot")
         if estimate:
             if machine is None:
                 if out is not None:
@@ -110,7 +114,7 @@ def profile(
             result = estimate_profile(machine, shape)
             save_profile(result, out, overwrite=force)
             console.print(report.summary_table(result))
-            console.print(f"estimated profile written to [bold]{out}[/]")
+            console.print(Text("estimated profile written to ") + Text(str(out), style="bold"))
             return
         if machine is not None:
             raise UserError(f"unexpected argument {machine!r}: a MACHINE goes with --estimate")
@@ -120,9 +124,10 @@ def profile(
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
         to_default = out is None
         if to_default:
-            out = _this_machines_path(device or default_device(), shape.name)
+            out = check_output(_this_machines_path(device or default_device(), shape.name), True, "profile")
         if plot is not None and not report.png_available():
-            err_console.print("[yellow]matplotlib is not installed: --plot is skipped (pip install matplotlib)[/]")
+            err_console.print("matplotlib is not installed: --plot is skipped (pip install matplotlib)", style="yellow",
+                              markup=False)
             plot = None
         options = ProfileOptions(
             model=shape,
@@ -155,9 +160,9 @@ def profile(
     console.print(report.curves_table(result))
     console.print(report.terminal_plot(result, color=console.is_terminal))
     replacing = ", replacing this machine's previous profile" if replaced else ""
-    console.print(f"profile written to [bold]{out}[/]{replacing}")
+    console.print(Text("profile written to ") + Text(str(out), style="bold") + Text(replacing))
     if plot is not None:
-        console.print(f"plot written to [bold]{report.save_png(result, plot)}[/]")
+        console.print(Text("plot written to ") + Text(str(report.save_png(result, plot)), style="bold"))
 
 
 def _this_machines_path(device: str, model_name: str) -> Path:

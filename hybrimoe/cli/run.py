@@ -26,10 +26,9 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt == "-" or prompt_file == Path("-"):
         return sys.stdin.read()
     if prompt_file is not None:
-        try:
-            return prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read --prompt-file {prompt_file}: {exc.strerror or exc}") from None
+        from hybrimoe.files import read_text
+
+        return read_text(prompt_file, "--prompt-file")
     if prompt is None:
         raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or --prompt - to read stdin")
     return prompt

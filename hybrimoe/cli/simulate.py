@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -16,13 +17,19 @@ from hybrimoe.policy.strategies import STRATEGIES
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in _names(text, flag))
     except ValueError:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(value) for value in values):
+        raise UserError(f"{flag} takes finite numbers, got {text!r}")
+    return values
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise UserError(f"{flag} needs at least one value")
+    return names
 
 
 def _baseline_params(settings: list[str]):
@@ -91,13 +98,13 @@ def simulate(
             from hybrimoe.trace import load_trace
 
             profile = this_machines_profile_for(load_trace(trace).meta.expert_shape())
-            console.print(f"profile: this machine's, {profile}")
+            console.print(f"profile: this machine's, {profile}", markup=False, highlight=False)
         comparisons = simulate_files(
             trace,
             profile,
             ratios=_floats(cache_ratio, "--cache-ratio"),
-            strategies=_names(strategies),
-            modes=_names(modes),
+            strategies=_names(strategies, "--strategies"),
+            modes=_names(modes, "--mode"),
             accelerator_from=accelerator_from,
             predictor=predictor,
             profile_fraction=profile_split,

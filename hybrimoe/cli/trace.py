@@ -55,15 +55,17 @@ def import_cmd(
     from hybrimoe.trace import import_trace_files
 
     with user_errors():
-        trace = import_trace_files(
+        trace, n_dropped = import_trace_files(
             files, out, fmt=fmt, config_path=config, model=model_name, n_layers=layers, n_experts=experts,
             top_k=top_k, n_shared_experts=shared_experts, hidden_size=hidden_size,
             intermediate_size=intermediate_size, dtype=dtype, provenance=provenance, overwrite=force,
         )
+    dropped = (f"; dropped {n_dropped} step(s) that repeat an earlier one exactly (a serving engine's idle "
+               "batches)" if n_dropped else "")
     console.print(
         f"wrote {out}: {trace.n_steps} steps, {trace.n_tokens} tokens, step lengths "
-        f"{_lengths(trace.step_lengths)}",
-        highlight=False,
+        f"{_lengths(trace.step_lengths)}{dropped}",
+        highlight=False, markup=False,
     )
 
 
@@ -80,7 +82,7 @@ def info_cmd(
     if as_json:
         console.print_json(json.dumps(dataclasses.asdict(summary)))
         return
-    table = Table(title=str(file), show_header=False)
+    table = Table(title=escape(str(file)), show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows = [

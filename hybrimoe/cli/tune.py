@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 
@@ -105,10 +106,10 @@ def tune(
             profiling_traces=tuple(profiling_trace),
         )
         inputs = prepare(options)
-        console.print(f"study [bold]{inputs.study_name}[/] in {_storage(inputs)}; budget: {inputs.budget}", highlight=False)
+        console.print(Text("study ") + Text(inputs.study_name, style="bold") + Text(f" in {_storage(inputs)}; budget: {inputs.budget}"), highlight=False)
         try:
             with _progress_bar(trials) as (bar, update):
-                outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text))
+                outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text, markup=False))
         except KeyboardInterrupt:
             kept = ("nothing is kept (in-memory storage)" if inputs.storage_url is None else
                     f"the finished trials are kept in {_storage(inputs)}; rerun the same command to continue")

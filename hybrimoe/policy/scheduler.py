@@ -172,7 +172,8 @@ def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: 
     pcie_decides = True  # False once the CPU left every non-resident expert to the copy engine
     cpu_takes_non = cpu_steals = True
     first_ms = extra_ms  # the CPU's start-up cost, until it takes its first expert
-    while True:
+    # Each pass places an expert, computes a copied one or turns a rule off: a bound no input exceeds.
+    for _ in range(2 * m + len(res_n) + 4):
         # When each timeline can next act (inf: nothing to do, now or later).
         n_copies = len(copies)
         if rlo < rhi or (next_gpu_copy < n_copies and copies[next_gpu_copy] <= gpu_t):
@@ -261,6 +262,9 @@ def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: 
                 queued_res_gpu_ms -= res_gpu[r]
                 cpu_idx.append(m + r)
             first_ms = 0.0
+    else:
+        raise RuntimeError(f"the hybrid schedule did not finish (costs: CPU {non_cpu + res_cpu} ms, GPU "
+                           f"{non_gpu + res_gpu} ms, load {load_ms} ms): a cost is not a finite number")
     return (
         tuple(gpu_idx),
         tuple(copied),

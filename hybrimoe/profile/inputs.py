@@ -14,12 +14,16 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from hybrimoe.config import DTYPE_BYTES
 from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
+from hybrimoe.files import read_json
 from hybrimoe.profile.presets import ModelShape, get_preset, shape_from_hf_config
+
+
+MAX_EXPERT_BYTES = 16 << 30  # far beyond any MoE expert today (Mixtral's: 336 MiB in bfloat16)
 
 
 def resolve_model(
@@ -48,6 +52,12 @@ def resolve_model(
         return shape if dtype is None else dataclasses.replace(shape, dtype=dtype)
     if hidden_size is None or intermediate_size is None:
         raise UserError("--hidden-size and --intermediate-size go together")
+    expert_bytes = 3 * hidden_size * intermediate_size * DTYPE_BYTES.get(dtype or "bfloat16", 2)
+    if expert_bytes > MAX_EXPERT_BYTES:
+        raise UserError(
+            f"an expert of hidden size {hidden_size} x intermediate size {intermediate_size} takes "
+            f"{expert_bytes / 2**30:,.0f} GiB; hybrimoe profiles experts of at most {MAX_EXPERT_BYTES >> 30} GiB"
+        )
     n_heads = max(1, hidden_size // 128)
     return ModelShape(
         name=f"custom-{hidden_size}x{intermediate_size}",
@@ -79,10 +89,7 @@ def model_config_path(model_path: Path | None) -> Path:
 
 
 def _shape_from_config(config_path: Path, name: str, dtype: str | None) -> ModelShape:
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    config = read_json(config_path, "config")
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
     return shape_from_hf_config(config, name=name, dtype=dtype)

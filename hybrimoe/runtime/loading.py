@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,18 +212,38 @@ def load_config(path: Path, trust_remote_code: bool):
 
     try:
         config_data = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise ModelError(f"{path}: no readable config.json (is this a transformers checkpoint?)") from None
-    if "auto_map" in config_data and not trust_remote_code:
-        raise ModelError(
-            f"{path}: the checkpoint ships its own model code; hybrimoe does not run it unless you pass "
-            "--trust-remote-code"
-        )
+    if not isinstance(config_data, dict):
+        raise ModelError(f"{path}/config.json: expected a JSON object, got a {type(config_data).__name__}")
+    check_code_is_local(path, config_data, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
         model_type = config_data.get("model_type", "unknown")
         raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
+
+
+def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) -> None:
+    """Code named by `auto_map` runs only with `trust_remote_code`, and only from the checkpoint
+    directory: a reference to another repository ("owner/repo--module.Class") is refused, since
+    hybrimoe never fetches from a hub."""
+    auto_map = config_data.get("auto_map")
+    if auto_map is None:
+        return
+    if not trust_remote_code:
+        raise ModelError(
+            f"{path}: the checkpoint ships its own model code (auto_map); hybrimoe does not run it unless you "
+            "pass --trust-remote-code"
+        )
+    references = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    for reference in references:
+        for name in reference if isinstance(reference, list) else [reference]:
+            if not isinstance(name, str) or "--" in name:
+                raise ModelError(
+                    f"{path}: auto_map names code in another repository ({name!r}); hybrimoe runs model code "
+                    "only from the checkpoint directory and never fetches from a hub"
+                )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -260,9 +281,22 @@ def _facts(meta_model: nn.Module, config) -> ModelFacts:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
 def _load_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            data = json.loads(tokenizer_config.read_text())
+        except (OSError, ValueError, RecursionError):
+            raise ModelError(f"{tokenizer_config}: not readable JSON") from None
+        if isinstance(data, dict):
+            check_code_is_local(path, data, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -327,8 +361,8 @@ def load_model(
     facts = _facts(build_on_meta(config, trust_remote_code), config)
     if before_weights is not None:
         before_weights(facts)
-    check_weight_files(path, allow_pickle)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
+    check_weight_files(path, allow_pickle)
     if not show_progress:
         hf_logging.disable_progress_bar()
     try:
@@ -341,7 +375,7 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
     finally:
         if not show_progress:

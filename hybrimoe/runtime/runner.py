@@ -26,6 +26,7 @@ Design choices:
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 from hybrimoe import __version__
 from hybrimoe.config import HardwareProfile, PolicyConfig, load_profile
 from hybrimoe.errors import UserError
+from hybrimoe.files import check_output
 from hybrimoe.policy.plan import Planner
 from hybrimoe.profile.presets import ModelShape
 from hybrimoe.runtime.capacity import GIB, Capacity, resolve_capacity
@@ -89,19 +91,20 @@ def _check_options(options: RunOptions) -> None:
         )
     if options.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    if options.sampling.temperature < 0:
-        raise UserError("--temperature must not be negative")
+    if not options.sampling.temperature >= 0 or math.isinf(options.sampling.temperature):
+        raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
     if not 0.0 < options.sampling.top_p <= 1.0:
-        raise UserError("--top-p must be in (0, 1]")
-    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
-        raise UserError("--gpu-memory-gb must be positive")
+        raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
+    if options.cache_ratio is not None and not 0.0 <= options.cache_ratio <= 1.0:
+        raise UserError(f"--cache-ratio must be in [0, 1], got {options.cache_ratio}")
+    if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
+        raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
     if options.threads is not None and options.threads < 1:
         raise UserError("--threads must be at least 1")
     if options.record_trace is not None:
         if options.record_trace.suffix != ".npz":
             raise UserError(f"{options.record_trace}: a trace file must end in .npz")
-        if options.record_trace.exists() and not options.overwrite_trace:
-            raise UserError(f"{options.record_trace} exists; pass --force to overwrite it")
+        check_output(options.record_trace, options.overwrite_trace, "--record-trace")
 
 
 def model_shape(loaded: LoadedModel, name: str) -> ModelShape:

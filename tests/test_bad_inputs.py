@@ -1,0 +1,283 @@
+"""Every bad input a user can give gets one line on stderr and exit code 2, before any work, with
+no file changed or half written; hostile files never run code and nothing opens a socket.
+
+Each case is (id, argv, files): argv may name files made in a scratch directory by `files`
+(`{tmp}` is replaced by that directory). The harness snapshots the directory before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hybrimoe.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
+PROFILE = REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"
+DEMO = REPO / "hybrimoe" / "demo_model"
+DEMO_PROFILE = REPO / "profiles" / "measured-2core-cpu.demo.yaml"
+MARKER = "HYBRIMOE_MARKER"  # a hostile file's payload would create {tmp}/pwned
+
+runner = CliRunner()
+
+
+# -- files the cases read ----------------------------------------------------------------------
+
+
+def _profile_with(tmp: Path, name: str, old: str, new: str) -> None:
+    text = PROFILE.read_text()
+    assert old in text, old
+    (tmp / name).write_text(text.replace(old, new, 1))
+
+
+def _model_dir(tmp: Path, name: str, config=None, weights: bool = True, tokenizer: bool = True) -> Path:
+    directory = tmp / name
+    directory.mkdir()
+    config_text = (DEMO / "config.json").read_text() if config is None else json.dumps(config)
+    (directory / "config.json").write_text(config_text)
+    if weights:
+        os.symlink(DEMO / "model.safetensors", directory / "model.safetensors")
+    if tokenizer:
+        for part in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(DEMO / part, directory / part)
+    return directory
+
+
+def _demo_config(**changes) -> dict:
+    return {**json.loads((DEMO / "config.json").read_text()), **changes}
+
+
+def make_files(tmp: Path) -> None:
+    (tmp / "a_file").write_text("not a directory")
+    (tmp / "a_dir").mkdir()
+    (tmp / "a_dir.npz").mkdir()
+    (tmp / "existing.npz").write_bytes(b"keep me")
+    (tmp / "existing.yaml").write_text("keep: me\n")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 \xff\xfe".encode("latin-1"))
+    (tmp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp / "empty.txt").write_text("")
+    (tmp / "bad.yaml").write_text("name: [unclosed\n")
+    (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp / "not.npz").write_text("this is text")
+    (tmp / "hostile.yaml").write_text(f'!!python/object/apply:os.system ["touch {tmp}/pwned"]\n')
+    _profile_with(tmp, "nan_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .nan")
+    _profile_with(tmp, "zero_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: 0")
+    _profile_with(tmp, "inf_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .inf")
+    _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
+    _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
+    _profile_with(tmp, "zero_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [0, 0.18218, 0.0]")
+    _profile_with(tmp, "nan_slope.yaml", "per_token_ms: 0.00403833", "per_token_ms: .nan")
+    import yaml
+
+    zero_cpu = yaml.safe_load(PROFILE.read_text())
+    zero_cpu["cpu_expert"] = {"points": [[n, 0.0, 0.0] for n, _, _ in zero_cpu["cpu_expert"]["points"]]}
+    (tmp / "zero_cpu.yaml").write_text(yaml.safe_dump(zero_cpu))
+    _profile_with(tmp, "inf_overhead.yaml", "layer_overhead_ms: 0.05", "layer_overhead_ms: .inf")
+    _profile_with(tmp, "nan_interference.yaml", "cpu_slowdown: 1.14286", "cpu_slowdown: .nan")
+    demo_text = DEMO_PROFILE.read_text()
+    load_line = next(line for line in demo_text.splitlines() if "expert_load_ms:" in line)
+    old_value = load_line.split("expert_load_ms:")[1].split(",")[0].strip().rstrip("}")
+    (tmp / "demo_zero_load.yaml").write_text(demo_text.replace(f"expert_load_ms: {old_value}", "expert_load_ms: 0", 1))
+    _profile_with(tmp, "int4_profile.yaml", "dtype: bfloat16", "dtype: float16")
+    # traces
+    np.savez(tmp / "pickled.npz", topk_ids=np.array([object()], dtype=object))
+    with open(tmp / "pwn.bin", "wb") as fh:
+        fh.write(b"cos\nsystem\n(S'touch " + str(tmp).encode() + b"/pwned'\ntR.")
+    (tmp / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp / "latin1.jsonl").write_bytes(b'{"topk_ids": [[1, 2]], "note": "\xe9"}\n')
+    (tmp / "prompt_latin1.txt").write_bytes(b"ROMEO: caf\xe9\n")
+    # model directories
+    _model_dir(tmp, "no_tokenizer", tokenizer=False)
+    _model_dir(tmp, "no_weights", weights=False)
+    (tmp / "config_list").mkdir()
+    (tmp / "config_list" / "config.json").write_text("[1, 2, 3]")
+    (tmp / "config_bad").mkdir()
+    (tmp / "config_bad" / "config.json").write_text("{not json")
+    _model_dir(tmp, "dense", config=_demo_config(model_type="llama", architectures=["LlamaForCausalLM"]))
+    _model_dir(tmp, "remote_code", config=_demo_config(
+        auto_map={"AutoModelForCausalLM": "someone/elsewhere--modeling_evil.EvilForCausalLM"}))
+    pickled = _model_dir(tmp, "pickled_weights", weights=False)
+    (pickled / "pytorch_model.bin").write_bytes((tmp / "pwn.bin").read_bytes())
+    # an int4 trace of the same sizes as the profile's bfloat16 experts
+    from hybrimoe.trace import RoutingTrace, load_trace, save_trace
+
+    trace = load_trace(TRACE)
+    small = trace.tokens(0, 64)
+    import dataclasses
+
+    save_trace(RoutingTrace(dataclasses.replace(small.meta, dtype="int4"), small.steps), tmp / "int4.npz")
+    save_trace(RoutingTrace(dataclasses.replace(small.meta, n_experts=256), small.steps), tmp / "other_model.npz")
+
+
+T, P = str(TRACE), str(PROFILE)
+SIM = ["simulate", "--trace", T, "--max-tokens", "16", "--mode", "decode", "--cache-ratio", "0.25"]
+RUN = ["run", "--prompt", "ROMEO:", "--max-new-tokens", "2", "--profile", str(DEMO_PROFILE), "--device", "cpu"]
+IMPORT = ["trace", "import", "--layers", "48", "--experts", "128", "--top-k", "8", "--hidden-size", "2048",
+          "--intermediate-size", "768", "--model-name", "m", "--dtype", "bfloat16"]
+LOG = str(REPO.parent / "shared" / "traces" / "qwen3-30b-a3b" / "token_distri_16.jsonl")
+
+CASES = [
+    # -- profiles: physics ---------------------------------------------------------------------
+    ("profile nan load", [*SIM, "--profile", "{tmp}/nan_load.yaml"], "expert_load_ms"),
+    ("profile zero load", [*SIM, "--profile", "{tmp}/zero_load.yaml"], "expert_load_ms"),
+    ("profile inf load", [*SIM, "--profile", "{tmp}/inf_load.yaml"], "expert_load_ms"),
+    ("profile negative bandwidth", [*SIM, "--profile", "{tmp}/neg_bandwidth.yaml"], "h2d_pinned_gbps"),
+    ("profile nan curve point", [*SIM, "--profile", "{tmp}/nan_point.yaml"], "cpu_expert"),
+    ("profile zero-token point", [*SIM, "--profile", "{tmp}/zero_tokens.yaml"], "cpu_expert"),
+    ("profile nan slope", [*SIM, "--profile", "{tmp}/nan_slope.yaml"], "per_token_ms"),
+    ("profile all-zero cpu latency", [*SIM, "--profile", "{tmp}/zero_cpu.yaml"], "cpu_expert"),
+    ("profile inf overhead", [*SIM, "--profile", "{tmp}/inf_overhead.yaml"], "layer_overhead_ms"),
+    ("profile nan interference", [*SIM, "--profile", "{tmp}/nan_interference.yaml"], "cpu_slowdown"),
+    ("run with a zero-load profile", ["run", "--prompt", "x", "--profile", "{tmp}/demo_zero_load.yaml"],
+     "expert_load_ms"),
+    # -- profiles: files -------------------------------------------------------------------------
+    ("profile missing", [*SIM, "--profile", "{tmp}/missing.yaml"], "missing.yaml"),
+    ("profile is a directory", [*SIM, "--profile", "{tmp}/a_dir"], "a_dir"),
+    ("profile malformed yaml", [*SIM, "--profile", "{tmp}/bad.yaml"], "bad.yaml"),
+    ("profile a yaml list", [*SIM, "--profile", "{tmp}/list.yaml"], "list.yaml"),
+    ("profile not utf-8", [*SIM, "--profile", "{tmp}/latin1.yaml"], "UTF-8"),
+    ("profile empty", [*SIM, "--profile", "{tmp}/empty.txt"], "empty.txt"),
+    ("profile for other experts", [*SIM, "--profile", str(DEMO_PROFILE)], "made for experts"),
+    ("profile of another dtype", [*SIM, "--profile", "{tmp}/int4_profile.yaml"], "float16"),
+    ("int4 trace, bfloat16 profile", [*SIM[:2], "{tmp}/int4.npz", *SIM[3:], "--profile", P], "int4"),
+    ("accelerator-from missing", [*SIM, "--profile", P, "--accelerator-from", "{tmp}/missing.yaml"], "missing.yaml"),
+    # -- simulate flags ------------------------------------------------------------------------
+    ("simulate empty cache ratios", [*SIM[:-2], "--profile", P, "--cache-ratio", ""], "--cache-ratio"),
+    ("simulate empty strategies", [*SIM, "--profile", P, "--strategies", ""], "--strategies"),
+    ("simulate empty mode", [*SIM[:-4], "--cache-ratio", "0.25", "--profile", P, "--mode", ""], "--mode"),
+    ("simulate bad cache ratio", [*SIM[:-2], "--profile", P, "--cache-ratio", "half"], "--cache-ratio"),
+    ("simulate cache ratio above 1", [*SIM[:-2], "--profile", P, "--cache-ratio", "1.5"], "cache ratio"),
+    ("simulate unknown strategy", [*SIM, "--profile", P, "--strategies", "magic"], "magic"),
+    ("simulate unknown mode", [*SIM[:-4], "--cache-ratio", "0.25", "--profile", P, "--mode", "train"], "train"),
+    ("simulate unknown predictor", [*SIM, "--profile", P, "--predictor", "psychic"], "psychic"),
+    ("simulate profile split 0", [*SIM, "--profile", P, "--profile-split", "0"], "--profile-split"),
+    ("simulate profile split nan", [*SIM, "--profile", P, "--profile-split", "nan"], "--profile-split"),
+    ("simulate max tokens 0", [*SIM[:-6], "--profile", P, "--max-tokens", "0"], "--max-tokens"),
+    ("simulate profiling trace of another model",
+     [*SIM, "--profile", P, "--profiling-trace", "{tmp}/other_model.npz"], "does not route like"),
+    ("simulate bad baseline setting", [*SIM, "--profile", P, "--baseline", "speed=11"], "--baseline"),
+    # -- traces ----------------------------------------------------------------------------------
+    ("trace missing", ["simulate", "--trace", "{tmp}/missing.npz", "--profile", P], "missing.npz"),
+    ("trace is text", ["simulate", "--trace", "{tmp}/not.npz", "--profile", P], "not.npz"),
+    ("trace with pickled arrays", ["simulate", "--trace", "{tmp}/pickled.npz", "--profile", P], "pickled.npz"),
+    ("trace is a directory", ["trace", "info", "{tmp}/a_dir"], "a_dir"),
+    ("trace info markup in the name", ["trace", "info", "{tmp}/[/red].npz"], "[/red].npz"),
+    ("trace info bracketed name", ["trace", "info", "{tmp}/[bold]x[/bold].npz"], "[bold]x[/bold].npz"),
+    ("trace import missing log", [*IMPORT, "{tmp}/missing.jsonl", "--out", "{tmp}/t.npz"], "missing.jsonl"),
+    ("trace import not utf-8", [*IMPORT, "{tmp}/latin1.jsonl", "--out", "{tmp}/t.npz"], "UTF-8"),
+    ("trace import deeply nested", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz"], "deep.jsonl"),
+    ("trace import out under a file", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/a_file/t.npz"], "a_file"),
+    ("trace import out is a directory", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/a_dir", "--force"], "a_dir"),
+    ("trace import out exists", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/existing.npz"], "--force"),
+    ("trace import unknown format", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz", "--format", "csv"], "csv"),
+    # -- run ---------------------------------------------------------------------------------------
+    ("run model missing", [*RUN, "--model", "{tmp}/missing"], "missing"),
+    ("run model is a file", [*RUN, "--model", "{tmp}/a_file"], "a_file"),
+    ("run model without config", [*RUN, "--model", "{tmp}/a_dir"], "config.json"),
+    ("run config is a list", [*RUN, "--model", "{tmp}/config_list"], "config.json"),
+    ("run config malformed", [*RUN, "--model", "{tmp}/config_bad"], "config.json"),
+    ("run dense model", [*RUN, "--model", "{tmp}/dense"], "llama"),
+    ("run model without weights", [*RUN, "--model", "{tmp}/no_weights"], "no_weights"),
+    ("run model without tokenizer", [*RUN, "--model", "{tmp}/no_tokenizer"], "tokenizer"),
+    ("run remote code refused", [*RUN, "--model", "{tmp}/remote_code"], "auto_map"),
+    ("run remote code in another repository", [*RUN, "--model", "{tmp}/remote_code", "--trust-remote-code"],
+     "someone/elsewhere"),
+    ("run pickle refused", [*RUN, "--model", "{tmp}/pickled_weights"], "--allow-pickle"),
+    ("run pickle torch refuses", [*RUN, "--model", "{tmp}/pickled_weights", "--allow-pickle"], "cannot load"),
+    ("run empty prompt", ["run", "--prompt", "  ", "--profile", str(DEMO_PROFILE)], "prompt"),
+    ("run prompt file missing", ["run", "--prompt-file", "{tmp}/missing.txt"], "missing.txt"),
+    ("run prompt file not utf-8", ["run", "--prompt-file", "{tmp}/prompt_latin1.txt"], "UTF-8"),
+    ("run prompt file a directory", ["run", "--prompt-file", "{tmp}/a_dir"], "a_dir"),
+    ("run zero new tokens", [*RUN[:3], "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("run negative temperature", [*RUN, "--temperature", "-1"], "--temperature"),
+    ("run nan temperature", [*RUN, "--temperature", "nan"], "--temperature"),
+    ("run top-p 0", [*RUN, "--top-p", "0"], "--top-p"),
+    ("run top-p nan", [*RUN, "--top-p", "nan"], "--top-p"),
+    ("run zero gpu memory", [*RUN, "--gpu-memory-gb", "0"], "--gpu-memory-gb"),
+    ("run unknown strategy", [*RUN, "--strategy", "magic"], "magic"),
+    ("run frequency strategy", [*RUN, "--strategy", "ktransformers"], "simulate"),
+    ("run cache ratio above 1", [*RUN, "--cache-ratio", "2"], "--cache-ratio"),
+    ("run record trace not npz", [*RUN, "--record-trace", "{tmp}/t.txt"], ".npz"),
+    ("run record trace exists", [*RUN, "--record-trace", "{tmp}/existing.npz"], "--force"),
+    ("run record trace under a file", [*RUN, "--record-trace", "{tmp}/a_file/t.npz"], "a_file"),
+    ("run record trace is a directory", [*RUN, "--record-trace", "{tmp}/a_dir.npz", "--force"], "a_dir.npz"),
+    ("run replay trace missing", [*RUN, "--replay-trace", "{tmp}/missing.npz"], "missing.npz"),
+    ("run replay trace pickled", [*RUN, "--replay-trace", "{tmp}/pickled.npz"], "pickled.npz"),
+    ("run hostile profile", ["run", "--prompt", "x", "--profile", "{tmp}/hostile.yaml"], "hostile.yaml"),
+    # -- profile -----------------------------------------------------------------------------------
+    ("profile out under a file", ["profile", "--preset", "qwen3-30b-a3b", "--quick", "--out", "{tmp}/a_file/p.yaml"],
+     "a_file"),
+    ("profile out is a directory", ["profile", "--preset", "qwen3-30b-a3b", "--quick", "--out", "{tmp}/a_dir",
+                                    "--force"], "a_dir"),
+    ("profile out exists", ["profile", "--preset", "qwen3-30b-a3b", "--out", "{tmp}/existing.yaml"], "--force"),
+    ("profile unknown preset", ["profile", "--preset", "gpt-5", "--out", "{tmp}/p.yaml"], "gpt-5"),
+    ("profile model config a list", ["profile", "--model", "{tmp}/config_list", "--out", "{tmp}/p.yaml"], "config.json"),
+    ("profile absurd estimate", ["profile", "--estimate", "rtx4090-desktop", "--hidden-size", "1000000000",
+                                 "--intermediate-size", "1000000000", "--out", "{tmp}/p.yaml"], "hidden"),
+    # -- tune ------------------------------------------------------------------------------------------
+    ("tune out under a file", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/a_file/t.yaml"], "a_file"),
+    ("tune report under a file", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--report",
+                                  "{tmp}/a_file/r"], "a_file"),
+    ("tune hostile profile", ["tune", "--trace", T, "--profile", "{tmp}/hostile.yaml", "--out", "{tmp}/t.yaml"],
+     "hostile.yaml"),
+    ("tune nan profile", ["tune", "--trace", T, "--profile", "{tmp}/nan_load.yaml", "--out", "{tmp}/t.yaml"],
+     "expert_load_ms"),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("bad")
+    make_files(tmp)
+    return tmp
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else b"<dir>")
+            for p in sorted(directory.rglob("*")) if not p.is_symlink()}
+
+
+@pytest.fixture
+def no_sockets(monkeypatch):
+    """Fails the test on any network connection."""
+    opened = []
+
+    def refuse(self, *args, **kwargs):
+        opened.append(args)
+        raise OSError("hybrimoe tests: no network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield opened
+    assert not opened, f"a connection was attempted: {opened}"
+
+
+@pytest.mark.parametrize("case_id, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case_id, argv, message, scratch, no_sockets, monkeypatch):
+    monkeypatch.setenv("HYBRIMOE_PROFILE_DIR", str(scratch / "profiles"))
+    argv = [a.replace("{tmp}", str(scratch)) for a in argv]
+    message = message.replace("{tmp}", str(scratch))
+    before = _snapshot(scratch)
+    result = runner.invoke(app, argv)
+    stderr = result.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.stdout[-2000:], stderr[-2000:], result.exception)
+    assert "Traceback" not in stderr + result.stdout
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:"), stderr
+    assert message in lines[0], stderr
+    assert _snapshot(scratch) == before, "a file changed or a partial file remains"
+    assert not (scratch / "pwned").exists()
+
+
+def test_case_count():
+    assert len(CASES) >= 60
