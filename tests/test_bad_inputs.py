@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -105,6 +104,9 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "dense", config=_demo_config(model_type="llama", architectures=["LlamaForCausalLM"]))
     _model_dir(tmp, "remote_code", config=_demo_config(
         auto_map={"AutoModelForCausalLM": "someone/elsewhere--modeling_evil.EvilForCausalLM"}))
+    remote_tokenizer = _model_dir(tmp, "remote_tokenizer")
+    (remote_tokenizer / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["someone/elsewhere--tokenization_evil.EvilTokenizer", None]}}))
     pickled = _model_dir(tmp, "pickled_weights", weights=False)
     (pickled / "pytorch_model.bin").write_bytes((tmp / "pwn.bin").read_bytes())
     # an int4 trace of the same sizes as the profile's bfloat16 experts
@@ -191,6 +193,9 @@ CASES = [
     ("run remote code refused", [*RUN, "--model", "{tmp}/remote_code"], "auto_map"),
     ("run remote code in another repository", [*RUN, "--model", "{tmp}/remote_code", "--trust-remote-code"],
      "someone/elsewhere"),
+    ("run tokenizer code in another repository", [*RUN, "--model", "{tmp}/remote_tokenizer", "--trust-remote-code"],
+     "someone/elsewhere"),
+    ("run tokenizer code refused", [*RUN, "--model", "{tmp}/remote_tokenizer"], "--trust-remote-code"),
     ("run pickle refused", [*RUN, "--model", "{tmp}/pickled_weights"], "--allow-pickle"),
     ("run pickle torch refuses", [*RUN, "--model", "{tmp}/pickled_weights", "--allow-pickle"], "cannot load"),
     ("run empty prompt", ["run", "--prompt", "  ", "--profile", str(DEMO_PROFILE)], "prompt"),

@@ -58,3 +58,13 @@ def test_bad_baseline_settings_are_one_line_errors():
         result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, *SMALL, "--strategies",
                                      "hybrimoe,llamacpp-lru", "--baseline", setting])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_table_reads_at_80_columns():
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "8",
+                                 "--mode", "prefill", "--prefill-tokens", "4"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    assert "…" not in result.output
+    for strategy in ("ktransformers-dynamic", "llamacpp-lru", "static-oracle"):
+        assert f" {strategy} " in result.output

@@ -297,7 +297,8 @@ runner = CliRunner()
 
 def test_cli_import_and_info(tmp_path):
     rng = np.random.default_rng(2)
-    log = _jsonl(tmp_path / "log.jsonl", [np.stack([np.stack([rng.permutation(4)[:2] for _ in range(3)])] * 2)])
+    step = np.stack([np.stack([rng.permutation(4)[:2] for _ in range(3)])] * 2)  # [2 layers, 3 tokens, 2]
+    log = _jsonl(tmp_path / "log.jsonl", [step, step])  # the second is an idle repeat
     out = tmp_path / "t.npz"
     args = ["trace", "import", "--format", "vllm-jsonl", str(log), "--out", str(out), "--model-name", "tiny",
             "--layers", "2", "--experts", "4", "--top-k", "2", "--hidden-size", "8",
@@ -305,6 +306,7 @@ def test_cli_import_and_info(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert load_trace(out).step_lengths == (3,)
+    assert "dropped 1 step(s) that repeat an earlier one exactly" in " ".join(result.output.split())
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0

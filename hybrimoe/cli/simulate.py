@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from hybrimoe.cli import app, console, user_errors
@@ -170,35 +172,36 @@ def _markdown(comparison) -> str:
 
 
 def _table(comparison) -> Table:
-    decode = comparison.mode == "decode"
-    unit = "ms/token" if decode else "TTFT ms"
+    """One column per cache size, each cell "time ratio-to-best hit": it reads at 80 columns."""
+    unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
     title = (
         f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
         f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("strategy")
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("strategy", no_wrap=True)
     for ratio in comparison.ratios:
-        table.add_column(f"{ratio:.0%} {unit}", justify="right")
-        table.add_column("vs best", justify="right")
-        table.add_column("hit", justify="right")
-    strategies = dict.fromkeys(strategy for strategy, _ in comparison.results)
+        table.add_column(f"{ratio:.0%} cache", justify="right", no_wrap=True)
     best = {ratio: comparison.best_baseline(ratio) for ratio in comparison.ratios}
-    for strategy in strategies:
+    for strategy in dict.fromkeys(strategy for strategy, _ in comparison.results):
         cells = []
         for ratio in comparison.ratios:
             result = comparison.results[(strategy, ratio)]
-            ratio_to_best = comparison.vs_best_baseline(strategy, ratio)
-            cells += [
-                f"{result.step_ms:.2f}" + ("*" if strategy == best[ratio] else ""),
-                "" if ratio_to_best is None else f"{ratio_to_best:.2f}x",
-                f"{result.hit_rate:.0%}",
-            ]
+            to_best = comparison.vs_best_baseline(strategy, ratio)
+            star = "*" if strategy == best[ratio] else ""
+            to_best_text = "" if to_best is None else f" {to_best:.2f}x"
+            cells.append(f"{_time(result.step_ms)}{star}{to_best_text} {result.hit_rate:.0%}")
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
         table.add_row(strategy, *cells, style=style)
-    caption = ["*: the best baseline a user can deploy in that column; vs best: its time over the row's."]
+    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate"]
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
-        caption.append(f"HybriMoE greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")
+        caption.append(f"greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")
     table.caption = "\n".join(caption)
+    table.caption_justify = "left"
     return table
+
+
+def _time(ms: float) -> str:
+    """Four significant digits at most, so the cells stay narrow."""
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}"

@@ -239,7 +239,7 @@ def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) 
     references = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
     for reference in references:
         for name in reference if isinstance(reference, list) else [reference]:
-            if not isinstance(name, str) or "--" in name:
+            if name is not None and (not isinstance(name, str) or "--" in name):
                 raise ModelError(
                     f"{path}: auto_map names code in another repository ({name!r}); hybrimoe runs model code "
                     "only from the checkpoint directory and never fetches from a hub"

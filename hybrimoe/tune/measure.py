@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hybrimoe.config import TunedResult, save_profile
 from hybrimoe.errors import UserError
+from hybrimoe.files import read_text
 from hybrimoe.tune.result import Row, TuneResult
 from hybrimoe.tune.setup import Inputs
 
@@ -57,10 +58,7 @@ def read_prompts(path: Path | None) -> tuple[str, ...]:
     """One prompt per non-empty line of `path`; a few built-in prompts without one."""
     if path is None:
         return DEFAULT_PROMPTS
-    try:
-        prompts = tuple(line for line in path.read_text().splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read --prompts {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = tuple(line for line in read_text(path, "--prompts").splitlines() if line.strip())
     if not prompts:
         raise UserError(f"--prompts {path} holds no prompt")
     return prompts
