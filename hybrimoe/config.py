@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from hybrimoe.errors import ProfileError, UserError
+from hybrimoe.errors import ProfileError
 from hybrimoe.files import read_text, write_atomically
 from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
 
@@ -470,10 +470,7 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
     """Reads and validates a profile; every problem is one line naming the file and the field."""
     path = Path(path)
-    try:
-        text = read_text(path, "profile")
-    except UserError as exc:
-        raise ProfileError(str(exc)) from None
+    text = read_text(path, "profile", ProfileError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -20,19 +20,26 @@ from typing import Any, BinaryIO
 from hybrimoe.errors import UserError
 
 
-def read_text(path: str | os.PathLike, what: str) -> str:
-    """The UTF-8 text of `path` (`what` names it in errors: "profile", "prompt file", ...)."""
+def input_file(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> Path:
+    """`path`, refused with one `error` line when it is missing or a directory (`what` names it:
+    "profile", "trace", "prompt file", ...)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{what} not found: {path}")
+        raise error(f"{what} not found: {path}")
     if path.is_dir():
-        raise UserError(f"{what} {path} is a directory, not a file")
+        raise error(f"{what} {path} is a directory, not a file")
+    return path
+
+
+def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> str:
+    """The UTF-8 text of `path` (see `input_file`)."""
+    path = input_file(path, what, error)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
-        raise UserError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+        raise error(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
 
 
 def parse_json(text: str, where: str) -> Any:
@@ -45,8 +52,8 @@ def parse_json(text: str, where: str) -> Any:
         raise UserError(f"{where}: JSON nested too deeply to read") from None
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    return parse_json(read_text(path, what), str(path))
+def read_json(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> Any:
+    return parse_json(read_text(path, what, error), str(path))
 
 
 def check_output(path: str | os.PathLike, force: bool, flag: str) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import TraceError, UserError
-from hybrimoe.files import check_output, read_json, read_text, write_atomically
+from hybrimoe.files import check_output, input_file, read_json, read_text, write_atomically
 
 if TYPE_CHECKING:
     from hybrimoe.profile.presets import ModelShape
@@ -348,11 +348,7 @@ _ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_prob
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Reads and validates a trace; every problem is one TraceError line naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise TraceError(f"trace not found: {path}")
-    if path.is_dir():
-        raise TraceError(f"trace {path} is a directory, not a file")
+    path = input_file(path, "trace", TraceError)
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -456,7 +452,7 @@ def trace_meta_from_hf_config(
     from hybrimoe.profile.presets import shape_from_hf_config
 
     config_path = Path(config_path)
-    config = read_json(config_path, "config")
+    config = read_json(config_path, "config", TraceError)
     if not isinstance(config, dict):
         raise TraceError(f"{config_path}: a config must be a JSON object")
     overrides = {k: v for k, v in (("name", model), ("dtype", dtype)) if v is not None}
@@ -503,7 +499,7 @@ def read_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> tupl
 
 
 def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
-    lines = [line for line in read_text(path, "trace input").splitlines() if line.strip()]
+    lines = [line for line in read_text(path, "trace input", TraceError).splitlines() if line.strip()]
     L = meta.n_layers
     if not lines:
         raise TraceError(f"{path}: no lines")

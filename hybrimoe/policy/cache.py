@@ -51,6 +51,7 @@ from hybrimoe.policy.plan import ExpertId, SlotLoad
 
 POLICIES = ("mrs", "lru", "lfu", "least-stale", "static", "belady")
 CONFIGURABLE_POLICIES = ("mrs", "lru", "lfu", "least-stale", "static")  # what a profile's policy may name
+ADMITTING_POLICIES = tuple(p for p in CONFIGURABLE_POLICIES if p != "static")  # the ones that take loads
 LAYOUTS = ("shared", "per-layer")
 _NEVER = 1e18  # Belady: distance of an expert never used again
 _INF = float("inf")

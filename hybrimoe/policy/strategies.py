@@ -60,13 +60,12 @@ import numpy as np
 
 from hybrimoe.config import PolicyConfig
 from hybrimoe.policy import scheduler as sched
-from hybrimoe.policy.cache import ActivationCountPolicy, ExpertCache, even_pool_sizes
+from hybrimoe.policy.cache import ADMITTING_POLICIES, ActivationCountPolicy, ExpertCache, even_pool_sizes
 from hybrimoe.policy.costs import CostModel, no_time
 from hybrimoe.policy.plan import ExpertId, LayerPlan, SlotLoad
 from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch
 
 _MEMO_MAX = 1 << 16
-ADMITTING_POLICIES = ("mrs", "lru", "lfu", "least-stale")  # the cache policies that take loads
 STRATEGIES = (
     "hybrimoe", "ktransformers", "ktransformers-dynamic", "ktransformers-front", "static-oracle", "llamacpp",
     "llamacpp-lru", "gpu-offload", "cpu-only",
@@ -78,6 +77,9 @@ BASELINES = ("ktransformers", "ktransformers-dynamic", "ktransformers-front", "l
 # Strategies whose placement is counted on a profiling workload (ktransformers-dynamic starts from
 # kTransformers' default uniform placement without one).
 NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
+
+
+PlanningMs = tuple[Callable[[int], float], Callable[[int], float]]  # n_tokens -> plan_layer ms, plan_prefetch ms
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class PolicyPlanner:
         prefetch_depth: int = 0,
         admit_loads: bool = True,
         warm: tuple[ExpertId, ...] = (),
-        planning_ms: tuple[Callable[[int], float], Callable[[int], float]] | None = None,
+        planning_ms: PlanningMs | None = None,
         refill: Refill | None = None,
     ):
         """`planning_ms`: n_tokens -> this planner's measured plan_layer and plan_prefetch wall ms
@@ -545,6 +547,51 @@ def cache_capacity(dims: ModelDims, cache_ratio: float) -> int:
     return int(round(cache_ratio * dims.n_layers * dims.n_experts))
 
 
+def _static_planner(
+    dims: ModelDims, costs: CostModel, resident: tuple[ExpertId, ...], planning: PlanningMs
+) -> PolicyPlanner:
+    """A fixed resident set (the cache holds exactly it): resident experts on the GPU, the rest on the CPU."""
+    cache = ExpertCache(dims.n_layers, dims.n_experts, len(resident), layout="shared", policy="static")
+    return PolicyPlanner(dims, costs, cache, sched.schedule_static, admit_loads=False, warm=resident,
+                         planning_ms=planning)
+
+
+def _ktransformers_dynamic_planner(
+    dims: ModelDims, costs: CostModel, capacity: int, frequencies: np.ndarray | None, baseline: BaselineParams,
+    planning: PlanningMs,
+) -> PolicyPlanner:
+    rates = None
+    if frequencies is not None:  # activations per token of each expert
+        rates = dims.top_k * frequencies / np.maximum(frequencies.sum(axis=1, keepdims=True), 1)
+    count = ActivationCountPolicy(baseline.refresh_decay, rates)
+    cache = ExpertCache(dims.n_layers, dims.n_experts, capacity, layout="shared", policy=count)
+    refresh = PeriodicRefresh(dims.n_layers, baseline.refresh_steps, baseline.refresh_prefill_tokens)
+    start = tuple(frequency_ranking(frequencies)[:capacity]) if frequencies is not None else _uniform(dims, capacity)
+    return PolicyPlanner(dims, costs, cache, sched.schedule_static, admit_loads=False, warm=start,
+                         planning_ms=planning, refill=refresh)
+
+
+def _llamacpp_lru_planner(
+    dims: ModelDims, costs: CostModel, capacity: int, baseline: BaselineParams, planning: PlanningMs
+) -> PolicyPlanner:
+    n_layers, n_experts = dims.n_layers, dims.n_experts
+    cpu_layers = n_layers if baseline.lru_cpu_layers is None else baseline.lru_cpu_layers
+    gpu_layers = n_layers - cpu_layers
+    if not 0 <= cpu_layers <= n_layers:
+        raise ValueError(f"llamacpp-lru's CPU layers must be in [0, {n_layers}], got {cpu_layers}")
+    if gpu_layers * n_experts > capacity:
+        raise ValueError(
+            f"llamacpp-lru with {cpu_layers} CPU layers needs {gpu_layers * n_experts} slots for the rest; "
+            f"the cache has {capacity}"
+        )
+    lru_slots = even_pool_sizes(capacity - gpu_layers * n_experts, cpu_layers) if cpu_layers else []
+    cache = ExpertCache(n_layers, n_experts, capacity, layout="per-layer", policy=baseline.eviction,
+                        pool_sizes=lru_slots + [n_experts] * gpu_layers)
+    warm = tuple((layer, e) for layer in range(cpu_layers, n_layers) for e in range(n_experts))
+    return PolicyPlanner(dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm,
+                         planning_ms=planning, refill=InsertMisses(baseline.lru_inserts))
+
+
 def make_planner(
     strategy: str,
     dims: ModelDims,
@@ -570,54 +617,18 @@ def make_planner(
     if strategy in ("ktransformers", "static-oracle"):
         if frequencies is None:
             raise ValueError(f"{strategy} needs expert frequencies")
-        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy="static")
-        return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=tuple(ranking[:capacity]),
-            planning_ms=planning,
-        )
+        return _static_planner(dims, costs, tuple(ranking[:capacity]), planning)
     if strategy == "ktransformers-front":
         front = tuple((layer, e) for layer in range(n_layers) for e in range(n_experts))[:capacity]
-        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy="static")
-        return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=front, planning_ms=planning
-        )
+        return _static_planner(dims, costs, front, planning)
     if strategy == "ktransformers-dynamic":
-        rates = None
-        if frequencies is not None:  # activations per token of each expert
-            rates = dims.top_k * frequencies / np.maximum(frequencies.sum(axis=1, keepdims=True), 1)
-        count = ActivationCountPolicy(baseline.refresh_decay, rates)
-        cache = ExpertCache(n_layers, n_experts, capacity, layout="shared", policy=count)
-        refresh = PeriodicRefresh(n_layers, baseline.refresh_steps, baseline.refresh_prefill_tokens)
-        start = tuple(ranking[:capacity]) if ranking else _uniform(dims, capacity)
-        return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=start, planning_ms=planning,
-            refill=refresh,
-        )
+        return _ktransformers_dynamic_planner(dims, costs, capacity, frequencies, baseline, planning)
     if strategy == "llamacpp-lru":
-        cpu_layers = n_layers if baseline.lru_cpu_layers is None else baseline.lru_cpu_layers
-        gpu_layers = n_layers - cpu_layers
-        if not 0 <= cpu_layers <= n_layers:
-            raise ValueError(f"llamacpp-lru's CPU layers must be in [0, {n_layers}], got {cpu_layers}")
-        if gpu_layers * n_experts > capacity:
-            raise ValueError(
-                f"llamacpp-lru with {cpu_layers} CPU layers needs {gpu_layers * n_experts} slots for the rest; "
-                f"the cache has {capacity}"
-            )
-        lru_slots = even_pool_sizes(capacity - gpu_layers * n_experts, cpu_layers) if cpu_layers else []
-        cache = ExpertCache(n_layers, n_experts, capacity, layout="per-layer", policy=baseline.eviction,
-                            pool_sizes=lru_slots + [n_experts] * gpu_layers)
-        warm = tuple((layer, e) for layer in range(cpu_layers, n_layers) for e in range(n_experts))
-        return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm, planning_ms=planning,
-            refill=InsertMisses(baseline.lru_inserts),
-        )
+        return _llamacpp_lru_planner(dims, costs, capacity, baseline, planning)
     if strategy == "llamacpp":
         n_gpu_layers = capacity // n_experts
         warm = tuple((layer, e) for layer in range(n_layers - n_gpu_layers, n_layers) for e in range(n_experts))
-        cache = ExpertCache(n_layers, n_experts, len(warm), layout="shared", policy="static")
-        return PolicyPlanner(
-            dims, costs, cache, sched.schedule_static, admit_loads=False, warm=warm, planning_ms=planning
-        )
+        return _static_planner(dims, costs, warm, planning)
     if strategy == "gpu-offload":
         cache = ExpertCache(n_layers, n_experts, capacity, layout=policy.cache_layout, policy=baseline.eviction)
         return PolicyPlanner(dims, costs, cache, sched.schedule_gpu_only, admit_loads=True, planning_ms=planning)

@@ -95,8 +95,6 @@ def _check_options(options: RunOptions) -> None:
         raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
     if not 0.0 < options.sampling.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
-    if options.cache_ratio is not None and not 0.0 <= options.cache_ratio <= 1.0:
-        raise UserError(f"--cache-ratio must be in [0, 1], got {options.cache_ratio}")
     if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
         raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
     if options.threads is not None and options.threads < 1:
