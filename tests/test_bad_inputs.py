@@ -103,7 +103,7 @@ def make_files(tmp: Path) -> None:
     (tmp / "config_bad" / "config.json").write_text("{not json")
     _model_dir(tmp, "dense", config=_demo_config(model_type="llama", architectures=["LlamaForCausalLM"]))
     _model_dir(tmp, "remote_code", config=_demo_config(
-        auto_map={"AutoModelForCausalLM": "someone/elsewhere--modeling_evil.EvilForCausalLM"}))
+        model_type="evil_moe", auto_map={"AutoModelForCausalLM": "someone/elsewhere--modeling_evil.EvilForCausalLM"}))
     remote_tokenizer = _model_dir(tmp, "remote_tokenizer")
     (remote_tokenizer / "tokenizer_config.json").write_text(json.dumps(
         {"auto_map": {"AutoTokenizer": ["someone/elsewhere--tokenization_evil.EvilTokenizer", None]}}))

@@ -9,6 +9,8 @@ Design choices:
   and the kernels after the copy that fills it. Host tensors that feed `non_blocking` copies are
   pinned (the caching host allocator keeps a pinned block alive until its copy has completed).
 - Every host-accelerator synchronisation point is a method here, named in the callers' comments.
+  The host never waits for the whole stream: `wait_host` waits for one event, so work queued
+  after it (the later layers' routers) keeps the accelerator busy while the host plans.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ class CpuStandIn:
     def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
 
-    def to_host_arrays(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        return [t.numpy() for t in tensors]
-
     def to_host_async(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], None]:
         return list(tensors), None
+
+    def wait_host(self, event: None) -> None:
+        pass
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host
@@ -62,6 +64,9 @@ class CpuStandIn:
 
     def free_memory_bytes(self) -> int | None:
         return None
+
+    def reset_peak_memory(self) -> None:
+        pass
 
     def describe(self) -> str:
         return "CPU stand-in (no accelerator)"
@@ -89,18 +94,16 @@ class CudaAccelerator:
     def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
-    def to_host_arrays(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        host = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned destinations
-        # Sync point: the planner needs this layer's routing on the host.
-        torch.cuda.current_stream(self.device).synchronize()
-        return [h.numpy() for h in host]
-
     def to_host_async(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
-        """Pinned host copies, and the event the CPU worker waits on before reading them."""
+        """Pinned host copies, queued on the current stream, and the event that marks them done."""
         host = [t.to("cpu", non_blocking=True) for t in tensors]
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         return host, done
+
+    def wait_host(self, event: torch.cuda.Event) -> None:
+        """Blocks the calling thread until the work before `event` is done (and only that work)."""
+        event.synchronize()
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)  # `host` is pinned (host_zeros)
@@ -114,6 +117,13 @@ class CudaAccelerator:
     def free_memory_bytes(self) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_bytes(self) -> int:
+        """The most memory torch's allocator held on the device since the last reset."""
+        return torch.cuda.max_memory_allocated(self.device)
 
     def describe(self) -> str:
         return torch.cuda.get_device_name(self.device)

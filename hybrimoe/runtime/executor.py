@@ -14,13 +14,20 @@ Design choices:
   renormalised per token when the model's own weights sum to 1 (so the scale matches the model's
   routing). Router probabilities are the trace's when recorded, else the model's own. The later
   layers' predictions stay the model's routers' (the trace has no gates to run).
+- Host waits: this layer's routing is copied to the host first and the host waits for that copy
+  only; the later layers' routers and their copies are queued behind it and run while the host
+  plans; the planner reads their predictions (and so waits for them) only when it protects
+  experts for an admit or chooses prefetches (`PendingArrays`). The rest of the per-layer host
+  work (planning excluded) is what `hybrimoe profile` measures as the executor's host cost.
 - Order of work: CPU experts are handed to a worker thread first (it waits on the event of the
   hidden states' copy), then this layer's loads go on the copy stream, then the accelerator
-  experts (each waits on its slot's `ready` event), then the planner chooses the prefetches while
+  experts (after their slots' `ready` events), then the planner chooses the prefetches while
   those experts run, then the prefetches are issued (each waits on its slot's `free` event,
   recorded after this layer's kernels), then the CPU results are added.
-- Every expert is weighted by its own routing weights: pairs are grouped by expert once and the
-  weights are taken through the same grouping, on the host and on the accelerator alike.
+- Each side runs its experts as one grouped kernel per projection (`kernels.py`): the accelerator
+  over the slots' stacked weights (pairs grouped by slot), the CPU worker over the layer's stacked
+  host weights (pairs grouped by expert). Every pair is weighted by its own routing weight, taken
+  through the same grouping.
 - Weighted expert outputs are summed in float32 and cast to the model's dtype once (as
   transformers' grouped_mm path does); routers may return float32 weights for bfloat16 models.
 - Plans are checked (every activated expert exactly once; resident experts really resident), so a
@@ -31,7 +38,7 @@ Design choices:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -39,11 +46,36 @@ import torch
 
 from hybrimoe.policy.plan import LayerPlan, Planner
 from hybrimoe.runtime.accelerator import Accelerator
-from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.runtime.kernels import Groups, group_pairs, grouped_experts_mlp
 from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import ExpertCounters
 from hybrimoe.runtime.store import ExpertStore
+
+
+class PendingArrays(Mapping):
+    """Later layer -> [T, k] predicted experts, copied to the host behind this layer's routing: the
+    first read of a value waits for the copies (the planner reads them only to protect or prefetch)."""
+
+    def __init__(self, layers: list[int], host: list[torch.Tensor], ready, accelerator: Accelerator):
+        self._layers, self._host, self._ready, self._accelerator = layers, host, ready, accelerator
+        self._arrays: dict[int, np.ndarray] | None = None
+
+    def head(self, n: int) -> PendingArrays:
+        """The first `n` later layers only."""
+        return PendingArrays(self._layers[:n], self._host[:n], self._ready, self._accelerator)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if self._arrays is None:
+            self._accelerator.wait_host(self._ready)  # Sync point (CUDA): the predictions' copies
+            self._arrays = {j: h.numpy() for j, h in zip(self._layers, self._host)}
+        return self._arrays[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 class LayerRecord:
@@ -69,9 +101,11 @@ class LayerExecutor:
         counters: ExpertCounters,
         record_depth: int | None = None,
         replay: RoutingReplay | None = None,
+        cpu_threads: int | None = None,
     ):
         """`record_depth`: keep each layer's routing with this many later layers' predictions.
-        `replay`: route every layer as this recorded trace says instead of as the router does."""
+        `replay`: route every layer as this recorded trace says instead of as the router does.
+        `cpu_threads`: the CPU expert worker's intra-op threads (None: torch's default)."""
         self.store, self.planner, self.accelerator = store, planner, accelerator
         self.n_experts, self.counters = n_experts, counters
         self.routers = [layer.router for layer in layers]
@@ -87,7 +121,15 @@ class LayerExecutor:
         self.replay = replay
         # this step's replayed routing on the device: ids [L, T, k], weights [L, T, k] | None, probs [L, T, E] | None
         self._replayed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrimoe-cpu")
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="hybrimoe-cpu",
+            initializer=None if cpu_threads is None else torch.set_num_threads,
+            initargs=() if cpu_threads is None else (cpu_threads,),
+        )
+
+    def worker_threads(self) -> int:
+        """The intra-op threads the CPU expert worker really runs with."""
+        return self._worker.submit(torch.get_num_threads).result()
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
@@ -111,51 +153,49 @@ class LayerExecutor:
             topk_ids, topk_weights, probs = self._replay_layer(layer, x, topk_ids, topk_weights)
         else:
             probs = self._router_probs(layer)  # [T, E]
-        depth = max(self.plan_depth, self.record_depth or 0)
-        later = list(range(layer + 1, min(layer + 1 + depth, len(self.routers))))
-        # Later layers' routers on this hidden state; calling `forward` skips the capture hook.
-        predicted = [type(self.routers[j]).forward(self.routers[j], x)[2] for j in later]
-        to_host = [topk_ids, probs, *predicted]
+        routing = [topk_ids, probs] if self.record_depth is None else [topk_ids, probs, topk_weights.float()]
+        routing_h, routing_ready = acc.to_host_async(routing)
+        lookahead = self._predict_later_layers(layer, x)
+        # Sync point (CUDA): this layer's routing reaches the host; the later layers' routers and
+        # their copies, queued behind it, keep running while the host plans.
+        acc.wait_host(routing_ready)
+        ids, probs = routing_h[0].numpy(), routing_h[1].numpy()
         if self.record_depth is not None:
-            to_host.append(topk_weights.float())
-        # Sync point (CUDA): the planner needs this layer's routing on the host.
-        ids, probs, *rest = acc.to_host_arrays(to_host)
-        predicted_h = dict(zip(later, rest[: len(later)]))
-        if self.record_depth is not None:
-            lookahead = {j: predicted_h[j] for j in later[: self.record_depth]}
-            self.records.append(LayerRecord(ids, rest[-1], probs, lookahead))
-        predicted_plan = {j: predicted_h[j] for j in later[: self.plan_depth]}
+            self.records.append(LayerRecord(ids, routing_h[2].numpy(), probs, lookahead.head(self.record_depth)))
         started_ns = time.perf_counter_ns()
-        plan = self.planner.plan_layer(layer, ids, probs, predicted_plan)
+        plan = self.planner.plan_layer(layer, ids, probs, lookahead.head(self.plan_depth))
         self.counters.planning_ns += time.perf_counter_ns() - started_ns
         self.counters.layers_planned += 1
 
-        # group the P token-expert pairs by expert; pairs[0] = pair index, pairs[1] = its token
+        # group the P token-expert pairs by expert
         flat = ids.reshape(-1)  # [P]
-        order = np.argsort(flat, kind="stable")  # [P]
+        order = np.argsort(flat, kind="stable")  # [P]: pair p is token p // k's choice p % k
         counts = np.bincount(flat, minlength=self.n_experts)  # [E]
         activated = np.flatnonzero(counts)
         self._check_plan(plan, activated)
         self._count(layer, plan, activated)
         stops = np.cumsum(counts)[activated]
         span = dict(zip(activated.tolist(), zip((stops - counts[activated]).tolist(), stops.tolist())))
-        pairs = np.stack([order, order // k])  # [2, P]
 
-        cpu_future = self._submit_cpu(plan, x, topk_weights, pairs, span) if plan.cpu else None
+        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span, k) if plan.cpu else None
         if plan.loads:
             self.counters.loads += store.load(plan.loads)
         on_accelerator = plan.gpu + plan.load
         store.check_resident(layer, plan.slot_of, on_accelerator)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         if on_accelerator:
-            order_d, token_d = acc.index_to_device(pairs)  # [P] each
-            weight_d = topk_weights.reshape(-1)[order_d]  # [P]
-            x_d = x[token_d]  # [P, D]
-            for expert in on_accelerator:
-                start, stop = span[expert]
-                y = self._expert(layer, x_d[start:stop], store.weights(plan.slot_of[expert]))
-                out.index_add_(0, token_d[start:stop], (y * weight_d[start:stop, None]).float())
-            store.release(plan.slot_of[e] for e in on_accelerator)
+            slots = {expert: plan.slot_of[expert] for expert in on_accelerator}
+            groups = group_pairs(order, span, slots)
+            # one pinned copy of the rows' pair indices and the groups' ends: [R + G]
+            indices_d = acc.index_to_device(np.concatenate([groups.pairs, groups.ends]))
+            pairs_d, ends_d = indices_d[: len(groups.pairs)], indices_d[len(groups.pairs) :].int()
+            store.wait_ready(slots.values())
+            y = grouped_experts_mlp(
+                x[pairs_d // k], store.slots, groups, ends_d, self._gates[layer], self._transposed[layer]
+            )  # [R, D]
+            weights = topk_weights.reshape(-1)[pairs_d, None]  # [R, 1]
+            out.index_add_(0, pairs_d // k, (y * weights).float())
+            store.release(slots.values())
         # The prefetch choice runs while this layer's experts run (the CPU worker's, and the
         # accelerator's kernels queued above), so it does not delay the layer's start.
         started_ns = time.perf_counter_ns()
@@ -170,6 +210,15 @@ class LayerExecutor:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
         return out.to(x.dtype)
+
+    def _predict_later_layers(self, layer: int, x: torch.Tensor) -> PendingArrays:
+        """The later layers' routers on this hidden state (as far as planning and recording look),
+        queued with their copies to the host; calling `forward` skips the capture hook."""
+        depth = max(self.plan_depth, self.record_depth or 0)
+        later = list(range(layer + 1, min(layer + 1 + depth, len(self.routers))))
+        predicted = [type(self.routers[j]).forward(self.routers[j], x)[2] for j in later]  # [T, k] each
+        predicted_h, ready = self.accelerator.to_host_async(predicted)
+        return PendingArrays(later, predicted_h, ready, self.accelerator)
 
     # -----------------------------------------------------------------------------------------
 
@@ -205,17 +254,6 @@ class LayerExecutor:
         logits = self.router_logits[layer].float()
         return logits.sigmoid() if self._sigmoid[layer] else logits.softmax(dim=-1)
 
-    def _expert(self, layer: int, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return expert_mlp(
-            x,
-            weights["gate_up_proj"],
-            weights["down_proj"],
-            apply_gate=self._gates[layer],
-            gate_up_bias=weights.get("gate_up_proj_bias"),
-            down_bias=weights.get("down_proj_bias"),
-            transposed=self._transposed[layer],
-        )
-
     def _check_plan(self, plan: LayerPlan, activated: np.ndarray) -> None:
         planned = sorted((*plan.gpu, *plan.load, *plan.cpu))
         if planned != activated.tolist():
@@ -235,21 +273,21 @@ class LayerExecutor:
         if prefetched:
             counters.prefetches_used += len(prefetched.intersection(resident))
 
-    def _submit_cpu(self, plan, x, topk_weights, pairs, span) -> Future:
+    def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span, k) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])
-        return self._worker.submit(self._run_cpu, plan.layer, plan.cpu, x_h, weights_h, copied, pairs, span)
+        groups = group_pairs(order, span, {expert: expert for expert in plan.cpu})
+        return self._worker.submit(self._run_cpu, plan.layer, groups, x_h, weights_h, copied, k)
 
-    def _run_cpu(self, layer, experts, x_h, weights_h, copied, pairs, span) -> torch.Tensor:
+    def _run_cpu(self, layer: int, groups: Groups, x_h, weights_h, copied, k: int) -> torch.Tensor:
         """The CPU worker: this layer's CPU experts from host memory, summed into one [T, D]."""
         with torch.inference_mode():
-            if copied is not None:
-                copied.synchronize()  # Sync point (worker only): the hidden states reached the host.
+            self.accelerator.wait_host(copied)  # Sync point (worker only): the hidden states reached the host.
             out = self.accelerator.host_zeros(x_h.shape, torch.float32)  # [T, D]
-            order, tokens = torch.from_numpy(pairs)  # [P] each
-            weights_flat = weights_h.reshape(-1)  # [P], in routing order
-            for expert in experts:
-                start, stop = span[expert]
-                rows = tokens[start:stop]  # this expert's tokens only: the CPU gathers no other rows
-                y = self._expert(layer, x_h[rows], self.store.host_weights(layer, expert))
-                out.index_add_(0, rows, (y * weights_flat[order[start:stop], None]).float())
+            pairs = torch.from_numpy(groups.pairs)  # [R]
+            tokens = pairs // k  # the CPU gathers only its experts' rows
+            y = grouped_experts_mlp(
+                x_h[tokens], self.store.host_layer(layer), groups, torch.from_numpy(groups.ends),
+                self._gates[layer], self._transposed[layer],
+            )  # [R, D]
+            out.index_add_(0, tokens, (y * weights_h.reshape(-1)[pairs, None]).float())
             return out

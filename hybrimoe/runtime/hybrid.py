@@ -29,15 +29,18 @@ class HybridRuntime:
         capacity: int,
         record_depth: int | None = None,
         replay: RoutingReplay | None = None,
+        cpu_threads: int | None = None,
     ):
         """`capacity`: expert slots on the accelerator. `record_depth`: record routing (for a trace)
         with this many later layers' predictions; None records nothing. `replay`: route as this
-        recorded trace says instead of as the model's routers do."""
+        recorded trace says instead of as the model's routers do. `cpu_threads`: the CPU expert
+        worker's threads (`threads.py`)."""
         self.loaded, self.planner, self.accelerator = loaded, planner, accelerator
         self.counters = ExpertCounters()
         self.store = ExpertStore(loaded.layers, accelerator, capacity)
         self.executor = LayerExecutor(
-            loaded.layers, self.store, planner, accelerator, loaded.n_experts, self.counters, record_depth, replay
+            loaded.layers, self.store, planner, accelerator, loaded.n_experts, self.counters, record_depth, replay,
+            cpu_threads,
         )
         self._installed = Installed(loaded, self.executor)
         self.counters.warm_loads = self.store.load(planner.initial_loads())

@@ -1,14 +1,26 @@
-"""The one expert kernel every placement runs, so CPU and accelerator agree and `profile` times it.
+"""The expert kernels every placement runs, so CPU and accelerator agree and `profile` times them.
 
-Shapes: T = tokens routed to the expert, D = hidden size, I = expert intermediate size.
-Weights keep transformers' stacked-experts layout for one expert: `gate_up` is [2I, D] and `down`
-is [D, I], or [D, 2I] and [I, D] when `transposed` (GPT-OSS).
+Shapes: T = tokens routed to one expert, R = rows of a group of experts (their tokens, expert after
+expert), D = hidden size, I = expert intermediate size, N = experts (or cache slots) in a stacked
+weight. Weights keep transformers' stacked-experts layout: one expert's `gate_up` is [2I, D] and
+`down` [D, I], or [D, 2I] and [I, D] when `transposed` (GPT-OSS).
+
+Design choices:
+- A layer's experts on one device run as one grouped matmul per projection over the stacked
+  weights they live in (the host's [E, ...] per layer, the accelerator's [C, ...] slots), the way
+  transformers' own `grouped_mm` experts path runs them: two kernels for the layer instead of a few
+  per expert. `torch.nn.functional.grouped_mm` serves every dtype on the CPU and bfloat16 on CUDA
+  (compute capability 8.0+); elsewhere, or on an older torch, the same groups run expert by expert.
+- The groups are one contiguous range of the stacked weight (a view, never a gather of weights);
+  experts of the range that run nothing are empty groups.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,3 +49,84 @@ def expert_mlp(
         return out + down_bias if down_bias is not None else out
     h = apply_gate(F.linear(x, gate_up, gate_up_bias))
     return F.linear(h, down, down_bias)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Token-expert pairs grouped for one stacked weight: groups `first`..`first + G - 1` of it."""
+
+    pairs: np.ndarray  # [R] pair indices, group after group
+    first: int  # the stacked weight's index of the first group
+    ends: np.ndarray  # [G] int32: the end row of each group (empty groups repeat the previous end)
+    runs: tuple[tuple[int, int, int], ...]  # (stacked index, start row, stop row) of each non-empty group
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.ends)
+
+
+def group_pairs(
+    order: np.ndarray,  # [P] pair indices sorted by expert
+    span: dict[int, tuple[int, int]],  # expert -> its (start, stop) in `order`
+    index_of: dict[int, int],  # expert -> its index in the stacked weight (its slot, or itself)
+) -> Groups:
+    """The pairs of the experts in `index_of`, grouped by stacked index (ascending)."""
+    by_index = sorted(index_of.items(), key=lambda item: item[1])
+    first, last = by_index[0][1], by_index[-1][1]
+    sizes = np.zeros(last - first + 1, dtype=np.int32)
+    chunks, runs, row = [], [], 0
+    for expert, index in by_index:
+        start, stop = span[expert]
+        chunks.append(order[start:stop])
+        sizes[index - first] = stop - start
+        runs.append((index, row, row + stop - start))
+        row += stop - start
+    return Groups(np.concatenate(chunks), first, np.cumsum(sizes, dtype=np.int32), tuple(runs))
+
+
+def groups_natively(weight: torch.Tensor) -> bool:
+    """Whether torch has a grouped matmul kernel for this stacked weight."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if weight.device.type == "cpu":
+        return True
+    return (
+        weight.device.type == "cuda"
+        and weight.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    )
+
+
+def grouped_experts_mlp(
+    x: torch.Tensor,  # [R, D]: the groups' rows, group after group
+    weights: dict[str, torch.Tensor],  # stacked [N, ...]: gate_up_proj, down_proj (+ _bias)
+    groups: Groups,
+    ends: torch.Tensor,  # [G] int32: `groups.ends` on x's device
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] = silu_gate,
+    transposed: bool = False,
+) -> torch.Tensor:  # [R, D]
+    """The experts of `groups`, as two grouped matmuls (or expert by expert where torch has none)."""
+    window = slice(groups.first, groups.first + groups.n_groups)
+    gate_up, down = weights["gate_up_proj"][window], weights["down_proj"][window]
+    gate_up_bias, down_bias = weights.get("gate_up_proj_bias"), weights.get("down_proj_bias")
+    if not groups_natively(gate_up):
+        return torch.cat([
+            expert_mlp(
+                x[start:stop], weights["gate_up_proj"][index], weights["down_proj"][index], apply_gate,
+                None if gate_up_bias is None else gate_up_bias[index],
+                None if down_bias is None else down_bias[index],
+                transposed,
+            )
+            for index, start, stop in groups.runs
+        ])
+    if not transposed:
+        gate_up, down = gate_up.transpose(-2, -1), down.transpose(-2, -1)
+    h = F.grouped_mm(x, gate_up, offs=ends)  # [R, 2I]
+    row_index = None
+    if gate_up_bias is not None or down_bias is not None:
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        row_index = torch.repeat_interleave(torch.arange(groups.first, window.stop, device=x.device), counts)  # [R]
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[row_index]
+    out = F.grouped_mm(apply_gate(h), down, offs=ends)  # [R, D]
+    return out + down_bias[row_index] if down_bias is not None else out

@@ -6,13 +6,16 @@ Design choices:
   experts interface (stacked 3-D `gate_up_proj` / `down_proj`, `@use_experts_implementation`)
   loads the same way, and no model code is copied here.
 - Everything that can be refused is refused before any weight is read: not a local directory,
-  an unknown or dense architecture, code shipped with the checkpoint (without
-  `trust_remote_code`), pickle-only weights (without `allow_pickle`), missing shards, and
-  truncated safetensors files (their header says how long they must be).
+  an unknown or dense architecture, code shipped with the checkpoint for a model transformers
+  does not implement (without `trust_remote_code`), pickle-only weights (without `allow_pickle`),
+  missing shards, and truncated safetensors files (their header says how long they must be).
+- A model type transformers implements loads with transformers' code even when its config names
+  the checkpoint's own (`auto_map`, as DeepSeek-V2-Lite's does): that code is ignored, with one
+  line saying so (the same for a tokenizer class transformers has).
 - The model is first built on the meta device to find its MoE layers and refuse unsupported
   families cheaply; then loaded once on the host. Placement moves the dense parameters to the
-  accelerator tensor by tensor and leaves the routed experts where they were loaded (pinned, on
-  CUDA, one layer at a time), so the weights are never materialised twice.
+  accelerator tensor by tensor and pools the routed experts into one host buffer per layer
+  (`host_experts.py`: page-locked on CUDA), so at most one layer's weights exist twice.
 - MoE layers are numbered 0..L-1 over the layers that have routed experts (DeepSeek's first dense
   layers are skipped); `ExpertId = (moe_layer, expert)` uses this numbering.
 """
@@ -30,10 +33,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from rich.text import Text
 from torch import nn
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import ModelError
+from hybrimoe.runtime.host_experts import HostExperts, pool_layer
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -59,6 +64,7 @@ class ModelFacts:
     n_experts: int
     top_k: int
     dense_bytes: int  # every weight but the routed experts
+    config: dict  # the model's config, as transformers reads it
 
 
 @dataclass
@@ -71,6 +77,7 @@ class LoadedModel:
     top_k: int
     family: str
     path: Path | None
+    host_experts: HostExperts | None = None  # set by `place`
 
     @property
     def n_layers(self) -> int:
@@ -207,7 +214,7 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
 
 def load_config(path: Path, trust_remote_code: bool):
     """The checkpoint directory's config, refused in one line when unreadable, unknown or (without
-    `trust_remote_code`) shipping its own code."""
+    `trust_remote_code`) shipping its own code for a model transformers does not implement."""
     from transformers import AutoConfig
 
     try:
@@ -216,12 +223,33 @@ def load_config(path: Path, trust_remote_code: bool):
         raise ModelError(f"{path}: no readable config.json (is this a transformers checkpoint?)") from None
     if not isinstance(config_data, dict):
         raise ModelError(f"{path}/config.json: expected a JSON object, got a {type(config_data).__name__}")
-    check_code_is_local(path, config_data, trust_remote_code)
+    model_type = config_data.get("model_type", "unknown")
+    native = _is_native_model(model_type)
+    if native and "auto_map" in config_data:
+        _note(f"{path}: transformers implements {model_type!r} itself; the checkpoint's own code (auto_map) is not used")
+    else:
+        check_code_is_local(path, config_data, trust_remote_code)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
-        model_type = config_data.get("model_type", "unknown")
         raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
+
+
+def _is_native_model(model_type: object) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def _is_native_tokenizer(tokenizer_class: object) -> bool:
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    return isinstance(tokenizer_class, str) and tokenizer_class_from_name(tokenizer_class) is not None
+
+
+def _note(text: str) -> None:
+    """One line on stderr, for what the loader decided on the user's behalf."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text(f"note: {text}"))
 
 
 def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) -> None:
@@ -277,7 +305,7 @@ def _facts(meta_model: nn.Module, config) -> ModelFacts:
     dense_params = sum(p.numel() for p in meta_model.parameters() if id(p) not in experts)
     shape = dataclasses.replace(shape, dtype=_DTYPE_NAMES[dtype])
     return ModelFacts(
-        config.model_type, shape, len(layers), n_experts, top_k, dense_params * dtype.itemsize
+        config.model_type, shape, len(layers), n_experts, top_k, dense_params * dtype.itemsize, config.to_dict()
     )
 
 
@@ -295,8 +323,13 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
             data = json.loads(tokenizer_config.read_text())
         except (OSError, ValueError, RecursionError):
             raise ModelError(f"{tokenizer_config}: not readable JSON") from None
-        if isinstance(data, dict):
-            check_code_is_local(path, data, trust_remote_code)
+        if isinstance(data, dict) and "auto_map" in data:
+            if _is_native_tokenizer(data.get("tokenizer_class")):
+                _note(f"{tokenizer_config}: transformers implements {data['tokenizer_class']!r} itself; "
+                      "the checkpoint's own tokenizer code (auto_map) is not used")
+                trust_remote_code = False
+            else:
+                check_code_is_local(path, data, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
@@ -308,29 +341,29 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
 
 
 def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True) -> None:
-    """Moves every parameter and buffer but the routed experts to `device`; pins the experts on CUDA.
+    """Moves every parameter and buffer but the routed experts to `device`, then pools the experts
+    into one host buffer per layer (page-locked on CUDA).
 
-    Tensor by tensor; on CUDA the experts are pinned one module at a time, so at most one layer's
-    experts exist twice. Tied parameters are one Parameter object, moved once and still shared.
+    Tensor by tensor, and layer by layer for the experts. Tied parameters are one Parameter
+    object, moved once and still shared.
     """
     experts = {id(layer.experts) for layer in loaded.layers}
     modules = list(loaded.model.modules())
-    pin = device.type == "cuda"
     moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new): tied stay tied
     with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as progress:
-        task = progress.add_task("Placing weights", total=len(modules))
+        task = progress.add_task("Placing weights", total=len(modules) + len(loaded.layers))
         for module in modules:
-            if id(module) in experts:
-                if pin:
-                    for param in module.parameters(recurse=False):
-                        param.data = param.data.pin_memory()
-            else:
+            if id(module) not in experts:
                 for name, param in list(module.named_parameters(recurse=False)):
                     if id(param) not in moved:
                         moved[id(param)] = (param, nn.Parameter(param.data.to(device), requires_grad=False))
                     setattr(module, name, moved[id(param)][1])
                 for name, buffer in list(module.named_buffers(recurse=False)):
                     setattr(module, name, buffer.to(device))
+            progress.advance(task)
+        loaded.host_experts = HostExperts(pinned=device.type == "cuda")
+        for layer in loaded.layers:
+            loaded.host_experts.add(pool_layer(layer.experts))
             progress.advance(task)
 
 
@@ -342,12 +375,12 @@ def load_model(
     allow_pickle: bool = False,
     with_tokenizer: bool = True,
     show_progress: bool = True,
-    before_weights: Callable[[ModelFacts], None] | None = None,
+    before_weights: Callable[[ModelFacts, object | None], None] | None = None,
 ) -> LoadedModel:
     """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory.
 
-    `before_weights` sees the model's facts before any weight is read, to refuse early (a profile
-    for other expert shapes, a memory budget the dense parts alone exceed).
+    `before_weights` sees the model's facts and its tokenizer before any weight is read, to refuse
+    early (a profile for other expert shapes, a memory budget the dense parts alone exceed).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -358,10 +391,11 @@ def load_model(
             f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
         )
     config = load_config(path, trust_remote_code)
-    facts = _facts(build_on_meta(config, trust_remote_code), config)
-    if before_weights is not None:
-        before_weights(facts)
+    model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
+    facts = _facts(build_on_meta(config, model_code), config)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
+    if before_weights is not None:
+        before_weights(facts, tokenizer)
     check_weight_files(path, allow_pickle)
     if not show_progress:
         hf_logging.disable_progress_bar()
@@ -371,7 +405,7 @@ def load_model(
             config=config,
             dtype="auto",
             local_files_only=True,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=model_code,
             use_safetensors=None if allow_pickle else True,
             output_loading_info=True,
         )

@@ -39,7 +39,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.files import check_output
 from hybrimoe.policy.plan import Planner
 from hybrimoe.profile.presets import ModelShape
-from hybrimoe.runtime.capacity import GIB, Capacity, resolve_capacity
+from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.runtime.executor import LayerRecord
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts
@@ -176,11 +176,11 @@ def predict_run(
     return ttft_s, (1000.0 / decode.step_ms if decode.step_ms else None)
 
 
-def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, ids, mask) -> None:
+def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, threads: int, ids, mask) -> None:
     """One prefill and one decode step on a throwaway runtime, so the timed run pays no first calls."""
     from hybrimoe.runtime.hybrid import HybridRuntime
 
-    with HybridRuntime(loaded, planner, accelerator, capacity) as runtime:
+    with HybridRuntime(loaded, planner, accelerator, capacity, cpu_threads=threads) as runtime:
         generate(loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
                  sync=accelerator.synchronize)
 
@@ -262,6 +262,57 @@ def _recorded_trace(shape: ModelShape, steps: list[TraceStep], options: RunOptio
     return trace
 
 
+def plan_memory(
+    facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, model_name: str, accelerator
+) -> tuple[Capacity, Reserve]:
+    """Before any weight is read: the expert slots the accelerator's budget allows once the dense
+    weights and the reserve for this run's tokens are placed, and a refusal when the host cannot
+    hold the weights (and, on the CPU stand-in, the slots)."""
+    from hybrimoe.profile.machine import available_ram_bytes
+    from hybrimoe.profile.presets import shape_from_hf_config
+
+    shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
+    n_prompt_tokens = max(len(tokenizer(prompt)["input_ids"]) for prompt in options.prompts)
+    reserve = reserve_for(shape, len(options.prompts), n_prompt_tokens, options.max_new_tokens)
+    policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+    budget = options.gpu_memory_gb
+    expert_bytes, n_experts_total = facts.expert_shape.expert_bytes, facts.n_layers * facts.n_experts
+    capacity = resolve_capacity(
+        n_experts_total=n_experts_total,
+        expert_bytes=expert_bytes,
+        dense_bytes=facts.dense_bytes,
+        policy_ratio=policy.cache_ratio,
+        policy_source=f"profile {profile.name}" if profile is not None and profile.policy else "the default policy",
+        cache_experts=options.cache_experts,
+        cache_ratio=options.cache_ratio,
+        budget_bytes=int(budget * GIB) if budget is not None else accelerator.free_memory_bytes(),
+        budget_source=f"--gpu-memory-gb {budget:g}" if budget is not None else "the accelerator's free memory",
+        reserve=reserve,
+    )
+    # every weight is read into host memory first, and pooling copies one layer's experts at a time
+    host_bytes = facts.dense_bytes + (n_experts_total + facts.n_experts) * expert_bytes
+    what = "the weights"
+    if not accelerator.is_cuda:
+        host_bytes += capacity.slots * expert_bytes
+        what = "the weights and the CPU stand-in's expert slots"
+    check_host_memory(host_bytes, available_ram_bytes(), what)
+    return capacity, reserve
+
+
+def _memory_report(loaded: LoadedModel, capacity: int, reserve: Reserve, accelerator) -> tuple[str, str]:
+    """(host memory, accelerator memory) in words, for the run summary."""
+    experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}
+    dense_bytes = sum(p.nbytes for p in loaded.model.parameters() if id(p) not in experts)
+    slots_bytes = capacity * loaded.expert_shape.expert_bytes
+    host = f"routed experts {loaded.host_experts.describe()}"
+    if not accelerator.is_cuda:
+        return f"{host}; {slots_bytes / GIB:.2f} GiB of expert slots (the CPU stand-in's)", "none (CPU stand-in)"
+    return host, (
+        f"{dense_bytes / GIB:.2f} GiB dense weights + {slots_bytes / GIB:.2f} GiB for {capacity} expert slots; "
+        f"peak {accelerator.peak_memory_bytes() / GIB:.2f} GiB allocated; planned reserve: {reserve.describe()}"
+    )
+
+
 def run(
     options: RunOptions,
     on_text: Callable[[str], None] | None = None,
@@ -277,7 +328,7 @@ def run(
     from hybrimoe.runtime.accelerator import make_accelerator
     from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.loading import load_model
-    from hybrimoe.runtime.threads import torch_threads
+    from hybrimoe.runtime.threads import launching_threads, torch_threads
 
     _check_options(options)
     accelerator = make_accelerator(options.device)
@@ -286,27 +337,14 @@ def run(
     profile_path = options.profile or this_machines_profile(model_name, str(accelerator.device))
     profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
-    budget = options.gpu_memory_gb
-    free_bytes = accelerator.free_memory_bytes()
-    chosen: dict[str, Capacity] = {}
+    chosen: dict[str, tuple[Capacity, Reserve]] = {}
 
-    def before_weights(facts: ModelFacts) -> None:
+    def before_weights(facts: ModelFacts, tokenizer) -> None:
         if profile is not None:
             profile.check_expert_shape(facts.expert_shape)
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
-        policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
-        chosen["capacity"] = resolve_capacity(
-            n_experts_total=facts.n_layers * facts.n_experts,
-            expert_bytes=facts.expert_shape.expert_bytes,
-            dense_bytes=facts.dense_bytes,
-            policy_ratio=policy.cache_ratio,
-            policy_source=f"profile {profile.name}" if profile is not None and profile.policy else "the default policy",
-            cache_experts=options.cache_experts,
-            cache_ratio=options.cache_ratio,
-            budget_bytes=int(budget * GIB) if budget is not None else free_bytes,
-            budget_source=f"--gpu-memory-gb {budget:g}" if budget is not None else "the accelerator's free memory",
-        )
+        chosen["memory"] = plan_memory(facts, tokenizer, options, profile, model_name, accelerator)
 
     loaded = load_model(
         path,
@@ -319,14 +357,17 @@ def run(
     shape = model_shape(loaded, model_name)
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     policy = profile.policy or PolicyConfig()
-    strategy, capacity, capacity_source = _placement(options, profile, chosen["capacity"])
+    capacity_chosen, reserve = chosen["memory"]
+    strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
     threads, threads_source = run_threads(options, profile)
 
     def fresh_planner() -> Planner:
         return build_planner(strategy, loaded, profile, policy, capacity)
 
     planner = fresh_planner()
-    depth = max(planner.lookahead_layers, TRACE_LOOKAHEAD_DEPTH)
+    # the routing is always recorded (the prediction replays it), with the lookahead the planner
+    # uses; a trace written to a file carries the paper's depth
+    depth = TRACE_LOOKAHEAD_DEPTH if options.record_trace is not None else planner.lookahead_layers
 
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
@@ -346,9 +387,12 @@ def run(
             if piece:
                 on_text(piece)
 
-    with torch_threads(threads):
-        _warm_up(loaded, fresh_planner(), accelerator, capacity, ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
-        with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay) as runtime:
+    with torch_threads(launching_threads(threads, accelerator.is_cuda)):
+        _warm_up(loaded, fresh_planner(), accelerator, capacity, threads,
+                 ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
+        accelerator.reset_peak_memory()
+        with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay,
+                           cpu_threads=threads) as runtime:
             if on_start is not None:
                 on_start()
             out = generate(
@@ -360,6 +404,7 @@ def run(
                 on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
+    host_memory, accelerator_memory = _memory_report(loaded, capacity, reserve, accelerator)
     trace = _recorded_trace(shape, steps, options)
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
     simulated_ttft_s, simulated_tps = predict_run(trace, fresh_planner(), strategy, cache_ratio, ids.shape[0])
@@ -384,6 +429,8 @@ def run(
         counters=runtime.counters,
         simulated_ttft_s=simulated_ttft_s,
         simulated_decode_tokens_per_s=simulated_tps,
+        host_memory=host_memory,
+        accelerator_memory=accelerator_memory,
         trace_path=str(options.record_trace) if options.record_trace is not None else None,
         replay_trace=str(options.replay_trace) if options.replay_trace is not None else None,
     )

@@ -77,6 +77,8 @@ class RunStats:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # per sequence; None when only one token was generated
     counters: ExpertCounters = field(default_factory=ExpertCounters)
+    host_memory: str = ""  # the pooled host experts (pinned or not), in words
+    accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
     simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run
     simulated_ttft_s: float | None = None
     trace_path: str | None = None  # where the run's routing was recorded

@@ -5,7 +5,8 @@ intermediate size; a slot holds one expert in transformers' layout (`gate_up` [2
 or transposed for GPT-OSS), plus its biases when the family has them.
 
 Design choices:
-- The host side is the model's own stacked expert parameters (pinned on CUDA): no copy.
+- The host side is the model's own stacked expert parameters (pooled per layer and page-locked on
+  CUDA by `host_experts.py`): no copy.
 - Slots are allocated once, as one stacked tensor per weight ([C, ...]); which expert each slot
   holds is plain bookkeeping here, and the planner decides it (shared pool or per layer is the
   planner's business). Loading an expert into a slot is one copy per weight on the copy stream.
@@ -72,18 +73,19 @@ class ExpertStore:
                 n_loads += 1
         return n_loads
 
-    def weights(self, slot: int) -> dict[str, torch.Tensor]:
-        """One slot's weights, for kernels issued on the current stream after the slot is ready."""
-        self.accelerator.wait(self._ready[slot])
-        return self._slot_views[slot]
+    def wait_ready(self, slots: Iterable[int]) -> None:
+        """Orders the kernels issued next on the current stream after these slots' copies."""
+        for slot in slots:
+            self.accelerator.wait(self._ready[slot])
 
     def release(self, slots: Iterable[int]) -> None:
         """Marks the kernels issued so far as the last readers of these slots."""
         for slot in slots:
             self.accelerator.record(self._free[slot])
 
-    def host_weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return {name: stacked[layer][expert] for name, stacked in self.host.items()}
+    def host_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's stacked host weights, [E, ...] each."""
+        return {name: stacked[layer] for name, stacked in self.host.items()}
 
     def check_resident(self, layer: int, slot_of: dict[int, int], experts: Sequence[int]) -> None:
         for expert in experts:

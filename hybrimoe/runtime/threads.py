@@ -1,10 +1,16 @@
-"""CPU threads for expert kernels: the default count, and setting it for a block of work.
+"""CPU threads: how many the CPU expert worker uses, and what the launching thread keeps.
 
 Design choices:
-- The default is one less than the cores (at least one): the thread that launches each layer's
-  work and plans needs a core of its own beside the CPU experts; on a busy 2-core machine two
-  expert threads made every kernel wait for a descheduled one.
-- `torch.set_num_threads` is process-wide, so it is set for a block and restored after it.
+- One setting, `threads`: the CPU expert worker's intra-op threads (the profile's, as it was
+  measured with; `--threads` overrides; an estimate uses one less than the cores). It is set in
+  the worker thread itself (torch's intra-op thread count is per calling thread), so the two
+  threads of a run do not share one process-wide number.
+- The launching thread (the model's forward, routing, planning, kernel launches) keeps the core
+  the worker leaves free: on CUDA it computes nothing on the CPU but small host-side bookkeeping,
+  so it runs one intra-op thread; on the CPU stand-in it also computes the dense parts and the
+  stand-in's "accelerator" experts, so it uses the same count as the worker (they take turns in
+  each layer more than they overlap).
+- A count is set for a block and restored after it, so a library caller's setting survives.
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def launching_threads(threads: int, is_cuda: bool) -> int:
+    """Intra-op threads of the thread that runs the model and launches each layer's work."""
+    return 1 if is_cuda else threads
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """Sets torch's intra-op threads for a block (None: leaves them), restoring them afterwards."""
+    """Sets this thread's torch intra-op threads for a block (None: leaves them), restoring them after."""
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

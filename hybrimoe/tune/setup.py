@@ -29,7 +29,7 @@ from pathlib import Path
 from hybrimoe.config import HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.profile.presets import PRESETS, ModelShape
-from hybrimoe.runtime.capacity import GIB, RESERVE_BYTES, resolve_capacity, slots_in_budget
+from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
 from hybrimoe.trace import TraceMeta, load_trace
 from hybrimoe.tune.space import SearchSpace, policy_space
 from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
@@ -204,7 +204,8 @@ def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -
     """(largest capacity, the fixed capacity or None when it is searched, the budget in words)."""
     total = meta.n_layers * meta.n_experts
     expert_bytes = meta.expert_bytes
-    budget_bytes = kv_bytes = dense_bytes = None
+    budget_bytes = dense_bytes = None
+    reserve = Reserve(0, 0)
     budget_source = ""
     if options.gpu_memory_gb is not None:
         if not options.gpu_memory_gb > 0:
@@ -212,17 +213,17 @@ def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -
         shape = _dense_shape(options, meta)
         budget_bytes = int(options.gpu_memory_gb * GIB)
         dense_bytes = shape.dense_bytes
-        kv_bytes = shape.kv_cache_bytes(options.context_tokens * options.batch_size)
+        # the whole context as one prefill: the largest step a run of this context can take
+        reserve = reserve_for(shape, options.batch_size, options.context_tokens, 0)
         budget_source = f"--gpu-memory-gb {options.gpu_memory_gb:g}"
     fixed = options.cache_experts is not None or options.cache_ratio is not None
     if budget_bytes is not None and not fixed:
-        slots = min(total, slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, kv_bytes))
+        slots = min(total, slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, reserve))
         if slots < 1:
             raise UserError(f"{budget_source} leaves no room for one expert slot ({expert_bytes / 2**20:.1f} MiB)")
         words = (
-            f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, {RESERVE_BYTES / GIB:.0f} GiB reserve, "
-            f"{kv_bytes / GIB:.2f} GiB KV cache ({options.batch_size} x {options.context_tokens} tokens), "
-            f"up to {slots} expert slots"
+            f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, a reserve of "
+            f"{reserve.describe()} ({options.batch_size} x {options.context_tokens} tokens), up to {slots} expert slots"
         )
         return slots, None, words
     policy = profile.policy or PolicyConfig()
@@ -236,7 +237,7 @@ def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -
         cache_ratio=options.cache_ratio,
         budget_bytes=budget_bytes,
         budget_source=budget_source,
-        kv_cache_bytes=kv_bytes or 0,
+        reserve=reserve,
     )
     if capacity.slots < 1:
         raise UserError(f"the budget ({capacity.source}) leaves no room for one expert slot")

@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def checkpoint(tmp_path_factory):
     def get(family: str) -> Path:
         if family not in made:
             made[family] = save_checkpoint(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(checkpoint, tmp_path_factory):
+    """family -> the same tiny checkpoint with its weights cast to bfloat16, made once."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            directory = tmp_path_factory.mktemp(f"{family}-bf16")
+            shutil.copytree(checkpoint(family), directory, dirs_exist_ok=True)
+            model = AutoModelForCausalLM.from_pretrained(directory).to(torch.bfloat16)
+            model.save_pretrained(directory)
+            made[family] = directory
         return made[family]
 
     return get

@@ -32,8 +32,40 @@ def test_streams_text_and_prints_the_summary(model_dir):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("ROMEO:")
     for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "Planning",
-                  "built-in estimate", "measured/predicted", "CPU threads"):
+                  "built-in estimate", "measured/predicted", "CPU threads", "Host memory", "Accelerator memory"):
         assert label in result.stdout
+    assert "in 3 buffers" in result.stdout  # the pooled host experts, one buffer per MoE layer
+
+
+def test_host_memory_is_checked_before_the_weights(model_dir, monkeypatch):
+    from hybrimoe.profile import machine
+    from hybrimoe.runtime import loading
+
+    monkeypatch.setattr(machine, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(loading, "check_weight_files", lambda *a: pytest.fail("weights were reached"))
+    result = _run("--model", model_dir, "--prompt", "x")
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: the weights and the CPU stand-in's expert slots need")
+    assert "this machine has 0.0 GiB available" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_cpu_worker_runs_the_threads_setting(model_dir):
+    from planners import RulePlanner
+
+    from hybrimoe.runtime.accelerator import CpuStandIn
+    from hybrimoe.runtime.hybrid import HybridRuntime
+    from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.threads import launching_threads
+
+    loaded = load_model(model_dir, with_tokenizer=False, show_progress=False)
+    before = torch.get_num_threads()
+    planner = RulePlanner("cpu", 0, loaded.n_layers, loaded.n_experts)
+    with HybridRuntime(loaded, planner, CpuStandIn(), 0, cpu_threads=before + 2) as runtime:
+        assert runtime.executor.worker_threads() == before + 2
+        assert torch.get_num_threads() == before  # the launching thread keeps its own
+    assert launching_threads(6, is_cuda=True) == 1 and launching_threads(6, is_cuda=False) == 6
+    data = json.loads(_run("--model", model_dir, "--prompt", "x", "-n", "2", "--json", "--threads", "3").stdout)
+    assert (data["threads"], data["threads_source"]) == (3, "--threads")
 
 
 def test_json_statistics(model_dir):
@@ -94,7 +126,7 @@ def test_prompt_from_stdin_and_trace_recording(model_dir, tmp_path):
         ([], "give a prompt"),
         (["--prompt", "x", "--cache-experts", "3", "--cache-ratio", "0.5"], "not both"),
         (["--prompt", "x", "--cache-experts", "999"], "--cache-experts must be in [0, 24]"),
-        (["--prompt", "x", "--gpu-memory-gb", "0.5"], "is not enough"),
+        (["--prompt", "x", "--gpu-memory-gb", "0.1"], "is not enough"),
         (["--prompt", "x", "--strategy", "fastest"], "unknown strategy"),
         (["--prompt", "x", "--strategy", "ktransformers"], "needs expert frequencies"),
         (["--prompt", "x", "--max-new-tokens", "0"], "at least 1"),

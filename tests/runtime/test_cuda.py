@@ -1,13 +1,14 @@
 """The same exactness checks with the CUDA backend: copy stream, events, pinned host experts.
 
-Skipped without an NVIDIA GPU. TF32 is off so float32 matmuls are exact enough for 1e-4.
+Skipped without an NVIDIA GPU. TF32 is off so float32 matmuls are exact enough for 1e-4; the
+bfloat16 checkpoints are held to test_exactness.BF16_TOLERANCE.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_exactness import _check, _loaded
+from test_exactness import BF16_CASES, BF16_TOLERANCE, _check, _loaded
 from tiny_models import FAMILIES
 
 pytestmark = [
@@ -40,11 +41,20 @@ def test_cuda_matches_transformers(checkpoint, family, schedule, capacity, depth
     _check(str(checkpoint(family)), schedule, capacity, depth, batch, device="cuda")
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("schedule, capacity, depth, batch", BF16_CASES)
+def test_cuda_bfloat16_matches_transformers(bf16_checkpoint, family, schedule, capacity, depth, batch):
+    """bfloat16 on CUDA: the grouped kernels (compute capability 8.0+) against transformers' eager
+    experts, within BF16_TOLERANCE of the logits and with the same greedy tokens."""
+    _check(str(bf16_checkpoint(family)), schedule, capacity, depth, batch, device="cuda", tolerance=BF16_TOLERANCE)
+
+
 def test_dense_parts_on_the_gpu_and_experts_pinned_on_the_host(checkpoint):
     loaded = _loaded(str(checkpoint("deepseek_v3")), "cuda")
     experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}
     for name, param in loaded.model.named_parameters():
         if id(param) in experts:
-            assert param.device.type == "cpu" and param.is_pinned(), name
+            assert param.device.type == "cpu" and param.is_pinned(), name  # registered in place
         else:
             assert param.device.type == "cuda", name
+    assert loaded.host_experts.pinned and len(loaded.host_experts.buffers) == loaded.n_layers

@@ -25,6 +25,10 @@ from hybrimoe.runtime.hybrid import HybridRuntime
 from hybrimoe.runtime.loading import load_model
 
 TOLERANCE = 1e-4
+# bfloat16 checkpoints: on the CPU the hybrid runtime rounds exactly as transformers' grouped path
+# does (bitwise equal here); on CUDA kernels may block their sums differently, so logits may differ
+# by a few bfloat16 steps (0.016 at the tiny models' logit scale of about 3)
+BF16_TOLERANCE = 0.1
 N_NEW = 17  # the prefill's token, then 16 decode steps
 CAPACITIES = ("zero", "partial", "full")
 
@@ -86,10 +90,10 @@ def _max_diffs(path: str, schedule: str, capacity: str, depth: int, batch: int, 
     return prefill_diff, step_diff, torch.equal(out.tokens, ref_tokens), counters
 
 
-def _check(path, schedule, capacity, depth, batch, device="cpu"):
+def _check(path, schedule, capacity, depth, batch, device="cpu", tolerance=TOLERANCE):
     prefill_diff, step_diff, same_tokens, counters = _max_diffs(path, schedule, capacity, depth, batch, device)
-    assert prefill_diff <= TOLERANCE, f"prefill logits differ by {prefill_diff}"
-    assert step_diff <= TOLERANCE, f"decode logits differ by {step_diff}"
+    assert prefill_diff <= tolerance, f"prefill logits differ by {prefill_diff}"
+    assert step_diff <= tolerance, f"decode logits differ by {step_diff}"
     assert same_tokens
     if schedule == "cpu" or capacity == "zero":
         assert counters.accelerator_runs == 0
@@ -109,6 +113,17 @@ def _check(path, schedule, capacity, depth, batch, device="cpu"):
 )
 def test_every_family_matches_transformers(checkpoint, family, schedule, capacity, depth, batch):
     _check(str(checkpoint(family)), schedule, capacity, depth, batch)
+
+
+BF16_CASES = [("mixed", "partial", 2, 2), ("accelerator", "tight", 2, 2), ("cpu", "zero", 0, 1)]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("schedule, capacity, depth, batch", BF16_CASES)
+def test_bfloat16_matches_transformers(bf16_checkpoint, family, schedule, capacity, depth, batch):
+    path = str(bf16_checkpoint(family))
+    assert _loaded(path).expert_shape.dtype == "bfloat16"
+    _check(path, schedule, capacity, depth, batch, tolerance=BF16_TOLERANCE)
 
 
 _MATRIX = list(itertools.product(("cpu", "accelerator", "mixed"), CAPACITIES, (0, 2), (1, 2)))

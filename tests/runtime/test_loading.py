@@ -63,13 +63,36 @@ def test_missing_config_is_refused(tmp_path):
         load_model(tmp_path, show_progress=False)
 
 
-def test_shipped_code_needs_trust_remote_code(checkpoint, tmp_path):
+def test_shipped_code_of_an_unknown_model_needs_trust_remote_code(checkpoint, tmp_path):
     path = _copy(checkpoint("mixtral"), tmp_path)
     config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "evil_moe"
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="--trust-remote-code"):
         load_model(path, show_progress=False)
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_native_model_loads_natively_despite_auto_map(checkpoint, tmp_path, capsys, trust_remote_code):
+    """DeepSeek-V2-Lite's config names its own code; transformers has the model, so that code is
+    never imported (the module it names does not even exist here)."""
+    path = _copy(checkpoint("deepseek_v2"), tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
+                          "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"}
+    (path / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    assert tokenizer_config.get("tokenizer_class")
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    loaded = load_model(path, trust_remote_code=trust_remote_code, show_progress=False)
+    reference = load_model(checkpoint("deepseek_v2"), show_progress=False)
+    assert type(loaded.model) is type(reference.model)
+    assert type(loaded.model).__module__.startswith("transformers.models.deepseek_v2")
+    assert loaded.n_layers == 2 and loaded.tokenizer is not None
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and "'deepseek_v2'" in notes[0] and "auto_map" in notes[0]
 
 
 def test_truncated_weights_are_refused(checkpoint, tmp_path):
@@ -127,15 +150,14 @@ def test_missing_tokenizer_is_refused(tmp_path):
     assert load_model(tmp_path, with_tokenizer=False, show_progress=False).tokenizer is None
 
 
-def test_placement_moves_dense_parts_and_leaves_experts_in_place():
+def test_placement_moves_dense_parts_and_pools_experts_on_the_host():
     """Placing on the meta device shows the rule without a GPU: every tensor but the experts moves."""
     model = tiny_model("qwen2_moe", tie_word_embeddings=True)
-    expert_data = model.model.layers[0].mlp.experts.gate_up_proj.data_ptr()
     loaded = from_model(model, device="meta")
     experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         expected = "cpu" if id(tensor) in experts else "meta"
         assert tensor.device.type == expected, name
-    assert loaded.layers[0].experts.gate_up_proj.data_ptr() == expert_data  # not copied
+    assert loaded.layers[0].experts.gate_up_proj.data_ptr() == loaded.host_experts.buffers[0].data_ptr()
     assert not loaded.layers[0].experts.gate_up_proj.requires_grad
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied

@@ -27,9 +27,9 @@ def test_loads_copy_experts_into_separate_slots(loaded):
     assert store.resident == [(1, 3), (2, 5)]
     assert store.slot_of == {(1, 3): 0, (2, 5): 1}
     host = loaded.layers[1].experts
-    assert torch.equal(store.weights(0)["gate_up_proj"], host.gate_up_proj[3])
-    assert torch.equal(store.weights(0)["down_proj_bias"], host.down_proj_bias[3])
-    assert store.weights(0)["gate_up_proj"].data_ptr() != host.gate_up_proj[3].data_ptr()
+    assert torch.equal(store.slots["gate_up_proj"][0], host.gate_up_proj[3])
+    assert torch.equal(store.slots["down_proj_bias"][0], host.down_proj_bias[3])
+    assert store.slots["gate_up_proj"][0].data_ptr() != host.gate_up_proj[3].data_ptr()
     store.load([SlotLoad((0, 7), 0)])  # evicts (1, 3)
     assert store.resident == [(0, 7), (2, 5)]
     assert store.slot_of == {(0, 7): 0, (2, 5): 1}
@@ -85,3 +85,24 @@ def test_hooks_are_removed_on_close(loaded):
         assert loaded.model.config._experts_implementation == "hybrimoe"
     assert loaded.model.config._experts_implementation == before
     assert not any(layer.router._forward_hooks for layer in loaded.layers)
+
+
+def test_host_experts_are_views_of_one_buffer_per_layer():
+    model = tiny_model("gpt_oss")
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if ".experts." in name}
+    loaded = from_model(model)
+    pooled = loaded.host_experts
+    assert len(pooled.buffers) == loaded.n_layers and not pooled.pinned
+    weights_bytes = sum(p.nbytes for layer in loaded.layers for p in layer.experts.parameters())
+    assert weights_bytes <= pooled.n_bytes < weights_bytes + 64 * 4 * loaded.n_layers  # only alignment
+    for layer, buffer in zip(loaded.layers, pooled.buffers):
+        start, stop = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+        for name, param in layer.experts.named_parameters():
+            assert param.untyped_storage().data_ptr() == start, name  # a view, not its own allocation
+            assert start <= param.data_ptr() and param.data_ptr() + param.nbytes <= stop
+            assert param.data_ptr() % 64 == 0
+    for name, param in model.named_parameters():
+        if name in before:
+            assert torch.equal(param, before[name]), name
+    store = ExpertStore(loaded.layers, CpuStandIn(), capacity=1)
+    assert store.host_layer(1)["down_proj"].untyped_storage().data_ptr() == pooled.buffers[1].data_ptr()

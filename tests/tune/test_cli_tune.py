@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from hybrimoe.cli import app
 from hybrimoe.config import load_profile
-from hybrimoe.runtime.capacity import GIB
+from hybrimoe.runtime.capacity import GIB, reserve_for
 from hybrimoe.profile.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +96,7 @@ def test_budget_is_never_exceeded(tmp_path):
                     "--gpu-memory-gb", "8", "--context", "2048", *QUICK)
     assert result.exit_code == 0, result.output
     shape = get_preset("qwen3-30b-a3b")
-    room = 8 * GIB - shape.dense_bytes - GIB - shape.kv_cache_bytes(2048)
+    room = 8 * GIB - shape.dense_bytes - reserve_for(shape, 1, 2048, 0).total_bytes
     max_slots = room // shape.expert_shape().expert_bytes
     tuned = load_profile(out)
     assert 0 < tuned.tuning.cache_experts <= max_slots
