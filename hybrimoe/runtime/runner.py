@@ -185,7 +185,7 @@ def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, 
                  sync=accelerator.synchronize)
 
 
-def _trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
+def trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
     """Stacks one step's per-layer records: ids [L, T, k], probs [L, T, E], lookahead [L, D, T, k]."""
     ids = np.stack([r.topk_ids for r in records])
     lookahead = np.full((len(records), depth, *ids.shape[1:]), -1, dtype=np.int16)
@@ -401,7 +401,7 @@ def run(
                 pad_token_id=tokenizer.pad_token_id or 0,
                 on_tokens=on_tokens,
                 before_step=runtime.begin_step,
-                on_step=lambda: steps.append(_trace_step(runtime.end_step(), depth)),
+                on_step=lambda: steps.append(trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
     host_memory, accelerator_memory = _memory_report(loaded, capacity, reserve, accelerator)
