@@ -40,7 +40,7 @@ from hybrimoe.demo import demo_model_path
 from hybrimoe.profile.inputs import resolve_model
 from hybrimoe.profile.run import ProfileOptions, profile_machine
 from hybrimoe.runtime.generate import Sampling
-from hybrimoe.runtime.runner import RunOptions, run
+from hybrimoe.run import RunOptions, run
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN3_TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"

@@ -34,7 +34,8 @@ from hybrimoe.config import PolicyConfig, load_profile
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.simulator import simulate
-from hybrimoe.policy.strategies import ModelDims, PolicyPlanner, cache_capacity, make_planner
+from hybrimoe.policy.planner import ModelDims, PolicyPlanner
+from hybrimoe.policy.strategies import cache_capacity, make_planner
 from hybrimoe.trace import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +67,9 @@ def timed_calls(
         if between is not None:
             between()
         started_ns = clock()
-        plan_layer(*args)
+        plan = plan_layer(*args)
         planned_ns = clock()
-        plan_prefetch()
+        plan_prefetch(plan)
         layer_times.append(planned_ns - started_ns)
         prefetch_times.append(clock() - planned_ns)
     return layer_times, prefetch_times

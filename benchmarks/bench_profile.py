@@ -30,8 +30,8 @@ from hybrimoe.profile.measure import (
     torch_threads,
     transfers,
 )
-from hybrimoe.profile.presets import get_preset
 from hybrimoe.profile.timing import FULL, QUICK
+from hybrimoe.shapes import get_preset
 
 
 def main() -> None:

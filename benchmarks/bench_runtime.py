@@ -31,7 +31,8 @@ from hybrimoe.runtime.accelerator import CpuStandIn
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.hybrid import HybridRuntime
 from hybrimoe.runtime.loading import LoadedModel, from_model, load_model
-from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
+from hybrimoe.runtime.planning import build_planner, model_shape
+from hybrimoe.run import default_profile
 
 PROMPT_TOKENS = 16
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hybrimoe.config import HardwareProfile
-    from hybrimoe.profile.presets import ModelShape
+    from hybrimoe.shapes import ModelShape
     from hybrimoe.runtime.accelerator import Accelerator
     from hybrimoe.runtime.loading import LoadedModel
     from hybrimoe.trace import RoutingTrace
@@ -199,7 +199,7 @@ def qwen3_random(config):
 
 def model_shape_of(config, small: bool):
     """The policy core's description of the model, from its config alone (no weights)."""
-    from hybrimoe.profile.presets import shape_from_hf_config
+    from hybrimoe.shapes import shape_from_hf_config
 
     return shape_from_hf_config(config.to_dict(), name=model_name(small), dtype="bfloat16")
 
@@ -281,7 +281,7 @@ class Bench:
 
     def planner(self, cell: Cell):
         from hybrimoe.config import PolicyConfig
-        from hybrimoe.runtime.runner import build_planner
+        from hybrimoe.runtime.planning import build_planner
 
         policy = self.profile.policy or PolicyConfig()
         return build_planner(cell.strategy, self.loaded, self.profile, policy, self.capacity(cell.cache_ratio))
@@ -300,7 +300,7 @@ def open_bench(args: argparse.Namespace, n_layers: int) -> Bench:
     from hybrimoe.config import load_profile
     from hybrimoe.runtime.accelerator import make_accelerator
     from hybrimoe.runtime.loading import from_model
-    from hybrimoe.runtime.runner import default_profile
+    from hybrimoe.run import default_profile
     from hybrimoe.runtime.threads import default_threads
     from hybrimoe.trace import load_trace
 
@@ -356,7 +356,7 @@ def generate_once(bench: Bench, cell: Cell, on_step: Callable[[], None] = lambda
 
     from hybrimoe.runtime.generate import generate
     from hybrimoe.runtime.hybrid import HybridRuntime
-    from hybrimoe.runtime.runner import trace_step
+    from hybrimoe.runtime.planning import trace_step
     from hybrimoe.runtime.threads import launching_threads, torch_threads
     from hybrimoe.trace import RoutingTrace, trace_meta_from_shape
 
@@ -433,7 +433,7 @@ def table_cells() -> list[Cell]:
 
 
 def measure_cell(bench: Bench, cell: Cell) -> Result:
-    from hybrimoe.runtime.runner import predict_run
+    from hybrimoe.runtime.planning import predict_run
 
     started = time.perf_counter()
     generate_once(bench, cell)  # warm-up: first calls of kernels and allocations

@@ -24,7 +24,7 @@ import yaml
 
 from hybrimoe.errors import ProfileError
 from hybrimoe.files import read_text, write_atomically
-from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
+from hybrimoe.policy.names import CONFIGURABLE_POLICIES
 
 SCHEMA_VERSION = 1
 

@@ -20,3 +20,8 @@ class TraceError(UserError):
 
 class ModelError(UserError):
     """A model cannot be loaded: bad path, unsupported architecture, missing or truncated weights."""
+
+
+class PolicyError(UserError, ValueError):
+    """The policy core was asked for what it does not do: an unknown name, a size or setting out of
+    range. The message names the setting, never a command-line flag: the CLI words flags itself."""

@@ -10,7 +10,7 @@ from hybrimoe.cli import app
 from hybrimoe.config import save_profile
 from hybrimoe.profile.directory import default_profile_path, this_machine_key
 from hybrimoe.profile.estimate import estimate_for_this_machine
-from hybrimoe.profile.presets import get_preset
+from hybrimoe.shapes import get_preset
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = str(REPO / "traces" / "qwen3-30b-a3b.npz")

@@ -18,7 +18,7 @@ from hybrimoe.profile.estimate import (
     estimate_profile,
     shipped_profile_path,
 )
-from hybrimoe.profile.presets import PRESETS, get_preset, shape_from_hf_config
+from hybrimoe.shapes import PRESETS, get_preset, shape_from_hf_config
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 QWEN3 = PRESETS["qwen3-30b-a3b"]

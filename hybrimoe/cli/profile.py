@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
-from hybrimoe.profile.presets import PRESETS
+from hybrimoe.shapes import PRESETS
 
 _MODEL = "Model shapes (one of)"
 _RUN = "Measurement"

@@ -60,7 +60,7 @@ def _summary(stats) -> Panel:
         ("Expert runs", f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} accelerator"),
         (
             "Loaded",
-            f"{c.bytes_loaded / 2**20:.1f} MiB ({c.loads} on demand, {c.prefetches} prefetched; "
+            f"{c.bytes_loaded / 2**20:.1f} MiB ({c.demand_loads} on demand, {c.prefetch_loads} prefetched; "
             f"{c.warm_loads} before the first token)",
         ),
         ("Prefetch precision", _fmt(c.prefetch_precision, ".1%")),
@@ -148,7 +148,7 @@ def run(
     """Generate text with the hybrid runtime: experts on the CPU and the accelerator, planned per layer."""
     with user_errors():
         from hybrimoe.runtime.generate import Sampling
-        from hybrimoe.runtime.runner import RunOptions, run as run_model
+        from hybrimoe.run import RunOptions, run as run_model
 
         text = _read_prompt(prompt, prompt_file)
         options = RunOptions(

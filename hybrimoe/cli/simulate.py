@@ -14,7 +14,7 @@ from rich.table import Table
 
 from hybrimoe.cli import app, console, user_errors
 from hybrimoe.errors import UserError
-from hybrimoe.policy.strategies import STRATEGIES
+from hybrimoe.policy.names import STRATEGIES
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -36,7 +36,7 @@ def _names(text: str, flag: str) -> tuple[str, ...]:
 
 def _baseline_params(settings: list[str]):
     """`--baseline KEY=VALUE` settings as BaselineParams (values typed like the defaults)."""
-    from hybrimoe.policy.strategies import BaselineParams
+    from hybrimoe.policy.baselines import BaselineParams
 
     defaults = BaselineParams()
     fields = {field.name: field for field in dataclasses.fields(BaselineParams)}
@@ -92,8 +92,11 @@ def simulate(
     markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown (as in the README)."),
 ) -> None:
     """Replay a routing trace through every strategy and compare simulated latency."""
-    from hybrimoe.policy.simulator import simulate_files
+    from hybrimoe.policy.comparison import simulate_files
 
+    with user_errors():
+        if not 0.0 < profile_split < 1.0:
+            raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
     with user_errors(), console.status("simulating", spinner="dots") as status:
         if profile is None:
             from hybrimoe.profile.directory import this_machines_profile_for

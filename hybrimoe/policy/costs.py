@@ -3,8 +3,8 @@
 Design choices:
 - Expert costs depend only on the expert's token count, so lookups are memoized per count.
 - Loading one expert over PCIe costs a constant `load_ms` (the paper's first observation).
-- Schedules depend only on these costs, so the scheduler memoizes them on the cost model
-  (`schedule_memo`); a changed cost model is a new object with an empty memo.
+- Schedules depend only on these costs, so the scheduler memoizes them per cost model (its own
+  memo, keyed by this object): a changed cost model must be a new object (`without_loads`).
 - A machine without an accelerator has no GPU or load costs: `has_accelerator` is False and
   planners fall back to CPU-only placement.
 - Besides the experts, a forward step costs: the work outside the decoder layers (`outside_ms`,
@@ -52,7 +52,6 @@ class CostModel:
             self.dense_context_ms = model.dense_ms_per_context_token
             self.host_ms = functools.lru_cache(maxsize=4096)(model.host_layer.ms)
             self.outside_ms = functools.lru_cache(maxsize=4096)(model.outside_step.ms)
-        self.schedule_memo: dict = {}  # the scheduler's memo for these costs (see scheduler.py)
 
     def planning_ms(self, strategy: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
         """n_tokens -> wall ms per MoE layer of `strategy`'s plan_layer and plan_prefetch, where
@@ -68,7 +67,6 @@ class CostModel:
         """The same costs with copies impossible, for caches that never admit (static placement)."""
         costs = copy.copy(self)
         costs.load_ms = float("inf")
-        costs.schedule_memo = {}
         return costs
 
 

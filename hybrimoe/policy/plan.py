@@ -9,7 +9,8 @@ and cheap to build once per layer of every step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,6 +32,26 @@ class LayerPlan(NamedTuple):
     slot_of: dict[int, int]  # expert -> cache slot, for every expert in gpu + load
     loads: tuple[SlotLoad, ...]  # this layer's on-demand copies, in issue order
     predicted_ms: float  # the scheduler's simulated time for this layer's experts
+    context: Any = None  # the planner's own record of the layer, handed back to `plan_prefetch`
+
+
+@dataclass(slots=True)
+class LayerContext:
+    """What `plan_layer` leaves to `plan_prefetch`: the layer's routing and its timing."""
+
+    layer: int
+    topk_ids: np.ndarray  # [T, k]
+    router_probs: np.ndarray | None  # [T, E]
+    topk_weights: np.ndarray | None  # [T, k]
+    counts: dict[int, int]  # expert -> tokens
+    predicted_topk: Mapping[int, np.ndarray]  # later layer -> [T, k]
+    before_ms: float  # dense part, host work and plan_layer: before the experts start
+    start_ms: float = 0.0  # when the layer's experts start
+    cpu_ms: float = 0.0  # the CPU worker's experts, from start_ms
+    host_ms: float = 0.0  # the rest of the expert phase (see Timeline.expert_phase_ms)
+    cpu: tuple[int, ...] = ()  # the experts the plan ran on the CPU
+    observed: bool = False  # the score update ran
+    predicted_counts: dict[int, dict[int, int]] | None = None  # set once what is needed is protected
 
 
 class Planner(Protocol):
@@ -60,7 +81,7 @@ class Planner(Protocol):
         predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k] predicted experts
     ) -> LayerPlan: ...
 
-    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
-        """Copies for later layers, issued after the last planned layer's loads; call once after
-        each `plan_layer`, before the next."""
+    def plan_prefetch(self, plan: LayerPlan) -> tuple[SlotLoad, ...]:
+        """Copies for later layers, issued after `plan`'s loads; call once with each `plan_layer`'s
+        plan, before the next `plan_layer`."""
         ...

@@ -25,7 +25,12 @@ from collections.abc import Set as AbstractSet
 import numpy as np
 
 from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.names import MEMO_MAX, is_decode
 from hybrimoe.policy.plan import SlotLoad
+from hybrimoe.policy.scheduler import ScheduleFn
+
+_EPSILON_MS = 1e-12  # a gain must beat the best so far by more than rounding
 
 # (n_tokens_of, resident) -> simulated finish time of a layer's experts; `resident` holds only
 # experts of n_tokens_of.
@@ -35,12 +40,136 @@ LayerTimeFn = Callable[[Mapping[int, int], AbstractSet[int]], float]
 DecodeTimeFn = Callable[[int, int], float]
 
 
+class LayerTimes:
+    """A layer's simulated expert time with an idle copy engine, for the impact prefetcher's gains:
+    `schedule` with `costs`, memoized on the layer's load pattern (`layer_time`, a `LayerTimeFn`),
+    and on the resident count alone in decode (`decode_time`, a `DecodeTimeFn`)."""
+
+    def __init__(self, schedule: ScheduleFn, costs: CostModel):
+        self.schedule, self.costs = schedule, costs
+        self._memo: dict[tuple, float] = {}
+
+    def layer_time(self, counts: Mapping[int, int], resident: AbstractSet[int]) -> float:
+        if is_decode(counts):
+            return self.decode_time(len(resident), len(counts) - len(resident))
+        resident_loads, other_loads = [], []
+        for expert, n_tokens in counts.items():
+            (resident_loads if expert in resident else other_loads).append(n_tokens)
+        key = (tuple(sorted(resident_loads)), tuple(sorted(other_loads)))
+        finish_ms = self._memo.get(key)
+        if finish_ms is None:
+            finish_ms = self._remember(key, self.schedule(counts, resident, self.costs).finish_ms)
+        return finish_ms
+
+    def decode_time(self, n_resident: int, n_other: int) -> float:
+        key = (n_resident, n_other)
+        finish_ms = self._memo.get(key)
+        if finish_ms is None:
+            counts = dict.fromkeys(range(n_resident + n_other), 1)
+            finish_ms = self._remember(key, self.schedule(counts, set(range(n_resident)), self.costs).finish_ms)
+        return finish_ms
+
+    def _remember(self, key: tuple, finish_ms: float) -> float:
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = finish_ms
+        return finish_ms
+
+
 def token_counts(topk_ids: np.ndarray) -> dict[int, int]:
     """[T, k] routed ids -> {expert: tokens routed to it}."""
     if topk_ids.shape[0] == 1:
         return dict.fromkeys(topk_ids.tolist()[0], 1)
     experts, counts = np.unique(topk_ids, return_counts=True)
     return dict(zip(experts.tolist(), counts.tolist()))
+
+
+class _Candidates:
+    """One predicted layer's predicted, non-resident experts (the order to try them in), its
+    simulated time, and its best candidate with that candidate's gain (None: none shortens it)."""
+
+    __slots__ = ("layer", "candidates", "current_ms", "best_gain_ms", "best")
+
+    def __init__(self, layer: int, candidates: list[int], current_ms: float):
+        self.layer, self.candidates, self.current_ms = layer, candidates, current_ms
+        self.best_gain_ms, self.best = 0.0, None
+
+    def take_best(self) -> None:
+        """The best candidate became resident: the layer's time drops by its gain; rescore."""
+        self._made_resident(self.best)
+        self.candidates.remove(self.best)
+        self.current_ms -= self.best_gain_ms
+        if self.candidates:
+            self.rescore()
+
+    def rescore(self) -> None: ...
+
+    def _made_resident(self, expert: int) -> None: ...
+
+
+class _DecodeCandidates(_Candidates):
+    """A decode layer (every predicted count 1): its time depends only on how many of its experts
+    are resident, so every candidate gains the same and the lowest id goes first."""
+
+    __slots__ = ("n_resident", "decode_time")
+
+    def __init__(self, layer: int, candidates: list[int], n_resident: int, decode_time: DecodeTimeFn):
+        super().__init__(layer, candidates, decode_time(n_resident, len(candidates)))
+        self.n_resident, self.decode_time = n_resident, decode_time
+
+    def rescore(self) -> None:
+        gain = self.current_ms - self.decode_time(self.n_resident + 1, len(self.candidates) - 1)
+        self.best_gain_ms, self.best = (gain, self.candidates[0]) if gain > _EPSILON_MS else (0.0, None)
+
+    def _made_resident(self, expert: int) -> None:
+        self.n_resident += 1
+
+
+class _CountedCandidates(_Candidates):
+    """A layer with predicted token counts: each candidate's gain is the layer's simulated time
+    without it minus with it resident; candidates go by predicted tokens, most first."""
+
+    __slots__ = ("counts", "resident", "layer_time")
+
+    def __init__(self, layer: int, candidates: list[int], counts: Mapping[int, int], resident: set[int],
+                 layer_time: LayerTimeFn):
+        super().__init__(layer, candidates, layer_time(counts, resident))
+        self.counts, self.resident, self.layer_time = counts, resident, layer_time
+
+    def rescore(self) -> None:
+        self.best_gain_ms, self.best = 0.0, None
+        tried_n_tokens = 0
+        for expert in self.candidates:
+            # Candidates are sorted by count and equal counts gain the same: try the first of each.
+            n_tokens = self.counts[expert]
+            if n_tokens == tried_n_tokens:
+                continue
+            tried_n_tokens = n_tokens
+            self.resident.add(expert)
+            gain = self.current_ms - self.layer_time(self.counts, self.resident)
+            self.resident.discard(expert)
+            if gain > self.best_gain_ms + _EPSILON_MS:
+                self.best_gain_ms, self.best = gain, expert
+
+    def _made_resident(self, expert: int) -> None:
+        self.resident.add(expert)
+
+
+def _candidates_of(
+    cache: ExpertCache, layer: int, counts: Mapping[int, int], layer_time: LayerTimeFn,
+    decode_time: DecodeTimeFn | None,
+) -> _Candidates | None:
+    cached = cache.resident(layer)
+    candidates = [e for e in counts if e not in cached]
+    if not candidates:
+        return None
+    if is_decode(counts):
+        candidates.sort()  # equal gains: lowest id first
+        if decode_time is not None:
+            return _DecodeCandidates(layer, candidates, len(counts) - len(candidates), decode_time)
+    else:
+        candidates.sort(key=lambda e: (-counts[e], e))
+    return _CountedCandidates(layer, candidates, counts, cached.intersection(counts), layer_time)
 
 
 def impact_prefetch(
@@ -59,80 +188,35 @@ def impact_prefetch(
     loads: list[SlotLoad] = []
     if max_loads <= 0 or cache.capacity == 0:
         return loads
-    # Per predicted layer: [layer, counts (None in decode), which of its predicted experts are
-    # resident (in decode: how many), the others by predicted tokens (most first, then by id), its
-    # current simulated time, its best candidate's gain, that candidate]. Only the chosen layer's
-    # best candidate changes after a pick.
-    entries = []
+    layers = []
     for layer, counts in predicted_counts.items():
-        cached = cache.resident(layer)
-        candidates = [e for e in counts if e not in cached]
-        if not candidates:
-            continue
-        all_ones = len(counts) == sum(counts.values())
-        if all_ones:  # equal gains: lowest id first
-            candidates.sort()
-        else:
-            candidates.sort(key=lambda e: (-counts[e], e))
-        if all_ones and decode_time is not None:
-            n_resident = len(counts) - len(candidates)
-            entry = [layer, None, n_resident, candidates, decode_time(n_resident, len(candidates)), 0.0, None]
-        else:
-            resident = cached.intersection(counts)
-            entry = [layer, counts, resident, candidates, layer_time(counts, resident), 0.0, None]
-        _rescore(entry, layer_time, decode_time)
-        entries.append(entry)
-    while len(loads) < max_loads and entries:
-        best_gain, best = 0.0, None
-        for entry in entries:
-            if entry[5] > best_gain + 1e-12:
-                best_gain, best = entry[5], entry
+        candidates = _candidates_of(cache, layer, counts, layer_time, decode_time)
+        if candidates is not None:
+            candidates.rescore()
+            layers.append(candidates)
+    while len(loads) < max_loads and layers:
+        best = _best_layer(layers)
         if best is None:
             break
-        expert = best[6]
-        load = cache.admit((best[0], expert))
+        load = cache.admit((best.layer, best.best))
         if load is None:
             break
         loads.append(load)
-        if best[1] is None:
-            best[2] += 1
-        else:
-            best[2].add(expert)
-        best[3].remove(expert)
-        best[4] -= best_gain
-        if best[3]:
-            _rescore(best, layer_time, decode_time)
-        else:
-            entries.remove(best)
+        best.take_best()
+        if not best.candidates:
+            layers.remove(best)
     if len(loads) < max_loads and warm_layers:
         loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads)))
     return loads
 
 
-def _rescore(entry: list, layer_time: LayerTimeFn, decode_time: DecodeTimeFn | None) -> None:
-    """Sets entry's best gain and candidate (0.0 and None when no candidate shortens the layer)."""
-    _, counts, resident, candidates, current_ms, _, _ = entry
-    best_gain, best = 0.0, None
-    if counts is None:  # decode: every candidate gains the same; `resident` is a count
-        gain = current_ms - decode_time(resident + 1, len(candidates) - 1)
-        if gain > 1e-12:
-            best_gain, best = gain, candidates[0]
-        entry[5], entry[6] = best_gain, best
-        return
-    tried_n_tokens = 0
-    for expert in candidates:
-        # Experts with equal token counts have equal gains, and candidates are sorted by count:
-        # try the first of each count.
-        n_tokens = counts[expert]
-        if n_tokens == tried_n_tokens:
-            continue
-        tried_n_tokens = n_tokens
-        resident.add(expert)
-        gain = current_ms - layer_time(counts, resident)
-        resident.discard(expert)
-        if gain > best_gain + 1e-12:
-            best_gain, best = gain, expert
-    entry[5], entry[6] = best_gain, best
+def _best_layer(layers: list[_Candidates]) -> _Candidates | None:
+    """The layer whose best candidate gains most (the first on ties), or None when none gains."""
+    best_gain_ms, best = 0.0, None
+    for candidates in layers:
+        if candidates.best_gain_ms > best_gain_ms + _EPSILON_MS:
+            best_gain_ms, best = candidates.best_gain_ms, candidates
+    return best
 
 
 def warm_fill(cache: ExpertCache, layers: tuple[int, ...], max_loads: int) -> list[SlotLoad]:

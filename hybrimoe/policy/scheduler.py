@@ -4,48 +4,17 @@ Every function here has the same signature (`ScheduleFn`) and returns a `LayerSc
 ms from the start of the layer's expert phase.
 
 Design choices:
-- `schedule_hybrid` is HybriMoE's greedy list scheduler. It simulates three timelines (CPU, GPU,
-  PCIe) and repeatedly gives the one that becomes free first its next task:
-  * GPU: among resident experts not yet taken and copied experts that have arrived, the highest
-    load first (a resident wins a tie); with nothing available it waits for the next arrival;
-  * CPU: non-resident experts, lowest load first; when none are left, it takes resident experts
-    away from the GPU queue, lowest load first; its first expert costs `cpu_first_extra_ms` more;
-  * PCIe: considers the highest-load non-resident expert `x` the CPU has not started.
-  Transfer rule: copy `x` only if it would finish on the GPU strictly before the CPU would finish
-  it. GPU estimate: `max(now + load_ms, gpu_free + gpu work queued ahead of x) + gpu_ms(x)`, where
-  the work ahead of `x` is every copy in flight or waiting and every queued resident expert whose
-  load is >= x's (the GPU queue is in load order; residents win ties). CPU estimate: `cpu_free +
-  cpu_ms of every non-resident expert still queued (x is the CPU's last, its load being the
-  highest) + the first-expert extra if the CPU has not started`. When the rule says no, the copy
-  engine stops for this layer: as time passes the CPU estimate stays put while the arrival time
-  only grows, so a later copy would not help either.
-  Ties between timelines free at the same instant go PCIe, then GPU, then CPU: the copy decision
-  sees the queues before a compute engine takes from them, and a resident expert a free GPU can
-  take stays on the GPU. Experts with equal loads are ordered by id (the CPU and PCIe queues are
-  sorted by (load, id) ascending, the CPU taking from the front and the PCIe from the back; the
-  resident queue by (-load, id), the GPU taking from the front and the CPU from the back), so
-  results are deterministic.
-  CPU guards (`schedule_hybrid`; `schedule_hybrid_paper` leaves them out): the paper's CPU always
-  takes its next expert, which can be far from optimal (measured: up to 55x the exact optimum on
-  random small layers, e.g. the CPU starting a 16-token expert that a copy would finish 20x
-  sooner). So the CPU takes its next non-resident expert `y` only if it would not finish it later
-  than a copy issued after every other queued non-resident expert would; if it declines, it leaves
-  every remaining non-resident expert to the copy engine (which then copies without asking). It
-  takes a resident expert only if it would finish it strictly before the GPU would (after the GPU's
-  queued residents and in-flight copies of higher load); if it declines, it stops taking them.
-  Declining is final: as time passes the CPU's estimates grow and the GPU's do not. Measured
-  greedy/exact: at most 1.14 over 3000 random small layers with the guards.
-  With the paper's worked example (unit costs in tests/policy/test_scheduler.py) both variants
-  yield the paper's split: the CPU runs A, B then the resident E; the GPU runs D; C is copied and
-  run on the GPU.
+- `schedule_hybrid` is HybriMoE's greedy list scheduler (`greedy.py`: its three timelines, the
+  transfer rule and the CPU guards, stepped as the paper describes them).
 - Memoization: the greedy's decisions depend on the experts only through their loads and through
   the rank of each expert in its sorted queue, so a result is computed once per (resident loads
   sorted, non-resident loads sorted, pcie_free_at_ms) and stored as indices into the
   concatenation [non-resident experts by (load, id)] + [resident experts by (-load, id)]; a call
   sorts its experts the same way and maps the indices back to ids. Decode (every count 1) keys on
-  just (resident count, non-resident count, pcie_free_at_ms). The memo lives on the `CostModel`
-  (`schedule_memo`), so do not change a cost model's fields after its first use; make a new one, as
-  `CostModel.without_loads` does. It is cleared when it reaches `_MEMO_MAX` entries.
+  just (resident count, non-resident count, pcie_free_at_ms). The memo is the scheduler's own, one
+  per cost model (`_MEMOS`, held weakly: it goes with its cost model), so do not change a cost
+  model's fields after its first use; make a new one, as `CostModel.without_loads` does. It is
+  cleared when it reaches `MEMO_MAX` entries.
 - `schedule_exact` is the optimum under the same timing model, by enumeration of each expert's
   side (CPU, or GPU with a copy when not resident). For a fixed split the CPU's order does not
   change its end, any GPU order without needless idling gives the same GPU end (single machine,
@@ -60,15 +29,17 @@ Design choices:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from operator import itemgetter
 from typing import NamedTuple
 
 from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.greedy import Greedy, Ranked
+from hybrimoe.policy.names import MEMO_MAX, is_decode
 
 EXACT_MAX_EXPERTS = 12
-_MEMO_MAX = 1 << 16
 _INF = float("inf")
 
 
@@ -83,11 +54,10 @@ class LayerSchedule(NamedTuple):
     load_done_ms: tuple[float, ...] = ()  # when each copy in `load` completes
 
 
-ScheduleFn = Callable[[Mapping[int, int], AbstractSet[int], CostModel, float], LayerSchedule]
+# The memo of `schedule_hybrid`, per cost model: key -> `_Memoized`.
+_MEMOS: weakref.WeakKeyDictionary[CostModel, dict] = weakref.WeakKeyDictionary()
 
-# Rank-form result: index tuples into [non-resident by (load, id)] + [resident by (-load, id)],
-# then cpu_end_ms, gpu_end_ms, pcie_end_ms, finish_ms, load_done_ms.
-_Ranked = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], float, float, float, float, tuple[float, ...]]
+ScheduleFn = Callable[[Mapping[int, int], AbstractSet[int], CostModel, float], LayerSchedule]
 
 # Maps a list of expert ids to the tuple of the ids at fixed positions.
 _Picker = Callable[[list[int]], tuple[int, ...]]
@@ -99,7 +69,7 @@ def _split_sorted(
     n_tokens_of: Mapping[int, int], resident: AbstractSet[int]
 ) -> tuple[list[int], list[int], list[int], list[int], bool]:
     """-> (non-resident ids by (load, id), their loads, resident ids by (-load, id), their loads, decode)."""
-    if sum(n_tokens_of.values()) == len(n_tokens_of):
+    if is_decode(n_tokens_of):
         ids = n_tokens_of.keys()
         non, res = sorted(ids - resident), sorted(ids & resident)
         return non, [1] * len(non), res, [1] * len(res), True
@@ -110,7 +80,7 @@ def _split_sorted(
     return non, [n_tokens_of[e] for e in non], res, [n_tokens_of[e] for e in res], False
 
 
-def _from_ranked(ids: list[int], ranked: _Ranked) -> LayerSchedule:
+def _from_ranked(ids: list[int], ranked: Ranked) -> LayerSchedule:
     gpu_idx, load_idx, cpu_idx, *times = ranked
     return LayerSchedule(
         tuple([ids[i] for i in gpu_idx]), tuple([ids[i] for i in load_idx]), tuple([ids[i] for i in cpu_idx]), *times
@@ -131,12 +101,12 @@ def _pick_none(ids: list[int]) -> tuple[int, ...]:
     return ()
 
 
-def _memoized(ranked: _Ranked) -> _Memoized:
+def _memoized(ranked: Ranked) -> _Memoized:
     gpu_idx, load_idx, cpu_idx, *times = ranked
     return _picker(gpu_idx), _picker(load_idx), _picker(cpu_idx), tuple(times)
 
 
-def _cpu_only_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: float) -> _Ranked:
+def _cpu_only_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: float) -> Ranked:
     cpu_ms = costs.cpu_ms
     n = len(non_n) + len(res_n)
     # Lowest load first: the non-resident queue ascending, then the resident queue from its back.
@@ -145,136 +115,12 @@ def _cpu_only_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0
     return (), (), order, cpu_end, 0.0, pcie0, cpu_end, ()
 
 
-def _hybrid_ranked(non_n: list[int], res_n: list[int], costs: CostModel, pcie0: float, guarded: bool) -> _Ranked:
-    """The greedy on loads alone; non_n ascending, res_n descending (see the module docstring)."""
+def _hybrid_ranked(non_loads: list[int], res_loads: list[int], costs: CostModel, pcie_free_ms: float,
+                   guarded: bool) -> Ranked:
+    """The greedy on loads alone; non_loads ascending, res_loads descending."""
     if not costs.has_accelerator:
-        return _cpu_only_ranked(non_n, res_n, costs, pcie0)
-    load_ms, extra_ms = costs.load_ms, costs.cpu_first_extra_ms
-    non_cpu = list(map(costs.cpu_ms, non_n))
-    non_gpu = list(map(costs.gpu_ms, non_n))
-    res_cpu = list(map(costs.cpu_ms, res_n))
-    res_gpu = list(map(costs.gpu_ms, res_n))
-    m = len(non_n)
-    lo, hi = 0, m  # non-resident queue: non_n[lo:hi]
-    rlo, rhi = 0, len(res_n)  # resident queue: res_n[rlo:rhi]
-    queued_cpu_ms = sum(non_cpu)  # CPU cost of non_n[lo:hi]
-    queued_non_gpu_ms = sum(non_gpu)  # GPU cost of non_n[lo:hi]
-    queued_res_gpu_ms = sum(res_gpu)  # GPU cost of res_n[rlo:rhi]
-    copies: list[float] = []  # arrival time of each copy, in issue order
-    copied: list[int] = []  # index (into non_n) of each copy
-    next_gpu_copy = 0  # copies[:next_gpu_copy] are already computed
-    copies_gpu_ms = 0.0  # GPU cost of copies[next_gpu_copy:]
-    gpu_idx: list[int] = []
-    cpu_idx: list[int] = []
-    cpu_t = gpu_t = gpu_end = 0.0
-    pcie_t = pcie0
-    pcie_on = m > 0  # False once the copy rule said no: no more copies this layer
-    pcie_decides = True  # False once the CPU left every non-resident expert to the copy engine
-    cpu_takes_non = cpu_steals = True
-    first_ms = extra_ms  # the CPU's start-up cost, until it takes its first expert
-    # Each pass places an expert, computes a copied one or turns a rule off: a bound no input exceeds.
-    for _ in range(2 * m + len(res_n) + 4):
-        # When each timeline can next act (inf: nothing to do, now or later).
-        n_copies = len(copies)
-        if rlo < rhi or (next_gpu_copy < n_copies and copies[next_gpu_copy] <= gpu_t):
-            gpu_at = gpu_t
-        elif next_gpu_copy < n_copies:
-            gpu_at = copies[next_gpu_copy]
-        else:
-            gpu_at = _INF
-        cpu_at = cpu_t if ((cpu_takes_non and lo < hi) or (cpu_steals and rlo < rhi)) else _INF
-        pcie_at = pcie_t if (pcie_on and lo < hi) else _INF
-        if pcie_at <= gpu_at and pcie_at <= cpu_at:
-            if pcie_at == _INF:
-                break
-            x = hi - 1
-            if pcie_decides:
-                # Work ahead of x on the GPU: copies not yet computed, residents of load >= x's.
-                n_x = non_n[x]
-                if rlo == rhi or res_n[rhi - 1] >= n_x:
-                    ahead_ms = copies_gpu_ms + queued_res_gpu_ms
-                else:
-                    ahead_ms = copies_gpu_ms
-                    i = rlo
-                    while res_n[i] >= n_x:
-                        ahead_ms += res_gpu[i]
-                        i += 1
-                start_ms = pcie_t + load_ms
-                ready_ms = (gpu_t if gpu_t > pcie_t else pcie_t) + ahead_ms
-                gpu_done = (start_ms if start_ms > ready_ms else ready_ms) + non_gpu[x]
-                if gpu_done >= cpu_t + queued_cpu_ms + first_ms:
-                    pcie_on = False
-                    continue
-            hi = x
-            queued_cpu_ms -= non_cpu[x]
-            queued_non_gpu_ms -= non_gpu[x]
-            copies_gpu_ms += non_gpu[x]
-            pcie_t += load_ms
-            copies.append(pcie_t)
-            copied.append(x)
-        elif gpu_at <= cpu_at:
-            gpu_t = gpu_at
-            if rlo < rhi and not (
-                next_gpu_copy < n_copies
-                and copies[next_gpu_copy] <= gpu_t
-                and non_n[copied[next_gpu_copy]] > res_n[rlo]
-            ):
-                gpu_t += res_gpu[rlo]
-                queued_res_gpu_ms -= res_gpu[rlo]
-                gpu_idx.append(m + rlo)
-                rlo += 1
-            else:
-                x = copied[next_gpu_copy]
-                gpu_t += non_gpu[x]
-                copies_gpu_ms -= non_gpu[x]
-                next_gpu_copy += 1
-            gpu_end = gpu_t
-        else:
-            if cpu_takes_non and lo < hi:
-                if guarded and pcie_on and pcie_decides:
-                    # Would copying lo after every other queued non-resident expert still beat the CPU?
-                    arrival_ms = (pcie_t if pcie_t > cpu_t else cpu_t) + (hi - lo) * load_ms
-                    ready_ms = (gpu_t if gpu_t > cpu_t else cpu_t) + copies_gpu_ms + queued_res_gpu_ms
-                    ready_ms += queued_non_gpu_ms - non_gpu[lo]
-                    start_ms = arrival_ms if arrival_ms > ready_ms else ready_ms
-                    if start_ms + non_gpu[lo] < cpu_t + first_ms + non_cpu[lo]:
-                        cpu_takes_non = False
-                        pcie_decides = False
-                        continue
-                cpu_t += first_ms + non_cpu[lo]
-                queued_cpu_ms -= non_cpu[lo]
-                queued_non_gpu_ms -= non_gpu[lo]
-                cpu_idx.append(lo)
-                lo += 1
-            else:
-                r = rhi - 1
-                if guarded:
-                    # Steal the lowest-load resident expert only if the CPU finishes it first.
-                    gpu_done = (gpu_t if gpu_t > cpu_t else cpu_t) + queued_res_gpu_ms
-                    for i in range(next_gpu_copy, n_copies):
-                        if non_n[copied[i]] > res_n[r]:
-                            gpu_done += non_gpu[copied[i]]
-                    if cpu_t + first_ms + res_cpu[r] >= gpu_done:
-                        cpu_steals = False
-                        continue
-                rhi = r
-                cpu_t += first_ms + res_cpu[r]
-                queued_res_gpu_ms -= res_gpu[r]
-                cpu_idx.append(m + r)
-            first_ms = 0.0
-    else:
-        raise RuntimeError(f"the hybrid schedule did not finish (costs: CPU {non_cpu + res_cpu} ms, GPU "
-                           f"{non_gpu + res_gpu} ms, load {load_ms} ms): a cost is not a finite number")
-    return (
-        tuple(gpu_idx),
-        tuple(copied),
-        tuple(cpu_idx),
-        cpu_t,
-        gpu_end,
-        copies[-1] if copies else pcie0,
-        cpu_t if cpu_t > gpu_end else gpu_end,
-        tuple(copies),
-    )
+        return _cpu_only_ranked(non_loads, res_loads, costs, pcie_free_ms)
+    return Greedy(non_loads, res_loads, costs, pcie_free_ms, guarded).run()
 
 
 def schedule_hybrid(
@@ -291,10 +137,12 @@ def schedule_hybrid(
         key = (len(res), len(non), pcie_free_at_ms, guarded)
     else:
         key = (tuple(res_n), tuple(non_n), pcie_free_at_ms, guarded)
-    memo = costs.schedule_memo
+    memo = _MEMOS.get(costs)
+    if memo is None:
+        memo = _MEMOS[costs] = {}
     entry = memo.get(key)
     if entry is None:
-        if len(memo) >= _MEMO_MAX:
+        if len(memo) >= MEMO_MAX:
             memo.clear()
         entry = memo[key] = _memoized(_hybrid_ranked(non_n, res_n, costs, pcie_free_at_ms, guarded))
     ids = non + res

@@ -79,7 +79,7 @@ from hybrimoe.config import (
     save_profile,
 )
 from hybrimoe.errors import UserError
-from hybrimoe.profile.presets import PRESETS, ModelShape, get_preset
+from hybrimoe.shapes import PRESETS, ModelShape, get_preset
 
 CPU_MEM_EFF = 0.65
 CPU_COMPUTE_EFF = 0.5

@@ -20,7 +20,7 @@ from hybrimoe.config import DTYPE_BYTES
 from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
 from hybrimoe.files import read_json
-from hybrimoe.profile.presets import ModelShape, get_preset, shape_from_hf_config
+from hybrimoe.shapes import ModelShape, get_preset, shape_from_hf_config
 
 
 MAX_EXPERT_BYTES = 16 << 30  # far beyond any MoE expert today (Mixtral's: 336 MiB in bfloat16)

@@ -1,7 +1,8 @@
 """Facts about the machine being profiled: CPU, caches, memory, accelerator, load.
 
 Design choices:
-- Read from Linux's /proc and /sys, with plain fallbacks elsewhere; nothing here measures.
+- Read from Linux's /proc and /sys, with plain fallbacks elsewhere; nothing here measures. Host
+  memory is read in `hybrimoe.host`, which the runtime uses too.
 - The last-level cache size decides how many experts' weights a benchmark rotates over, so timings
   see weights coming from RAM; it is the largest cache /sys lists (64 MiB when unreadable).
 - Accelerator facts come from torch; the driver version from `nvidia-smi` when it is on PATH.
@@ -17,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from hybrimoe.config import Machine
+from hybrimoe.host import total_ram_bytes
 
 MiB = 1 << 20
 DEFAULT_LLC_BYTES = 64 * MiB
@@ -42,20 +44,6 @@ def llc_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> i
         if size:
             sizes.append(size)
     return max(sizes, default=DEFAULT_LLC_BYTES)
-
-
-def _meminfo_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def available_ram_bytes() -> int | None:
-    return _meminfo_bytes("MemAvailable")
 
 
 def cpu_model() -> str:
@@ -93,7 +81,7 @@ def describe_machine(device: str, threads: int) -> Machine:
     """The machine section of a profile; GPU fields only when profiling on an accelerator."""
     import torch
 
-    total = _meminfo_bytes("MemTotal")
+    total = total_ram_bytes()
     gpu = gpu_memory_gb = driver = cuda = None
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))

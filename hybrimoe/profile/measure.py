@@ -33,7 +33,8 @@ import torch
 
 from hybrimoe.config import DTYPE_BYTES, CurvePoint, ExpertShape
 from hybrimoe.errors import UserError
-from hybrimoe.profile.machine import MiB, available_ram_bytes
+from hybrimoe.host import available_ram_bytes
+from hybrimoe.profile.machine import MiB
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
 from hybrimoe.runtime.kernels import expert_mlp
 from hybrimoe.runtime.threads import torch_threads

@@ -44,15 +44,15 @@ import torch
 
 from hybrimoe.config import CurvePoint, HardwareProfile, LatencyCurve, ModelCosts, PlannerCost, PolicyConfig
 from hybrimoe.errors import UserError
+from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import LayerPlan, SlotLoad
 from hybrimoe.profile.fit import fit_curve
-from hybrimoe.profile.machine import available_ram_bytes
 from hybrimoe.profile.measure import fill_weights, token_counts
 from hybrimoe.profile.timing import Budget
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.loading import LoadedModel, build_on_meta, config_dtype, find_moe_layers, from_model, load_config
-from hybrimoe.runtime.stats import ExpertCounters
+from hybrimoe.runtime.stats import RunCounters
 
 MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' routers to be typical
 MAX_PREFILL_TOKENS = 512
@@ -97,7 +97,7 @@ class SideOnlyPlanner:
         base = layer * self.n_experts
         return LayerPlan(layer, experts, (), (), {e: base + e for e in experts}, (), 0.0)
 
-    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+    def plan_prefetch(self, plan) -> tuple[SlotLoad, ...]:
         return ()
 
 
@@ -150,7 +150,7 @@ class _StepClock:
     """Each forward step's start (a pre-hook on the model) and each MoE layer's wall time and
     planning time within it (hooks on the decoder layers that hold experts)."""
 
-    def __init__(self, loaded: LoadedModel, sync: Callable[[], None], counters: ExpertCounters | None):
+    def __init__(self, loaded: LoadedModel, sync: Callable[[], None], counters: RunCounters | None):
         self._sync, self._counters = sync, counters
         self.starts: list[float] = []  # perf_counter at each step's start
         # per step, per MoE layer: (layer ms, plan_layer ms, plan_prefetch ms)
@@ -325,7 +325,7 @@ def measure_model(timer: ModelTimer, cpu_expert: LatencyCurve, accelerator_exper
     repeated in interleaved rounds, so a machine whose speed drifts slows them alike. The expert
     curves are this machine's, taken out of the layers' times."""
     from hybrimoe.runtime.hybrid import HybridRuntime
-    from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH
+    from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH
 
     loaded, accelerator = timer.loaded, timer.accelerator
     resident = SideOnlyPlanner("accelerator", loaded.n_layers, loaded.n_experts)
@@ -415,7 +415,7 @@ def _planner_cost(timer: ModelTimer, profile: HardwareProfile, strategy: str) ->
     """One strategy's planner wall time per layer as tokens grow, a quarter of the experts cached."""
     from hybrimoe.policy.strategies import ModelDims, cache_capacity
     from hybrimoe.runtime.hybrid import HybridRuntime
-    from hybrimoe.runtime.runner import TRACE_LOOKAHEAD_DEPTH, build_planner
+    from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner
 
     loaded = timer.loaded
     dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)

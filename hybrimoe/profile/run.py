@@ -57,10 +57,10 @@ from hybrimoe.profile.model_costs import (
     measure_model,
     measure_planners,
 )
-from hybrimoe.profile.presets import ModelShape
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import FULL, QUICK, Budget, Sample, device_timer, host_ms, settle
 from hybrimoe.runtime.threads import default_threads, torch_threads
+from hybrimoe.shapes import ModelShape
 
 FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
 ERRATIC_NOTE = (
@@ -238,7 +238,7 @@ def _with_model_costs(
 ) -> HardwareProfile:
     """The profile with the model's step costs and each strategy's planning time, measured with
     the runtime's executor (the planners plan with this profile)."""
-    from hybrimoe.policy.strategies import STRATEGIES
+    from hybrimoe.policy.names import STRATEGIES
 
     config = timer.loaded.model.config
     copy_ms = profile.transfer.expert_load_ms

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrimoe.profile.measure import check_fits_in_ram, fill_weights, pool_size
-from hybrimoe.profile.presets import ModelShape
 from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.shapes import ModelShape
 
 CONTEXT_TOKENS = 512  # C: the KV cache the new tokens attend over, besides themselves
 

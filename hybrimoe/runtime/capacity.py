@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from hybrimoe.config import DTYPE_BYTES
 from hybrimoe.errors import UserError
-from hybrimoe.profile.presets import ModelShape
+from hybrimoe.shapes import ModelShape
 
 GIB = 1 << 30
 MARGIN_BYTES = 256 << 20  # cuBLAS workspaces, the allocator's rounding and fragmentation

@@ -49,7 +49,7 @@ from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.kernels import Groups, group_pairs, grouped_experts_mlp
 from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
-from hybrimoe.runtime.stats import ExpertCounters
+from hybrimoe.runtime.stats import RunCounters
 from hybrimoe.runtime.store import ExpertStore
 
 
@@ -98,7 +98,7 @@ class LayerExecutor:
         planner: Planner,
         accelerator: Accelerator,
         n_experts: int,
-        counters: ExpertCounters,
+        counters: RunCounters,
         record_depth: int | None = None,
         replay: RoutingReplay | None = None,
         cpu_threads: int | None = None,
@@ -179,7 +179,7 @@ class LayerExecutor:
 
         cpu_future = self._submit_cpu(plan, x, topk_weights, order, span, k) if plan.cpu else None
         if plan.loads:
-            self.counters.loads += store.load(plan.loads)
+            self.counters.demand_loads += store.load(plan.loads)
         on_accelerator = plan.gpu + plan.load
         store.check_resident(layer, plan.slot_of, on_accelerator)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
@@ -199,10 +199,10 @@ class LayerExecutor:
         # The prefetch choice runs while this layer's experts run (the CPU worker's, and the
         # accelerator's kernels queued above), so it does not delay the layer's start.
         started_ns = time.perf_counter_ns()
-        prefetch = self.planner.plan_prefetch()
+        prefetch = self.planner.plan_prefetch(plan)
         self.counters.prefetch_planning_ns += time.perf_counter_ns() - started_ns
         if prefetch:
-            self.counters.prefetches += store.load(prefetch)
+            self.counters.prefetch_loads += store.load(prefetch)
             for load in prefetch:
                 self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
         self.counters.bytes_loaded += (len(plan.loads) + len(prefetch)) * store.expert_bytes
@@ -271,7 +271,7 @@ class LayerExecutor:
         counters.planned_ms += plan.predicted_ms
         prefetched = self._pending_prefetch.pop(layer, None)
         if prefetched:
-            counters.prefetches_used += len(prefetched.intersection(resident))
+            counters.prefetch_used += len(prefetched.intersection(resident))
 
     def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span, k) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])

@@ -16,7 +16,7 @@ from hybrimoe.runtime.executor import LayerExecutor, LayerRecord
 from hybrimoe.runtime.hooks import Installed
 from hybrimoe.runtime.loading import LoadedModel
 from hybrimoe.runtime.replay import RoutingReplay
-from hybrimoe.runtime.stats import ExpertCounters
+from hybrimoe.runtime.stats import RunCounters
 from hybrimoe.runtime.store import ExpertStore
 
 
@@ -36,7 +36,7 @@ class HybridRuntime:
         recorded trace says instead of as the model's routers do. `cpu_threads`: the CPU expert
         worker's threads (`threads.py`)."""
         self.loaded, self.planner, self.accelerator = loaded, planner, accelerator
-        self.counters = ExpertCounters()
+        self.counters = RunCounters()
         self.store = ExpertStore(loaded.layers, accelerator, capacity)
         self.executor = LayerExecutor(
             loaded.layers, self.store, planner, accelerator, loaded.n_experts, self.counters, record_depth, replay,

@@ -1,51 +1,30 @@
 """Statistics of one run: expert placement counters (updated per layer) and the run's summary.
 
 Design choices:
-- Counters are plain integers bumped once per MoE layer; ratios are derived at the end, so the
-  per-layer cost is a few additions.
-- An expert activation is one (layer, expert) pair used by at least one token of one forward step;
-  a hit is an activation whose expert was resident when the layer was planned.
-- A prefetched expert counts as used when the next run of its layer (later in the same step, or
-  in the next step for a planner that prefetches across the step boundary) activates it while it
-  is still resident.
+- The expert counters are the policy core's (`policy/counters.py`: what an activation, a hit and a
+  used prefetch are), so a run and its simulation report the same set; the runtime adds bytes,
+  warm-start copies and the planners' time. Plain integers bumped once per MoE layer; ratios are
+  derived at the end, so the per-layer cost is a few additions.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hybrimoe.policy.counters import ExpertCounters
+
 
 @dataclass
-class ExpertCounters:
-    activations: int = 0
-    hits: int = 0
-    accelerator_runs: int = 0  # activations computed on the accelerator (resident or loaded)
-    cpu_runs: int = 0
-    loads: int = 0  # on-demand copies
-    prefetches: int = 0
-    prefetches_used: int = 0
+class RunCounters(ExpertCounters):
+    """The policy core's expert counters (the simulator reports the same set), plus what only a
+    run has: bytes copied, copies before the first step, the planners' own time."""
+
     bytes_loaded: int = 0  # on-demand and prefetch copies
     warm_loads: int = 0  # copies before the first step (the planner's warm start), not in bytes_loaded
     planned_ms: float = 0.0  # the planners' own simulated expert time, summed over layers
     layers_planned: int = 0  # MoE layer calls planned (layers x forward steps)
     planning_ns: int = 0  # wall time in `plan_layer`, before each layer's experts start, summed
     prefetch_planning_ns: int = 0  # wall time in `plan_prefetch`, while each layer's experts run, summed
-
-    @property
-    def hit_rate(self) -> float | None:
-        return self.hits / self.activations if self.activations else None
-
-    @property
-    def cpu_share(self) -> float | None:
-        return self.cpu_runs / self.activations if self.activations else None
-
-    @property
-    def accelerator_share(self) -> float | None:
-        return self.accelerator_runs / self.activations if self.activations else None
-
-    @property
-    def prefetch_precision(self) -> float | None:
-        return self.prefetches_used / self.prefetches if self.prefetches else None
 
     @property
     def planning_us_per_layer(self) -> float | None:
@@ -76,7 +55,7 @@ class RunStats:
     ttft_s: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # per sequence; None when only one token was generated
-    counters: ExpertCounters = field(default_factory=ExpertCounters)
+    counters: RunCounters = field(default_factory=RunCounters)
     host_memory: str = ""  # the pooled host experts (pinned or not), in words
     accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
     simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run
@@ -107,6 +86,7 @@ class RunStats:
             "cpu_share": counters.cpu_share,
             "accelerator_share": counters.accelerator_share,
             "prefetch_precision": counters.prefetch_precision,
+            "prefetch_recall": counters.prefetch_recall,
             "planning_us_per_layer": counters.planning_us_per_layer,
             "prefetch_planning_us_per_layer": counters.prefetch_planning_us_per_layer,
         }

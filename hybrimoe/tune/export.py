@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrimoe.files import write_atomically
-from hybrimoe.policy.strategies import frequency_ranking
+from hybrimoe.policy.baselines import frequency_ranking
 from hybrimoe.tune.result import Row, TuneResult
 from hybrimoe.tune.setup import Inputs
 

@@ -85,7 +85,7 @@ def measure(
     rounds: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> list[Measured]:
-    from hybrimoe.runtime.runner import RunOptions, run
+    from hybrimoe.run import RunOptions, run
 
     runs: dict[int, list] = {i: [] for i in range(len(rows))}
     with tempfile.TemporaryDirectory(prefix="hybrimoe-measure-") as tmp:

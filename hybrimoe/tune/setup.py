@@ -28,8 +28,8 @@ from pathlib import Path
 
 from hybrimoe.config import HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
-from hybrimoe.profile.presets import PRESETS, ModelShape
 from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
+from hybrimoe.shapes import PRESETS, ModelShape
 from hybrimoe.trace import TraceMeta, load_trace
 from hybrimoe.tune.space import SearchSpace, policy_space
 from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload

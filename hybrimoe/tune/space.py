@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrimoe.config import PolicyConfig
-from hybrimoe.policy.cache import CONFIGURABLE_POLICIES
+from hybrimoe.policy.names import CONFIGURABLE_POLICIES
 
 SLOT_STEPS = 16  # capacities tried between no cache and the budget's largest
 

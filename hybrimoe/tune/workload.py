@@ -28,7 +28,8 @@ import numpy as np
 from hybrimoe.config import HardwareProfile, PolicyConfig
 from hybrimoe.errors import UserError
 from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.simulator import as_prompts, simulate
+from hybrimoe.policy.comparison import as_prompts
+from hybrimoe.policy.simulator import simulate
 from hybrimoe.policy.strategies import ModelDims, make_planner
 from hybrimoe.trace import RoutingTrace, TraceMeta
 

@@ -13,7 +13,7 @@ import pytest
 from hybrimoe.config import PolicyConfig
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.simulator import compare_strategies
+from hybrimoe.policy.comparison import compare_strategies
 
 from .conftest import make_profile, make_trace
 

@@ -9,8 +9,11 @@ from hybrimoe.config import PolicyConfig
 from hybrimoe.errors import UserError
 from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.simulator import compare_strategies, make_workload
-from hybrimoe.policy.strategies import BASELINES, BaselineParams, ModelDims, make_planner
+from hybrimoe.policy.comparison import compare_strategies, make_workload
+from hybrimoe.policy.baselines import BaselineParams
+from hybrimoe.policy.names import BASELINES
+from hybrimoe.policy.planner import ModelDims
+from hybrimoe.policy.strategies import make_planner
 from hybrimoe.trace import RoutingTrace, TraceStep
 
 from .conftest import make_profile, make_trace
@@ -22,7 +25,7 @@ def _step(planner, ids_by_layer: list[list[int]]) -> list[tuple]:
     out = []
     for layer, ids in enumerate(ids_by_layer):
         plan = planner.plan_layer(layer, np.array([ids]), None, {})
-        out.append((plan, planner.plan_prefetch()))
+        out.append((plan, planner.plan_prefetch(plan)))
     return out
 
 
@@ -73,7 +76,7 @@ def test_front_loading_fills_from_the_first_layer_and_never_copies():
     assert [load.expert for load in planner.initial_loads()] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
     for plan, copies in _step(planner, [[0, 1], [1, 2], [0, 3], [2, 3]]):
         assert not plan.loads and not copies
-    assert planner.stats.cpu_experts == 5 and planner.stats.gpu_experts == 3
+    assert planner.stats.cpu_runs == 5 and planner.stats.accelerator_runs == 3
 
 
 def test_dynamic_update_moves_the_placement_to_the_online_count_every_n_steps():
@@ -102,8 +105,8 @@ def test_dynamic_update_starts_uniform_without_a_profile_and_refreshes_on_long_p
     planner.begin_step(3, 0)
     copies = []
     for layer in range(2):
-        planner.plan_layer(layer, np.array([[2], [2], [3]]), None, {})
-        copies.append(planner.plan_prefetch())
+        plan = planner.plan_layer(layer, np.array([[2], [2], [3]]), None, {})
+        copies.append(planner.plan_prefetch(plan))
     assert copies[0] == () and {load.expert for load in copies[1]} == {(0, 2), (1, 2)}
 
 

@@ -12,7 +12,8 @@ from hybrimoe.config import Interference, LatencyCurve, LinearFit, ModelCosts, P
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.cache import ExpertCache
 from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.strategies import ModelDims, PolicyPlanner, make_planner
+from hybrimoe.policy.planner import ModelDims, PolicyPlanner
+from hybrimoe.policy.strategies import make_planner
 
 from .conftest import make_profile
 
@@ -40,7 +41,7 @@ def one_layer_time(profile, ids, resident=(), strategy=None, context_tokens=0, c
         planner = make_planner(strategy, dims, costs, PolicyConfig(), capacity, np.ones((1, 8)))
     planner.begin_step(len(ids), context_tokens)
     plan = planner.plan_layer(0, np.array(ids), None, {})
-    planner.plan_prefetch()
+    planner.plan_prefetch(plan)
     return planner.clock_ms, plan
 
 

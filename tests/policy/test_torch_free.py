@@ -6,8 +6,10 @@ import sys
 CODE = """
 import sys
 sys.modules["torch"] = None
-import hybrimoe.policy.strategies, hybrimoe.policy.simulator, hybrimoe.policy.prefetch
-import hybrimoe.policy.cache, hybrimoe.policy.scheduler, hybrimoe.policy.costs, hybrimoe.trace
+import pkgutil, importlib, hybrimoe.policy
+for module in pkgutil.iter_modules(hybrimoe.policy.__path__):
+    importlib.import_module(f"hybrimoe.policy.{module.name}")
+import hybrimoe.trace
 import hybrimoe.config
 assert sys.modules["torch"] is None
 print("ok")

@@ -16,7 +16,7 @@ from hybrimoe.profile.directory import (
     this_machine_key,
 )
 from hybrimoe.profile.estimate import estimate_for_this_machine, estimate_profile
-from hybrimoe.profile.presets import get_preset
+from hybrimoe.shapes import get_preset
 
 runner = CliRunner()
 # --llc-mb 1: the demo's experts rotate past a 1 MiB cache, so the quick profile takes about a second.

@@ -20,10 +20,10 @@ from hybrimoe.profile.measure import (
     torch_dtype,
     torch_threads,
 )
-from hybrimoe.profile.presets import get_preset
 from hybrimoe.profile.standins import DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import Budget, settle
 from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.shapes import get_preset
 
 from .conftest import TINY_BUDGET, TINY_CACHE_BYTES, TINY_SHAPE
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hybrimoe.policy.strategies import STRATEGIES
+from hybrimoe.policy.names import STRATEGIES
 from hybrimoe.profile.inputs import resolve_model
 from hybrimoe.profile.run import ProfileOptions, profile_machine
 

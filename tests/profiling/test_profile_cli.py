@@ -8,7 +8,7 @@ from hybrimoe.cli import app
 from hybrimoe.config import load_profile
 from hybrimoe.profile import report
 from hybrimoe.profile.estimate import estimate_profile
-from hybrimoe.profile.presets import get_preset
+from hybrimoe.shapes import get_preset
 
 runner = CliRunner()
 TINY = ["profile", "--hidden-size", "32", "--intermediate-size", "48", "--dtype", "float32",

@@ -107,7 +107,7 @@ class RulePlanner:
             predicted_ms=0.0,
         )
 
-    def plan_prefetch(self) -> tuple[SlotLoad, ...]:
+    def plan_prefetch(self, plan) -> tuple[SlotLoad, ...]:
         protected, predicted_topk = self._pending
         prefetch = []
         for target in sorted(predicted_topk):

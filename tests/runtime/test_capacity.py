@@ -4,10 +4,10 @@ arithmetic; the host-memory check."""
 import pytest
 
 from hybrimoe.errors import UserError
-from hybrimoe.profile.presets import get_preset
 from hybrimoe.runtime.capacity import (
     GIB, MARGIN_BYTES, Reserve, activation_bytes, check_host_memory, reserve_for, resolve_capacity,
 )
+from hybrimoe.shapes import get_preset
 
 BASE = dict(n_experts_total=100, expert_bytes=GIB // 10, dense_bytes=2 * GIB, policy_ratio=0.25,
             policy_source="the default policy")

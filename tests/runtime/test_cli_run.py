@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hybrimoe.cli import app
 from hybrimoe.config import save_profile
 from hybrimoe.runtime.generate import Sampling
-from hybrimoe.runtime.runner import RunOptions, run
+from hybrimoe.run import RunOptions, run
 from hybrimoe.trace import load_trace
 
 runner = CliRunner()
@@ -38,10 +38,9 @@ def test_streams_text_and_prints_the_summary(model_dir):
 
 
 def test_host_memory_is_checked_before_the_weights(model_dir, monkeypatch):
-    from hybrimoe.profile import machine
     from hybrimoe.runtime import loading
 
-    monkeypatch.setattr(machine, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr("hybrimoe.run.available_ram_bytes", lambda: 1000)
     monkeypatch.setattr(loading, "check_weight_files", lambda *a: pytest.fail("weights were reached"))
     result = _run("--model", model_dir, "--prompt", "x")
     assert result.exit_code == 2
@@ -88,7 +87,7 @@ def test_this_machines_profile_is_the_default(model_dir, tmp_path, monkeypatch):
     from hybrimoe.profile.directory import default_profile_path, this_machine_key
     from hybrimoe.profile.estimate import estimate_for_this_machine
     from hybrimoe.runtime.loading import load_model
-    from hybrimoe.runtime.runner import model_shape
+    from hybrimoe.runtime.planning import model_shape
 
     shape = model_shape(load_model(model_dir, "cpu", show_progress=False), Path(model_dir).name)
     mine = dataclasses.replace(estimate_for_this_machine(shape, "cpu"), name="mine", estimated=False,
@@ -149,7 +148,7 @@ def test_bad_model_path_is_one_line(tmp_path):
 
 def test_profile_for_other_expert_shapes_is_refused(model_dir, tmp_path):
     from hybrimoe.profile.estimate import estimate_profile
-    from hybrimoe.profile.presets import get_preset
+    from hybrimoe.shapes import get_preset
 
     path = save_profile(estimate_profile("rtx4090-desktop", get_preset("demo")), tmp_path / "p.yaml")
     result = _run("--model", model_dir, "--prompt", "x", "--profile", str(path))

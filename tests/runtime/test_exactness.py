@@ -104,7 +104,7 @@ def _check(path, schedule, capacity, depth, batch, device="cpu", tolerance=TOLER
     if schedule == "mixed" and capacity != "zero":
         assert 0 < counters.cpu_runs < counters.activations
     if capacity in ("tight", "partial") and schedule != "cpu":
-        assert counters.loads > 0
+        assert counters.demand_loads > 0
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -157,7 +157,8 @@ def test_a_routing_weight_mixup_is_caught(checkpoint, monkeypatch):
 def test_product_planner_matches_transformers(checkpoint, family, ratio):
     """The policy core's HybriMoE planner (MRS cache, impact prefetch) through `build_planner`."""
     from hybrimoe.config import PolicyConfig
-    from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
+    from hybrimoe.runtime.planning import build_planner, model_shape
+    from hybrimoe.run import default_profile
 
     path = str(checkpoint(family))
     loaded = _loaded(path)
@@ -192,7 +193,8 @@ def test_new_baselines_match_transformers(checkpoint, family, strategy, cache_po
     from hybrimoe.config import PolicyConfig
     from hybrimoe.policy.costs import CostModel
     from hybrimoe.policy.strategies import BaselineParams, ModelDims, make_planner
-    from hybrimoe.runtime.runner import default_profile, model_shape
+    from hybrimoe.runtime.planning import model_shape
+    from hybrimoe.run import default_profile
 
     path = str(checkpoint(family))
     loaded = _loaded(path)
@@ -215,7 +217,7 @@ def test_new_baselines_match_transformers(checkpoint, family, strategy, cache_po
     assert runtime.counters.accelerator_runs > 0
     assert (runtime.counters.cpu_runs > 0) == (strategy != "gpu-offload")
     if strategy in ("ktransformers-dynamic", "llamacpp-lru", "gpu-offload"):
-        assert runtime.counters.prefetches + runtime.counters.loads > 0  # its copies ran
+        assert runtime.counters.prefetch_loads + runtime.counters.demand_loads > 0  # its copies ran
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
@@ -244,7 +246,8 @@ def test_demo_model_matches_transformers():
     from hybrimoe.config import PolicyConfig
     from hybrimoe.demo import demo_model_path
     from hybrimoe.errors import ModelError
-    from hybrimoe.runtime.runner import build_planner, default_profile, model_shape
+    from hybrimoe.runtime.planning import build_planner, model_shape
+    from hybrimoe.run import default_profile
 
     try:
         path = str(demo_model_path())

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from hybrimoe.cli import app
 from hybrimoe.errors import UserError
 from hybrimoe.runtime.replay import RoutingReplay
-from hybrimoe.runtime.runner import RunOptions, run
+from hybrimoe.run import RunOptions, run
 from hybrimoe.trace import RoutingTrace, TraceMeta, TraceStep, load_trace, save_trace
 
 PROMPT = "ROMEO: good night"  # the byte tokenizer: one token per byte

@@ -59,8 +59,8 @@ class _Tamper:
     def plan_layer(self, *args):
         return self.edit(self.inner.plan_layer(*args))
 
-    def plan_prefetch(self):
-        return self.inner.plan_prefetch()
+    def plan_prefetch(self, plan):
+        return self.inner.plan_prefetch(plan)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from hybrimoe.cli import app
 from hybrimoe.config import load_profile
 from hybrimoe.runtime.capacity import GIB, reserve_for
-from hybrimoe.profile.presets import get_preset
+from hybrimoe.shapes import get_preset
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN_TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
@@ -43,7 +43,7 @@ def finished(storage: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
 @pytest.fixture(scope="module")
 def demo_trace(tmp_path_factory) -> Path:
     """The demo model's own routing, recorded by `hybrimoe run`."""
-    from hybrimoe.runtime.runner import RunOptions, run
+    from hybrimoe.run import RunOptions, run
 
     path = tmp_path_factory.mktemp("trace") / "demo.npz"
     prompt = "ROMEO: What light through yonder window breaks? It is the east, and Juliet is the sun."

@@ -1,4 +1,4 @@
-"""Routing traces: which experts every token chose in every MoE layer, step by step.
+"""The routing-trace format: which experts every token chose in every MoE layer, step by step.
 
 Shapes: L = MoE layers, T = tokens in one step, N = tokens over all steps, k = top-k,
 E = routed experts per layer, D = look-ahead depth (later layers predicted from one layer).
@@ -12,9 +12,9 @@ Design choices:
   0-d unicode array `meta` (with `format` and `version` keys). No sidecar file.
 - Because attention is causal, a token routes the same way whether it is computed inside a prefill
   or as its own decode step, so `as_decode()` turns any trace into a decode-order trace.
-- Foreign formats are imported with shape facts given explicitly (arguments or a transformers
-  `config.json`), never guessed from the data; the data is checked against them.
-- Every problem in a file is one `TraceError` line naming the file (and the line, for JSON Lines).
+- Metadata comes from a `ModelShape` or a transformers `config.json` (`trace_meta_from_shape`,
+  `trace_meta_from_hf_config`), never guessed from routing data.
+- Every problem in a file is one `TraceError` line naming the file.
 """
 
 from __future__ import annotations
@@ -26,20 +26,18 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import TraceError, UserError
-from hybrimoe.files import check_output, input_file, read_json, read_text, write_atomically
-
-if TYPE_CHECKING:
-    from hybrimoe.profile.presets import ModelShape
+from hybrimoe.files import input_file, read_json, write_atomically
+from hybrimoe.shapes import ModelShape, shape_from_hf_config
 
 FORMAT_NAME = "hybrimoe-routing-trace"
 FORMAT_VERSION = 1
-_ID_DTYPE = np.int16
+ID_DTYPE = np.int16
 
 
 @dataclass(frozen=True)
@@ -66,8 +64,8 @@ class TraceMeta:
             raise TraceError(f"trace metadata: n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
         if self.top_k > self.n_experts:
             raise TraceError(f"trace metadata: top_k {self.top_k} exceeds n_experts {self.n_experts}")
-        if self.n_experts > np.iinfo(_ID_DTYPE).max:
-            raise TraceError(f"trace metadata: n_experts {self.n_experts} exceeds {np.iinfo(_ID_DTYPE).max}")
+        if self.n_experts > np.iinfo(ID_DTYPE).max:
+            raise TraceError(f"trace metadata: n_experts {self.n_experts} exceeds {np.iinfo(ID_DTYPE).max}")
         if self.dtype not in DTYPE_BYTES:
             raise TraceError(f"trace metadata: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
         for name in ("model", "provenance"):
@@ -92,14 +90,14 @@ class TraceMeta:
 def _ids(array: Any, name: str) -> np.ndarray:
     """Integer expert ids as int16, refusing values the cast would wrap."""
     array = np.asarray(array)
-    if array.dtype == _ID_DTYPE:
+    if array.dtype == ID_DTYPE:
         return array
     if not np.issubdtype(array.dtype, np.integer):
         raise TraceError(f"{name} must hold integers, got {array.dtype}")
-    info = np.iinfo(_ID_DTYPE)
+    info = np.iinfo(ID_DTYPE)
     if array.size and (array.min() < -1 or array.max() > info.max):
         raise TraceError(f"{name} holds ids outside [-1, {info.max}]")
-    return array.astype(_ID_DTYPE)
+    return array.astype(ID_DTYPE)
 
 
 def _floats(array: Any, name: str, allowed: tuple[type, ...]) -> np.ndarray | None:
@@ -427,7 +425,7 @@ def _meta_from_json(array: np.ndarray) -> TraceMeta:
 
 
 # ---------------------------------------------------------------------------------------------
-# Importing foreign formats
+# Metadata from a model's shape
 
 
 def trace_meta_from_shape(shape: ModelShape, provenance: str) -> TraceMeta:
@@ -449,8 +447,6 @@ def trace_meta_from_hf_config(
     config_path: str | os.PathLike, model: str | None = None, dtype: str | None = None, provenance: str = ""
 ) -> TraceMeta:
     """Shape facts from a transformers config.json; `model`/`dtype` fill in what the file lacks."""
-    from hybrimoe.profile.presets import shape_from_hf_config
-
     config_path = Path(config_path)
     config = read_json(config_path, "config", TraceError)
     if not isinstance(config, dict):
@@ -461,235 +457,3 @@ def trace_meta_from_hf_config(
     except UserError as exc:
         raise TraceError(f"{config_path}: {exc}") from None
     return trace_meta_from_shape(shape, provenance)
-
-
-def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> RoutingTrace:
-    """`read_vllm_jsonl`'s trace."""
-    return read_vllm_jsonl(paths, meta)[0]
-
-
-def read_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> tuple[RoutingTrace, int]:
-    """Reads vLLM-style fused-MoE routing dumps: one JSON line per MoE layer call; returns the
-    trace and how many repeated steps were dropped.
-
-    Each line holds `topk_ids` [T][k] and optionally `topk_weights`, either the weights [T][k] or
-    only the tensor's shape [T, k] (then no weights are kept). `meta.n_layers` consecutive lines
-    form one step (layers 0..L-1, row i the same token in all of them). A step identical to an
-    earlier step of the same length is dropped (a serving engine's idle batches).
-    """
-    if not paths:
-        raise TraceError("no input files given")
-    steps: list[TraceStep] = []
-    seen: set[bytes] = set()
-    n_dropped = 0
-    for path in map(Path, paths):
-        for step in _vllm_steps(path, meta):
-            key = step.topk_ids.tobytes() + (b"" if step.topk_weights is None else step.topk_weights.tobytes())
-            key = step.n_tokens.to_bytes(8, "little") + key
-            if key in seen:
-                n_dropped += 1
-                continue
-            seen.add(key)
-            steps.append(step)
-    if steps and any((s.topk_weights is None) != (steps[0].topk_weights is None) for s in steps):
-        raise TraceError("some lines carry routing weights and others only a shape: cannot mix them")
-    note = f"imported from {', '.join(Path(p).name for p in paths)} (vllm-jsonl); {n_dropped} repeated steps dropped"
-    provenance = f"{meta.provenance}; {note}" if meta.provenance else note
-    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(steps)), n_dropped
-
-
-def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
-    lines = [line for line in read_text(path, "trace input", TraceError).splitlines() if line.strip()]
-    L = meta.n_layers
-    if not lines:
-        raise TraceError(f"{path}: no lines")
-    if len(lines) % L:
-        raise TraceError(f"{path}: {len(lines)} lines is not a multiple of n_layers={L} (one line per MoE layer)")
-    steps = []
-    for first in range(0, len(lines), L):
-        ids_per_layer, weights_per_layer = [], []
-        for lineno in range(first, first + L):
-            where = f"{path}:{lineno + 1}"
-            ids, weights = _vllm_line(lines[lineno], where, meta)
-            if ids_per_layer and ids.shape[0] != ids_per_layer[0].shape[0]:
-                raise TraceError(
-                    f"{where}: {ids.shape[0]} tokens, but layer 0 of this step had {ids_per_layer[0].shape[0]}"
-                )
-            if weights_per_layer and (weights is None) != (weights_per_layer[0] is None):
-                raise TraceError(f"{where}: routing weights present in some layers of this step only")
-            ids_per_layer.append(ids)
-            weights_per_layer.append(weights)
-        weights = None if weights_per_layer[0] is None else np.stack(weights_per_layer)
-        try:
-            steps.append(TraceStep(topk_ids=np.stack(ids_per_layer), topk_weights=weights))
-        except TraceError as exc:
-            raise TraceError(f"{path}:{first + 1}: {exc}") from None
-    return steps
-
-
-def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise TraceError(f"{where}: JSON nested too deeply to read") from None
-    if not isinstance(record, dict) or "topk_ids" not in record:
-        raise TraceError(f"{where}: expected an object with 'topk_ids'")
-    try:
-        ids = np.array(record["topk_ids"])
-    except ValueError:
-        raise TraceError(f"{where}: topk_ids is not a rectangular [tokens][k] list") from None
-    if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise TraceError(f"{where}: topk_ids must be a non-empty [tokens][k] list of integers")
-    if ids.shape[1] != meta.top_k:
-        raise TraceError(f"{where}: {ids.shape[1]} experts per token, but top_k is {meta.top_k}")
-    outside = ids[(ids < 0) | (ids >= meta.n_experts)]
-    if outside.size:
-        raise TraceError(f"{where}: expert id {int(outside[0])} outside [0, {meta.n_experts})")
-    ordered = np.sort(ids, axis=1)
-    if (ordered[:, 1:] == ordered[:, :-1]).any():
-        raise TraceError(f"{where}: a token's top-k repeats an expert")
-    raw = record.get("topk_weights")
-    if raw is None:
-        return ids.astype(_ID_DTYPE), None
-    if raw == list(ids.shape):
-        return ids.astype(_ID_DTYPE), None  # only the weight tensor's shape was logged
-    try:
-        weights = np.array(raw, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise TraceError(
-            f"{where}: topk_weights is neither a [tokens, k] shape nor a [tokens][k] list of numbers"
-        ) from None
-    if weights.shape != ids.shape:
-        raise TraceError(f"{where}: topk_weights has shape {list(weights.shape)}, topk_ids {list(ids.shape)}")
-    if not np.isfinite(weights).all():
-        raise TraceError(f"{where}: topk_weights holds non-finite values")
-    return ids.astype(_ID_DTYPE), weights
-
-
-IMPORT_FORMATS = ("vllm-jsonl",)
-
-
-def import_trace_files(
-    paths: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    fmt: str = "vllm-jsonl",
-    config_path: str | os.PathLike | None = None,
-    model: str | None = None,
-    n_layers: int | None = None,
-    n_experts: int | None = None,
-    top_k: int | None = None,
-    n_shared_experts: int | None = None,
-    hidden_size: int | None = None,
-    intermediate_size: int | None = None,
-    dtype: str | None = None,
-    provenance: str = "",
-    overwrite: bool = False,
-) -> tuple[RoutingTrace, int]:
-    """`hybrimoe trace import`: shape facts from `config_path` or from every explicit argument;
-    returns the trace written and how many repeated steps were dropped."""
-    out = Path(out)
-    if fmt not in IMPORT_FORMATS:
-        raise TraceError(f"unknown trace format {fmt!r}; expected one of {', '.join(IMPORT_FORMATS)}")
-    if out.suffix != ".npz":
-        raise TraceError(f"{out}: a trace file must end in .npz")
-    check_output(out, overwrite, "--out")
-    explicit = {
-        "n_layers": n_layers,
-        "n_experts": n_experts,
-        "top_k": top_k,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-    }
-    if config_path is not None:
-        given = [name for name, value in explicit.items() if value is not None]
-        if given or n_shared_experts is not None:
-            named = ", ".join(given) or "n_shared_experts"
-            raise TraceError(f"give shape facts either with --config or explicitly, not both (got {named})")
-        meta = trace_meta_from_hf_config(config_path, model=model, dtype=dtype, provenance=provenance)
-    else:
-        missing = [name for name, value in {**explicit, "model": model, "dtype": dtype}.items() if value is None]
-        if missing:
-            raise TraceError(f"without --config, these shape facts are needed: {', '.join(missing)}")
-        meta = TraceMeta(
-            model=model, n_shared_experts=n_shared_experts or 0, dtype=dtype, provenance=provenance, **explicit
-        )
-    trace, n_dropped = read_vllm_jsonl(paths, meta)
-    save_trace(trace, out, overwrite=overwrite)
-    return trace, n_dropped
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary
-
-
-@dataclass(frozen=True)
-class TraceSummary:
-    model: str
-    n_steps: int
-    n_tokens: int
-    n_prefill_steps: int  # steps of more than one token
-    n_prefill_tokens: int
-    n_decode_steps: int  # 1-token steps
-    n_layers: int
-    n_experts: int
-    top_k: int
-    n_shared_experts: int
-    expert_bytes: int
-    has_weights: bool
-    has_router_probs: bool
-    lookahead_depth: int
-    top10_share: float  # share of activations taken by the most popular 10% of a layer's experts, mean over layers
-    top25_share: float
-    gini: float  # Gini coefficient of a layer's activation counts, mean over layers (0 = uniform)
-    reuse_overlap: float | None  # |top-k(t) & top-k(t-1)| / k over consecutive tokens, mean; None for 1 token
-    reuse_overlap_random: float  # the same for uniformly random routing: k / E
-    provenance: str
-
-
-def trace_summary(trace: RoutingTrace) -> TraceSummary:
-    meta = trace.meta
-    E, k = meta.n_experts, meta.top_k
-    counts = np.sort(trace.expert_frequencies(), axis=1)[:, ::-1].astype(np.float64)  # [L, E] descending
-    totals = counts.sum(axis=1)
-
-    def top_share(fraction: float) -> float:
-        n_top = max(1, int(np.ceil(fraction * E)))
-        return float((counts[:, :n_top].sum(axis=1) / totals).mean())
-
-    ascending = counts[:, ::-1]
-    rank = np.arange(1, E + 1)
-    gini = (2 * (ascending * rank).sum(axis=1)) / (E * totals) - (E + 1) / E
-
-    ids = trace.topk_ids()  # [L, N, k]
-    if ids.shape[1] > 1:
-        active = np.zeros((meta.n_layers, ids.shape[1], E), dtype=bool)  # [L, N, E]
-        np.put_along_axis(active, ids.astype(np.int64), True, axis=2)
-        reuse = float((active[:, 1:] & active[:, :-1]).sum(axis=2).mean() / k)
-    else:
-        reuse = None
-    lengths = trace.step_lengths
-    return TraceSummary(
-        model=meta.model,
-        n_steps=trace.n_steps,
-        n_tokens=trace.n_tokens,
-        n_prefill_steps=sum(1 for n in lengths if n > 1),
-        n_prefill_tokens=sum(n for n in lengths if n > 1),
-        n_decode_steps=sum(1 for n in lengths if n == 1),
-        n_layers=meta.n_layers,
-        n_experts=E,
-        top_k=k,
-        n_shared_experts=meta.n_shared_experts,
-        expert_bytes=meta.expert_bytes,
-        has_weights=trace.has_weights,
-        has_router_probs=trace.has_router_probs,
-        lookahead_depth=trace.lookahead_depth,
-        top10_share=top_share(0.10),
-        top25_share=top_share(0.25),
-        gini=float(gini.mean()),
-        reuse_overlap=reuse,
-        reuse_overlap_random=k / E,
-        provenance=meta.provenance,
-    )

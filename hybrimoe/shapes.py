@@ -1,6 +1,9 @@
 """Model shapes: the sizes that decide expert bytes, expert FLOPs and the dense part of a layer.
 
 Design choices:
+- A top-level module that imports only `hybrimoe.config` and `hybrimoe.errors`: the runtime, the
+  trace importers, the tuner and the profiler all read model shapes, and none of them needs another
+  for it.
 - A `ModelShape` holds only numbers read from a model's `config.json`; presets are those numbers
   for well-known models, copied from their published configs, so estimates need no download.
 - `n_layers` counts MoE layers only; layers with a dense MLP instead (DeepSeek's first layer,

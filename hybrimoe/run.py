@@ -12,9 +12,9 @@ Design choices:
   of kernels cost extra), and the report puts the simulator's prediction for the same profile,
   routing and planner next to them; the planner sees each step's start (`begin_step`), as the
   simulator's does.
-- The planner comes from the policy core's factory (`build_planner`), the same one the simulator
-  replays, so the run's own routing, recorded as a trace, gives the simulator's prediction for
-  this run on the same profile (`predict_run`).
+- The planner and the prediction come from `runtime/planning.py`; the profile from this
+  machine's profile directory or the estimate (`profile/`): this module sits above both packages,
+  so the runtime never imports the profile package (which measures with the runtime).
 - The routing is always recorded (the planner needs it on the host anyway); it is written to a
   file only with `record_trace`.
 - `replay_trace`: every MoE layer routes as a recorded trace says (`runtime/replay.py`), so a model
@@ -31,23 +31,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from hybrimoe import __version__
 from hybrimoe.config import HardwareProfile, PolicyConfig, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.files import check_output
+from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
-from hybrimoe.profile.presets import ModelShape
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
-from hybrimoe.runtime.executor import LayerRecord
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts
+from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, model_shape, predict_run, trace_step
 from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
+from hybrimoe.shapes import ModelShape, shape_from_hf_config
 from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_shape
 
-TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the paper's choice)
 WARM_UP_TOKENS = 16  # prompt tokens of the warm-up step
 
 
@@ -78,7 +76,7 @@ class RunReport:
 
 
 def _check_options(options: RunOptions) -> None:
-    from hybrimoe.policy.strategies import NEEDS_FREQUENCIES, STRATEGIES
+    from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES
 
     if not options.prompts or any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
@@ -103,14 +101,6 @@ def _check_options(options: RunOptions) -> None:
         if options.record_trace.suffix != ".npz":
             raise UserError(f"{options.record_trace}: a trace file must end in .npz")
         check_output(options.record_trace, options.overwrite_trace, "--record-trace")
-
-
-def model_shape(loaded: LoadedModel, name: str) -> ModelShape:
-    """The policy core's description of the model (dense parts included), from its config."""
-    from hybrimoe.profile.presets import shape_from_hf_config
-
-    config = loaded.model.config.to_dict()
-    return shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
 
 
 def default_profile(shape: ModelShape, device: str = "cpu") -> HardwareProfile:
@@ -138,44 +128,6 @@ def run_threads(options: RunOptions, profile: HardwareProfile) -> tuple[int, str
     return default_threads(), "one less than the cores"
 
 
-def build_planner(
-    strategy: str,
-    loaded: LoadedModel,
-    profile: HardwareProfile,
-    policy: PolicyConfig,
-    capacity: int,
-    frequencies: np.ndarray | None = None,  # [L, E] expert activations of a profiling workload
-) -> Planner:
-    """The policy core's planner for this model; `capacity` expert slots on the accelerator."""
-    from hybrimoe.policy.costs import CostModel
-    from hybrimoe.policy.strategies import ModelDims, make_planner
-
-    dims = ModelDims(loaded.n_layers, loaded.n_experts, loaded.top_k)
-    try:
-        return make_planner(strategy, dims, CostModel(profile), policy, capacity, frequencies)
-    except ValueError as exc:
-        raise UserError(f"strategy {strategy!r}: {exc}") from None
-
-
-def predict_run(
-    trace: RoutingTrace, planner: Planner, strategy: str, cache_ratio: float, batch_size: int = 1
-) -> tuple[float | None, float | None]:
-    """The simulator's (TTFT s, decode tokens/s per sequence) for the recorded run, replayed
-    through a fresh planner built like the run's (the first step is the prefill of the prompts)."""
-    from hybrimoe.policy.simulator import simulate
-
-    predictor = "recorded" if trace.lookahead_depth else "recent"
-    prefill = simulate(RoutingTrace(trace.meta, trace.steps[:1]), planner, predictor, strategy, cache_ratio, "prefill")
-    ttft_s = prefill.total_ms / 1000.0
-    if trace.n_steps < 2:
-        return ttft_s, None
-    decode = simulate(
-        RoutingTrace(trace.meta, trace.steps[1:]), planner, predictor, strategy, cache_ratio, "decode",
-        context_tokens=trace.steps[0].n_tokens // batch_size, batch_size=batch_size,
-    )
-    return ttft_s, (1000.0 / decode.step_ms if decode.step_ms else None)
-
-
 def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, threads: int, ids, mask) -> None:
     """One prefill and one decode step on a throwaway runtime, so the timed run pays no first calls."""
     from hybrimoe.runtime.hybrid import HybridRuntime
@@ -183,21 +135,6 @@ def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, 
     with HybridRuntime(loaded, planner, accelerator, capacity, cpu_threads=threads) as runtime:
         generate(loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
                  sync=accelerator.synchronize)
-
-
-def trace_step(records: list[LayerRecord], depth: int) -> TraceStep:
-    """Stacks one step's per-layer records: ids [L, T, k], probs [L, T, E], lookahead [L, D, T, k]."""
-    ids = np.stack([r.topk_ids for r in records])
-    lookahead = np.full((len(records), depth, *ids.shape[1:]), -1, dtype=np.int16)
-    for layer, record in enumerate(records):
-        for target, predicted in record.lookahead.items():
-            lookahead[layer, target - layer - 1] = predicted
-    return TraceStep(
-        topk_ids=ids,
-        topk_weights=np.stack([r.topk_weights for r in records]),
-        router_probs=np.stack([r.router_probs for r in records]),
-        lookahead=lookahead if depth else None,
-    )
 
 
 def _profile_for_run(
@@ -268,9 +205,6 @@ def plan_memory(
     """Before any weight is read: the expert slots the accelerator's budget allows once the dense
     weights and the reserve for this run's tokens are placed, and a refusal when the host cannot
     hold the weights (and, on the CPU stand-in, the slots)."""
-    from hybrimoe.profile.machine import available_ram_bytes
-    from hybrimoe.profile.presets import shape_from_hf_config
-
     shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
     n_prompt_tokens = max(len(tokenizer(prompt)["input_ids"]) for prompt in options.prompts)
     reserve = reserve_for(shape, len(options.prompts), n_prompt_tokens, options.max_new_tokens)
