@@ -24,7 +24,7 @@ import yaml
 
 from hybrimoe.errors import ProfileError
 from hybrimoe.files import read_text, write_atomically
-from hybrimoe.policy.names import CONFIGURABLE_POLICIES
+from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES
 
 SCHEMA_VERSION = 1
 
@@ -195,16 +195,12 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.cache_ratio <= 1.0:
             raise ProfileError(f"policy.cache_ratio must be in [0, 1], got {self.cache_ratio}")
-        if self.cache_layout not in ("shared", "per-layer"):
-            raise ProfileError(f"policy.cache_layout must be 'shared' or 'per-layer', got {self.cache_layout!r}")
-        if self.cache_policy not in CONFIGURABLE_POLICIES:
-            raise ProfileError(
-                f"policy.cache_policy must be one of {', '.join(CONFIGURABLE_POLICIES)}, got {self.cache_policy!r}"
-            )
+        for key, choices in (("cache_layout", LAYOUTS), ("cache_policy", CONFIGURABLE_POLICIES),
+                             ("prefetch", PREFETCHES)):
+            if getattr(self, key) not in choices:
+                raise ProfileError(f"policy.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if not 0.0 < self.mrs_alpha <= 1.0:
             raise ProfileError(f"policy.mrs_alpha must be in (0, 1], got {self.mrs_alpha}")
-        if self.prefetch not in ("impact", "top-score", "none"):
-            raise ProfileError(f"policy.prefetch must be impact, top-score or none, got {self.prefetch!r}")
         if not 0 <= self.prefetch_depth <= 8:
             raise ProfileError(f"policy.prefetch_depth must be in [0, 8], got {self.prefetch_depth}")
 

@@ -76,12 +76,11 @@ class RunReport:
 
 
 def _check_options(options: RunOptions) -> None:
-    from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES
+    from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
 
     if not options.prompts or any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
-    if options.strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {options.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    check_name("strategy", options.strategy, STRATEGIES)
     if options.strategy in NEEDS_FREQUENCIES:
         raise UserError(
             f"strategy {options.strategy!r} needs expert frequencies from a profiling workload; "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrimoe.config import PolicyConfig
-from hybrimoe.policy.names import CONFIGURABLE_POLICIES
+from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES
 
 SLOT_STEPS = 16  # capacities tried between no cache and the budget's largest
 
@@ -136,12 +136,12 @@ def policy_space(total_experts: int, top_k: int, max_slots: int, fixed_slots: in
         step = max(1, -(-max_slots // SLOT_STEPS))
         knobs.append(Knob("cache_slots", tuple(range(max_slots % step, max_slots + 1, step))))
     knobs += [
-        Knob("cache_layout", ("shared", "per-layer")),
+        Knob("cache_layout", LAYOUTS),
         Knob("cache_policy", CONFIGURABLE_POLICIES),
         Knob("mrs_alpha", (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), when=("cache_policy", ("mrs",))),
         Knob("mrs_top_p", (top_k, 2 * top_k, 4 * top_k), when=("cache_policy", ("mrs",))),
         Knob("prefetch_depth", (0, 1, 2, 3, 4)),
-        Knob("prefetch", ("impact", "top-score"), when=("prefetch_depth", (1, 2, 3, 4))),
+        Knob("prefetch", tuple(p for p in PREFETCHES if p != "none"), when=("prefetch_depth", (1, 2, 3, 4))),
         Knob("warm_start", (True, False)),
     ]
     return SearchSpace(tuple(knobs), fixed_slots, total_experts)
