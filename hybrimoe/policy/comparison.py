@@ -57,7 +57,7 @@ class Comparison:
         return base.step_ms / mine.step_ms
 
     def best_baseline(self, ratio: float) -> str | None:
-        """The fastest deployable baseline in this comparison at `ratio` (see strategies.BASELINES)."""
+        """The fastest deployable baseline in this comparison at `ratio` (see names.BASELINES)."""
         timed = [(self.results[(s, ratio)].step_ms, s) for s in BASELINES if (s, ratio) in self.results]
         return min(timed)[1] if timed else None
 
