@@ -185,17 +185,7 @@ class LayerExecutor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         if on_accelerator:
             slots = {expert: plan.slot_of[expert] for expert in on_accelerator}
-            groups = group_pairs(order, span, slots)
-            # one pinned copy of the rows' pair indices and the groups' ends: [R + G]
-            indices_d = acc.index_to_device(np.concatenate([groups.pairs, groups.ends]))
-            pairs_d, ends_d = indices_d[: len(groups.pairs)], indices_d[len(groups.pairs) :].int()
-            store.wait_ready(slots.values())
-            y = grouped_experts_mlp(
-                x[pairs_d // k], store.slots, groups, ends_d, self._gates[layer], self._transposed[layer]
-            )  # [R, D]
-            weights = topk_weights.reshape(-1)[pairs_d, None]  # [R, 1]
-            out.index_add_(0, pairs_d // k, (y * weights).float())
-            store.release(slots.values())
+            self._run_on_accelerator(layer, x, topk_weights, group_pairs(order, span, slots), slots.values(), out)
         # The prefetch choice runs while this layer's experts run (the CPU worker's, and the
         # accelerator's kernels queued above), so it does not delay the layer's start.
         started_ns = time.perf_counter_ns()
@@ -210,6 +200,23 @@ class LayerExecutor:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
         return out.to(x.dtype)
+
+    def _run_on_accelerator(
+        self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, groups: Groups, slots, out: torch.Tensor
+    ) -> None:
+        """Queues the layer's accelerator experts (grouped by slot) and adds their weighted rows to
+        `out` [T, D]; the slots are read only after their copies, and freed after these kernels."""
+        acc, store, k = self.accelerator, self.store, topk_weights.shape[-1]
+        # one pinned copy of the rows' pair indices and the groups' ends: [R + G]
+        indices_d = acc.index_to_device(np.concatenate([groups.pairs, groups.ends]))
+        pairs_d, ends_d = indices_d[: len(groups.pairs)], indices_d[len(groups.pairs) :].int()
+        store.wait_ready(slots)
+        y = grouped_experts_mlp(
+            x[pairs_d // k], store.slots, groups, ends_d, self._gates[layer], self._transposed[layer]
+        )  # [R, D]
+        weights = topk_weights.reshape(-1)[pairs_d, None]  # [R, 1]
+        out.index_add_(0, pairs_d // k, (y * weights).float())
+        store.release(slots)
 
     def _predict_later_layers(self, layer: int, x: torch.Tensor) -> PendingArrays:
         """The later layers' routers on this hidden state (as far as planning and recording look),
