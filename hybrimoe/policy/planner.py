@@ -133,6 +133,8 @@ class PolicyPlanner:
         predicted_topk: Mapping[int, np.ndarray],  # later layer -> [T, k]
         topk_weights: np.ndarray | None = None,  # [T, k]
     ) -> LayerPlan:
+        """What this layer's experts wait for: the schedule, the wait for prefetches in flight and
+        the demand loads admitted; the plan carries the layer's context for `plan_prefetch`."""
         n_tokens = topk_ids.shape[0]
         counts = token_counts(topk_ids)
         resident = self.cache.resident(layer)
