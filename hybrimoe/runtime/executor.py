@@ -148,7 +148,7 @@ class LayerExecutor:
         topk_ids: torch.Tensor,  # [T, k]
         topk_weights: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:  # [T, D]
-        acc, store, k = self.accelerator, self.store, topk_ids.shape[-1]
+        acc, store = self.accelerator, self.store
         if self.replay is not None:
             topk_ids, topk_weights, probs = self._replay_layer(layer, x, topk_ids, topk_weights)
         else:
@@ -177,7 +177,7 @@ class LayerExecutor:
         stops = np.cumsum(counts)[activated]
         span = dict(zip(activated.tolist(), zip((stops - counts[activated]).tolist(), stops.tolist())))
 
-        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span, k) if plan.cpu else None
+        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span) if plan.cpu else None
         if plan.loads:
             self.counters.demand_loads += store.load(plan.loads)
         on_accelerator = plan.gpu + plan.load
@@ -206,17 +206,29 @@ class LayerExecutor:
     ) -> None:
         """Queues the layer's accelerator experts (grouped by slot) and adds their weighted rows to
         `out` [T, D]; the slots are read only after their copies, and freed after these kernels."""
-        acc, store, k = self.accelerator, self.store, topk_weights.shape[-1]
+        acc, store = self.accelerator, self.store
         # one pinned copy of the rows' pair indices and the groups' ends: [R + G]
         indices_d = acc.index_to_device(np.concatenate([groups.pairs, groups.ends]))
         pairs_d, ends_d = indices_d[: len(groups.pairs)], indices_d[len(groups.pairs) :].int()
         store.wait_ready(slots)
-        y = grouped_experts_mlp(
-            x[pairs_d // k], store.slots, groups, ends_d, self._gates[layer], self._transposed[layer]
-        )  # [R, D]
-        weights = topk_weights.reshape(-1)[pairs_d, None]  # [R, 1]
-        out.index_add_(0, pairs_d // k, (y * weights).float())
+        self._add_experts(layer, x, topk_weights, pairs_d, ends_d, groups, store.slots, out)
         store.release(slots)
+
+    def _add_experts(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, D]
+        topk_weights: torch.Tensor,  # [T, k]
+        pairs: torch.Tensor,  # [R] the groups' pair indices, group after group
+        ends: torch.Tensor,  # [G] int32 the groups' end rows
+        groups: Groups,
+        stacked: dict[str, torch.Tensor],  # the weights the groups index: [N, ...] each
+        out: torch.Tensor,  # [T, D] float32, added to
+    ) -> None:
+        """Adds each pair's routing weight times its expert's output on its token to `out`."""
+        tokens = pairs // topk_weights.shape[-1]  # [R]: only the groups' rows are gathered
+        y = grouped_experts_mlp(x[tokens], stacked, groups, ends, self._gates[layer], self._transposed[layer])  # [R, D]
+        out.index_add_(0, tokens, (y * topk_weights.reshape(-1)[pairs, None]).float())
 
     def _predict_later_layers(self, layer: int, x: torch.Tensor) -> PendingArrays:
         """The later layers' routers on this hidden state (as far as planning and recording look),
@@ -280,21 +292,16 @@ class LayerExecutor:
         if prefetched:
             counters.prefetch_used += len(prefetched.intersection(resident))
 
-    def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span, k) -> Future:
+    def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])
         groups = group_pairs(order, span, {expert: expert for expert in plan.cpu})
-        return self._worker.submit(self._run_cpu, plan.layer, groups, x_h, weights_h, copied, k)
+        return self._worker.submit(self._run_cpu, plan.layer, groups, x_h, weights_h, copied)
 
-    def _run_cpu(self, layer: int, groups: Groups, x_h, weights_h, copied, k: int) -> torch.Tensor:
+    def _run_cpu(self, layer: int, groups: Groups, x_h, weights_h, copied) -> torch.Tensor:
         """The CPU worker: this layer's CPU experts from host memory, summed into one [T, D]."""
         with torch.inference_mode():
             self.accelerator.wait_host(copied)  # Sync point (worker only): the hidden states reached the host.
             out = self.accelerator.host_zeros(x_h.shape, torch.float32)  # [T, D]
-            pairs = torch.from_numpy(groups.pairs)  # [R]
-            tokens = pairs // k  # the CPU gathers only its experts' rows
-            y = grouped_experts_mlp(
-                x_h[tokens], self.store.host_layer(layer), groups, torch.from_numpy(groups.ends),
-                self._gates[layer], self._transposed[layer],
-            )  # [R, D]
-            out.index_add_(0, tokens, (y * weights_h.reshape(-1)[pairs, None]).float())
+            self._add_experts(layer, x_h, weights_h, torch.from_numpy(groups.pairs), torch.from_numpy(groups.ends),
+                              groups, self.store.host_layer(layer), out)
             return out
