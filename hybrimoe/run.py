@@ -30,6 +30,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from hybrimoe import __version__
 from hybrimoe.config import HardwareProfile, PolicyConfig, load_profile
@@ -40,7 +43,7 @@ from hybrimoe.policy.plan import Planner
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts
-from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, model_shape, predict_run, trace_step
+from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, predict_run, trace_step
 from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
@@ -198,15 +201,40 @@ def _recorded_trace(shape: ModelShape, steps: list[TraceStep], options: RunOptio
     return trace
 
 
-def plan_memory(
+class _Prepared(NamedTuple):
+    """What `run` settles before any weight is read."""
+
+    shape: ModelShape
+    ids: torch.Tensor  # [B, S] the prompts' tokens, left-padded (on the host)
+    mask: torch.Tensor  # [B, S]
+    capacity: Capacity
+    reserve: Reserve
+    dense_bytes: int  # every weight but the routed experts
+
+
+def _prepare(
     facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, model_name: str, accelerator
-) -> tuple[Capacity, Reserve]:
-    """Before any weight is read: the expert slots the accelerator's budget allows once the dense
-    weights and the reserve for this run's tokens are placed, and a refusal when the host cannot
-    hold the weights (and, on the CPU stand-in, the slots)."""
+) -> _Prepared:
+    """Before any weight is read: the model's shape, the prompts tokenized, and the memory plan."""
     shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
-    n_prompt_tokens = max(len(tokenizer(prompt)["input_ids"]) for prompt in options.prompts)
-    reserve = reserve_for(shape, len(options.prompts), n_prompt_tokens, options.max_new_tokens)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    capacity, reserve = plan_memory(facts, shape, ids.shape, options, profile, accelerator)
+    return _Prepared(shape, ids, mask, capacity, reserve, facts.dense_bytes)
+
+
+def plan_memory(
+    facts: ModelFacts, shape: ModelShape, prompt_shape: tuple[int, int], options: RunOptions,
+    profile: HardwareProfile | None, accelerator,
+) -> tuple[Capacity, Reserve]:
+    """The expert slots the accelerator's budget allows once the dense weights and the reserve for
+    this run's tokens (`prompt_shape`: sequences, padded prompt tokens) are placed, and a refusal
+    when the host cannot hold the weights (and, on the CPU stand-in, the slots)."""
+    n_seqs, n_prompt_tokens = prompt_shape
+    reserve = reserve_for(shape, n_seqs, n_prompt_tokens, options.max_new_tokens)
     policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
     budget = options.gpu_memory_gb
     expert_bytes, n_experts_total = facts.expert_shape.expert_bytes, facts.n_layers * facts.n_experts
@@ -232,10 +260,10 @@ def plan_memory(
     return capacity, reserve
 
 
-def _memory_report(loaded: LoadedModel, capacity: int, reserve: Reserve, accelerator) -> tuple[str, str]:
+def _memory_report(
+    loaded: LoadedModel, dense_bytes: int, capacity: int, reserve: Reserve, accelerator
+) -> tuple[str, str]:
     """(host memory, accelerator memory) in words, for the run summary."""
-    experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}
-    dense_bytes = sum(p.nbytes for p in loaded.model.parameters() if id(p) not in experts)
     slots_bytes = capacity * loaded.expert_shape.expert_bytes
     host = f"routed experts {loaded.host_experts.describe()}"
     if not accelerator.is_cuda:
@@ -255,8 +283,6 @@ def run(
     """Loads the model, runs it with the hybrid runtime, streams the first sequence's text.
 
     `on_start` is called once everything is loaded, just before the prefill."""
-    import torch
-
     from hybrimoe.demo import demo_model_path
     from hybrimoe.runtime.accelerator import make_accelerator
     from hybrimoe.runtime.hybrid import HybridRuntime
@@ -270,14 +296,14 @@ def run(
     profile_path = options.profile or this_machines_profile(model_name, str(accelerator.device))
     profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
-    chosen: dict[str, tuple[Capacity, Reserve]] = {}
+    prepared: list[_Prepared] = []
 
     def before_weights(facts: ModelFacts, tokenizer) -> None:
         if profile is not None:
             profile.check_expert_shape(facts.expert_shape)
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
-        chosen["memory"] = plan_memory(facts, tokenizer, options, profile, model_name, accelerator)
+        prepared.append(_prepare(facts, tokenizer, options, profile, model_name, accelerator))
 
     loaded = load_model(
         path,
@@ -287,10 +313,10 @@ def run(
         show_progress=show_progress,
         before_weights=before_weights,
     )
-    shape = model_shape(loaded, model_name)
+    shape, ids, mask, capacity_chosen, reserve, dense_bytes = prepared[0]
+    ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     policy = profile.policy or PolicyConfig()
-    capacity_chosen, reserve = chosen["memory"]
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
     threads, threads_source = run_threads(options, profile)
 
@@ -303,12 +329,6 @@ def run(
     depth = TRACE_LOOKAHEAD_DEPTH if options.record_trace is not None else planner.lookahead_layers
 
     tokenizer = loaded.tokenizer
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
-    ids = batch["input_ids"].to(accelerator.device)
-    mask = batch["attention_mask"].to(accelerator.device)
     replay = _replay(replayed, loaded, ids.shape, options) if replayed is not None else None
 
     stream = TextStream(tokenizer)
@@ -337,7 +357,7 @@ def run(
                 on_step=lambda: steps.append(trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
-    host_memory, accelerator_memory = _memory_report(loaded, capacity, reserve, accelerator)
+    host_memory, accelerator_memory = _memory_report(loaded, dense_bytes, capacity, reserve, accelerator)
     trace = _recorded_trace(shape, steps, options)
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
     simulated_ttft_s, simulated_tps = predict_run(trace, fresh_planner(), strategy, cache_ratio, ids.shape[0])
