@@ -5,7 +5,8 @@ Design choices:
   PostgreSQL study shared by `hybrimoe tune` on several machines), or memory. RDB storages keep a
   heartbeat: a trial whose process died (SIGKILL) is failed when a worker next starts a trial and
   rerun with its parameters (`RetryHeartbeatStaleTrialCallback`), so completed trials are never lost and
-  the interrupted one is not skipped.
+  the interrupted one is not skipped. SQLite transactions take the write lock first, so local
+  workers never claim the same waiting trial (`_transactions_lock_first`).
 - `--trials` is the study's total, counted over every worker and every rerun (finished trials:
   complete or pruned), so a rerun after an interruption completes the study rather than adding to it.
 - Sampler: TPE, seeded (worker i uses seed + i so workers do not propose the same trial),
@@ -62,12 +63,13 @@ def open_storage(inputs: Inputs):
         return optuna.storages.InMemoryStorage()
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    engine_kwargs = {"connect_args": {"timeout": 60}} if inputs.storage_url.startswith("sqlite") else {}
+    sqlite = inputs.storage_url.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
     for attempt in range(OPEN_ATTEMPTS):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     inputs.storage_url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
@@ -76,12 +78,33 @@ def open_storage(inputs: Inputs):
                         max_retry=MAX_RETRIES
                     ),
                 )
+            if sqlite:
+                _transactions_lock_first(storage.engine)
+            return storage
         except (IntegrityError, ProgrammingError) as exc:
             if attempt == OPEN_ATTEMPTS - 1:
                 raise _storage_error(inputs, exc) from None
             time.sleep(0.2 * (attempt + 1))
         except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
             raise _storage_error(inputs, exc) from None
+
+
+def _transactions_lock_first(engine) -> None:
+    """SQLite through Python's sqlite3 opens a transaction only at its first write, so two workers
+    can both read a waiting (enqueued) trial and both claim it, and one then fails telling a trial
+    the other completed. Every transaction here begins with BEGIN IMMEDIATE instead (SQLAlchemy's
+    documented recipe for pysqlite), which takes the write lock first: one worker at a time."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection, connection_record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # the connections opened while creating the tables predate the listeners
 
 
 def _storage_error(inputs: Inputs, exc: Exception) -> UserError:
