@@ -149,6 +149,18 @@ def _profiled(comparison) -> str:
     return f"placement learned on the first {comparison.profiling_tokens} tokens"
 
 
+def _rows(comparison):
+    """Per strategy, in the comparison's order: per cache size, (its result, "*" when it is the best
+    deployable baseline there, its ratio to that baseline)."""
+    best = {ratio: comparison.best_baseline(ratio) for ratio in comparison.ratios}
+    for strategy in dict.fromkeys(strategy for strategy, _ in comparison.results):
+        yield strategy, [
+            (comparison.results[(strategy, ratio)], "*" if strategy == best[ratio] else "",
+             comparison.vs_best_baseline(strategy, ratio))
+            for ratio in comparison.ratios
+        ]
+
+
 def _markdown(comparison) -> str:
     """One Markdown table: each cell ms, ratio to the best deployable baseline (marked *), hit rate."""
     unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
@@ -160,12 +172,9 @@ def _markdown(comparison) -> str:
         "| strategy | " + " | ".join(f"{ratio:.0%} cache" for ratio in comparison.ratios) + " |",
         "|---|" + "---|" * len(comparison.ratios),
     ]
-    for strategy in dict.fromkeys(strategy for strategy, _ in comparison.results):
+    for strategy, row in _rows(comparison):
         cells = []
-        for ratio in comparison.ratios:
-            result = comparison.results[(strategy, ratio)]
-            star = "*" if strategy == comparison.best_baseline(ratio) else ""
-            to_best = comparison.vs_best_baseline(strategy, ratio)
+        for result, star, to_best in row:
             to_best_text = "" if to_best is None else f"{to_best:.2f}x, "
             cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.hit_rate:.0%})")
         if strategy == "hybrimoe":
@@ -185,13 +194,9 @@ def _table(comparison) -> Table:
     table.add_column("strategy", no_wrap=True)
     for ratio in comparison.ratios:
         table.add_column(f"{ratio:.0%} cache", justify="right", no_wrap=True)
-    best = {ratio: comparison.best_baseline(ratio) for ratio in comparison.ratios}
-    for strategy in dict.fromkeys(strategy for strategy, _ in comparison.results):
+    for strategy, row in _rows(comparison):
         cells = []
-        for ratio in comparison.ratios:
-            result = comparison.results[(strategy, ratio)]
-            to_best = comparison.vs_best_baseline(strategy, ratio)
-            star = "*" if strategy == best[ratio] else ""
+        for result, star, to_best in row:
             to_best_text = "" if to_best is None else f" {to_best:.2f}x"
             cells.append(f"{_time(result.step_ms)}{star}{to_best_text} {result.hit_rate:.0%}")
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
