@@ -29,6 +29,9 @@ from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES
 SCHEMA_VERSION = 1
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
+QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
+DEFAULT_GROUP_SIZE = 128
+SCALE_BYTES = 4  # one float32 scale per group
 
 
 @dataclass(frozen=True)
@@ -91,26 +94,51 @@ class LatencyCurve:
 
 @dataclass(frozen=True)
 class ExpertShape:
-    """The shape of one routed expert; a profile's costs apply only to experts of this shape."""
+    """The shape of one routed expert; a profile's costs apply only to experts of this shape.
+
+    `dtype` is the weights' (and the compute's) dtype; `quantize` names the packed format the
+    weights are kept in when the runtime quantizes them (int8 or int4, one float32 scale per
+    `group_size` weights of a row), and then an expert's bytes are its packed bytes."""
 
     hidden_size: int
     intermediate_size: int
     dtype: str = "bfloat16"
     n_matrices: int = 3
     has_bias: bool = False
+    quantize: str | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise ProfileError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
         if self.hidden_size <= 0 or self.intermediate_size <= 0 or self.n_matrices <= 0:
             raise ProfileError("expert shape sizes must be positive")
+        if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
+            raise ProfileError(f"unknown quantization {self.quantize!r}; expected one of {', '.join(QUANTIZE_FORMATS)}")
+        if (self.quantize is None) != (self.group_size is None):
+            raise ProfileError("an expert shape names a quantization and its group size together, or neither")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ProfileError("the quantization group size must be positive")
 
     @property
     def expert_bytes(self) -> int:
-        return int(self.n_matrices * self.hidden_size * self.intermediate_size * DTYPE_BYTES[self.dtype])
+        n_weights = self.n_matrices * self.hidden_size * self.intermediate_size
+        if self.quantize is None:
+            return int(n_weights * DTYPE_BYTES[self.dtype])
+        return int(n_weights * DTYPE_BYTES[self.quantize] + n_weights // self.group_size * SCALE_BYTES)
+
+    def quantized(self, quantize: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> ExpertShape:
+        """This shape kept in another format (None: the dtype's own)."""
+        return dataclasses.replace(self, quantize=quantize, group_size=None if quantize is None else group_size)
+
+    @property
+    def format(self) -> str:
+        """The weights' format in words: "bfloat16", "int4 g128"."""
+        return self.dtype if self.quantize is None else f"{self.quantize} g{self.group_size}"
 
     def describe(self) -> str:
-        return f"{self.n_matrices} x {self.hidden_size} x {self.intermediate_size} {self.dtype}"
+        shape = f"{self.n_matrices} x {self.hidden_size} x {self.intermediate_size} {self.dtype}"
+        return shape if self.quantize is None else f"{shape} as {self.format}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +219,8 @@ class PolicyConfig:
     prefetch: str = "impact"
     prefetch_depth: int = 2
     warm_start: bool = True
+    quantize: str | None = None  # the routed experts' format (runtime/quantized.py); None: the checkpoint's
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cache_ratio <= 1.0:
@@ -203,6 +233,10 @@ class PolicyConfig:
             raise ProfileError(f"policy.mrs_alpha must be in (0, 1], got {self.mrs_alpha}")
         if not 0 <= self.prefetch_depth <= 8:
             raise ProfileError(f"policy.prefetch_depth must be in [0, 8], got {self.prefetch_depth}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
+            raise ProfileError(f"policy.quantize must be one of {', '.join(QUANTIZE_FORMATS)}, got {self.quantize!r}")
+        if self.group_size <= 0:
+            raise ProfileError(f"policy.group_size must be positive, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -308,15 +342,17 @@ class HardwareProfile:
     def check_expert_shape(self, shape: ExpertShape) -> None:
         """Refuses a profile measured for other expert shapes than the model's."""
         mine = self.expert_shape
-        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices, mine.dtype) != (
+        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices, mine.dtype, mine.format) != (
             shape.hidden_size,
             shape.intermediate_size,
             shape.n_matrices,
             shape.dtype,
+            shape.format,
         ):
+            how = "" if shape.quantize is None else f" --quantize {shape.quantize} --group-size {shape.group_size}"
             raise ProfileError(
                 f"profile {self.name!r} was made for experts {mine.describe()}, "
-                f"but the model's experts are {shape.describe()}: run `hybrimoe profile` for this model"
+                f"but the model's experts are {shape.describe()}: run `hybrimoe profile{how}` for this model"
             )
 
 

@@ -46,7 +46,7 @@ import torch
 
 from hybrimoe.policy.plan import LayerPlan, Planner
 from hybrimoe.runtime.accelerator import Accelerator
-from hybrimoe.runtime.kernels import Groups, group_pairs, grouped_experts_mlp
+from hybrimoe.runtime.kernels import Groups, GroupIndex, group_pairs, grouped_experts_mlp, split_indices
 from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import RunCounters
@@ -207,11 +207,10 @@ class LayerExecutor:
         """Queues the layer's accelerator experts (grouped by slot) and adds their weighted rows to
         `out` [T, D]; the slots are read only after their copies, and freed after these kernels."""
         acc, store = self.accelerator, self.store
-        # one pinned copy of the rows' pair indices and the groups' ends: [R + G]
-        indices_d = acc.index_to_device(np.concatenate([groups.pairs, groups.ends]))
-        pairs_d, ends_d = indices_d[: len(groups.pairs)], indices_d[len(groups.pairs) :].int()
+        # one pinned copy of the rows' pair indices and the groups' index arrays
+        pairs_d, index_d = split_indices(acc.index_to_device(groups.index_arrays()), groups)
         store.wait_ready(slots)
-        self._add_experts(layer, x, topk_weights, pairs_d, ends_d, groups, store.slots, out)
+        self._add_experts(layer, x, topk_weights, pairs_d, index_d, groups, store.slots, out)
         store.release(slots)
 
     def _add_experts(
@@ -220,14 +219,14 @@ class LayerExecutor:
         x: torch.Tensor,  # [T, D]
         topk_weights: torch.Tensor,  # [T, k]
         pairs: torch.Tensor,  # [R] the groups' pair indices, group after group
-        ends: torch.Tensor,  # [G] int32 the groups' end rows
+        index: GroupIndex,  # the groups' index arrays on x's device
         groups: Groups,
         stacked: dict[str, torch.Tensor],  # the weights the groups index: [N, ...] each
         out: torch.Tensor,  # [T, D] float32, added to
     ) -> None:
         """Adds each pair's routing weight times its expert's output on its token to `out`."""
         tokens = pairs // topk_weights.shape[-1]  # [R]: only the groups' rows are gathered
-        y = grouped_experts_mlp(x[tokens], stacked, groups, ends, self._gates[layer], self._transposed[layer])  # [R, D]
+        y = grouped_experts_mlp(x[tokens], stacked, groups, index, self._gates[layer], self._transposed[layer])  # [R, D]
         out.index_add_(0, tokens, (y * topk_weights.reshape(-1)[pairs, None]).float())
 
     def _predict_later_layers(self, layer: int, x: torch.Tensor) -> PendingArrays:
@@ -302,6 +301,6 @@ class LayerExecutor:
         with torch.inference_mode():
             self.accelerator.wait_host(copied)  # Sync point (worker only): the hidden states reached the host.
             out = self.accelerator.host_zeros(x_h.shape, torch.float32)  # [T, D]
-            self._add_experts(layer, x_h, weights_h, torch.from_numpy(groups.pairs), torch.from_numpy(groups.ends),
-                              groups, self.store.host_layer(layer), out)
+            pairs, index = split_indices(torch.from_numpy(groups.index_arrays()), groups)
+            self._add_experts(layer, x_h, weights_h, pairs, index, groups, self.store.host_layer(layer), out)
             return out

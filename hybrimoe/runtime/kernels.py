@@ -12,7 +12,8 @@ Design choices:
   per expert. `torch.nn.functional.grouped_mm` serves every dtype on the CPU and bfloat16 on CUDA
   (compute capability 8.0+); elsewhere, or on an older torch, the same groups run expert by expert.
 - The groups are one contiguous range of the stacked weight (a view, never a gather of weights);
-  experts of the range that run nothing are empty groups.
+  experts of the range that run nothing are empty groups. Packed (quantized) stacks are the
+  exception: only the non-empty groups' experts are dequantized, into a stack of their own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hybrimoe.runtime.quantized import dense_experts, is_quantized
 
 
 def silu_gate(gate_up_out: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,28 @@ class Groups:
     def n_groups(self) -> int:
         return len(self.ends)
 
+    def index_arrays(self) -> np.ndarray:
+        """[R + G + 2G'] int64, for one copy to the weights' device: the pairs, the groups' ends,
+        then the non-empty groups' stacked indices and end rows (`split_indices` takes it apart)."""
+        runs = np.array(self.runs, dtype=np.int64).reshape(-1, 3)
+        return np.concatenate([self.pairs, self.ends, runs[:, 0], runs[:, 2]]).astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class GroupIndex:
+    """A `Groups`' index arrays on the weights' device."""
+
+    ends: torch.Tensor  # [G] int32
+    run_indices: torch.Tensor  # [G'] int64: the stacked index of each non-empty group
+    run_ends: torch.Tensor  # [G'] int32: its end row
+
+
+def split_indices(indices: torch.Tensor, groups: Groups) -> tuple[torch.Tensor, GroupIndex]:
+    """`groups.index_arrays()` (on any device) -> the pairs [R] and the groups' index."""
+    n_pairs, n_groups, n_runs = len(groups.pairs), groups.n_groups, len(groups.runs)
+    pairs, ends, run_indices, run_ends = indices.split([n_pairs, n_groups, n_runs, n_runs])
+    return pairs, GroupIndex(ends.int(), run_indices, run_ends.int())
+
 
 def group_pairs(
     order: np.ndarray,  # [P] pair indices sorted by expert
@@ -99,34 +124,45 @@ def groups_natively(weight: torch.Tensor) -> bool:
 
 def grouped_experts_mlp(
     x: torch.Tensor,  # [R, D]: the groups' rows, group after group
-    weights: dict[str, torch.Tensor],  # stacked [N, ...]: gate_up_proj, down_proj (+ _bias)
+    weights: dict[str, torch.Tensor],  # stacked [N, ...]: gate_up_proj, down_proj (+ _bias), or their packed stacks
     groups: Groups,
-    ends: torch.Tensor,  # [G] int32: `groups.ends` on x's device
+    index: GroupIndex,  # `groups`' index arrays on x's device
     apply_gate: Callable[[torch.Tensor], torch.Tensor] = silu_gate,
     transposed: bool = False,
 ) -> torch.Tensor:  # [R, D]
-    """The experts of `groups`, as two grouped matmuls (or expert by expert where torch has none)."""
-    window = slice(groups.first, groups.first + groups.n_groups)
-    gate_up, down = weights["gate_up_proj"][window], weights["down_proj"][window]
+    """The experts of `groups`, as two grouped matmuls (or expert by expert where torch has none).
+
+    Dense stacks are used in place over the groups' window; packed ones (`quantized.py`) are
+    dequantized for the non-empty groups only, which then are the groups."""
+    if is_quantized(weights):
+        gate_up, down = dense_experts(weights, index.run_indices, x.dtype, transposed)  # [G', ...]
+        group_indices, offsets = index.run_indices, index.run_ends
+        positions = range(len(groups.runs))  # each run's position in the dequantized stacks
+    else:
+        window = slice(groups.first, groups.first + groups.n_groups)
+        gate_up, down = weights["gate_up_proj"][window], weights["down_proj"][window]
+        group_indices = torch.arange(window.start, window.stop, device=x.device)
+        offsets = index.ends
+        positions = [stacked - groups.first for stacked, _, _ in groups.runs]
     gate_up_bias, down_bias = weights.get("gate_up_proj_bias"), weights.get("down_proj_bias")
     if not groups_natively(gate_up):
         return torch.cat([
             expert_mlp(
-                x[start:stop], weights["gate_up_proj"][index], weights["down_proj"][index], apply_gate,
-                None if gate_up_bias is None else gate_up_bias[index],
-                None if down_bias is None else down_bias[index],
+                x[start:stop], gate_up[position], down[position], apply_gate,
+                None if gate_up_bias is None else gate_up_bias[stacked],
+                None if down_bias is None else down_bias[stacked],
                 transposed,
             )
-            for index, start, stop in groups.runs
+            for position, (stacked, start, stop) in zip(positions, groups.runs)
         ])
     if not transposed:
         gate_up, down = gate_up.transpose(-2, -1), down.transpose(-2, -1)
-    h = F.grouped_mm(x, gate_up, offs=ends)  # [R, 2I]
+    h = F.grouped_mm(x, gate_up, offs=offsets)  # [R, 2I]
     row_index = None
     if gate_up_bias is not None or down_bias is not None:
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        row_index = torch.repeat_interleave(torch.arange(groups.first, window.stop, device=x.device), counts)  # [R]
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+        row_index = torch.repeat_interleave(group_indices, counts)  # [R]: each row's stacked index
     if gate_up_bias is not None:
         h = h + gate_up_bias[row_index]
-    out = F.grouped_mm(apply_gate(h), down, offs=ends)  # [R, D]
+    out = F.grouped_mm(apply_gate(h), down, offs=offsets)  # [R, D]
     return out + down_bias[row_index] if down_bias is not None else out

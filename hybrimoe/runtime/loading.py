@@ -39,6 +39,7 @@ from torch import nn
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import ModelError
 from hybrimoe.runtime.host_experts import HostExperts, pool_layer
+from hybrimoe.runtime.quantized import check_group_size, quantize_dense_layers, quantize_experts
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -78,6 +79,7 @@ class LoadedModel:
     family: str
     path: Path | None
     host_experts: HostExperts | None = None  # set by `place`
+    n_dense_quantized: int = 0  # linear layers of the dense part quantized by `place`
 
     @property
     def n_layers(self) -> int:
@@ -340,9 +342,20 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
 # Placement: dense parts on the accelerator, routed experts on the host
 
 
-def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True) -> None:
+@dataclass(frozen=True)
+class Quantization:
+    """How `place` quantizes the weights (`quantized.py`)."""
+
+    experts: str  # "int8" or "int4": the routed experts' format
+    group_size: int
+    dense: bool = False  # the dense part's linear layers too (not the routers)
+
+
+def place(
+    loaded: LoadedModel, device: torch.device, show_progress: bool = True, quantization: Quantization | None = None
+) -> None:
     """Moves every parameter and buffer but the routed experts to `device`, then pools the experts
-    into one host buffer per layer (page-locked on CUDA).
+    into one host buffer per layer (page-locked on CUDA), quantizing them first when asked.
 
     Tensor by tensor, and layer by layer for the experts. Tied parameters are one Parameter
     object, moved once and still shared.
@@ -363,8 +376,17 @@ def place(loaded: LoadedModel, device: torch.device, show_progress: bool = True)
             progress.advance(task)
         loaded.host_experts = HostExperts(pinned=device.type == "cuda")
         for layer in loaded.layers:
+            if quantization is not None:
+                quantize_experts(layer.experts, quantization.experts, quantization.group_size)
             loaded.host_experts.add(pool_layer(layer.experts))
             progress.advance(task)
+    if quantization is not None:
+        loaded.expert_shape = loaded.expert_shape.quantized(quantization.experts, quantization.group_size)
+        if quantization.dense:
+            routers = [layer.router for layer in loaded.layers]
+            loaded.n_dense_quantized = quantize_dense_layers(
+                loaded.model, routers, quantization.experts, quantization.group_size
+            )
 
 
 def load_model(
@@ -376,11 +398,14 @@ def load_model(
     with_tokenizer: bool = True,
     show_progress: bool = True,
     before_weights: Callable[[ModelFacts, object | None], None] | None = None,
+    quantization: Quantization | None = None,
 ) -> LoadedModel:
-    """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory.
+    """Loads a local MoE checkpoint, dense parts on `device` and routed experts in host memory
+    (quantized as `quantization` says, after reading).
 
     `before_weights` sees the model's facts and its tokenizer before any weight is read, to refuse
-    early (a profile for other expert shapes, a memory budget the dense parts alone exceed).
+    early (a profile for other expert shapes, a memory budget the dense parts alone exceed). The
+    facts' expert shape is the checkpoint's.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -393,6 +418,8 @@ def load_model(
     config = load_config(path, trust_remote_code)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
     facts = _facts(build_on_meta(config, model_code), config)
+    if quantization is not None:
+        check_group_size(facts.expert_shape, quantization.experts, quantization.group_size)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     if before_weights is not None:
         before_weights(facts, tokenizer)
@@ -421,16 +448,21 @@ def load_model(
     model.eval()
     layers, shape, n_experts, top_k = find_moe_layers(model, config.model_type)
     loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, config.model_type, path)
-    place(loaded, torch.device(device), show_progress)
+    place(loaded, torch.device(device), show_progress, quantization)
     return loaded
 
 
-def from_model(model: nn.Module, device: torch.device | str = "cpu", tokenizer: object = None) -> LoadedModel:
+def from_model(
+    model: nn.Module, device: torch.device | str = "cpu", tokenizer: object = None,
+    quantization: Quantization | None = None,
+) -> LoadedModel:
     """Wraps an already built model (tests, benchmarks) the same way `load_model` does."""
     model.requires_grad_(False)
     model.eval()
     family = getattr(model.config, "model_type", type(model).__name__)
     layers, shape, n_experts, top_k = find_moe_layers(model, family)
+    if quantization is not None:
+        check_group_size(shape, quantization.experts, quantization.group_size)
     loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, family, None)
-    place(loaded, torch.device(device), show_progress=False)
+    place(loaded, torch.device(device), show_progress=False, quantization=quantization)
     return loaded

@@ -2,7 +2,8 @@
 
 Shapes: L = MoE layers, E = experts per layer, C = cache slots, D = hidden size, I = expert
 intermediate size; a slot holds one expert in transformers' layout (`gate_up` [2I, D], `down` [D, I],
-or transposed for GPT-OSS), plus its biases when the family has them.
+or transposed for GPT-OSS), or its packed quantized form (`quantized.py`), plus its biases when the
+family has them.
 
 Design choices:
 - The host side is the model's own stacked expert parameters (pooled per layer and page-locked on
@@ -26,7 +27,12 @@ from hybrimoe.policy.plan import ExpertId, SlotLoad
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.loading import MoeLayer
 
-_WEIGHT_NAMES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+# the experts' weights a slot holds: dense stacks, or packed ones (`quantized.py`), and biases
+_WEIGHT_NAMES = (
+    "gate_up_proj", "down_proj",
+    "gate_up_proj_qdata", "gate_up_proj_scale", "down_proj_qdata", "down_proj_scale",
+    "gate_up_proj_bias", "down_proj_bias",
+)
 
 
 class ExpertStore:

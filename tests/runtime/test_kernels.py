@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hybrimoe.runtime import kernels
-from hybrimoe.runtime.kernels import expert_mlp, group_pairs, grouped_experts_mlp
+from hybrimoe.runtime.kernels import expert_mlp, group_pairs, grouped_experts_mlp, split_indices
+from hybrimoe.runtime.quantized import dense_experts, quantize_stack
 
 N, D, I, K = 6, 16, 8, 2  # stacked experts (or slots), hidden, intermediate, top-k
 
@@ -44,10 +45,10 @@ def test_grouped_kernel_matches_the_per_expert_loop(monkeypatch, transposed, bia
     assert [index for index, _, _ in groups.runs] == [1, 2, 4, 5]
     x = torch.randn(len(order) // K, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     rows = x[torch.from_numpy(groups.pairs) // K]  # [R, D]
-    ends = torch.from_numpy(groups.ends)
-    grouped = grouped_experts_mlp(rows, weights, groups, ends, transposed=transposed)
+    _, index = split_indices(torch.from_numpy(groups.index_arrays()), groups)
+    grouped = grouped_experts_mlp(rows, weights, groups, index, transposed=transposed)
     monkeypatch.setattr(kernels, "groups_natively", lambda weight: False)
-    loop = grouped_experts_mlp(rows, weights, groups, ends, transposed=transposed)
+    loop = grouped_experts_mlp(rows, weights, groups, index, transposed=transposed)
     by_expert = torch.cat([
         expert_mlp(rows[start:stop], weights["gate_up_proj"][s], weights["down_proj"][s],
                    gate_up_bias=weights["gate_up_proj_bias"][s] if bias else None,
@@ -70,3 +71,26 @@ def test_groups_follow_the_stacked_index_not_the_expert_id():
     expert_of_pair = {int(p): e for e, (a, b) in span.items() for p in order[a:b]}
     assert [expert_of_pair[int(p)] for p in groups.pairs] == [5, 5, 1, 1, 1, 1]
     assert groups.ends.tolist() == [2, 2, 2, 6] and groups.ends.dtype == np.int32
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_stacks_run_as_their_dequantized_weights(monkeypatch, quantize, transposed, bias):
+    """A packed stack gives what the dense kernel gives on its dequantized weights, grouped or not."""
+    weights = _stacked(transposed, bias, torch.float32)
+    packed = {name: w for name, w in weights.items() if name.endswith("_bias")}
+    for name in ("gate_up_proj", "down_proj"):
+        packed[f"{name}_qdata"], packed[f"{name}_scale"] = quantize_stack(weights[name], quantize, 4, transposed)
+    dequantized = dict(packed)
+    dequantized["gate_up_proj"], dequantized["down_proj"] = dense_experts(packed, torch.arange(N), torch.float32, transposed)
+    order, span = _routing()
+    groups = group_pairs(order, span, {1: 5, 2: 1, 4: 2, 5: 4})
+    x = torch.randn(len(order) // K, D, generator=torch.Generator().manual_seed(1))
+    rows = x[torch.from_numpy(groups.pairs) // K]
+    _, index = split_indices(torch.from_numpy(groups.index_arrays()), groups)
+    reference = grouped_experts_mlp(rows, dequantized, groups, index, transposed=transposed)
+    scale = reference.abs().max().item()
+    assert (grouped_experts_mlp(rows, packed, groups, index, transposed=transposed) - reference).abs().max() <= 1e-6 * scale
+    monkeypatch.setattr(kernels, "groups_natively", lambda weight: False)
+    assert (grouped_experts_mlp(rows, packed, groups, index, transposed=transposed) - reference).abs().max() <= 1e-6 * scale

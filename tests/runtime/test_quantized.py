@@ -1,0 +1,82 @@
+"""Packing round trips, and the arithmetic against torchao's own weight-only quantization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrimoe.config import ExpertShape
+from hybrimoe.errors import UserError
+from hybrimoe.runtime.quantized import check_group_size, dequantize, quantize_stack, unpack_int4
+
+E, O, K, G = 3, 8, 64, 16  # experts, output rows, input size, group size
+
+
+def _weights(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(E, O, K, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+
+
+def test_int4_packs_two_values_per_byte_and_unpacks_exactly():
+    values = torch.arange(-8, 8, dtype=torch.int8).repeat(2, 2)  # [2, 32] every 4-bit value
+    nibbles = (values + 8).to(torch.uint8)
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    assert packed.shape == (2, 16) and torch.equal(unpack_int4(packed), values)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quantize_round_trip(quantize, transposed):
+    w = _weights()
+    stored = w.transpose(-2, -1).contiguous() if transposed else w
+    qdata, scale = quantize_stack(stored, quantize, G, transposed)
+    assert qdata.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    assert qdata.shape == (E, O, K if quantize == "int8" else K // 2) and scale.shape == (E, O, K // G)
+    assert scale.dtype == torch.float32
+    back = dequantize(qdata, scale, torch.float32, transposed)
+    assert back.shape == stored.shape
+    # each weight is within half a step of its group's scale (the largest magnitude maps to the
+    # range's half-width, 127.5 or 7.5 steps, and is clamped by half a step)
+    step = scale.repeat_interleave(G, dim=-1)  # [E, O, K]
+    error = (back.transpose(-2, -1) if transposed else back) - w
+    assert (error.abs() <= step / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_arithmetic_is_torchaos(dtype, quantize):
+    pytest.importorskip("torchao", reason="torchao is the reference (pip install 'hybrimoe[test]')")
+    from torchao.quantization.quant_primitives import (
+        MappingType, choose_qparams_affine, dequantize_affine, quantize_affine,
+    )
+
+    w = _weights(dtype)
+    q_min, q_max = {"int8": (-128, 127), "int4": (-8, 7)}[quantize]
+    block = (1, 1, G)
+    scale, zero = choose_qparams_affine(
+        w, MappingType.SYMMETRIC, block, torch.int8, q_min, q_max,
+        eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+    )
+    q = quantize_affine(w, block, scale, zero, torch.int8, q_min, q_max)
+    expected = dequantize_affine(q, block, scale, zero, torch.int8, q_min, q_max, output_dtype=dtype)
+    qdata, mine = quantize_stack(w, quantize, G, transposed=False)
+    assert torch.equal(mine, scale)
+    assert torch.equal(unpack_int4(qdata) if quantize == "int4" else qdata, q)
+    assert torch.equal(dequantize(qdata, mine, dtype, transposed=False), expected)
+
+
+def test_group_sizes_that_do_not_split_the_rows_are_refused():
+    shape = ExpertShape(hidden_size=96, intermediate_size=64)
+    check_group_size(shape, "int4", 32)
+    with pytest.raises(UserError, match="does not divide"):
+        check_group_size(shape, "int4", 128)
+    with pytest.raises(UserError, match="unknown quantization"):
+        check_group_size(shape, "int3", 32)
+
+
+def test_packed_bytes():
+    shape = ExpertShape(hidden_size=2048, intermediate_size=768, dtype="bfloat16")
+    n = 3 * 2048 * 768
+    assert shape.expert_bytes == 2 * n
+    assert shape.quantized("int8").expert_bytes == n + n // 128 * 4
+    assert shape.quantized("int4", 64).expert_bytes == n // 2 + n // 64 * 4
+    assert shape.quantized("int4").describe() == "3 x 2048 x 768 bfloat16 as int4 g128"
