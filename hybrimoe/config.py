@@ -31,6 +31,7 @@ SCHEMA_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
 DEFAULT_GROUP_SIZE = 128
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what quantized experts are dequantized to
 SCALE_BYTES = 4  # one float32 scale per group
 
 
@@ -115,10 +116,17 @@ class ExpertShape:
             raise ProfileError("expert shape sizes must be positive")
         if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
             raise ProfileError(f"unknown quantization {self.quantize!r}; expected one of {', '.join(QUANTIZE_FORMATS)}")
+        if self.quantize is not None and self.dtype not in COMPUTE_DTYPES:
+            raise ProfileError(f"experts of dtype {self.dtype} cannot be quantized (only {', '.join(COMPUTE_DTYPES)})")
         if (self.quantize is None) != (self.group_size is None):
             raise ProfileError("an expert shape names a quantization and its group size together, or neither")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ProfileError("the quantization group size must be positive")
+        if self.group_size is not None:
+            for size in (self.hidden_size, self.intermediate_size):
+                if self.group_size < 2 or self.group_size % 2 or size % self.group_size:
+                    raise ProfileError(
+                        f"group size {self.group_size} does not divide the experts' input sizes "
+                        f"({self.hidden_size} and {self.intermediate_size}) into even groups"
+                    )
 
     @property
     def expert_bytes(self) -> int:
@@ -340,19 +348,20 @@ class HardwareProfile:
         )
 
     def check_expert_shape(self, shape: ExpertShape) -> None:
-        """Refuses a profile measured for other expert shapes than the model's."""
+        """Refuses a profile measured for other expert shapes, or another weight format, than the run's."""
         mine = self.expert_shape
-        if (mine.hidden_size, mine.intermediate_size, mine.n_matrices, mine.dtype, mine.format) != (
-            shape.hidden_size,
-            shape.intermediate_size,
-            shape.n_matrices,
-            shape.dtype,
-            shape.format,
-        ):
-            how = "" if shape.quantize is None else f" --quantize {shape.quantize} --group-size {shape.group_size}"
+        how = "" if shape.quantize is None else f" --quantize {shape.quantize} --group-size {shape.group_size}"
+        sizes = (mine.hidden_size, mine.intermediate_size, mine.n_matrices, mine.dtype)
+        if sizes != (shape.hidden_size, shape.intermediate_size, shape.n_matrices, shape.dtype):
             raise ProfileError(
                 f"profile {self.name!r} was made for experts {mine.describe()}, "
                 f"but the model's experts are {shape.describe()}: run `hybrimoe profile{how}` for this model"
+            )
+        if mine.format != shape.format:
+            use = "" if mine.quantize is None else f" (--quantize {mine.quantize} --group-size {mine.group_size})"
+            raise ProfileError(
+                f"profile {self.name!r} was made for experts kept as {mine.format}{use}, but this run keeps them "
+                f"as {shape.format}: run `hybrimoe profile{how}` for this format"
             )
 
 

@@ -35,14 +35,14 @@ from typing import NamedTuple
 import torch
 
 from hybrimoe import __version__
-from hybrimoe.config import HardwareProfile, PolicyConfig, load_profile
+from hybrimoe.config import DEFAULT_GROUP_SIZE, HardwareProfile, PolicyConfig, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.files import check_output
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.runtime.generate import Sampling, TextStream, generate
-from hybrimoe.runtime.loading import LoadedModel, ModelFacts
+from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
 from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, predict_run, trace_step
 from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
@@ -70,6 +70,9 @@ class RunOptions:
     overwrite_trace: bool = False
     replay_trace: Path | None = None  # route as this recorded trace says, not as the model's routers do
     threads: int | None = None  # CPU threads for experts; None: the profile's
+    quantize: str | None = None  # routed experts as int8 or int4; None: the profile's policy, else the checkpoint's
+    group_size: int | None = None  # weights per quantization scale; None: the profile's policy (128)
+    quantize_dense: bool = False  # the dense part's linear layers too
 
 
 @dataclass
@@ -79,6 +82,7 @@ class RunReport:
 
 
 def _check_options(options: RunOptions) -> None:
+    from hybrimoe.config import QUANTIZE_FORMATS
     from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
 
     if not options.prompts or any(not p.strip() for p in options.prompts):
@@ -99,6 +103,10 @@ def _check_options(options: RunOptions) -> None:
         raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
     if options.threads is not None and options.threads < 1:
         raise UserError("--threads must be at least 1")
+    if options.quantize is not None:
+        check_name("quantization", options.quantize, QUANTIZE_FORMATS)
+    if options.group_size is not None and options.group_size < 2:
+        raise UserError("--group-size must be at least 2")
     if options.record_trace is not None:
         if options.record_trace.suffix != ".npz":
             raise UserError(f"{options.record_trace}: a trace file must end in .npz")
@@ -112,11 +120,15 @@ def default_profile(shape: ModelShape, device: str = "cpu") -> HardwareProfile:
     return estimate_for_this_machine(shape, device)
 
 
-def this_machines_profile(model_name: str, device: str) -> Path | None:
-    """The profile `hybrimoe profile` saved for this model on this kind of machine, if any."""
-    from hybrimoe.profile.directory import find_profile, this_machine_key
+def this_machines_profile(
+    model_name: str, device: str, quantize: str | None = None, group_size: int | None = None
+) -> Path | None:
+    """The profile `hybrimoe profile` saved for this model (its experts in this format) on this kind
+    of machine, if any."""
+    from hybrimoe.profile.directory import find_profile, profile_model_name, this_machine_key
 
-    return find_profile(this_machine_key(device), model_name)
+    name = profile_model_name(model_name, quantize, None if quantize is None else group_size or DEFAULT_GROUP_SIZE)
+    return find_profile(this_machine_key(device), name)
 
 
 def run_threads(options: RunOptions, profile: HardwareProfile) -> tuple[int, str]:
@@ -137,6 +149,18 @@ def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, 
     with HybridRuntime(loaded, planner, accelerator, capacity, cpu_threads=threads) as runtime:
         generate(loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
                  sync=accelerator.synchronize)
+
+
+def quantization_for_run(options: RunOptions, profile: HardwareProfile | None) -> Quantization | None:
+    """How the run keeps its weights: the options', else the profile's tuned policy's."""
+    policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+    quantize = options.quantize or policy.quantize
+    if quantize is None:
+        if options.quantize_dense:
+            raise UserError("--quantize-dense needs --quantize int8 or int4 (the format the dense part is kept in)")
+        return None
+    group_size = options.group_size or policy.group_size
+    return Quantization(quantize, group_size, dense=options.quantize_dense)
 
 
 def _profile_for_run(
@@ -213,10 +237,13 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(
-    facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, model_name: str, accelerator
+    facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, model_name: str, accelerator,
+    quantization: Quantization | None,
 ) -> _Prepared:
     """Before any weight is read: the model's shape, the prompts tokenized, and the memory plan."""
     shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
+    if quantization is not None:
+        shape = shape.quantized(quantization.experts, quantization.group_size)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -232,12 +259,13 @@ def plan_memory(
 ) -> tuple[Capacity, Reserve]:
     """The expert slots the accelerator's budget allows once the dense weights and the reserve for
     this run's tokens (`prompt_shape`: sequences, padded prompt tokens) are placed, and a refusal
-    when the host cannot hold the weights (and, on the CPU stand-in, the slots)."""
+    when the host cannot hold the weights (and, on the CPU stand-in, the slots). Experts count in
+    the format `shape` keeps them in (packed when quantized); the checkpoint's are read first."""
     n_seqs, n_prompt_tokens = prompt_shape
     reserve = reserve_for(shape, n_seqs, n_prompt_tokens, options.max_new_tokens)
     policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
     budget = options.gpu_memory_gb
-    expert_bytes, n_experts_total = facts.expert_shape.expert_bytes, facts.n_layers * facts.n_experts
+    expert_bytes, n_experts_total = shape.expert_shape().expert_bytes, facts.n_layers * facts.n_experts
     capacity = resolve_capacity(
         n_experts_total=n_experts_total,
         expert_bytes=expert_bytes,
@@ -250,14 +278,27 @@ def plan_memory(
         budget_source=f"--gpu-memory-gb {budget:g}" if budget is not None else "the accelerator's free memory",
         reserve=reserve,
     )
-    # every weight is read into host memory first, and pooling copies one layer's experts at a time
-    host_bytes = facts.dense_bytes + (n_experts_total + facts.n_experts) * expert_bytes
+    # every weight is read into host memory first (as the checkpoint holds it), and pooling copies
+    # one layer's experts (as the run keeps them) at a time
+    host_bytes = facts.dense_bytes + n_experts_total * facts.expert_shape.expert_bytes + facts.n_experts * expert_bytes
     what = "the weights"
     if not accelerator.is_cuda:
         host_bytes += capacity.slots * expert_bytes
         what = "the weights and the CPU stand-in's expert slots"
     check_host_memory(host_bytes, available_ram_bytes(), what)
     return capacity, reserve
+
+
+def _weights_report(loaded: LoadedModel, quantization: Quantization | None) -> str:
+    """The routed experts' format and bytes, and the dense part's format, in words."""
+    shape = loaded.expert_shape
+    experts = f"routed experts {shape.format} ({shape.expert_bytes / 2**20:.2f} MiB each)"
+    if quantization is None:
+        return f"{experts}; dense part {shape.dtype}"
+    if not quantization.dense:
+        return f"{experts}, quantized at load; dense part {shape.dtype}"
+    return (f"{experts}, quantized at load; dense part {shape.format} "
+            f"({loaded.n_dense_quantized} linear layers; routers {shape.dtype})")
 
 
 def _memory_report(
@@ -293,17 +334,24 @@ def run(
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
     model_name = path.name if options.model is not None else "demo"
-    profile_path = options.profile or this_machines_profile(model_name, str(accelerator.device))
+    profile_path = options.profile or this_machines_profile(
+        model_name, str(accelerator.device), options.quantize, options.group_size
+    )
     profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
     prepared: list[_Prepared] = []
 
+    quantization = quantization_for_run(options, profile)
+
     def before_weights(facts: ModelFacts, tokenizer) -> None:
         if profile is not None:
-            profile.check_expert_shape(facts.expert_shape)
+            expert_shape = facts.expert_shape
+            if quantization is not None:
+                expert_shape = expert_shape.quantized(quantization.experts, quantization.group_size)
+            profile.check_expert_shape(expert_shape)
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
-        prepared.append(_prepare(facts, tokenizer, options, profile, model_name, accelerator))
+        prepared.append(_prepare(facts, tokenizer, options, profile, model_name, accelerator, quantization))
 
     loaded = load_model(
         path,
@@ -312,6 +360,7 @@ def run(
         allow_pickle=options.allow_pickle,
         show_progress=show_progress,
         before_weights=before_weights,
+        quantization=quantization,
     )
     shape, ids, mask, capacity_chosen, reserve, dense_bytes = prepared[0]
     ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
@@ -380,6 +429,7 @@ def run(
         prefill_tokens_per_s=ids.numel() / out.ttft_s,
         decode_tokens_per_s=(n_new - 1) / out.decode_s if n_new > 1 and out.decode_s > 0 else None,
         counters=runtime.counters,
+        weights=_weights_report(loaded, quantization),
         simulated_ttft_s=simulated_ttft_s,
         simulated_decode_tokens_per_s=simulated_tps,
         host_memory=host_memory,

@@ -18,10 +18,11 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hybrimoe.config import DTYPE_BYTES, ExpertShape
+from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, ExpertShape
 from hybrimoe.errors import UserError
 
 
@@ -43,6 +44,8 @@ class ModelShape:
     dtype: str  # of the weights (experts included)
     dense_intermediate_size: int = 0  # of the dense MLP in the n_dense_layers layers
     expert_bias: bool = False  # experts carry biases (GPT-OSS)
+    quantize: str | None = None  # the routed experts kept as int8 or int4 by the runtime (ExpertShape)
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("n_layers", "n_experts", "top_k", "hidden_size", "intermediate_size", "n_heads",
@@ -68,7 +71,14 @@ class ModelShape:
             intermediate_size=self.intermediate_size,
             dtype=self.dtype,
             has_bias=self.expert_bias,
+            quantize=self.quantize,
+            group_size=self.group_size,
         )
+
+    def quantized(self, quantize: str | None, group_size: int | None = None) -> ModelShape:
+        """This model with its routed experts kept in another format (None: the dtype's own)."""
+        group = None if quantize is None else group_size or DEFAULT_GROUP_SIZE
+        return dataclasses.replace(self, quantize=quantize, group_size=group)
 
     @property
     def n_decoder_layers(self) -> int:

@@ -329,8 +329,40 @@ def generate_samples(model, tokenizer, seed: int, n_new: int = 200) -> tuple[str
     return tokenizer.decode(greedy[0]), tokenizer.decode(sampled[0])
 
 
+def _expert_bytes(cfg, quantize: str | None, group_size: int | None) -> int:
+    from hybrimoe.config import ExpertShape
+
+    shape = ExpertShape(cfg.hidden_size, cfg.moe_intermediate_size, "float32", quantize=quantize, group_size=group_size)
+    return shape.expert_bytes
+
+
 def _checkpoint_bytes(out_dir: Path) -> int:
     return sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file() and f.name != "README.md")
+
+
+QUANTIZED = (("int8", 128), ("int8", 32), ("int4", 128), ("int4", 32))  # (format, group size) for the card
+
+
+def quantized_losses(model, windows: torch.Tensor) -> dict[tuple[str, int], float]:
+    """Held-out loss with the routed experts as `hybrimoe run --quantize` keeps them: quantized and
+    dequantized with the runtime's own functions (the runtime computes exactly this model, as
+    tests/runtime/test_quantized_exactness.py checks); the dense part stays float32."""
+    from hybrimoe.runtime.quantized import dequantize, quantize_stack
+
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "is_transposed")]
+    originals = [(m.gate_up_proj.data.clone(), m.down_proj.data.clone()) for m in experts]
+    losses = {}
+    for quantize, group_size in QUANTIZED:
+        if any(size % group_size for size in (model.config.hidden_size, model.config.moe_intermediate_size)):
+            continue  # a group must split each row (a smaller model's rows may be shorter)
+        for module, weights in zip(experts, originals):
+            for param, weight in zip((module.gate_up_proj, module.down_proj), weights):
+                qdata, scale = quantize_stack(weight, quantize, group_size, transposed=False)
+                param.data = dequantize(qdata, scale, weight.dtype, transposed=False)
+        losses[(quantize, group_size)] = held_out_loss(model, windows)
+    for module, (gate_up, down) in zip(experts, originals):
+        module.gate_up_proj.data, module.down_proj.data = gate_up, down
+    return losses
 
 
 def write_card(out_dir: Path, data_path: Path, threads: int) -> Path:
@@ -346,9 +378,14 @@ def write_card(out_dir: Path, data_path: Path, threads: int) -> Path:
     _, held_ids = load_bytes(data_path)
     windows = held_out_windows(held_ids, cfg.max_position_embeddings)
     held_loss = held_out_loss(model, windows)
+    quantized = quantized_losses(model, windows)
     stats = routing_stats(model, windows)
     greedy, sampled = generate_samples(model, tokenizer, a["seed"])
 
+    quantized_rows = "\n".join(
+        f"| {quantize} | {group} | {_expert_bytes(cfg, quantize, group):,} | {loss:.4f} | {loss / held_loss - 1:+.2%} |"
+        for (quantize, group), loss in quantized.items()
+    )
     n_params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     active = n_params - expert_params + expert_params * cfg.num_experts_per_tok // cfg.num_experts
@@ -421,6 +458,16 @@ run time.
 
 **{held_loss:.3f} nats per byte** ({held_loss / math.log(2):.2f} bits per byte) on the last 5% of the
 text, every byte predicted once from up to {cfg.max_position_embeddings - 1} preceding bytes.
+
+### With quantized experts (`hybrimoe run --quantize`)
+
+The routed experts quantized at load as the runtime does (weight-only, symmetric, one float32
+scale per group of weights along each row; int4 packed two per byte); the dense part float32.
+
+| experts | group size | bytes per expert | held-out loss (nats/byte) | vs float32 |
+|---|---|---|---|---|
+| float32 | | {_expert_bytes(cfg, None, None):,} | {held_loss:.4f} | |
+{quantized_rows}
 
 ## Samples
 

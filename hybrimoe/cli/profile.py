@@ -48,6 +48,14 @@ def profile(
         None, "--dtype", rich_help_panel=_MODEL,
         help="Expert dtype to time: float32, float16 or bfloat16 (default: the model's).",
     ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", rich_help_panel=_MODEL,
+        help="Profile experts kept as int8 or int4, as `hybrimoe run --quantize` keeps them: the quantized "
+        "kernel on the CPU and the accelerator, and the load of a packed expert.",
+    ),
+    group_size: int = typer.Option(
+        128, "--group-size", min=2, rich_help_panel=_MODEL, help="Weights per quantization scale (with --quantize)."
+    ),
     device: str | None = typer.Option(
         None, "--device", rich_help_panel=_RUN, help="cpu or cuda (default: cuda when present)."
     ),
@@ -110,7 +118,7 @@ def profile(
 
             if out is None:
                 raise UserError("--estimate MACHINE needs --out FILE")
-            shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
+            shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
             result = estimate_profile(machine, shape)
             save_profile(result, out, overwrite=force)
             console.print(report.summary_table(result))
@@ -121,10 +129,10 @@ def profile(
 
         from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine
 
-        shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype)
+        shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
         to_default = out is None
         if to_default:
-            out = check_output(_this_machines_path(device or default_device(), shape.name), True, "profile")
+            out = check_output(_this_machines_path(device or default_device(), shape), True, "profile")
         if plot is not None and not report.png_available():
             err_console.print("matplotlib is not installed: --plot is skipped (pip install matplotlib)", style="yellow",
                               markup=False)
@@ -139,7 +147,8 @@ def profile(
             cache_bytes=None if llc_mb is None else int(llc_mb * (1 << 20)),
             name=name,
             note=note,
-            command=_command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick),
+            command=_command_line(model, preset, hidden_size, intermediate_size, dtype, quantize,
+                                  group_size if quantize else None, device, threads, quick),
         )
         columns = (
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -165,13 +174,13 @@ def profile(
         console.print(Text("plot written to ") + Text(str(report.save_png(result, plot)), style="bold"))
 
 
-def _this_machines_path(device: str, model_name: str) -> Path:
-    """Where this machine's profile of the model goes, its directory made now: an unwritable one
-    fails in a second, not after minutes of measuring."""
+def _this_machines_path(device: str, shape) -> Path:
+    """Where this machine's profile of the model (in its experts' format) goes, its directory made
+    now: an unwritable one fails in a second, not after minutes of measuring."""
     from hybrimoe.errors import UserError
-    from hybrimoe.profile.directory import default_profile_path, this_machine_key
+    from hybrimoe.profile.directory import default_profile_path, profile_model_name, this_machine_key
 
-    out = default_profile_path(this_machine_key(device), model_name)
+    out = default_profile_path(this_machine_key(device), profile_model_name(shape.name, shape.quantize, shape.group_size))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -182,12 +191,14 @@ def _this_machines_path(device: str, model_name: str) -> Path:
     return out
 
 
-def _command_line(model, preset, hidden_size, intermediate_size, dtype, device, threads, quick) -> str:
+def _command_line(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size, device, threads,
+                  quick) -> str:
     """The effective command, for the profile's provenance."""
     words = ["hybrimoe", "profile"]
     for flag, value in (
         ("--model", model), ("--preset", preset), ("--hidden-size", hidden_size),
-        ("--intermediate-size", intermediate_size), ("--dtype", dtype), ("--device", device), ("--threads", threads),
+        ("--intermediate-size", intermediate_size), ("--dtype", dtype), ("--quantize", quantize),
+        ("--group-size", group_size), ("--device", device), ("--threads", threads),
     ):
         if value is not None:
             words += [flag, str(value)]

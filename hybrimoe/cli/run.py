@@ -15,6 +15,7 @@ from hybrimoe.cli import app, console, user_errors
 _INPUT = "Model and prompt"
 _GEN = "Generation"
 _PLACE = "Placement"
+_WEIGHTS = "Weights"
 _OUT = "Output"
 
 
@@ -50,6 +51,7 @@ def _summary(stats) -> Panel:
         ("Strategy", stats.planner),
         ("Expert cache", f"{stats.capacity} of {stats.n_experts_total} experts ({stats.capacity_source})"),
         ("CPU threads", f"{stats.threads} for CPU experts ({stats.threads_source})"),
+        ("Weights", stats.weights),
         ("Host memory", stats.host_memory),
         ("Accelerator memory", stats.accelerator_memory),
         ("Tokens", f"{stats.batch_size} x ({stats.n_prompt_tokens} prompt + {stats.n_new_tokens} new)"),
@@ -139,6 +141,20 @@ def run(
         None, "--gpu-memory-gb", rich_help_panel=_PLACE,
         help="Accelerator memory to use, dense weights included (default: what is free).",
     ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", rich_help_panel=_WEIGHTS,
+        help="Keep the routed experts as int8 or int4 (weight-only, group-wise, quantized at load from the "
+        "checkpoint's weights; default: a tuned profile's choice, else the checkpoint's dtype).",
+    ),
+    group_size: int | None = typer.Option(
+        None, "--group-size", min=2, rich_help_panel=_WEIGHTS,
+        help="Weights per quantization scale along each row (default: a tuned profile's, else 128).",
+    ),
+    quantize_dense: bool = typer.Option(
+        False, "--quantize-dense", rich_help_panel=_WEIGHTS,
+        help="Quantize the dense part's linear layers too (not the routers), with torchao: "
+        "pip install 'hybrimoe[quantize]'.",
+    ),
     record_trace: Path | None = typer.Option(
         None, "--record-trace", rich_help_panel=_OUT, help="Write the run's routing trace (.npz) here."
     ),
@@ -163,6 +179,9 @@ def run(
             cache_ratio=cache_ratio,
             gpu_memory_gb=gpu_memory_gb,
             threads=threads,
+            quantize=quantize,
+            group_size=group_size,
+            quantize_dense=quantize_dense,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             record_trace=record_trace,

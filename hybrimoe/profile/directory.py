@@ -70,6 +70,12 @@ def this_machine_key(device: str) -> str:
     return machine_key(None, os.cpu_count())
 
 
+def profile_model_name(model: str, quantize: str | None, group_size: int | None) -> str:
+    """The name a model's profile is filed under: quantized experts have profiles of their own
+    ('qwen3-30b-a3b.int4g128')."""
+    return model if quantize is None else f"{model}.{quantize}g{group_size}"
+
+
 def default_profile_path(machine: str, model: str) -> Path:
     """Where `hybrimoe profile` saves, and `find_profile` looks for, `machine`'s profile of `model`."""
     return profile_dir() / f"{machine}.{model_slug(model)}.yaml"

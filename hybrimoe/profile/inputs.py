@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from hybrimoe.config import DTYPE_BYTES
+from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES
 from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
 from hybrimoe.files import read_json
@@ -32,9 +32,24 @@ def resolve_model(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> ModelShape:
     """The shapes to profile, from at most one of: a model's config.json, a preset, explicit sizes;
-    none given means the demo model."""
+    none given means the demo model. `quantize`: its experts kept as int8 or int4 (groups of
+    `group_size` weights), as `hybrimoe run --quantize` keeps them."""
+    shape = _unquantized(model_path, preset, hidden_size, intermediate_size, dtype)
+    if quantize is None:
+        return shape
+    shape = shape.quantized(quantize, group_size)
+    shape.expert_shape()  # refuses a format or group size these experts cannot have
+    return shape
+
+
+def _unquantized(
+    model_path: Path | None, preset: str | None, hidden_size: int | None, intermediate_size: int | None,
+    dtype: str | None,
+) -> ModelShape:
     explicit = hidden_size is not None or intermediate_size is not None
     given = [name for name, on in (("--model", model_path), ("--preset", preset), ("--hidden-size", explicit)) if on]
     if len(given) > 1:

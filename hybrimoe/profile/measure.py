@@ -31,12 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hybrimoe.config import DTYPE_BYTES, CurvePoint, ExpertShape
+from hybrimoe.config import DTYPE_BYTES, SCALE_BYTES, CurvePoint, ExpertShape
 from hybrimoe.errors import UserError
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.profile.machine import MiB
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
 from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.runtime.quantized import dense_experts, quantize_stack
 from hybrimoe.runtime.threads import torch_threads
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,8 +86,17 @@ class ExpertPool:
         if device.type == "cpu":
             check_fits_in_ram(n * shape.expert_bytes, f"a pool of {n} experts")
         self.shape, self.dtype, self.device = shape, dtype, device
-        self.gate_up = fill_weights(torch.empty(n, 2 * i, d, dtype=dtype, device=device))  # [N, 2I, D]
-        self.down = fill_weights(torch.empty(n, d, i, dtype=dtype, device=device))  # [N, D, I]
+        gate_up = fill_weights(torch.empty(n, 2 * i, d, dtype=dtype, device=device))  # [N, 2I, D]
+        down = fill_weights(torch.empty(n, d, i, dtype=dtype, device=device))  # [N, D, I]
+        # the stacks an expert run reads and a load copies: dense, or packed as the runtime keeps them
+        if shape.quantize is None:
+            self.weights = {"gate_up_proj": gate_up, "down_proj": down}
+        else:
+            self.weights = {}
+            for name, stack in (("gate_up_proj", gate_up), ("down_proj", down)):
+                qdata, scale = quantize_stack(stack, shape.quantize, shape.group_size, transposed=False)
+                self.weights |= {f"{name}_qdata": qdata, f"{name}_scale": scale}
+            del gate_up, down
         self.gate_up_bias = self.down_bias = None
         if shape.has_bias:
             self.gate_up_bias = fill_weights(torch.empty(n, 2 * i, dtype=dtype, device=device))  # [N, 2I]
@@ -97,13 +107,22 @@ class ExpertPool:
     def tokens(self, n_tokens: int) -> torch.Tensor:  # [T, D]
         return fill_weights(torch.empty(n_tokens, self.shape.hidden_size, dtype=self.dtype, device=self.device))
 
+    def expert(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's weight tensors, as one load copies them."""
+        return {name: stack[e] for name, stack in self.weights.items()}
+
     def run(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D] -> [T, D]
         e = self._next
         self._next = (e + 1) % self.n_experts
+        if self.shape.quantize is None:
+            gate_up, down = self.weights["gate_up_proj"][e], self.weights["down_proj"][e]
+        else:  # dequantized, then the same matmuls, as the runtime's kernel runs a packed expert
+            one = {name: stack[e : e + 1] for name, stack in self.weights.items()}
+            gate_up, down = (w[0] for w in dense_experts(one, slice(None), self.dtype, transposed=False))
         return expert_mlp(
             x,
-            self.gate_up[e],
-            self.down[e],
+            gate_up,
+            down,
             gate_up_bias=None if self.gate_up_bias is None else self.gate_up_bias[e],
             down_bias=None if self.down_bias is None else self.down_bias[e],
         )
@@ -349,14 +368,12 @@ class TransferResult:
 def slot_copy(pool: ExpertPool, budget: Budget) -> Sample:
     """The CPU stand-in's expert load: one expert's weights copied into a slot, one copy per
     weight tensor as the runtime's store does, from a pool larger than the cache."""
-    gate_up_slot = torch.empty_like(pool.gate_up[0])
-    down_slot = torch.empty_like(pool.down[0])
+    slot = {name: torch.empty_like(weight) for name, weight in pool.expert(0).items()}
     calls = itertools.count()
 
     def copy() -> None:
-        e = next(calls) % pool.n_experts
-        gate_up_slot.copy_(pool.gate_up[e])
-        down_slot.copy_(pool.down[e])
+        for name, weight in pool.expert(next(calls) % pool.n_experts).items():
+            slot[name].copy_(weight)
 
     return settle(host_ms(copy), budget)
 
@@ -364,8 +381,12 @@ def slot_copy(pool: ExpertPool, budget: Budget) -> Sample:
 def weight_bytes(shape: ExpertShape) -> list[int]:
     """Bytes of each weight tensor of one expert: the runtime loads an expert one copy per tensor."""
     d, i, item = shape.hidden_size, shape.intermediate_size, DTYPE_BYTES[shape.dtype]
-    pieces = [2 * i * d, d * i] + ([2 * i, d] if shape.has_bias else [])
-    return [int(n * item) for n in pieces]
+    biases = [int(2 * i * item), int(d * item)] if shape.has_bias else []
+    if shape.quantize is None:
+        return [int(2 * i * d * item), int(d * i * item)] + biases
+    packed = DTYPE_BYTES[shape.quantize]
+    pieces = [(n * packed, n // shape.group_size * SCALE_BYTES) for n in (2 * i * d, d * i)]
+    return [int(n) for piece in pieces for n in piece] + biases
 
 
 def transfers(shape: ExpertShape, device: torch.device, cache_bytes: int, budget: Budget) -> TransferResult:

@@ -51,7 +51,9 @@ from hybrimoe.profile.measure import fill_weights, token_counts
 from hybrimoe.profile.timing import Budget
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.generate import generate
-from hybrimoe.runtime.loading import LoadedModel, build_on_meta, config_dtype, find_moe_layers, from_model, load_config
+from hybrimoe.runtime.loading import (
+    LoadedModel, Quantization, build_on_meta, config_dtype, find_moe_layers, from_model, load_config,
+)
 from hybrimoe.runtime.stats import RunCounters
 
 MAX_MOE_LAYERS = 4  # enough for the executor's lookahead over later layers' routers to be typical
@@ -105,8 +107,11 @@ class SideOnlyPlanner:
 # building the model
 
 
-def build_random_model(config_path: Path, device: torch.device, trust_remote_code: bool = False) -> LoadedModel:
-    """The model of `config_path` with random weights and at most MAX_MOE_LAYERS MoE layers."""
+def build_random_model(
+    config_path: Path, device: torch.device, trust_remote_code: bool = False, quantization: Quantization | None = None
+) -> LoadedModel:
+    """The model of `config_path` with random weights and at most MAX_MOE_LAYERS MoE layers (its
+    experts quantized as the runtime quantizes them, when asked)."""
     config = load_config(config_path.parent, trust_remote_code)
     meta = build_on_meta(config, trust_remote_code)
     layers, shape, n_experts, _ = find_moe_layers(meta, config.model_type)
@@ -129,7 +134,7 @@ def build_random_model(config_path: Path, device: torch.device, trust_remote_cod
                 param.fill_(1.0 if "norm" in name else 0.0)
             else:
                 fill_weights(param.data)
-    return from_model(model, device)
+    return from_model(model, device, quantization=quantization)
 
 
 def _build_uninitialised(config, trust_remote_code: bool) -> torch.nn.Module:

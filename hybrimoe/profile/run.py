@@ -59,6 +59,7 @@ from hybrimoe.profile.model_costs import (
 )
 from hybrimoe.profile.standins import CONTEXT_TOKENS, DenseLayer, LayerOverhead
 from hybrimoe.profile.timing import FULL, QUICK, Budget, Sample, device_timer, host_ms, settle
+from hybrimoe.runtime.loading import Quantization
 from hybrimoe.runtime.threads import default_threads, torch_threads
 from hybrimoe.shapes import ModelShape
 
@@ -107,7 +108,8 @@ def _device(name: str) -> torch.device:
 
 def profile_name(model: ModelShape, machine_gpu: str | None, cores: int | None) -> str:
     where = re.sub(r"[^a-z0-9]+", "-", machine_gpu.lower()).strip("-") if machine_gpu else f"{cores}core-cpu"
-    return f"measured-{where}.{re.sub(r'[^A-Za-z0-9._-]+', '-', model.name)}"
+    name = f"measured-{where}.{re.sub(r'[^A-Za-z0-9._-]+', '-', model.name)}"
+    return name if model.quantize is None else f"{name}.{model.quantize}g{model.group_size}"
 
 
 class _Steps:
@@ -133,6 +135,13 @@ class _Setup:
     device_cache_bytes: int  # the cache of the device running the accelerator benchmarks and stand-ins
     stream: torch.cuda.Stream | None  # where accelerator work is timed
     interference_threads: int | None
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """How the runtime would keep the model's experts (the profile's expert shape says)."""
+        if self.model.quantize is None:
+            return None
+        return Quantization(self.model.quantize, self.model.group_size)
 
 
 def profile_machine(options: ProfileOptions, progress: Progress | None = None) -> HardwareProfile:
@@ -225,7 +234,7 @@ def _measure_model(
     from hybrimoe.runtime.accelerator import make_accelerator
 
     steps.show("the model's own layers: building it with random weights")
-    loaded = build_random_model(config_path, setup.device)
+    loaded = build_random_model(config_path, setup.device, quantization=setup.quantization)
     timer = ModelTimer(loaded, make_accelerator(str(setup.device)), setup.budget,
                        progress=lambda what: steps.show(f"the model: {what}"))
     measured = measure_model(timer, fit_curve(cpu_points), accelerator_expert)

@@ -39,7 +39,7 @@ from torch import nn
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import ModelError
 from hybrimoe.runtime.host_experts import HostExperts, pool_layer
-from hybrimoe.runtime.quantized import check_group_size, quantize_dense_layers, quantize_experts
+from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -418,8 +418,8 @@ def load_model(
     config = load_config(path, trust_remote_code)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
     facts = _facts(build_on_meta(config, model_code), config)
-    if quantization is not None:
-        check_group_size(facts.expert_shape, quantization.experts, quantization.group_size)
+    if quantization is not None:  # refuses a group size that does not split the experts' rows
+        facts.expert_shape.quantized(quantization.experts, quantization.group_size)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     if before_weights is not None:
         before_weights(facts, tokenizer)
@@ -462,7 +462,7 @@ def from_model(
     family = getattr(model.config, "model_type", type(model).__name__)
     layers, shape, n_experts, top_k = find_moe_layers(model, family)
     if quantization is not None:
-        check_group_size(shape, quantization.experts, quantization.group_size)
+        shape.quantized(quantization.experts, quantization.group_size)  # refused before any work
     loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, family, None)
     place(loaded, torch.device(device), show_progress=False, quantization=quantization)
     return loaded

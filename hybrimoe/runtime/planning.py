@@ -28,7 +28,8 @@ TRACE_LOOKAHEAD_DEPTH = 3  # later layers predicted in a recorded trace (the pap
 def model_shape(loaded: LoadedModel, name: str) -> ModelShape:
     """The policy core's description of the model (dense parts included), from its config."""
     config = loaded.model.config.to_dict()
-    return shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
+    shape = shape_from_hf_config(config, name=name, dtype=loaded.expert_shape.dtype)
+    return shape.quantized(loaded.expert_shape.quantize, loaded.expert_shape.group_size)
 
 
 def build_planner(

@@ -35,24 +35,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hybrimoe.config import QUANTIZE_FORMATS, ExpertShape
 from hybrimoe.errors import UserError
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 _RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 _EPS = torch.finfo(torch.float32).eps  # torchao's choice for every weight dtype
-
-
-def check_group_size(shape: ExpertShape, quantize: str, group_size: int) -> None:
-    """Refuses a group size that does not split both projections' input rows."""
-    if quantize not in QUANTIZE_FORMATS:
-        raise UserError(f"unknown quantization {quantize!r}; expected one of {', '.join(QUANTIZE_FORMATS)}")
-    for k in (shape.hidden_size, shape.intermediate_size):
-        if group_size < 2 or group_size % 2 or k % group_size:
-            raise UserError(
-                f"--group-size {group_size} does not divide the experts' input sizes "
-                f"({shape.hidden_size} and {shape.intermediate_size}) into even groups"
-            )
 
 
 def quantize_stack(weight: torch.Tensor, quantize: str, group_size: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +79,10 @@ def is_quantized(weights: dict[str, torch.Tensor]) -> bool:
 
 
 def dense_experts(
-    weights: dict[str, torch.Tensor], indices: torch.Tensor, dtype: torch.dtype, transposed: bool
+    weights: dict[str, torch.Tensor], indices: torch.Tensor | slice, dtype: torch.dtype, transposed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate_up and down weights of the experts at `indices` [N] (on the stacks' device) of a
-    quantized stack, dequantized: [N, 2I, D] and [N, D, I] (or their transposed layout)."""
+    """The gate_up and down weights of the experts at `indices` ([N] on the stacks' device, or a
+    slice) of a quantized stack, dequantized: [N, 2I, D] and [N, D, I] (or their transposed layout)."""
     return tuple(
         dequantize(weights[f"{name}_qdata"][indices], weights[f"{name}_scale"][indices], dtype, transposed)
         for name in PROJECTIONS

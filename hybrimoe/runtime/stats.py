@@ -56,6 +56,7 @@ class RunStats:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float | None  # per sequence; None when only one token was generated
     counters: RunCounters = field(default_factory=RunCounters)
+    weights: str = ""  # the routed experts' format (and the dense part's when quantized), in words
     host_memory: str = ""  # the pooled host experts (pinned or not), in words
     accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
     simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run

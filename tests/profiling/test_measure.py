@@ -57,9 +57,10 @@ def test_pool_rotates_past_the_cache_and_runs_the_runtime_kernel():
     pool = ExpertPool(TINY_SHAPE, torch.float32, CPU, TINY_CACHE_BYTES)
     assert pool.n_experts * TINY_SHAPE.expert_bytes >= 2 * TINY_CACHE_BYTES
     x = pool.tokens(3)
-    assert torch.equal(pool.run(x), expert_mlp(x, pool.gate_up[0], pool.down[0]))
-    assert torch.equal(pool.run(x), expert_mlp(x, pool.gate_up[1], pool.down[1]))
-    assert torch.isfinite(pool.gate_up).all() and pool.gate_up.abs().max() > 0
+    gate_up, down = pool.weights["gate_up_proj"], pool.weights["down_proj"]
+    assert torch.equal(pool.run(x), expert_mlp(x, gate_up[0], down[0]))
+    assert torch.equal(pool.run(x), expert_mlp(x, gate_up[1], down[1]))
+    assert torch.isfinite(gate_up).all() and gate_up.abs().max() > 0
 
 
 def test_fill_weights_covers_every_element():

@@ -7,7 +7,7 @@ import torch
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import UserError
-from hybrimoe.runtime.quantized import check_group_size, dequantize, quantize_stack, unpack_int4
+from hybrimoe.runtime.quantized import dequantize, quantize_stack, unpack_int4
 
 E, O, K, G = 3, 8, 64, 16  # experts, output rows, input size, group size
 
@@ -66,11 +66,15 @@ def test_the_arithmetic_is_torchaos(dtype, quantize):
 
 def test_group_sizes_that_do_not_split_the_rows_are_refused():
     shape = ExpertShape(hidden_size=96, intermediate_size=64)
-    check_group_size(shape, "int4", 32)
+    assert shape.quantized("int4", 32).group_size == 32
     with pytest.raises(UserError, match="does not divide"):
-        check_group_size(shape, "int4", 128)
+        shape.quantized("int4", 128)
+    with pytest.raises(UserError, match="does not divide"):
+        shape.quantized("int8", 3)
     with pytest.raises(UserError, match="unknown quantization"):
-        check_group_size(shape, "int3", 32)
+        shape.quantized("int3", 32)
+    with pytest.raises(UserError, match="cannot be quantized"):
+        ExpertShape(hidden_size=96, intermediate_size=64, dtype="int8").quantized("int4", 32)
 
 
 def test_packed_bytes():
