@@ -76,3 +76,22 @@ def test_host_memory_check():
     check_host_memory(10 * GIB, None, "the weights")  # unknown: not checked
     with pytest.raises(UserError, match="the weights need 10.0 GiB of host memory; this machine has 8.0 GiB"):
         check_host_memory(10 * GIB, 8 * GIB, "the weights")
+
+
+def test_packed_experts_fit_more_slots_in_the_same_budget():
+    shape = get_preset("qwen3-30b-a3b")
+    reserve = reserve_for(shape, 1, 128, 128)
+    slots = {}
+    for quantize in (None, "int8", "int4"):
+        expert_bytes = shape.quantized(quantize).expert_shape().expert_bytes
+        slots[quantize] = resolve_capacity(
+            **{**BASE, "expert_bytes": expert_bytes, "dense_bytes": shape.dense_bytes,
+               "n_experts_total": 48 * 128, "cache_ratio": 1.0},
+            budget_bytes=24 * GIB, budget_source="24 GB", reserve=reserve,
+        ).slots
+    room = 24 * GIB - shape.dense_bytes - reserve.total_bytes
+    n_weights = 3 * 2048 * 768
+    assert slots[None] == room // (2 * n_weights)
+    assert slots["int8"] == room // (n_weights + n_weights // 128 * 4)
+    assert slots["int4"] == min(48 * 128, room // (n_weights // 2 + n_weights // 128 * 4))
+    assert slots["int4"] > slots["int8"] > 1.9 * slots[None]

@@ -201,3 +201,74 @@ def test_without_a_model_runs_the_demo():
     data = json.loads(result.stdout)
     assert data["model"] == "demo" and data["family"] == "qwen2_moe"
     assert data["profile"].startswith("built-in estimate")
+
+
+def test_quantized_run_keeps_packed_experts_and_says_so(model_dir):
+    result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "4", "--json", "--quantize", "int4",
+                  "--group-size", "16", "--cache-ratio", "0.25")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["weights"].startswith("routed experts int4 g16") and "dense part float32" in data["weights"]
+    assert data["counters"]["accelerator_runs"] > 0 and data["decode_tokens_per_s"] > 0
+    # a slot and a load are an expert's packed bytes: 4 bits a weight and a float32 scale per 16
+    n_weights = 3 * 32 * 48
+    assert data["counters"]["bytes_loaded"] % (n_weights // 2 + n_weights // 16 * 4) == 0
+
+
+def test_quantized_dense_part(model_dir):
+    pytest.importorskip("torchao", reason="--quantize-dense uses torchao (pip install 'hybrimoe[quantize]')")
+    result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json", "--quantize", "int8",
+                  "--group-size", "16", "--quantize-dense")
+    assert result.exit_code == 0, result.output
+    assert "dense part int8 g16" in json.loads(result.stdout)["weights"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int3"], "unknown quantization 'int3'"),
+        (["--quantize", "int4", "--group-size", "128"], "group size 128 does not divide"),
+        (["--quantize-dense"], "--quantize-dense needs --quantize"),
+    ],
+)
+def test_quantization_errors_are_one_line(model_dir, args, message):
+    result = _run("--model", model_dir, "--prompt", "x", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_profile_of_another_format_is_refused(model_dir, tmp_path):
+    """A bfloat16 (here the checkpoint's float32) profile for an int4 run, and the other way round."""
+    from pathlib import Path
+
+    from hybrimoe.profile.estimate import estimate_for_this_machine
+    from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.planning import model_shape
+
+    shape = model_shape(load_model(model_dir, "cpu", show_progress=False), Path(model_dir).name)
+    plain = save_profile(estimate_for_this_machine(shape, "cpu"), tmp_path / "plain.yaml")
+    int4 = save_profile(estimate_for_this_machine(shape.quantized("int4", 16), "cpu"), tmp_path / "int4.yaml")
+    refused = _run("--model", model_dir, "--prompt", "x", "--profile", str(plain), "--quantize", "int4", "--group-size", "16")
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "kept as float32, but this run keeps them as int4 g16" in refused.stderr
+    assert "hybrimoe profile --quantize int4 --group-size 16" in refused.stderr
+    refused = _run("--model", model_dir, "--prompt", "x", "--profile", str(int4))
+    assert refused.exit_code == 2 and "(--quantize int4 --group-size 16)" in refused.stderr
+    accepted = _run("--model", model_dir, "--prompt", "x", "-n", "2", "--profile", str(int4),
+                    "--quantize", "int4", "--group-size", "16")
+    assert accepted.exit_code == 0, accepted.output
+
+
+def test_a_tuned_profile_chooses_the_format(model_dir, tmp_path):
+    from pathlib import Path
+
+    from hybrimoe.config import PolicyConfig
+    from hybrimoe.profile.estimate import estimate_for_this_machine
+    from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.planning import model_shape
+
+    shape = model_shape(load_model(model_dir, "cpu", show_progress=False), Path(model_dir).name).quantized("int8", 16)
+    tuned = dataclasses.replace(estimate_for_this_machine(shape, "cpu"), policy=PolicyConfig(quantize="int8", group_size=16))
+    path = save_profile(tuned, tmp_path / "tuned.yaml")
+    data = json.loads(_run("--model", model_dir, "--prompt", "x", "-n", "2", "--json", "--profile", str(path)).stdout)
+    assert data["weights"].startswith("routed experts int8 g16")
