@@ -120,6 +120,11 @@ class ExpertShape:
             raise ProfileError(f"experts of dtype {self.dtype} cannot be quantized (only {', '.join(COMPUTE_DTYPES)})")
         if (self.quantize is None) != (self.group_size is None):
             raise ProfileError("an expert shape names a quantization and its group size together, or neither")
+        if self.quantize == "int4" and (self.hidden_size % 16 or 2 * self.intermediate_size % 16):
+            raise ProfileError(
+                f"int4 experts need a hidden size and twice the intermediate size that are multiples of 16 "
+                f"(torch's int4 layout), not {self.hidden_size} and {2 * self.intermediate_size}"
+            )
         if self.group_size is not None:
             for size in (self.hidden_size, self.intermediate_size):
                 if self.group_size < 2 or self.group_size % 2 or size % self.group_size:

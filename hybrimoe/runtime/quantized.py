@@ -3,33 +3,39 @@
 Shapes: E = experts in a stack, O = a projection's output size, K = its input size, g = group
 size (K / g groups per row). A stacked projection [E, O, K] (or [E, K, O] when `transposed`,
 GPT-OSS) becomes
-    qdata [E, O, K]      int8, values in [-128, 127]           (int8)
-          [E, O, K / 2]  uint8, two 4-bit values per byte,    (int4: low nibble = even k,
-                         each stored as value + 8 in [0, 15])  high nibble = odd k)
-    scale [E, O, K / g]  float32
+    int8: qdata [E, O, K]      int8, values in [-128, 127]; scale [E, O, K / g] float32
+    int4: qdata [E, O, K / 2]  uint8, two 4-bit values (value + 8) per byte, in the layout torch's
+                               CPU int4 kernel reads (`_convert_weight_to_int4pack_for_cpu`:
+                               blocks of rows interleaved, not row after row);
+                               scale [E, O, K / g] in the weights' dtype
 and an expert's weight is qdata * scale, cast to the compute dtype.
 
 Design choices:
 - The arithmetic is torchao's weight-only affine quantization (`choose_qparams_affine` /
-  `quantize_affine` / `dequantize_affine`, SYMMETRIC mapping, as `Int8WeightOnlyConfig` with
-  `PerGroup(g)` does: the group's largest magnitude over half the integer range, computed in the
-  weight's dtype, float32 scales and epsilon, round half to even, zero point 0), re-stated here
-  in a few torch ops so the runtime needs no torchao; the tests check it against torchao itself.
-  int4 is the same with the range [-8, 7] (torchao's `IntxWeightOnlyConfig` arithmetic with
-  float32 scales).
-- Kernels are torch's own, as torchao's CPU path for group-wise weight-only tensors runs them:
-  the experts a kernel call runs are dequantized to the compute dtype, then the usual grouped
-  matmuls run (`kernels.py`). Only those experts are dequantized, never a whole stack.
+  `quantize_affine` / `dequantize_affine`, SYMMETRIC mapping: the group's largest magnitude over
+  half the integer range, computed in the weights' dtype, round half to even, zero point 0):
+  int8 as its `Int8WeightOnlyConfig(granularity=PerGroup(g))` (float32 scales, float32 epsilon),
+  int4 as its `IntxWeightOnlyConfig(torch.int4, PerGroup(g))` (scales in the weights' dtype).
+  It is re-stated here in a few torch ops, so the runtime needs no torchao; the tests check it
+  against torchao itself.
+- Kernels are torch's own. int4 on the CPU (group sizes 32-256) runs torch's packed int4 matmul
+  (`_weight_int4pack_mm_for_cpu`, about 3x a bfloat16 matmul at one token), so the host store
+  keeps its layout. Elsewhere (int8, CUDA, other group sizes) the experts a kernel call runs are
+  dequantized to the compute dtype, as torchao's group-wise weight-only tensors do, and the usual
+  grouped matmuls run (`kernels.py`); only those experts are dequantized, never a whole stack.
+- The int4 layout is not re-derived by hand: the order of its 4-bit values is read off torch's own
+  converter once per shape (`_int4_order`), and packing and unpacking are one gather each.
 - A quantized stack is plain named tensors (`gate_up_proj_qdata`, `gate_up_proj_scale`, ...), so
   the host store pools them, slots hold them and a load copies them as it copies any weight: an
   expert's bytes are its packed bytes everywhere. The format is read back from the tensors
-  themselves (int8 or packed uint8; K / g from the scale's last dimension).
+  themselves (int8, or packed uint8; K / g from the scale's last dimension).
 - Biases stay in the compute dtype; the dense part stays in the checkpoint's dtype
-  (`quantize_dense` quantizes its linear layers with torchao, an optional dependency).
+  (`quantize_dense_layers` quantizes its linear layers with torchao, an optional dependency).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -38,8 +44,30 @@ from torch import nn
 from hybrimoe.errors import UserError
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 matmul takes
 _RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
-_EPS = torch.finfo(torch.float32).eps  # torchao's choice for every weight dtype
+_EPS = torch.finfo(torch.float32).eps  # torchao's choice for int8 weights of every dtype
+
+
+@functools.cache
+def _int4_order(o: int, k: int) -> torch.Tensor:
+    """[O * K] int64: for each 4-bit position of torch's CPU int4 layout of an [O, K] weight (low
+    nibble first), the flat index o * K + k of the value it holds; read off the converter by
+    packing the indices themselves, four bits at a time."""
+    index = torch.arange(o * k, dtype=torch.int64)
+    order = torch.zeros(o * k, dtype=torch.int64)
+    for shift in range(0, max(4, (o * k - 1).bit_length()), 4):
+        digits = ((index >> shift) & 0xF).to(torch.int32).reshape(o, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(digits, 1)  # [O, K/2] uint8
+        nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1).to(torch.int64)
+        order |= nibbles << shift
+    return order
+
+
+@functools.cache
+def _int4_positions(o: int, k: int, device: torch.device) -> torch.Tensor:
+    """[O * K]: where the value of flat index o * K + k sits in the layout (the inverse order)."""
+    return torch.argsort(_int4_order(o, k)).to(device)
 
 
 def quantize_stack(weight: torch.Tensor, quantize: str, group_size: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,20 +77,28 @@ def quantize_stack(weight: torch.Tensor, quantize: str, group_size: int, transpo
     groups = w.reshape(n, o, k // group_size, group_size)  # [E, O, K/g, g]
     q_min, q_max = _RANGES[quantize]
     magnitude = groups.abs().amax(dim=-1)  # [E, O, K/g], in the weight's dtype
-    scale = (magnitude / ((q_max - q_min) / 2)).clamp(min=_EPS).float()
-    q = torch.clamp(torch.round(groups * (1.0 / scale[..., None])), q_min, q_max).to(torch.int8)
-    q = q.reshape(n, o, k)
+    scale = (magnitude / ((q_max - q_min) / 2)).clamp(min=_EPS if quantize == "int8" else torch.finfo(w.dtype).tiny)
+    if quantize == "int8":
+        scale = scale.float()
+    q = torch.clamp(torch.round(groups * (1.0 / scale[..., None])), q_min, q_max).to(torch.int8).reshape(n, o, k)
     if quantize == "int4":
-        nibbles = (q + 8).to(torch.uint8)  # [E, O, K] in [0, 15]
-        q = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # [E, O, K/2]
+        q = pack_int4(q)
     return q.contiguous(), scale.contiguous()
 
 
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """[N, O, K] int8 in [-8, 7] -> [N, O, K/2] uint8 in torch's CPU int4 layout."""
+    n, o, k = values.shape
+    nibbles = (values + 8).to(torch.uint8).reshape(n, o * k)[:, _int4_order(o, k)]  # [N, O*K] in layout order
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).reshape(n, o, k // 2)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[..., K/2] uint8 -> [..., K] int8 in [-8, 7]."""
-    low = (packed & 0x0F).to(torch.int8) - 8
-    high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).flatten(-2)
+    """[N, O, K/2] uint8 in torch's CPU int4 layout -> [N, O, K] int8 in [-8, 7]."""
+    n, o, half = packed.shape
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(n, o * 2 * half)
+    values = nibbles[:, _int4_positions(o, 2 * half, packed.device)]
+    return (values.to(torch.int8) - 8).reshape(n, o, 2 * half)
 
 
 def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
@@ -72,6 +108,22 @@ def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     groups = values.reshape(n, o, scale.shape[-1], -1).to(dtype)  # [N, O, K/g, g]
     weight = (groups * scale[..., None]).to(dtype).reshape(n, o, k)
     return weight.transpose(-2, -1) if transposed else weight
+
+
+def runs_int4_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether torch's packed int4 matmul runs these (quantized) experts: int4 on the CPU, with
+    scales in x's dtype and a group size the kernel takes."""
+    qdata, scale = weights["gate_up_proj_qdata"], weights["gate_up_proj_scale"]
+    group_size = 2 * qdata.shape[-1] // scale.shape[-1]
+    return (qdata.dtype == torch.uint8 and x.device.type == "cpu" and scale.dtype == x.dtype
+            and group_size in INT4_KERNEL_GROUP_SIZES)
+
+
+def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] times one expert's int4 weight (qdata [O, K/2], scale [O, K/g]) transposed: [T, O]."""
+    scales_and_zeros = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1)  # [K/g, O, 2]
+    group_size = 2 * qdata.shape[-1] // scale.shape[-1]
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), qdata, group_size, scales_and_zeros)
 
 
 def is_quantized(weights: dict[str, torch.Tensor]) -> bool:

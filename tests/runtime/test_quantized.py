@@ -7,20 +7,32 @@ import torch
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import UserError
-from hybrimoe.runtime.quantized import dequantize, quantize_stack, unpack_int4
+from hybrimoe.runtime.quantized import dequantize, int4_linear, pack_int4, quantize_stack, unpack_int4
 
-E, O, K, G = 3, 8, 64, 16  # experts, output rows, input size, group size
+E, O, K, G = 3, 16, 64, 16  # experts, output rows (int4: a multiple of 16), input size, group size
 
 
 def _weights(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (torch.randn(E, O, K, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
 
 
-def test_int4_packs_two_values_per_byte_and_unpacks_exactly():
-    values = torch.arange(-8, 8, dtype=torch.int8).repeat(2, 2)  # [2, 32] every 4-bit value
-    nibbles = (values + 8).to(torch.uint8)
-    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-    assert packed.shape == (2, 16) and torch.equal(unpack_int4(packed), values)
+@pytest.mark.parametrize("o, k", [(16, 32), (32, 64), (96, 32), (128, 256), (192, 64)])
+def test_int4_is_torchs_cpu_layout_and_unpacks_exactly(o, k):
+    values = torch.randint(-8, 8, (2, o, k), dtype=torch.int8, generator=torch.Generator().manual_seed(o))
+    packed = pack_int4(values)
+    assert packed.shape == (2, o, k // 2) and packed.dtype == torch.uint8
+    for e in range(2):
+        assert torch.equal(packed[e], torch._convert_weight_to_int4pack_for_cpu((values[e] + 8).to(torch.int32), 1))
+    assert torch.equal(unpack_int4(packed), values)
+
+
+def test_int4_kernel_matches_the_dequantized_weights():
+    w = _weights(torch.float32)  # [E, 16, 64]: groups of 32
+    qdata, scale = quantize_stack(w, "int4", 32, transposed=False)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    for e in range(E):
+        expected = x @ dequantize(qdata[e : e + 1], scale[e : e + 1], torch.float32, False)[0].t()
+        assert (int4_linear(x, qdata[e], scale[e]) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -31,7 +43,7 @@ def test_quantize_round_trip(quantize, transposed):
     qdata, scale = quantize_stack(stored, quantize, G, transposed)
     assert qdata.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
     assert qdata.shape == (E, O, K if quantize == "int8" else K // 2) and scale.shape == (E, O, K // G)
-    assert scale.dtype == torch.float32
+    assert scale.dtype == torch.float32  # the weights' dtype for int4, float32 for int8 whatever it is
     back = dequantize(qdata, scale, torch.float32, transposed)
     assert back.shape == stored.shape
     # each weight is within half a step of its group's scale (the largest magnitude maps to the
@@ -52,9 +64,10 @@ def test_the_arithmetic_is_torchaos(dtype, quantize):
     w = _weights(dtype)
     q_min, q_max = {"int8": (-128, 127), "int4": (-8, 7)}[quantize]
     block = (1, 1, G)
+    # int8 as Int8WeightOnlyConfig chooses them, int4 as IntxWeightOnlyConfig does (its defaults)
+    extra = dict(eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32) if quantize == "int8" else {}
     scale, zero = choose_qparams_affine(
-        w, MappingType.SYMMETRIC, block, torch.int8, q_min, q_max,
-        eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+        w, MappingType.SYMMETRIC, block, torch.int8, q_min, q_max, zero_point_dtype=torch.int8, keepdim=True, **extra
     )
     q = quantize_affine(w, block, scale, zero, torch.int8, q_min, q_max)
     expected = dequantize_affine(q, block, scale, zero, torch.int8, q_min, q_max, output_dtype=dtype)

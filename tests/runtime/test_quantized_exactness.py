@@ -6,10 +6,12 @@ Two references, both plain transformers:
   (`PerGroup(16)`) on the routed experts' stacked weights, which transformers quantizes at load
   (eager experts, which index torchao's tensor per expert). Its groups run along the weights' last
   dimension, the input dimension only where experts are not transposed, so GPT-OSS is left out.
-- int4 (every family, GPT-OSS included): torchao has no int4 weight-only tensor for 3-D weights on
-  a CPU (its `Int4WeightOnlyConfig` needs CUDA kernels, `IntxWeightOnlyConfig` takes 2-D and 4-D
-  weights only), so the reference model's experts are set to torchao's own round trip
-  (`quantize_affine` then `dequantize_affine`, groups along the input dimension) and run unchanged.
+- int4 (GPT-OSS included): torchao has no int4 weight-only tensor for 3-D weights on a CPU (its
+  `Int4WeightOnlyConfig` needs CUDA kernels, `IntxWeightOnlyConfig` takes 2-D and 4-D weights
+  only), so the reference model's experts are set to torchao's own round trip (`quantize_affine`
+  then `dequantize_affine` with `IntxWeightOnlyConfig`'s arithmetic, groups along the input
+  dimension) and run unchanged. Group size 16 exercises the runtime's dequantizing path, 32 torch's
+  packed int4 matmul.
 The runtime quantizes with its own code (`runtime/quantized.py`); the models are float32, so the
 tolerance is the float32 tests' 1e-4.
 """
@@ -27,10 +29,12 @@ from hybrimoe.runtime.accelerator import CpuStandIn
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.hybrid import HybridRuntime
 from hybrimoe.runtime.loading import Quantization, load_model
+from hybrimoe.runtime.quantized import runs_int4_kernel
 
 torchao = pytest.importorskip("torchao", reason="torchao is the reference (pip install 'hybrimoe[test]')")
 
-GROUP = 16  # divides the tiny models' hidden (32) and expert intermediate (48) sizes
+GROUP = 16  # divides the tiny models' hidden (32) and expert intermediate (48 or 64) sizes
+KERNEL_GROUP = 32  # the smallest torch's CPU int4 matmul takes: families with intermediate size 64
 CASES = [("mixed", "partial", 2, 2), ("accelerator", "tight", 2, 2), ("cpu", "zero", 0, 1)]
 
 
@@ -46,25 +50,24 @@ def _generate_reference(model, batch: int):
     return prefill, torch.stack(out.logits, dim=1), out.sequences[:, ids.shape[1]:]
 
 
-def _torchao_round_trip(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """torchao's int4 symmetric group-wise quantization and back, groups along the input dimension."""
+def _torchao_round_trip(weight: torch.Tensor, transposed: bool, group: int) -> torch.Tensor:
+    """torchao's int4 symmetric group-wise quantization and back (IntxWeightOnlyConfig's arithmetic:
+    scales in the weights' dtype), groups along the input dimension."""
     from torchao.quantization.quant_primitives import (
         MappingType, choose_qparams_affine, dequantize_affine, quantize_affine,
     )
 
     w = weight.transpose(-2, -1) if transposed else weight  # [E, O, K]
-    block = (1, 1, GROUP)
-    scale, zero = choose_qparams_affine(
-        w, MappingType.SYMMETRIC, block, torch.int8, -8, 7,
-        eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
-    )
+    block = (1, 1, group)
+    scale, zero = choose_qparams_affine(w, MappingType.SYMMETRIC, block, torch.int8, -8, 7,
+                                        zero_point_dtype=torch.int8, keepdim=True)
     q = quantize_affine(w, block, scale, zero, torch.int8, -8, 7)
     back = dequantize_affine(q, block, scale, zero, torch.int8, -8, 7, output_dtype=w.dtype)
     return back.transpose(-2, -1) if transposed else back
 
 
 @functools.cache
-def _reference(path: str, quantize: str, batch: int):
+def _reference(path: str, quantize: str, group: int, batch: int):
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     if quantize == "int8":
@@ -81,25 +84,27 @@ def _reference(path: str, quantize: str, batch: int):
             if hasattr(module, "is_transposed") and hasattr(module, "gate_up_proj"):
                 for name in ("gate_up_proj", "down_proj"):
                     weight = getattr(module, name)
-                    weight.data = _torchao_round_trip(weight.data, bool(module.is_transposed))
+                    weight.data = _torchao_round_trip(weight.data, bool(module.is_transposed), group)
     return _generate_reference(model, batch)
 
 
 @functools.cache
-def _loaded(path: str, quantize: str):
+def _loaded(path: str, quantize: str, group: int):
     return load_model(path, "cpu", with_tokenizer=False, show_progress=False,
-                      quantization=Quantization(quantize, GROUP))
+                      quantization=Quantization(quantize, group))
 
 
-def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, batch: int) -> None:
-    loaded = _loaded(path, quantize)
-    assert loaded.expert_shape.quantize == quantize and loaded.expert_shape.group_size == GROUP
+def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, batch: int, group: int = GROUP) -> None:
+    loaded = _loaded(path, quantize, group)
+    assert loaded.expert_shape.quantize == quantize and loaded.expert_shape.group_size == group
+    x = torch.zeros(1, loaded.expert_shape.hidden_size)
+    assert runs_int4_kernel(loaded.layers[0].experts.state_dict(), x) == (quantize == "int4" and group == KERNEL_GROUP)
     slots = {"zero": 0, "tight": 2, "partial": 5}[capacity]
     planner = RulePlanner(schedule, slots, loaded.n_layers, loaded.n_experts, prefetch_depth=depth)
     ids, mask = _prompt(batch)
     with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
         out = generate(loaded.model, ids, mask, N_NEW, on_step=runtime.end_step, keep_logits=True)
-    ref_prefill, ref_steps, ref_tokens = _reference(path, quantize, batch)
+    ref_prefill, ref_steps, ref_tokens = _reference(path, quantize, group, batch)
     prefill_diff = (out.prefill_logits - ref_prefill).abs()[mask.bool()].max().item()
     step_diff = (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item()
     assert prefill_diff <= TOLERANCE, f"prefill logits differ by {prefill_diff}"
@@ -115,14 +120,17 @@ def test_int8_matches_transformers_torchao_config(checkpoint, family, schedule, 
     _check(str(checkpoint(family)), "int8", schedule, capacity, depth, batch)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("family, group", [("qwen3_moe", GROUP), ("deepseek_v2", GROUP), ("gpt_oss", KERNEL_GROUP),
+                                           ("mixtral", KERNEL_GROUP)])
 @pytest.mark.parametrize("schedule, capacity, depth, batch", CASES)
-def test_int4_matches_transformers_on_torchaos_int4_weights(checkpoint, family, schedule, capacity, depth, batch):
-    _check(str(checkpoint(family)), "int4", schedule, capacity, depth, batch)
+def test_int4_matches_transformers_on_torchaos_int4_weights(checkpoint, family, group, schedule, capacity, depth, batch):
+    """Group size 16 runs the dequantizing path on the CPU stand-in's both sides; 32 runs torch's
+    int4 matmul on both (the stand-in's slots are host memory too)."""
+    _check(str(checkpoint(family)), "int4", schedule, capacity, depth, batch, group)
 
 
 def test_packed_experts_live_in_the_host_store_and_the_slots(checkpoint):
-    loaded = _loaded(str(checkpoint("qwen3_moe")), "int4")
+    loaded = _loaded(str(checkpoint("qwen3_moe")), "int4", GROUP)
     experts = loaded.layers[0].experts
     assert experts.gate_up_proj is None and experts.gate_up_proj_qdata.dtype == torch.uint8
     packed_bytes = sum(p.nbytes for p in experts.parameters(recurse=False))
