@@ -352,6 +352,13 @@ class HardwareProfile:
             ),
         )
 
+    def check_trace_experts(self, shape: ExpertShape) -> ExpertShape:
+        """Refuses a profile for other expert sizes than a trace's; a trace records routing, not the
+        format its experts are kept in, so they are simulated in the profile's. Returns that shape."""
+        kept = shape.quantized(self.expert_shape.quantize, self.expert_shape.group_size or DEFAULT_GROUP_SIZE)
+        self.check_expert_shape(kept)
+        return kept
+
     def check_expert_shape(self, shape: ExpertShape) -> None:
         """Refuses a profile measured for other expert shapes, or another weight format, than the run's."""
         mine = self.expert_shape

@@ -16,6 +16,7 @@ from hybrimoe.profile.estimate import (
     Roofline,
     datasheet_rows,
     estimate_profile,
+    SHIPPED_QUANTIZED,
     shipped_profile_path,
 )
 from hybrimoe.shapes import PRESETS, get_preset, shape_from_hf_config
@@ -86,12 +87,15 @@ def _without_provenance(profile) -> dict:
 
 
 @pytest.mark.parametrize("machine", sorted(MACHINES))
-@pytest.mark.parametrize("model", SHIPPED_MODELS)
-def test_shipped_profiles_load_and_match_regeneration(machine, model):
-    path = shipped_profile_path(PROFILES, machine, model)
+@pytest.mark.parametrize(
+    "model, quantize", [(model, None) for model in SHIPPED_MODELS] + list(SHIPPED_QUANTIZED)
+)
+def test_shipped_profiles_load_and_match_regeneration(machine, model, quantize):
+    shape = PRESETS[model].quantized(quantize)
+    path = shipped_profile_path(PROFILES, machine, shape)
     shipped = load_profile(path)
-    assert shipped.estimated
-    regenerated = estimate_profile(machine, PRESETS[model])
+    assert shipped.estimated and shipped.expert_shape.quantize == quantize
+    regenerated = estimate_profile(machine, shape)
     assert _without_provenance(shipped) == _without_provenance(regenerated), (
         f"{path} is stale: run `python -m hybrimoe.profile.estimate --all`"
     )
@@ -176,3 +180,14 @@ def test_qwen_sparse_step_and_mlp_only_layers():
     shape = shape_from_hf_config(config)
     assert (shape.n_layers, shape.n_dense_layers) == (23, 25)  # odd layers except layer 1
     assert shape.dense_intermediate_size == 6144
+
+
+def test_quantized_estimates_follow_the_runtimes_kernels():
+    """Loads copy packed bytes; int4 CPU experts stream packed weights (torch's int4 matmul), int8
+    ones and GPU experts also write and read back the dequantized weights."""
+    plain, int8, int4 = (estimate_profile("rtx4090-desktop", QWEN3.quantized(q)) for q in (None, "int8", "int4"))
+    assert int4.name == "rtx4090-desktop.qwen3-30b-a3b.int4g128"
+    load = {p.expert_shape.quantize: p.transfer.expert_load_ms for p in (plain, int8, int4)}
+    assert load["int4"] < load["int8"] < load[None] / 1.8
+    assert int4.cpu_expert.ms(1) < plain.cpu_expert.ms(1) / 2.5 < plain.cpu_expert.ms(1) < int8.cpu_expert.ms(1)
+    assert plain.gpu_expert.ms(1) < int4.gpu_expert.ms(1)

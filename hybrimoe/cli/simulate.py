@@ -65,10 +65,11 @@ def _baseline_params(settings: list[str]):
 @app.command()
 def simulate(
     trace: Path = typer.Option(..., "--trace", help="Routing trace (.npz) from `hybrimoe trace import` or `run --record-trace`."),
-    profile: Path | None = typer.Option(
-        None, "--profile",
+    profiles: list[Path] = typer.Option(
+        [], "--profile",
         help="Hardware profile (YAML): measured, estimated or tuned (default: this machine's, from "
-        "`hybrimoe profile`, for the trace's experts).",
+        "`hybrimoe profile`, for the trace's experts). Repeat it to compare profiles, e.g. the same "
+        "machine's bfloat16, int8 and int4 profiles: the experts are simulated in each profile's format.",
     ),
     cache_ratio: str = typer.Option("0.25,0.5,0.75", "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts."),
     strategies: str = typer.Option(",".join(STRATEGIES), "--strategies", help="Comma-separated strategies to compare."),
@@ -98,27 +99,31 @@ def simulate(
         if not 0.0 < profile_split < 1.0:
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
     with user_errors(), console.status("simulating", spinner="dots") as status:
-        if profile is None:
+        if not profiles:
             from hybrimoe.profile.directory import this_machines_profile_for
             from hybrimoe.trace import load_trace
 
-            profile = this_machines_profile_for(load_trace(trace).meta.expert_shape())
-            console.print(f"profile: this machine's, {profile}", markup=False, highlight=False)
-        comparisons = simulate_files(
-            trace,
-            profile,
-            ratios=_floats(cache_ratio, "--cache-ratio"),
-            strategies=_names(strategies, "--strategies"),
-            modes=_names(modes, "--mode"),
-            accelerator_from=accelerator_from,
-            predictor=predictor,
-            profile_fraction=profile_split,
-            profiling_trace=profiling_trace,
-            baseline=_baseline_params(baseline),
-            prefill_tokens=prefill_tokens,
-            max_tokens=max_tokens,
-            progress=lambda text: status.update(f"simulating {text}"),
-        )
+            profiles = [this_machines_profile_for(load_trace(trace).meta.expert_shape())]
+            console.print(f"profile: this machine's, {profiles[0]}", markup=False, highlight=False)
+        comparisons = [
+            comparison
+            for profile in profiles
+            for comparison in simulate_files(
+                trace,
+                profile,
+                ratios=_floats(cache_ratio, "--cache-ratio"),
+                strategies=_names(strategies, "--strategies"),
+                modes=_names(modes, "--mode"),
+                accelerator_from=accelerator_from,
+                predictor=predictor,
+                profile_fraction=profile_split,
+                profiling_trace=profiling_trace,
+                baseline=_baseline_params(baseline),
+                prefill_tokens=prefill_tokens,
+                max_tokens=max_tokens,
+                progress=lambda text: status.update(f"simulating {text}"),
+            )
+        ]
     if json_out:
         console.print_json(json.dumps([_to_json(c) for c in comparisons]))
         return
@@ -141,6 +146,17 @@ def _to_json(comparison) -> dict:
     ]
     data["best_baseline"] = {str(ratio): comparison.best_baseline(ratio) for ratio in comparison.ratios}
     return data
+
+
+def _memory(comparison) -> str:
+    """What the experts take in the profile's format, whole and at each cache size."""
+    gib = 2**30
+    at_ratios = ", ".join(f"{comparison.cache_bytes(ratio) / gib:.2f} GiB at {ratio:.0%}" for ratio in comparison.ratios)
+    return (
+        f"experts kept as {comparison.expert_format}: {comparison.expert_bytes / 2**20:.2f} MiB each, "
+        f"{comparison.n_experts_total * comparison.expert_bytes / gib:.2f} GiB for all {comparison.n_experts_total}; "
+        f"the accelerator's expert cache takes {at_ratios}"
+    )
 
 
 def _profiled(comparison) -> str:
@@ -168,6 +184,8 @@ def _markdown(comparison) -> str:
         f"**{comparison.mode}, {comparison.profile_name}** ({comparison.replay_tokens} tokens replayed, "
         f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, cache hit rate); "
         "*: the best baseline",
+        "",
+        _memory(comparison) + ".",
         "",
         "| strategy | " + " | ".join(f"{ratio:.0%} cache" for ratio in comparison.ratios) + " |",
         "|---|" + "---|" * len(comparison.ratios),
@@ -201,7 +219,8 @@ def _table(comparison) -> Table:
             cells.append(f"{_time(result.step_ms)}{star}{to_best_text} {result.hit_rate:.0%}")
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
         table.add_row(strategy, *cells, style=style)
-    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate"]
+    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
+               _memory(comparison)]
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
         caption.append(f"greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")

@@ -48,6 +48,13 @@ class Comparison:
     seconds: float
     greedy_vs_exact: tuple[float, float] | None = None  # (mean, worst) greedy/exact time ratio
     profiling_trace: str | None = None  # the other trace frequencies were counted on; None: this one's first part
+    expert_format: str = ""  # how the profile keeps the experts: "bfloat16", "int4 g128"
+    expert_bytes: int = 0  # one expert in that format
+    n_experts_total: int = 0  # routed experts over all MoE layers
+
+    def cache_bytes(self, ratio: float) -> int:
+        """The accelerator memory the expert cache takes at `ratio`."""
+        return round(ratio * self.n_experts_total) * self.expert_bytes
 
     def speedup(self, strategy: str, ratio: float) -> float | None:
         base = self.results.get((self.baseline, ratio))
@@ -179,7 +186,7 @@ def compare_strategies(
     ratios = tuple(ratios)
     if any(not 0.0 <= r <= 1.0 for r in ratios):
         raise PolicyError("cache ratios must be in [0, 1]")
-    profile.check_expert_shape(trace.meta.expert_shape())
+    profile.check_trace_experts(trace.meta.expert_shape())
     policy = policy or profile.policy or PolicyConfig()
     costs = CostModel(profile)
     dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
@@ -214,6 +221,9 @@ def compare_strategies(
         seconds=time.perf_counter() - started,
         greedy_vs_exact=_greedy_vs_exact(workload.replay, costs) if mode == "decode" else None,
         profiling_trace=None if profiling is None else (profiling_name or profiling.meta.model),
+        expert_format=profile.expert_shape.format,
+        expert_bytes=profile.expert_shape.expert_bytes,
+        n_experts_total=dims.n_layers * dims.n_experts,
     )
 
 

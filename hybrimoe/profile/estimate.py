@@ -44,7 +44,10 @@ Design choices:
   line used beyond 2048; every profile is marked `estimated: true` with its sources.
 - A machine's PCIe link is the slower end: an RTX A6000 (PCIe 4.0) in a Cascade Lake Xeon server
   (PCIe 3.0) copies at PCIe 3.0 speed.
-- Quantized weights (int8, int4) shrink bytes, not FLOPs: they are dequantized to the compute dtype.
+- Quantized weights (int8, int4, `runtime/quantized.py`) shrink what a load copies, not FLOPs.
+  What an expert's kernel streams follows the runtime's kernels: int4 on the CPU is read packed
+  (torch's int4 matmul); elsewhere the weights are dequantized first, so the kernel reads the
+  packed weights and writes and reads back the dequantized ones (3*H*I*(q + 2*b) bytes).
 - A machine without a GPU (`MachineSpec.gpu` None; in STAND_IN_MACHINES, not MACHINES, as no
   profile of it is shipped and its "GPU" is no faster than its CPU) is estimated as the runtime runs
   it, with the CPU stand-in as accelerator, and marked `stand_in: true`. The stand-in and the CPU worker are each given the
@@ -79,6 +82,7 @@ from hybrimoe.config import (
     save_profile,
 )
 from hybrimoe.errors import UserError
+from hybrimoe.profile.directory import profile_model_name
 from hybrimoe.shapes import PRESETS, ModelShape, get_preset
 
 CPU_MEM_EFF = 0.65
@@ -191,6 +195,7 @@ DEFAULT_MACHINE = "rtx4090-desktop"  # the estimate for a run on a GPU nobody ha
 STAND_IN_MACHINE = "cpu-standin-desktop"  # the estimate for a run on a machine without a GPU
 
 SHIPPED_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite", "demo")
+SHIPPED_QUANTIZED = (("qwen3-30b-a3b", "int8"), ("qwen3-30b-a3b", "int4"))  # (model, format), groups of 128
 
 
 def _ms(n_bytes: float, gbps: float) -> float:
@@ -244,12 +249,24 @@ def _activation_bytes(shape: ModelShape) -> int:
 
 
 def expert_weight_bytes(shape: ModelShape) -> float:
+    """One expert's weights as the runtime keeps them (packed when quantized): what a load copies."""
     return shape.expert_shape().expert_bytes
 
 
-def expert_ms(shape: ModelShape, n_tokens: int, gbps: float, tflops: float, fixed_ms: float) -> float:
+def expert_read_bytes(shape: ModelShape, on_cpu: bool) -> float:
+    """The weight bytes one expert's kernel streams: its weights, plus, where the runtime dequantizes
+    before the matmul (int8 anywhere, int4 on a GPU), the dequantized weights written and read back."""
+    packed = expert_weight_bytes(shape)
+    if shape.quantize is None or (shape.quantize == "int4" and on_cpu):
+        return packed
+    return packed + 2 * 3 * shape.hidden_size * shape.intermediate_size * DTYPE_BYTES[shape.dtype]
+
+
+def expert_ms(
+    shape: ModelShape, n_tokens: int, gbps: float, tflops: float, fixed_ms: float, on_cpu: bool = True
+) -> float:
     """One routed expert on `n_tokens` tokens on a device with these effective rates."""
-    n_bytes = expert_weight_bytes(shape) + 2 * n_tokens * shape.hidden_size * _activation_bytes(shape)
+    n_bytes = expert_read_bytes(shape, on_cpu) + 2 * n_tokens * shape.hidden_size * _activation_bytes(shape)
     flops = 2 * 3 * shape.hidden_size * shape.intermediate_size * n_tokens
     return max(_ms(n_bytes, gbps), _tflops_ms(flops, tflops)) + fixed_ms
 
@@ -324,11 +341,11 @@ def estimate_profile(machine_name: str, shape: ModelShape, gpu: str | None = Non
     load_ms = _ms(weight_bytes, rates.pinned_gbps) + COPY_LAUNCH_MS
     cpu_expert = _curve(lambda n: expert_ms(shape, n, rates.cpu_gbps, rates.cpu_tflops, CPU_EXPERT_FIXED_MS))
     gpu_expert = cpu_expert if stand_in else _curve(
-        lambda n: expert_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops, GPU_EXPERT_FIXED_MS)
+        lambda n: expert_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops, GPU_EXPERT_FIXED_MS, on_cpu=False)
     )
     dense_where = " on the CPU" if stand_in else ""  # on the GPU unless said
     return HardwareProfile(
-        name=f"{machine.name}.{shape.name}",
+        name=f"{machine.name}.{profile_model_name(shape.name, shape.quantize, shape.group_size)}",
         expert_shape=shape.expert_shape(),
         cpu_expert=cpu_expert,
         dense_layer=_curve(lambda n: dense_layer_ms(shape, n, rates.gpu_gbps, rates.gpu_tflops)),
@@ -407,18 +424,19 @@ def datasheet_rows() -> list[dict[str, str]]:
     return rows
 
 
-def shipped_profile_path(out_dir: str | Path, machine_name: str, model_name: str) -> Path:
-    return Path(out_dir) / f"{machine_name}.{model_name}.yaml"
+def shipped_profile_path(out_dir: str | Path, machine_name: str, shape: ModelShape) -> Path:
+    return Path(out_dir) / f"{machine_name}.{profile_model_name(shape.name, shape.quantize, shape.group_size)}.yaml"
 
 
 def write_shipped_profiles(out_dir: str | Path = "profiles") -> list[Path]:
-    """Every machine in MACHINES for every model in SHIPPED_MODELS, overwriting."""
+    """Every machine in MACHINES for every model in SHIPPED_MODELS, and the SHIPPED_QUANTIZED
+    formats, overwriting."""
+    shapes = [PRESETS[model] for model in SHIPPED_MODELS]
+    shapes += [PRESETS[model].quantized(quantize) for model, quantize in SHIPPED_QUANTIZED]
     return [
-        save_profile(
-            estimate_profile(machine, PRESETS[model]), shipped_profile_path(out_dir, machine, model), overwrite=True
-        )
+        save_profile(estimate_profile(machine, shape), shipped_profile_path(out_dir, machine, shape), overwrite=True)
         for machine in MACHINES
-        for model in SHIPPED_MODELS
+        for shape in shapes
     ]
 
 
