@@ -24,10 +24,17 @@ def tune(
         [], "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model)."
     ),
     out: Path = typer.Option(..., "--out", rich_help_panel=_OUT, help="Where to write the tuned profile (YAML)."),
-    profile: Path | None = typer.Option(
-        None, "--profile", rich_help_panel=_WORK,
-        help="Hardware profile to tune for (default: this machine's, for the traces' experts).",
+    profiles: list[Path] = typer.Option(
+        [], "--profile", rich_help_panel=_WORK,
+        help="Hardware profile to tune for (default: this machine's, for the traces' experts). With "
+        "--allow-quantize, repeat it for each format's profile (default: this machine's for that format).",
     ),
+    allow_quantize: str | None = typer.Option(
+        None, "--allow-quantize", rich_help_panel=_WORK,
+        help="Quality budget: the formats the experts may be kept in besides the checkpoint's, e.g. int8,int4 "
+        "(`run --quantize`); each is tuned at the same budget and the fastest is written.",
+    ),
+    group_size: int = typer.Option(128, "--group-size", min=2, rich_help_panel=_WORK, help="Weights per scale, with --allow-quantize."),
     holdout: list[Path] = typer.Option(
         [], "--holdout", rich_help_panel=_WORK, help="Trace never seen by the search, to check the result on; repeatable.",
     ),
@@ -93,11 +100,22 @@ def tune(
 ) -> None:
     """Choose the policy (cache, prefetch, warm start) for a profile by simulating routing traces."""
     with user_errors():
+        from hybrimoe.config import QUANTIZE_FORMATS, load_profile
+        from hybrimoe.errors import UserError
+        from hybrimoe.policy.names import check_name
         from hybrimoe.tune.setup import TuneOptions
-        from hybrimoe.tune.tuner import prepare, tune as run_tune
+        from hybrimoe.tune.tuner import prepare, prepare_formats, tune as run_tune, tune_formats
 
+        formats = () if allow_quantize is None else tuple(
+            check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
+        )
+        quantized = [path for path in profiles if load_profile(path).expert_shape.quantize is not None]
+        plain = [path for path in profiles if path not in quantized]
+        if len(plain) > 1 or (quantized and not formats):
+            raise UserError("give one --profile, and more only with --allow-quantize (one per format)")
         options = TuneOptions(
-            traces=tuple(traces), out=out, profile=profile, holdout=tuple(holdout), holdout_split=holdout_split,
+            traces=tuple(traces), out=out, profile=plain[0] if plain else None, allow_quantize=formats,
+            group_size=group_size, format_profiles=tuple(quantized), holdout=tuple(holdout), holdout_split=holdout_split,
             objective=objective, decode_tokens=decode_tokens, gpu_memory_gb=gpu_memory_gb,
             cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=context, batch_size=batch,
             model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
@@ -105,16 +123,27 @@ def tune(
             measure_top=measure_top, prompts=prompts, measure_tokens=measure_tokens,
             profiling_traces=tuple(profiling_trace),
         )
-        inputs = prepare(options)
-        console.print(Text("study ") + Text(inputs.study_name, style="bold") + Text(f" in {_storage(inputs)}; budget: {inputs.budget}"), highlight=False)
+        studies = prepare_formats(options) if formats else [prepare(options)]
+        for inputs in studies:
+            console.print(Text("study ") + Text(inputs.study_name, style="bold") + Text(f" in {_storage(inputs)}; budget: {inputs.budget}"), highlight=False)
+        choices = []
         try:
             with _progress_bar(trials) as (bar, update):
-                outcome = run_tune(inputs, on_progress=update, on_phase=lambda text: bar.console.print(text, markup=False))
+                def phase(text: str) -> None:
+                    bar.console.print(text, markup=False)
+
+                if formats:
+                    outcome, choices = tune_formats(studies, on_progress=update, on_phase=phase)
+                else:
+                    outcome = run_tune(studies[0], on_progress=update, on_phase=phase)
         except KeyboardInterrupt:
+            inputs = studies[-1]
             kept = ("nothing is kept (in-memory storage)" if inputs.storage_url is None else
                     f"the finished trials are kept in {_storage(inputs)}; rerun the same command to continue")
             err_console.print(f"interrupted: {kept}", highlight=False, markup=False)
             raise typer.Exit(130) from None
+    if choices:
+        _render_formats(choices, outcome, objective)
     _render(outcome.result, objective)
     if outcome.measured:
         _render_measured(outcome.measured, objective)
@@ -126,6 +155,22 @@ def tune(
     for path in outcome.report_files:
         console.print(f"report: {path}", highlight=False, markup=False)
     console.print(f"tuned profile written to {outcome.profile_path}", highlight=False, markup=False)
+
+
+def _render_formats(choices, outcome, objective: str) -> None:
+    """Each format's memory and tuned objective; the chosen one is the profile written."""
+    table = Table(title="Experts' format (--allow-quantize): each tuned at the same budget", title_justify="left")
+    for column in ("format", "one expert", "all experts", "expert slots", f"tuned {objective}, holdout", ""):
+        table.add_column(column, justify="left" if column in ("format", "") else "right")
+    for choice in choices:
+        experts, n_total = choice.inputs.profile.expert_shape, choice.inputs.space.total_experts
+        chosen = choice.result is outcome.result
+        table.add_row(
+            experts.format, f"{experts.expert_bytes / 2**20:.2f} MiB", f"{n_total * experts.expert_bytes / 2**30:.2f} GiB",
+            str(choice.inputs.max_slots), _time_cell(choice.objective_ms), "chosen" if chosen else "",
+            style="bold green" if chosen else None,
+        )
+    console.print(table)
 
 
 def _storage(inputs) -> str:

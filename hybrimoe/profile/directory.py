@@ -113,8 +113,9 @@ def this_machines_profile_for(expert_shape) -> Path:
     machine = this_machine_key("cuda" if torch.cuda.is_available() else "cpu")
     path = find_profile_for_experts(machine, expert_shape)
     if path is None:
+        how = "" if expert_shape.quantize is None else f" --quantize {expert_shape.quantize} --group-size {expert_shape.group_size}"
         raise UserError(
             f"no profile of this machine ({machine}) for experts {expert_shape.describe()}: run "
-            "`hybrimoe profile --model DIR` for the trace's model, or pass --profile"
+            f"`hybrimoe profile --model DIR{how}` for the trace's model, or pass --profile"
         )
     return path

@@ -98,8 +98,10 @@ def measure(
             for i, row in enumerate(rows):
                 if progress is not None:
                     progress(f"measuring {row.config} (round {round_ + 1} of {rounds})")
+                experts = inputs.profile.expert_shape  # the run keeps its experts in the profile's format
                 options = RunOptions(prompts=prompts, model=model, max_new_tokens=max_new_tokens,
-                                     profile=paths[i], cache_experts=row.slots)
+                                     profile=paths[i], cache_experts=row.slots,
+                                     quantize=experts.quantize, group_size=experts.group_size)
                 runs[i].append(run(options, show_progress=False).stats)
     return [_measured(inputs, row, runs[i]) for i, row in enumerate(rows)]
 

@@ -194,6 +194,10 @@ def _record(
 
 
 def write_tuned_profile(inputs: Inputs, result: TuneResult, path: Path | None = None) -> Path:
-    """The input profile with the tuned policy section and the tuning record."""
-    tuned = dataclasses.replace(inputs.profile, policy=result.tuned.policy, tuning=result.record)
+    """The input profile with the tuned policy section (naming the experts' format when quantized,
+    so `run` keeps them so) and the tuning record."""
+    policy, experts = result.tuned.policy, inputs.profile.expert_shape
+    if experts.quantize is not None:
+        policy = dataclasses.replace(policy, quantize=experts.quantize, group_size=experts.group_size)
+    tuned = dataclasses.replace(inputs.profile, policy=policy, tuning=result.record)
     return save_profile(tuned, path or inputs.options.out, overwrite=inputs.options.force)

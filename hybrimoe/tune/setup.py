@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrimoe.config import HardwareProfile, PolicyConfig, TraceRef, load_profile
+from hybrimoe.config import DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
 from hybrimoe.shapes import PRESETS, ModelShape
@@ -43,6 +43,10 @@ class TuneOptions:
     traces: tuple[Path, ...]
     out: Path
     profile: Path | None = None  # default: this machine's profile for the traces' experts
+    quantize: str | None = None  # the experts' format this study tunes for (the profile's must match)
+    group_size: int = DEFAULT_GROUP_SIZE
+    allow_quantize: tuple[str, ...] = ()  # formats `tune_formats` may choose besides the checkpoint's
+    format_profiles: tuple[Path, ...] = ()  # profiles for those formats; default: this machine's
     holdout: tuple[Path, ...] = ()
     holdout_split: float | None = None  # default: DEFAULT_HOLDOUT_SPLIT unless `holdout` is given
     objective: str = "weighted"
@@ -97,11 +101,12 @@ def load_inputs(options: TuneOptions) -> Inputs:
     holdout = [(str(path), load_trace(path)) for path in options.holdout]
     profiling = [(str(path), load_trace(path)) for path in options.profiling_traces]
     meta = traces[0][1].meta
-    profile_path = options.profile or _this_machines_profile(meta)
+    experts = meta.expert_shape().quantized(options.quantize, options.group_size)  # as the run would keep them
+    profile_path = _profile_path(options, experts)
     profile = load_profile(profile_path)
     if not profile.has_accelerator:
         raise UserError(f"profile {profile.name!r} has no accelerator section: there is nothing to place")
-    profile.check_expert_shape(meta.expert_shape())
+    profile.check_expert_shape(experts)
     split = options.holdout_split
     if split is None:
         split = 0.0 if options.holdout else DEFAULT_HOLDOUT_SPLIT
@@ -109,7 +114,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         traces, holdout, split, options.objective, options.decode_tokens, options.profile_split,
         options.prefill_tokens, options.max_tokens, profiling,
     )
-    max_slots, fixed_slots, budget = _capacity(options, meta, profile)
+    max_slots, fixed_slots, budget = _capacity(options, meta, profile, experts.expert_bytes)
     space = policy_space(meta.n_layers * meta.n_experts, meta.top_k, max_slots, fixed_slots)
     refs = tuple(TraceRef(str(path), _sha256(path), trace.n_tokens) for path, (_, trace) in zip(options.traces, traces))
     held_refs = [f"{path} ({_sha256(path)[:12]})" for path in options.holdout]
@@ -118,6 +123,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
         "traces": [ref.sha256 for ref in refs],
         "holdout": held,
         "profile": _sha256(profile_path),
+        "experts": experts.format,
         "objective": options.objective,
         "decode_tokens": options.decode_tokens,
         "slots": [max_slots, fixed_slots],
@@ -194,16 +200,25 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError("--decode-tokens and --context must be >= 0, --batch >= 1")
 
 
-def _this_machines_profile(meta: TraceMeta) -> Path:
+def _profile_path(options: TuneOptions, experts: ExpertShape) -> Path:
+    """The profile for experts kept as `experts` says: `--profile` for the checkpoint's format, the
+    one of `format_profiles` made for a quantized format, else this machine's for that format."""
     from hybrimoe.profile.directory import this_machines_profile_for
 
-    return this_machines_profile_for(meta.expert_shape())
+    if experts.quantize is None:
+        return options.profile or this_machines_profile_for(experts)
+    for path in options.format_profiles:
+        if load_profile(path).expert_shape.format == experts.format:
+            return path
+    return this_machines_profile_for(experts)
 
 
-def _capacity(options: TuneOptions, meta: TraceMeta, profile: HardwareProfile) -> tuple[int, int | None, str]:
-    """(largest capacity, the fixed capacity or None when it is searched, the budget in words)."""
+def _capacity(
+    options: TuneOptions, meta: TraceMeta, profile: HardwareProfile, expert_bytes: int
+) -> tuple[int, int | None, str]:
+    """(largest capacity, the fixed capacity or None when it is searched, the budget in words), for
+    experts of `expert_bytes` each (packed when quantized)."""
     total = meta.n_layers * meta.n_experts
-    expert_bytes = meta.expert_bytes
     budget_bytes = dense_bytes = None
     reserve = Reserve(0, 0)
     budget_source = ""

@@ -153,7 +153,7 @@ def enqueue_references(study: optuna.Study, inputs: Inputs) -> None:
 def objective(inputs: Inputs, worker: int = 0) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """One trial: a baseline strategy at the budget, or the hybrimoe policy the sampler suggests."""
     workload, space = inputs.workload, inputs.space
-    expert_bytes = workload.meta.expert_bytes
+    expert_bytes = inputs.profile.expert_shape.expert_bytes  # in the format the profile keeps experts in
 
     def run(trial: optuna.Trial):
         trial.set_user_attr("worker", worker)

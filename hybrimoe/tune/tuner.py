@@ -9,6 +9,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,13 +35,59 @@ class TuneOutcome:
 
 def prepare(options: TuneOptions) -> Inputs:
     """Every check that can fail on the user's input, before any trial."""
+    inputs = _checked(options)
+    open_storage(inputs)  # an unreachable storage fails here, not after the first trial
+    return inputs
+
+
+def _checked(options: TuneOptions) -> Inputs:
     check_outputs(options)
     inputs = load_inputs(options)
     if options.measure_top:
         check_model(inputs, options.model)
         read_prompts(options.prompts)
-    open_storage(inputs)  # an unreachable storage fails here, not after the first trial
     return inputs
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """One format's study, when `tune_formats` compares the experts' formats."""
+
+    inputs: Inputs
+    study: object  # its optuna.Study
+    result: TuneResult
+    measured: tuple[Measured, ...]
+
+    @property
+    def objective_ms(self) -> float:
+        """The tuned policy's objective on the holdout (on train when nothing is held out)."""
+        tuned = self.result.tuned
+        return (tuned.holdout or tuned.train).objective_ms
+
+
+def prepare_formats(options: TuneOptions) -> list[Inputs]:
+    """Every check, for the checkpoint's format and each allowed quantized one (a study each)."""
+    formats = (None, *dict.fromkeys(options.allow_quantize))
+    studies = [_checked(dataclasses.replace(options, quantize=quantize)) for quantize in formats]
+    for inputs in studies:  # storages open once every format's inputs are known good
+        open_storage(inputs)
+    return studies
+
+
+def tune_formats(
+    studies: list[Inputs],
+    on_progress: Callable[[Progress], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> tuple[TuneOutcome, list[FormatChoice]]:
+    """Tunes each format's study, then finishes (profile, report, exports) the one whose tuned
+    policy is fastest on the holdout; the others are compared, not written."""
+    phase = on_phase or (lambda text: None)
+    choices = []
+    for inputs in studies:
+        phase(f"experts kept as {inputs.profile.expert_shape.format}: {inputs.budget}")
+        choices.append(FormatChoice(inputs, *_search(inputs, on_progress, phase)))
+    chosen = min(choices, key=lambda choice: choice.objective_ms)
+    return _finish(chosen.inputs, chosen.study, chosen.result, chosen.measured, phase), choices
 
 
 def tune(
@@ -48,8 +95,13 @@ def tune(
     on_progress: Callable[[Progress], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> TuneOutcome:
-    options = inputs.options
     phase = on_phase or (lambda text: None)
+    return _finish(inputs, *_search(inputs, on_progress, phase), phase)
+
+
+def _search(inputs: Inputs, on_progress, phase):
+    """The study, the holdout and `--measure-top`: (study, result, measured)."""
+    options = inputs.options
     started_s = time.perf_counter()
     study = run_study(inputs, on_progress)
     phase("simulating the holdout")
@@ -60,6 +112,12 @@ def tune(
                            read_prompts(options.prompts), options.measure_tokens, progress=phase)
         result = summarize(inputs, study, time.perf_counter() - started_s, best(measured).row.trial,
                            as_results(measured), earlier=result)
+    return study, result, tuple(measured)
+
+
+def _finish(inputs: Inputs, study, result: TuneResult, measured: tuple[Measured, ...], phase) -> TuneOutcome:
+    """Writes the tuned profile, then the report directory and the exports."""
+    options = inputs.options
     profile_path = write_tuned_profile(inputs, result)
     report_files: tuple[Path, ...] = ()
     if options.report_dir is not None:
@@ -70,7 +128,7 @@ def tune(
     return TuneOutcome(
         result=result,
         profile_path=profile_path,
-        measured=tuple(measured),
+        measured=measured,
         llamacpp=llamacpp_placement(inputs, result) if "llamacpp" in options.exports else None,
         ktransformers_path=write_ktransformers_placement(inputs, result) if "ktransformers" in options.exports else None,
         report_files=report_files,

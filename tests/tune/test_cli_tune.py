@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 QWEN_TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
 QWEN_PROFILE = REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"
 DEMO_PROFILE = REPO / "profiles" / "measured-2core-cpu.demo.yaml"
+QWEN_INT4_PROFILE = REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.int4g128.yaml"
 QUICK = ["--max-tokens", "120", "--objective", "decode"]
 HYBRIMOE = [sys.executable, "-c", "from hybrimoe.cli import main; main()"]
 
@@ -201,6 +202,9 @@ def test_two_local_workers_share_one_sqlite_study(tmp_path):
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--workers", "2", "--storage", "memory"], "shared storage"),
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--measure-top", "2"], "--measure-top runs the model"),
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--trials", "0"], "--trials must be"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--allow-quantize", "int3"], "unknown --allow-quantize"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--profile", QWEN_INT4_PROFILE], "more only with --allow-quantize"),
+        (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--allow-quantize", "int8"], "--quantize int8 --group-size 128"),
         (["--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--profiling-trace", "{demo}"], "not of Qwen3"),
     ],
 )
@@ -216,3 +220,21 @@ def test_bad_input_is_one_line_before_any_trial(tmp_path, demo_trace, args, mess
     assert len(lines) == 1 and lines[0].startswith("error:") and message in result.output, result.output
     assert "pw" not in result.output
     assert not (tmp_path / "tuned.optuna.db").exists()  # no study was started
+
+
+def test_tune_chooses_the_experts_format_within_the_quality_budget(tmp_path):
+    """bfloat16 and int4 (the quality budget), each tuned at the same 24 GB: the faster is written, and
+    its policy names the format, so `run` keeps the experts so."""
+    out = tmp_path / "tuned.yaml"
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--profile", QWEN_INT4_PROFILE,
+                    "--allow-quantize", "int4", "--gpu-memory-gb", "24", "--trials", "6", "--out", out,
+                    "--storage", "memory", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert "Experts' format" in result.output and "int4 g128" in result.output and "chosen" in result.output
+    tuned = load_profile(out)
+    assert tuned.policy.quantize == tuned.expert_shape.quantize
+    # at 24 GB int4 experts all fit on the GPU (bfloat16 ones: about a third), and the estimate's
+    # int4 decode is the faster
+    assert tuned.policy.quantize == "int4" and tuned.tuning.cache_experts <= 6144
+    n_weights = 3 * 2048 * 768
+    assert f"{(n_weights // 2 + n_weights // 128 * 4) / 2**20:.2f} MiB" in result.output
