@@ -116,8 +116,9 @@ def smoke_command(device: str) -> list[str]:
     """The CUDA exactness tests on a GPU; on the CPU, the mixed-schedule Qwen3 ones (a few seconds)."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if device.startswith("cuda"):
-        # bfloat16 on every case, float32 on the mixed schedule, and the pinned host store: about 30 s
-        return [*pytest, "-m", "cuda", "tests/runtime/test_cuda.py", "-k", "bfloat16 or mixed or pinned"]
+        # bfloat16 on every case, float32 on the mixed schedule, quantized experts in CUDA slots and the
+        # pinned host store: about 40 s
+        return [*pytest, "-m", "cuda", "tests/runtime/test_cuda.py", "-k", "bfloat16 or mixed or pinned or quantized"]
     return [*pytest, "tests/runtime/test_exactness.py", "-k", "qwen3_moe and mixed"]
 
 

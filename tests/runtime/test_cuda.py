@@ -49,6 +49,18 @@ def test_cuda_bfloat16_matches_transformers(bf16_checkpoint, family, schedule, c
     _check(str(bf16_checkpoint(family)), schedule, capacity, depth, batch, device="cuda", tolerance=BF16_TOLERANCE)
 
 
+@pytest.mark.parametrize("quantize, family, group", [("int8", "qwen3_moe", 16), ("int4", "qwen3_moe", 16),
+                                                    ("int4", "gpt_oss", 32)])
+@pytest.mark.parametrize("schedule, capacity, depth, batch", [("mixed", "partial", 2, 2), ("accelerator", "tight", 2, 2)])
+def test_cuda_quantized_matches_transformers(checkpoint, quantize, family, group, schedule, capacity, depth, batch):
+    """Packed experts copied into CUDA slots and dequantized there (the CPU worker's int4 ones run
+    torch's CPU int4 matmul at group 32), against test_quantized_exactness's references."""
+    pytest.importorskip("torchao", reason="torchao is the reference (pip install 'hybrimoe[test]')")
+    from test_quantized_exactness import _check as check_quantized
+
+    check_quantized(str(checkpoint(family)), quantize, schedule, capacity, depth, batch, group, device="cuda")
+
+
 def test_dense_parts_on_the_gpu_and_experts_pinned_on_the_host(checkpoint):
     loaded = _loaded(str(checkpoint("deepseek_v3")), "cuda")
     experts = {id(p) for layer in loaded.layers for p in layer.experts.parameters()}

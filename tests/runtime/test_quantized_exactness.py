@@ -25,7 +25,7 @@ import torch
 from test_exactness import N_NEW, TOLERANCE, _prompt
 from planners import RulePlanner
 
-from hybrimoe.runtime.accelerator import CpuStandIn
+from hybrimoe.runtime.accelerator import CpuStandIn, make_accelerator
 from hybrimoe.runtime.generate import generate
 from hybrimoe.runtime.hybrid import HybridRuntime
 from hybrimoe.runtime.loading import Quantization, load_model
@@ -89,27 +89,30 @@ def _reference(path: str, quantize: str, group: int, batch: int):
 
 
 @functools.cache
-def _loaded(path: str, quantize: str, group: int):
-    return load_model(path, "cpu", with_tokenizer=False, show_progress=False,
+def _loaded(path: str, quantize: str, group: int, device: str = "cpu"):
+    return load_model(path, device, with_tokenizer=False, show_progress=False,
                       quantization=Quantization(quantize, group))
 
 
-def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, batch: int, group: int = GROUP) -> None:
-    loaded = _loaded(path, quantize, group)
+def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, batch: int, group: int = GROUP,
+           device: str = "cpu") -> None:
+    """The hybrid runtime on `device` (test_cuda.py runs "cuda") against the reference on the CPU."""
+    loaded = _loaded(path, quantize, group, device)
     assert loaded.expert_shape.quantize == quantize and loaded.expert_shape.group_size == group
     x = torch.zeros(1, loaded.expert_shape.hidden_size)
     assert runs_int4_kernel(loaded.layers[0].experts.state_dict(), x) == (quantize == "int4" and group == KERNEL_GROUP)
     slots = {"zero": 0, "tight": 2, "partial": 5}[capacity]
     planner = RulePlanner(schedule, slots, loaded.n_layers, loaded.n_experts, prefetch_depth=depth)
     ids, mask = _prompt(batch)
-    with HybridRuntime(loaded, planner, CpuStandIn(), slots) as runtime:
-        out = generate(loaded.model, ids, mask, N_NEW, on_step=runtime.end_step, keep_logits=True)
+    accelerator = CpuStandIn() if device == "cpu" else make_accelerator(device)
+    with HybridRuntime(loaded, planner, accelerator, slots) as runtime:
+        out = generate(loaded.model, ids.to(device), mask.to(device), N_NEW, on_step=runtime.end_step, keep_logits=True)
     ref_prefill, ref_steps, ref_tokens = _reference(path, quantize, group, batch)
-    prefill_diff = (out.prefill_logits - ref_prefill).abs()[mask.bool()].max().item()
-    step_diff = (torch.stack(out.step_logits, dim=1) - ref_steps).abs().max().item()
+    prefill_diff = (out.prefill_logits.cpu() - ref_prefill).abs()[mask.bool()].max().item()
+    step_diff = (torch.stack(out.step_logits, dim=1).cpu() - ref_steps).abs().max().item()
     assert prefill_diff <= TOLERANCE, f"prefill logits differ by {prefill_diff}"
     assert step_diff <= TOLERANCE, f"decode logits differ by {step_diff}"
-    assert torch.equal(out.tokens, ref_tokens)
+    assert torch.equal(out.tokens.cpu(), ref_tokens)
     if capacity != "zero" and schedule != "cpu":
         assert runtime.counters.accelerator_runs > 0 and runtime.counters.demand_loads > 0
 
