@@ -13,7 +13,7 @@ Design choices:
   (compute capability 8.0+); elsewhere, or on an older torch, the same groups run expert by expert.
 - The groups are one contiguous range of the stacked weight (a view, never a gather of weights);
   experts of the range that run nothing are empty groups. Packed (quantized) stacks are the
-  exception: int4 experts on the CPU run expert by expert through torch's packed int4 matmul;
+  exception: on the CPU they run expert by expert through torch's packed int8/int4 matmuls;
   otherwise only the non-empty groups' experts are dequantized, into a stack of their own.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrimoe.runtime.quantized import dense_experts, int4_linear, is_quantized, runs_int4_kernel
+from hybrimoe.runtime.quantized import dense_experts, is_quantized, packed_linear, runs_packed_kernel
 
 
 def silu_gate(gate_up_out: torch.Tensor) -> torch.Tensor:
@@ -110,19 +110,19 @@ def group_pairs(
     return Groups(np.concatenate(chunks), first, np.cumsum(sizes, dtype=np.int32), tuple(runs))
 
 
-def int4_expert_mlp(
+def packed_expert_mlp(
     x: torch.Tensor,  # [T, D]
-    weights: dict[str, torch.Tensor],  # packed int4 stacks (quantized.py), biases
+    weights: dict[str, torch.Tensor],  # packed stacks (quantized.py), biases
     index: int,  # the expert's index in the stacks
     apply_gate: Callable[[torch.Tensor], torch.Tensor] = silu_gate,
 ) -> torch.Tensor:  # [T, D]
-    """One int4 expert through torch's packed int4 matmul (packed weights are [O, K] whatever the
-    family's layout)."""
+    """One quantized expert through torch's packed CPU matmuls (packed weights are [O, K] whatever
+    the family's layout)."""
     gate_up_bias, down_bias = weights.get("gate_up_proj_bias"), weights.get("down_proj_bias")
-    h = int4_linear(x, weights["gate_up_proj_qdata"][index], weights["gate_up_proj_scale"][index])  # [T, 2I]
+    h = packed_linear(x, weights["gate_up_proj_qdata"][index], weights["gate_up_proj_scale"][index])  # [T, 2I]
     if gate_up_bias is not None:
         h = h + gate_up_bias[index]
-    out = int4_linear(apply_gate(h), weights["down_proj_qdata"][index], weights["down_proj_scale"][index])
+    out = packed_linear(apply_gate(h), weights["down_proj_qdata"][index], weights["down_proj_scale"][index])
     return out + down_bias[index] if down_bias is not None else out
 
 
@@ -150,12 +150,12 @@ def grouped_experts_mlp(
     """The experts of `groups`, as two grouped matmuls (or expert by expert where torch has none).
 
     Dense stacks are used in place over the groups' window; packed ones (`quantized.py`) run
-    expert by expert through torch's int4 matmul on the CPU, else are dequantized for the
+    expert by expert through torch's packed matmuls on the CPU, else are dequantized for the
     non-empty groups only, which then are the groups."""
     gate_up_bias, down_bias = weights.get("gate_up_proj_bias"), weights.get("down_proj_bias")
-    if is_quantized(weights) and runs_int4_kernel(weights, x):
+    if is_quantized(weights) and runs_packed_kernel(weights, x):
         return torch.cat([
-            int4_expert_mlp(x[start:stop], weights, stacked, apply_gate) for stacked, start, stop in groups.runs
+            packed_expert_mlp(x[start:stop], weights, stacked, apply_gate) for stacked, start, stop in groups.runs
         ])
     if is_quantized(weights):
         gate_up, down = dense_experts(weights, index.run_indices, x.dtype, transposed)  # [G', ...]

@@ -3,7 +3,9 @@
 Shapes: E = experts in a stack, O = a projection's output size, K = its input size, g = group
 size (K / g groups per row). A stacked projection [E, O, K] (or [E, K, O] when `transposed`,
 GPT-OSS) becomes
-    int8: qdata [E, O, K]      int8, values in [-128, 127]; scale [E, O, K / g] float32
+    int8: qdata [E, K / g, O, g]  int8, values in [-128, 127], group after group (each group's
+                                  [O, g] block contiguous, as torch's int8 matmul reads it);
+                                  scale [E, O, K / g] float32
     int4: qdata [E, O, K / 2]  uint8, two 4-bit values (value + 8) per byte, in the layout torch's
                                CPU int4 kernel reads (`_convert_weight_to_int4pack_for_cpu`:
                                blocks of rows interleaved, not row after row);
@@ -18,11 +20,15 @@ Design choices:
   int4 as its `IntxWeightOnlyConfig(torch.int4, PerGroup(g))` (scales in the weights' dtype).
   It is re-stated here in a few torch ops, so the runtime needs no torchao; the tests check it
   against torchao itself.
-- Kernels are torch's own. int4 on the CPU (group sizes 32-256) runs torch's packed int4 matmul
+- Kernels are torch's own. On the CPU, int4 (group sizes 32-256) runs torch's packed int4 matmul
   (`_weight_int4pack_mm_for_cpu`, about 3x a bfloat16 matmul at one token), so the host store
-  keeps its layout. Elsewhere (int8, CUDA, other group sizes) the experts a kernel call runs are
-  dequantized to the compute dtype, as torchao's group-wise weight-only tensors do, and the usual
-  grouped matmuls run (`kernels.py`); only those experts are dequantized, never a whole stack.
+  keeps its layout; int8 runs torch's int8 matmul (`_weight_int8pack_mm`, one scale per output
+  row) once per group, the groups' products summed in float32 (about 1.7x a bfloat16 matmul at
+  one token), so the host store keeps each group's block contiguous. Elsewhere (CUDA, int4 at
+  other group sizes) the experts a kernel call runs are dequantized to the compute dtype, as
+  torchao's group-wise weight-only tensors do, and the usual grouped matmuls run (`kernels.py`);
+  only those experts are dequantized, never a whole stack. Dequantizing costs a CPU several times
+  the matmul itself, which is why the CPU has the packed kernels.
 - The int4 layout is not re-derived by hand: the order of its 4-bit values is read off torch's own
   converter once per shape (`_int4_order`), and packing and unpacking are one gather each.
 - A quantized stack is plain named tensors (`gate_up_proj_qdata`, `gate_up_proj_scale`, ...), so
@@ -80,9 +86,8 @@ def quantize_stack(weight: torch.Tensor, quantize: str, group_size: int, transpo
     scale = (magnitude / ((q_max - q_min) / 2)).clamp(min=_EPS if quantize == "int8" else torch.finfo(w.dtype).tiny)
     if quantize == "int8":
         scale = scale.float()
-    q = torch.clamp(torch.round(groups * (1.0 / scale[..., None])), q_min, q_max).to(torch.int8).reshape(n, o, k)
-    if quantize == "int4":
-        q = pack_int4(q)
+    q = torch.clamp(torch.round(groups * (1.0 / scale[..., None])), q_min, q_max).to(torch.int8)  # [E, O, K/g, g]
+    q = pack_int4(q.reshape(n, o, k)) if quantize == "int4" else q.transpose(1, 2)  # int8: [E, K/g, O, g]
     return q.contiguous(), scale.contiguous()
 
 
@@ -101,29 +106,50 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return (values.to(torch.int8) - 8).reshape(n, o, 2 * half)
 
 
+def _values(qdata: torch.Tensor) -> torch.Tensor:
+    """The int8 values of N experts' packed weights, [N, O, K]."""
+    if qdata.dtype == torch.uint8:
+        return unpack_int4(qdata)
+    n, n_groups, o, group_size = qdata.shape
+    return qdata.transpose(1, 2).reshape(n, o, n_groups * group_size)
+
+
 def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     """(qdata, scale) of N experts -> their weights [N, O, K] ([N, K, O] view if transposed)."""
-    values = unpack_int4(qdata) if qdata.dtype == torch.uint8 else qdata  # [N, O, K] int8
+    values = _values(qdata)  # [N, O, K] int8
     n, o, k = values.shape
     groups = values.reshape(n, o, scale.shape[-1], -1).to(dtype)  # [N, O, K/g, g]
     weight = (groups * scale[..., None]).to(dtype).reshape(n, o, k)
     return weight.transpose(-2, -1) if transposed else weight
 
 
-def runs_int4_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether torch's packed int4 matmul runs these (quantized) experts: int4 on the CPU, with
-    scales in x's dtype and a group size the kernel takes."""
+def runs_packed_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether torch's packed matmuls run these (quantized) experts on x: on the CPU, int8 always;
+    int4 with scales in x's dtype and a group size the kernel takes."""
     qdata, scale = weights["gate_up_proj_qdata"], weights["gate_up_proj_scale"]
+    if x.device.type != "cpu" or qdata.device.type != "cpu":
+        return False
+    if qdata.dtype == torch.int8:
+        return True
     group_size = 2 * qdata.shape[-1] // scale.shape[-1]
-    return (qdata.dtype == torch.uint8 and x.device.type == "cpu" and scale.dtype == x.dtype
-            and group_size in INT4_KERNEL_GROUP_SIZES)
+    return scale.dtype == x.dtype and group_size in INT4_KERNEL_GROUP_SIZES
 
 
-def int4_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] times one expert's int4 weight (qdata [O, K/2], scale [O, K/g]) transposed: [T, O]."""
-    scales_and_zeros = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1)  # [K/g, O, 2]
-    group_size = 2 * qdata.shape[-1] // scale.shape[-1]
-    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), qdata, group_size, scales_and_zeros)
+def packed_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] times one expert's packed weight transposed, with torch's CPU kernels: [T, O].
+    int4: qdata [O, K/2]; int8: qdata [K/g, O, g]; scale [O, K/g]."""
+    x = x.contiguous()
+    if qdata.dtype == torch.uint8:
+        scales_and_zeros = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1)  # [K/g, O, 2]
+        group_size = 2 * qdata.shape[-1] // scale.shape[-1]
+        return torch._weight_int4pack_mm_for_cpu(x, qdata, group_size, scales_and_zeros)
+    n_groups, _, group_size = qdata.shape
+    x_groups = x.view(x.shape[0], n_groups, group_size)  # [T, K/g, g]
+    scales = scale.t().to(x.dtype).contiguous()  # [K/g, O]: the kernel scales each output row
+    out = torch._weight_int8pack_mm(x_groups[:, 0].contiguous(), qdata[0], scales[0]).float()  # [T, O]
+    for group in range(1, n_groups):
+        out += torch._weight_int8pack_mm(x_groups[:, group].contiguous(), qdata[group], scales[group])
+    return out.to(x.dtype)
 
 
 def is_quantized(weights: dict[str, torch.Tensor]) -> bool:

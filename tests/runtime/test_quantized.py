@@ -7,7 +7,7 @@ import torch
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import UserError
-from hybrimoe.runtime.quantized import dequantize, int4_linear, pack_int4, quantize_stack, unpack_int4
+from hybrimoe.runtime.quantized import dequantize, pack_int4, packed_linear, quantize_stack, unpack_int4
 
 E, O, K, G = 3, 16, 64, 16  # experts, output rows (int4: a multiple of 16), input size, group size
 
@@ -26,13 +26,14 @@ def test_int4_is_torchs_cpu_layout_and_unpacks_exactly(o, k):
     assert torch.equal(unpack_int4(packed), values)
 
 
-def test_int4_kernel_matches_the_dequantized_weights():
-    w = _weights(torch.float32)  # [E, 16, 64]: groups of 32
-    qdata, scale = quantize_stack(w, "int4", 32, transposed=False)
+@pytest.mark.parametrize("quantize, group", [("int4", 32), ("int8", 16), ("int8", 64)])
+def test_packed_kernels_match_the_dequantized_weights(quantize, group):
+    w = _weights(torch.float32)  # [E, 16, 64]
+    qdata, scale = quantize_stack(w, quantize, group, transposed=False)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
     for e in range(E):
         expected = x @ dequantize(qdata[e : e + 1], scale[e : e + 1], torch.float32, False)[0].t()
-        assert (int4_linear(x, qdata[e], scale[e]) - expected).abs().max() <= 1e-5 * expected.abs().max()
+        assert (packed_linear(x, qdata[e], scale[e]) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -42,7 +43,7 @@ def test_quantize_round_trip(quantize, transposed):
     stored = w.transpose(-2, -1).contiguous() if transposed else w
     qdata, scale = quantize_stack(stored, quantize, G, transposed)
     assert qdata.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
-    assert qdata.shape == (E, O, K if quantize == "int8" else K // 2) and scale.shape == (E, O, K // G)
+    assert qdata.shape == ((E, K // G, O, G) if quantize == "int8" else (E, O, K // 2)) and scale.shape == (E, O, K // G)
     assert scale.dtype == torch.float32  # the weights' dtype for int4, float32 for int8 whatever it is
     back = dequantize(qdata, scale, torch.float32, transposed)
     assert back.shape == stored.shape
@@ -73,7 +74,8 @@ def test_the_arithmetic_is_torchaos(dtype, quantize):
     expected = dequantize_affine(q, block, scale, zero, torch.int8, q_min, q_max, output_dtype=dtype)
     qdata, mine = quantize_stack(w, quantize, G, transposed=False)
     assert torch.equal(mine, scale)
-    assert torch.equal(unpack_int4(qdata) if quantize == "int4" else qdata, q)
+    values = unpack_int4(qdata) if quantize == "int4" else qdata.transpose(1, 2).reshape(q.shape)
+    assert torch.equal(values, q)
     assert torch.equal(dequantize(qdata, mine, dtype, transposed=False), expected)
 
 
