@@ -17,6 +17,10 @@ Design choices:
   so the runtime never imports the profile package (which measures with the runtime).
 - The routing is always recorded (the planner needs it on the host anyway); it is written to a
   file only with `record_trace`.
+- Quantized experts: `quantize` (else a tuned profile's `policy.quantize`) names the format; the
+  profile must be one made for that format, and the memory plan counts packed expert bytes (and
+  the checkpoint's, which are read first). This machine's profile is looked up under the
+  format's own name (`MODEL.int4g128`).
 - `replay_trace`: every MoE layer routes as a recorded trace says (`runtime/replay.py`), so a model
   with random weights routes like the trained model the trace came from; the trace is read and
   checked against the model's shapes before the weights, and a trace of more MoE layers than the

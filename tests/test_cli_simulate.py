@@ -68,3 +68,14 @@ def test_the_table_reads_at_80_columns():
     assert "…" not in result.output
     for strategy in ("ktransformers-dynamic", "llamacpp-lru", "static-oracle"):
         assert f" {strategy} " in result.output
+
+
+def test_formats_side_by_side_with_what_they_take():
+    """One trace, the bfloat16 and int4 estimates of one machine: a table each, in its format."""
+    profiles = [str(REPO / "profiles" / f"rtx4090-desktop.qwen3-30b-a3b{suffix}.yaml") for suffix in ("", ".int4g128")]
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", profiles[0], "--profile", profiles[1],
+                                 *SMALL, "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "experts kept as bfloat16: 9.00 MiB each, 54.00 GiB for all 6144" in result.output
+    assert "experts kept as int4 g128: 2.39 MiB each, 14.34 GiB for all 6144" in result.output
+    assert "7.17 GiB at 50%" in result.output  # the int4 cache at half the experts

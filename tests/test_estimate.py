@@ -183,11 +183,11 @@ def test_qwen_sparse_step_and_mlp_only_layers():
 
 
 def test_quantized_estimates_follow_the_runtimes_kernels():
-    """Loads copy packed bytes; int4 CPU experts stream packed weights (torch's int4 matmul), int8
-    ones and GPU experts also write and read back the dequantized weights."""
+    """Loads copy packed bytes; CPU experts stream packed weights (torch's int8 and int4 matmuls),
+    GPU experts also write and read back the dequantized weights."""
     plain, int8, int4 = (estimate_profile("rtx4090-desktop", QWEN3.quantized(q)) for q in (None, "int8", "int4"))
     assert int4.name == "rtx4090-desktop.qwen3-30b-a3b.int4g128"
     load = {p.expert_shape.quantize: p.transfer.expert_load_ms for p in (plain, int8, int4)}
     assert load["int4"] < load["int8"] < load[None] / 1.8
-    assert int4.cpu_expert.ms(1) < plain.cpu_expert.ms(1) / 2.5 < plain.cpu_expert.ms(1) < int8.cpu_expert.ms(1)
+    assert int4.cpu_expert.ms(1) < plain.cpu_expert.ms(1) / 2.5 and int8.cpu_expert.ms(1) < plain.cpu_expert.ms(1) / 1.5
     assert plain.gpu_expert.ms(1) < int4.gpu_expert.ms(1)

@@ -45,8 +45,8 @@ Design choices:
 - A machine's PCIe link is the slower end: an RTX A6000 (PCIe 4.0) in a Cascade Lake Xeon server
   (PCIe 3.0) copies at PCIe 3.0 speed.
 - Quantized weights (int8, int4, `runtime/quantized.py`) shrink what a load copies, not FLOPs.
-  What an expert's kernel streams follows the runtime's kernels: int4 on the CPU is read packed
-  (torch's int4 matmul); elsewhere the weights are dequantized first, so the kernel reads the
+  What an expert's kernel streams follows the runtime's kernels: on the CPU the packed weights
+  (torch's int8 and int4 matmuls); on a GPU they are dequantized first, so the kernel reads the
   packed weights and writes and reads back the dequantized ones (3*H*I*(q + 2*b) bytes).
 - A machine without a GPU (`MachineSpec.gpu` None; in STAND_IN_MACHINES, not MACHINES, as no
   profile of it is shipped and its "GPU" is no faster than its CPU) is estimated as the runtime runs
@@ -255,9 +255,9 @@ def expert_weight_bytes(shape: ModelShape) -> float:
 
 def expert_read_bytes(shape: ModelShape, on_cpu: bool) -> float:
     """The weight bytes one expert's kernel streams: its weights, plus, where the runtime dequantizes
-    before the matmul (int8 anywhere, int4 on a GPU), the dequantized weights written and read back."""
+    before the matmul (quantized experts on a GPU), the dequantized weights written and read back."""
     packed = expert_weight_bytes(shape)
-    if shape.quantize is None or (shape.quantize == "int4" and on_cpu):
+    if shape.quantize is None or on_cpu:
         return packed
     return packed + 2 * 3 * shape.hidden_size * shape.intermediate_size * DTYPE_BYTES[shape.dtype]
 

@@ -16,6 +16,9 @@ Design choices:
   families cheaply; then loaded once on the host. Placement moves the dense parameters to the
   accelerator tensor by tensor and pools the routed experts into one host buffer per layer
   (`host_experts.py`: page-locked on CUDA), so at most one layer's weights exist twice.
+- Quantized experts (`quantization`, `quantized.py`): each layer's experts are quantized in
+  `place`, just before pooling, so the checkpoint's weights and the packed ones exist together for
+  one layer at a time; the loaded expert shape then names the format (its bytes are packed bytes).
 - MoE layers are numbered 0..L-1 over the layers that have routed experts (DeepSeek's first dense
   layers are skipped); `ExpertId = (moe_layer, expert)` uses this numbering.
 """

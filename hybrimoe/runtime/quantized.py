@@ -52,7 +52,6 @@ from hybrimoe.errors import UserError
 PROJECTIONS = ("gate_up_proj", "down_proj")
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 matmul takes
 _RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
-_EPS = torch.finfo(torch.float32).eps  # torchao's choice for int8 weights of every dtype
 
 
 @functools.cache
@@ -83,7 +82,10 @@ def quantize_stack(weight: torch.Tensor, quantize: str, group_size: int, transpo
     groups = w.reshape(n, o, k // group_size, group_size)  # [E, O, K/g, g]
     q_min, q_max = _RANGES[quantize]
     magnitude = groups.abs().amax(dim=-1)  # [E, O, K/g], in the weight's dtype
-    scale = (magnitude / ((q_max - q_min) / 2)).clamp(min=_EPS if quantize == "int8" else torch.finfo(w.dtype).tiny)
+    # torchao's smallest scale: float32's epsilon for int8 (Int8WeightOnlyConfig), the dtype's
+    # smallest normal number for int4 (IntxWeightOnlyConfig's default)
+    smallest = torch.finfo(torch.float32).eps if quantize == "int8" else torch.finfo(w.dtype).tiny
+    scale = (magnitude / ((q_max - q_min) / 2)).clamp(min=smallest)
     if quantize == "int8":
         scale = scale.float()
     q = torch.clamp(torch.round(groups * (1.0 / scale[..., None])), q_min, q_max).to(torch.int8)  # [E, O, K/g, g]

@@ -108,3 +108,32 @@ def test_report_renders_estimated_and_cpu_only_profiles():
     assert "up to" in report.crossover_line(estimated)
     plot = report.terminal_plot(estimated, color=False).plain
     assert "crossover" in plot and "load" in plot
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_profile_times_packed_experts(tmp_path, quantize):
+    """`profile --quantize` times the packed kernel and a packed expert's load, and says so in the
+    profile's expert shape and name; a run with another format refuses it."""
+    out = tmp_path / "p.yaml"
+    result = runner.invoke(app, [*TINY, "--quantize", quantize, "--group-size", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    shape = profile.expert_shape
+    assert (shape.quantize, shape.group_size) == (quantize, 16) and profile.name.endswith(f".{quantize}g16")
+    n_weights = 3 * 32 * 48
+    packed = n_weights // (1 if quantize == "int8" else 2) + n_weights // 16 * 4
+    assert shape.expert_bytes == packed
+    assert profile.transfer.h2d_pinned_expert_gbps * profile.transfer.expert_load_ms * 1e6 == pytest.approx(packed)
+    assert f"--quantize {quantize} --group-size 16" in profile.provenance.created_by
+
+
+def test_quantized_estimate_and_its_refusals(tmp_path):
+    out = tmp_path / "e.yaml"
+    result = runner.invoke(app, ["profile", "--estimate", "rtx4090-desktop", "--preset", "qwen3-30b-a3b",
+                                 "--quantize", "int4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_profile(out).expert_shape.format == "int4 g128"
+    bad = runner.invoke(app, [*TINY, "--quantize", "int4", "--group-size", "64", "--out", str(tmp_path / "x.yaml")])
+    assert bad.exit_code == 2 and "group size 64 does not divide" in error_line(bad)
+    bad = runner.invoke(app, [*TINY, "--quantize", "int2", "--out", str(tmp_path / "x.yaml")])
+    assert bad.exit_code == 2 and "unknown quantization 'int2'" in error_line(bad)
