@@ -160,8 +160,9 @@ def quantization_for_run(options: RunOptions, profile: HardwareProfile | None) -
     policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
     quantize = options.quantize or policy.quantize
     if quantize is None:
-        if options.quantize_dense:
-            raise UserError("--quantize-dense needs --quantize int8 or int4 (the format the dense part is kept in)")
+        if options.quantize_dense or options.group_size is not None:
+            flag = "--quantize-dense" if options.quantize_dense else "--group-size"
+            raise UserError(f"{flag} needs --quantize int8 or int4 (the format the weights are kept in)")
         return None
     group_size = options.group_size or policy.group_size
     return Quantization(quantize, group_size, dense=options.quantize_dense)

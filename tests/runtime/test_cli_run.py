@@ -229,6 +229,7 @@ def test_quantized_dense_part(model_dir):
         (["--quantize", "int3"], "unknown quantization 'int3'"),
         (["--quantize", "int4", "--group-size", "128"], "group size 128 does not divide"),
         (["--quantize-dense"], "--quantize-dense needs --quantize"),
+        (["--group-size", "32"], "--group-size needs --quantize"),
     ],
 )
 def test_quantization_errors_are_one_line(model_dir, args, message):
