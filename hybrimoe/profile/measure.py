@@ -4,8 +4,9 @@ Shapes: N = experts in a pool, T = tokens routed to an expert, D = hidden size,
 I = expert intermediate size.
 
 Design choices:
-- Experts run through `hybrimoe.runtime.kernels.expert_mlp`, the kernel the runtime calls, in the
-  dtype and with the thread setting the runtime uses (the caller sets `torch.set_num_threads`).
+- Experts run through `hybrimoe.runtime.kernels.stacked_expert_mlp`, the kernel the runtime gives
+  one expert (dense, or packed as `run --quantize` keeps it), in the dtype and with the thread
+  setting the runtime uses (the caller sets `torch.set_num_threads`).
 - Weights really come from memory: a pool holds at least twice the cache size in experts, stacked as
   the runtime stacks them, and each call takes the next expert, so no timing sees cache-hot weights.
 - Copies go from pinned host memory (`torch.empty(..., pin_memory=True)`) on a dedicated copy stream
@@ -36,8 +37,8 @@ from hybrimoe.errors import UserError
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.profile.machine import MiB
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
-from hybrimoe.runtime.kernels import expert_mlp
-from hybrimoe.runtime.quantized import dense_experts, quantize_stack
+from hybrimoe.runtime.kernels import stacked_expert_mlp
+from hybrimoe.runtime.quantized import quantize_stack
 from hybrimoe.runtime.threads import torch_threads
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,10 +98,9 @@ class ExpertPool:
                 qdata, scale = quantize_stack(stack, shape.quantize, shape.group_size, transposed=False)
                 self.weights |= {f"{name}_qdata": qdata, f"{name}_scale": scale}
             del gate_up, down
-        self.gate_up_bias = self.down_bias = None
         if shape.has_bias:
-            self.gate_up_bias = fill_weights(torch.empty(n, 2 * i, dtype=dtype, device=device))  # [N, 2I]
-            self.down_bias = fill_weights(torch.empty(n, d, dtype=dtype, device=device))  # [N, D]
+            self.weights["gate_up_proj_bias"] = fill_weights(torch.empty(n, 2 * i, dtype=dtype, device=device))  # [N, 2I]
+            self.weights["down_proj_bias"] = fill_weights(torch.empty(n, d, dtype=dtype, device=device))  # [N, D]
         self.n_experts = n
         self._next = 0
 
@@ -114,18 +114,7 @@ class ExpertPool:
     def run(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D] -> [T, D]
         e = self._next
         self._next = (e + 1) % self.n_experts
-        if self.shape.quantize is None:
-            gate_up, down = self.weights["gate_up_proj"][e], self.weights["down_proj"][e]
-        else:  # dequantized, then the same matmuls, as the runtime's kernel runs a packed expert
-            one = {name: stack[e : e + 1] for name, stack in self.weights.items()}
-            gate_up, down = (w[0] for w in dense_experts(one, slice(None), self.dtype, transposed=False))
-        return expert_mlp(
-            x,
-            gate_up,
-            down,
-            gate_up_bias=None if self.gate_up_bias is None else self.gate_up_bias[e],
-            down_bias=None if self.down_bias is None else self.down_bias[e],
-        )
+        return stacked_expert_mlp(x, self.weights, e)
 
 
 def token_counts(max_tokens: int) -> Iterator[int]:

@@ -126,6 +126,27 @@ def packed_expert_mlp(
     return out + down_bias[index] if down_bias is not None else out
 
 
+def stacked_expert_mlp(
+    x: torch.Tensor,  # [T, D]
+    weights: dict[str, torch.Tensor],  # stacked [N, ...]: dense or packed (quantized.py), biases
+    index: int,  # the expert's index in the stacks
+    apply_gate: Callable[[torch.Tensor], torch.Tensor] = silu_gate,
+) -> torch.Tensor:  # [T, D]
+    """One expert of a stack, with the kernel `grouped_experts_mlp` gives it (what `profile` times);
+    the stacks are in transformers' untransposed layout."""
+    if is_quantized(weights) and runs_packed_kernel(weights, x):
+        return packed_expert_mlp(x, weights, index, apply_gate)
+    if is_quantized(weights):
+        one = {name: stack[index : index + 1] for name, stack in weights.items()}
+        gate_up, down = (w[0] for w in dense_experts(one, slice(None), x.dtype, transposed=False))
+    else:
+        gate_up, down = weights["gate_up_proj"][index], weights["down_proj"][index]
+    gate_up_bias, down_bias = weights.get("gate_up_proj_bias"), weights.get("down_proj_bias")
+    return expert_mlp(x, gate_up, down, apply_gate,
+                      None if gate_up_bias is None else gate_up_bias[index],
+                      None if down_bias is None else down_bias[index])
+
+
 def groups_natively(weight: torch.Tensor) -> bool:
     """Whether torch has a grouped matmul kernel for this stacked weight."""
     if not hasattr(F, "grouped_mm"):

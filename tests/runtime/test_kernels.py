@@ -92,5 +92,8 @@ def test_packed_stacks_run_as_their_dequantized_weights(monkeypatch, quantize, t
     reference = grouped_experts_mlp(rows, dequantized, groups, index, transposed=transposed)
     scale = reference.abs().max().item()
     assert (grouped_experts_mlp(rows, packed, groups, index, transposed=transposed) - reference).abs().max() <= 1e-6 * scale
+    for stacked, start, stop in groups.runs:  # one expert at a time, as `profile` times it
+        one = kernels.stacked_expert_mlp(rows[start:stop], packed, stacked)
+        assert (one - reference[start:stop]).abs().max() <= 1e-6 * scale
     monkeypatch.setattr(kernels, "groups_natively", lambda weight: False)
     assert (grouped_experts_mlp(rows, packed, groups, index, transposed=transposed) - reference).abs().max() <= 1e-6 * scale
