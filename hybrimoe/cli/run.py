@@ -153,7 +153,7 @@ def run(
     quantize_dense: bool = typer.Option(
         False, "--quantize-dense", rich_help_panel=_WEIGHTS,
         help="Quantize the dense part's linear layers too (not the routers), with torchao: "
-        "pip install 'hybrimoe[quantize]'.",
+        "pip install 'hybrimoe\\[quantize]'.",
     ),
     record_trace: Path | None = typer.Option(
         None, "--record-trace", rich_help_panel=_OUT, help="Write the run's routing trace (.npz) here."
