@@ -24,7 +24,7 @@ import functools
 
 import pytest
 import torch
-from test_exactness import N_NEW, TOLERANCE, _prompt
+from test_exactness import BF16_TOLERANCE, N_NEW, TOLERANCE, _prompt
 from planners import RulePlanner
 
 from hybrimoe.runtime.accelerator import CpuStandIn, make_accelerator
@@ -97,11 +97,11 @@ def _loaded(path: str, quantize: str, group: int, device: str = "cpu"):
 
 
 def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, batch: int, group: int = GROUP,
-           device: str = "cpu") -> None:
+           device: str = "cpu", tolerance: float = TOLERANCE, same_tokens: bool = True) -> None:
     """The hybrid runtime on `device` (test_cuda.py runs "cuda") against the reference on the CPU."""
     loaded = _loaded(path, quantize, group, device)
     assert loaded.expert_shape.quantize == quantize and loaded.expert_shape.group_size == group
-    x = torch.zeros(1, loaded.expert_shape.hidden_size)
+    x = torch.zeros(1, loaded.expert_shape.hidden_size, dtype=loaded.model.dtype)
     packed_on_cpu = quantize == "int8" or group == KERNEL_GROUP  # else the dequantizing path
     assert runs_packed_kernel(loaded.layers[0].experts.state_dict(), x) == packed_on_cpu
     slots = {"zero": 0, "tight": 2, "partial": 5}[capacity]
@@ -113,8 +113,10 @@ def _check(path: str, quantize: str, schedule: str, capacity: str, depth: int, b
     ref_prefill, ref_steps, ref_tokens = _reference(path, quantize, group, batch)
     prefill_diff = (out.prefill_logits.cpu() - ref_prefill).abs()[mask.bool()].max().item()
     step_diff = (torch.stack(out.step_logits, dim=1).cpu() - ref_steps).abs().max().item()
-    assert prefill_diff <= TOLERANCE, f"prefill logits differ by {prefill_diff}"
-    assert step_diff <= TOLERANCE, f"decode logits differ by {step_diff}"
+    assert prefill_diff <= tolerance, f"prefill logits differ by {prefill_diff}"
+    if not same_tokens:
+        return  # the decode steps follow the tokens each side chose
+    assert step_diff <= tolerance, f"decode logits differ by {step_diff}"
     assert torch.equal(out.tokens.cpu(), ref_tokens)
     if capacity != "zero" and schedule != "cpu":
         assert runtime.counters.accelerator_runs > 0 and runtime.counters.demand_loads > 0
@@ -143,3 +145,35 @@ def test_packed_experts_live_in_the_host_store_and_the_slots(checkpoint):
     assert packed_bytes == loaded.n_experts * loaded.expert_shape.expert_bytes
     dense_bytes = loaded.n_experts * loaded.expert_shape.quantized(None).expert_bytes
     assert packed_bytes < dense_bytes / 3  # float32 weights: 4 bits + a 4-byte scale per 16 weights
+
+
+@functools.cache
+def _bfloat16_noise(path: str, batch: int) -> float:
+    """How far bfloat16 rounding alone moves this tiny model's prefill logits: transformers on the
+    checkpoint's bfloat16 weights in bfloat16 against the same weights in float32."""
+    from transformers import AutoModelForCausalLM
+
+    ids, mask = _prompt(batch)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            logits.append(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float())
+    return (logits[0] - logits[1]).abs()[mask.bool()].max().item()
+
+
+@pytest.mark.parametrize("quantize, family, group", [("int8", "qwen3_moe", GROUP), ("int4", "qwen3_moe", GROUP),
+                                                    ("int4", "gpt_oss", KERNEL_GROUP)])
+@pytest.mark.parametrize("schedule, capacity, depth, batch", CASES[:2])
+def test_bfloat16_checkpoints_quantized(bf16_checkpoint, quantize, family, group, schedule, capacity, depth, batch):
+    """bfloat16 weights quantized. The dequantizing path (int4, group 16) rounds as the reference
+    does: within test_exactness.BF16_TOLERANCE, same tokens. torch's packed CPU kernels (int8; int4
+    at group 32) round their sums otherwise, each call within bfloat16's precision of the reference
+    (test_quantized.py), and these tiny random models amplify that: their logits move by about 1.5
+    (of about 3) between bfloat16 and float32 of the same weights. So those are held to that
+    movement, measured on the model itself, and not to the same tokens."""
+    path = str(bf16_checkpoint(family))
+    packed = quantize == "int8" or group == KERNEL_GROUP
+    tolerance = _bfloat16_noise(path, batch) if packed else BF16_TOLERANCE
+    _check(path, quantize, schedule, capacity, depth, batch, group, tolerance=tolerance, same_tokens=not packed)
