@@ -32,7 +32,8 @@ def tune(
     allow_quantize: str | None = typer.Option(
         None, "--allow-quantize", rich_help_panel=_WORK,
         help="Quality budget: the formats the experts may be kept in besides the checkpoint's, e.g. int8,int4 "
-        "(`run --quantize`); each is tuned at the same budget and the fastest is written.",
+        "(`run --quantize`); each is a study of its own (--trials each) at the same budget, and the fastest "
+        "on the holdout is written.",
     ),
     group_size: int = typer.Option(128, "--group-size", min=2, rich_help_panel=_WORK, help="Weights per scale, with --allow-quantize."),
     holdout: list[Path] = typer.Option(
