@@ -5,6 +5,9 @@ Design choices:
   the storage, the model for `--measure-top`).
 - The tuned profile is written atomically at the end, so an interrupted study leaves its storage
   (to resume) and never a half-written profile; the report directory and the exports follow it.
+- Choosing the experts' format (`--allow-quantize`): one study per format, each with that format's
+  profile and its packed expert bytes in the budget (`prepare_formats` checks them all before any
+  storage opens); `tune_formats` writes only the one fastest on the holdout.
 """
 
 from __future__ import annotations
