@@ -12,6 +12,10 @@ Steps:
   cache sees real routing. Strategies hybrimoe, gpu-offload and llamacpp at 25% and 50% of all
   routed experts cached, and cpu-only; beside each cell the simulator's prediction for the routing
   the run recorded; hybrimoe's decode speed-up over cpu-only and gpu-offload at 25% cache.
+- `quantized`: the key table's model with int4 experts (`run --quantize int4`: packed host store
+  and slots, dequantized on the GPU), decode tokens/s of hybrimoe and gpu-offload at 25% cache,
+  hybrimoe with every expert cached, and cpu-only (torch's int4 matmul on the CPU), each beside
+  the simulator's prediction with the int4 estimate; to set beside the key table's bfloat16 cells.
 - `overlap`: a torch.profiler trace of three decode steps of hybrimoe at 25% cache; on CUDA the
   kernel time, the host-to-device copy time and how much of the copy time overlaps kernels.
 
@@ -30,8 +34,8 @@ Design choices:
 - torch, transformers and the runtime are imported inside the steps that use them, so `smoke`
   starts without them and the overlap arithmetic can be tested without building anything.
 
-Usage: python benchmarks/gpu_check.py {env,smoke,profile,table,overlap} --out DIR [--device cuda|cpu] [--small]
-       (table and overlap: [--profile PROFILE.yaml] [--layers N]; table: [--budget-s S])
+Usage: python benchmarks/gpu_check.py {env,smoke,profile,table,quantized,overlap} --out DIR [--device cuda|cpu] [--small]
+       (table, quantized and overlap: [--profile PROFILE.yaml] [--layers N]; table, quantized: [--budget-s S])
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
 STRATEGIES = ("hybrimoe", "cpu-only", "gpu-offload", "llamacpp")  # hybrimoe first, then its baselines
 CACHE_RATIOS = (0.25, 0.5)
 REPEATS = 3
+QUANTIZED = "int4"  # the `quantized` step's format, groups of QUANTIZED_GROUP
+QUANTIZED_GROUP = 128
+QUANTIZED_CELLS = (("hybrimoe", 0.25), ("gpu-offload", 0.25), ("hybrimoe", 1.0), ("cpu-only", 0.0))
 TARGET_OVER_CPU_ONLY = 1.5  # hybrimoe's decode speed-up over cpu-only expected on a GPU machine
 
 
@@ -295,12 +302,12 @@ class Bench:
         return RoutingReplay.for_model(self.trace, loaded.n_layers, loaded.n_experts, loaded.top_k, str(TRACE))
 
 
-def open_bench(args: argparse.Namespace, n_layers: int) -> Bench:
+def open_bench(args: argparse.Namespace, n_layers: int, quantize: str | None = None) -> Bench:
     import torch
 
     from hybrimoe.config import load_profile
     from hybrimoe.runtime.accelerator import make_accelerator
-    from hybrimoe.runtime.loading import from_model
+    from hybrimoe.runtime.loading import Quantization, from_model
     from hybrimoe.run import default_profile
     from hybrimoe.runtime.threads import default_threads
     from hybrimoe.trace import load_trace
@@ -308,16 +315,18 @@ def open_bench(args: argparse.Namespace, n_layers: int) -> Bench:
     sizes = SMALL if args.small else FULL
     accelerator = make_accelerator(args.device)
     config = qwen3_config(n_layers, args.small)
-    shape = model_shape_of(config, args.small)
-    if args.profile is not None and args.profile.is_file():
-        profile = load_profile(args.profile)
+    shape = model_shape_of(config, args.small).quantized(quantize, QUANTIZED_GROUP)
+    measured = load_profile(args.profile) if args.profile is not None and args.profile.is_file() else None
+    if measured is not None and measured.expert_shape.format == shape.expert_shape().format:
+        profile = measured
         label = f"measured, {profile.name} ({args.profile})"
     else:
         profile = default_profile(shape, str(accelerator.device))
         label = f"built-in estimate, {profile.name} (no measured profile)"
     trace = load_trace(TRACE)
     started = time.perf_counter()
-    loaded = from_model(qwen3_random(config), device=accelerator.device)
+    quantization = None if quantize is None else Quantization(quantize, QUANTIZED_GROUP)
+    loaded = from_model(qwen3_random(config), device=accelerator.device, quantization=quantization)
     profile.check_expert_shape(loaded.expert_shape)
     threads = profile.machine.threads if not profile.estimated and profile.machine.threads else default_threads()
     shout(f"model built and placed in {time.perf_counter() - started:.0f} s: {loaded.n_layers} MoE layers x "
@@ -480,12 +489,12 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def render_table(bench: Bench, results: list[Result], pending: list[Cell], note: str) -> str:
+def render_table(bench: Bench, results: list[Result], pending: list[Cell], note: str, title: str = "Key table") -> str:
     sizes, loaded = bench.sizes, bench.loaded
     ups = speedups(results)
     lines = [
-        f"# Key table: {loaded.n_layers} MoE layers of Qwen3-30B-A3B experts (random weights), routing replayed "
-        f"from {TRACE.relative_to(REPO)}",
+        f"# {title}: {loaded.n_layers} MoE layers of Qwen3-30B-A3B experts ({loaded.expert_shape.format}, random "
+        f"weights), routing replayed from {TRACE.relative_to(REPO)}",
         "",
         f"hybrimoe decode at {CACHE_RATIOS[0]:.0%} cache: {_fmt(ups['cpu-only'], '.2f', 'x')} cpu-only "
         f"(target >= {TARGET_OVER_CPU_ONLY}x on a GPU), {_fmt(ups['gpu-offload'], '.2f', 'x')} gpu-offload",
@@ -532,10 +541,24 @@ def table_json(bench: Bench, results: list[Result]) -> dict:
 
 
 def table_step(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
     sizes = SMALL if args.small else FULL
     bench = open_bench(args, args.layers or sizes.table_layers)
-    cells = table_cells()
+    return run_cells(args, bench, table_cells(), "key_table", "Key table")
+
+
+def quantized_step(args: argparse.Namespace) -> int:
+    """The key table's model with int4 experts (`run --quantize`), decode only: the cells to set
+    beside the key table's bfloat16 ones."""
+    sizes = SMALL if args.small else FULL
+    bench = open_bench(args, args.layers or sizes.table_layers, quantize=QUANTIZED)
+    cells = [Cell("decode", strategy, ratio) for strategy, ratio in QUANTIZED_CELLS]
+    return run_cells(args, bench, cells, "quantized_table", f"{QUANTIZED} experts")
+
+
+def run_cells(args: argparse.Namespace, bench: Bench, cells: list[Cell], stem: str, title: str) -> int:
+    """Measures the cells in turn, rewriting the table to --out after each; cells that would run
+    past --budget-s are skipped and marked."""
+    started = time.perf_counter()
     results: list[Result] = []
     longest_s = 0.0
     note = ""
@@ -550,12 +573,12 @@ def table_step(args: argparse.Namespace) -> int:
         longest_s = max(longest_s, result.wall_s)
         shout(f"  [{time.perf_counter() - started:5.0f} s] {cell.label}: {result.tokens_per_s:.1f} tok/s "
               f"(predicted {_fmt(result.predicted_tokens_per_s, '.1f')}), cell {result.wall_s:.1f} s")
-        write_table(args.out, "key_table", ".md", render_table(bench, results, cells[i + 1 :], note),
+        write_table(args.out, stem, ".md", render_table(bench, results, cells[i + 1 :], note, title),
                     table_json(bench, results))
-    text = render_table(bench, results, [], note)
-    write_table(args.out, "key_table", ".md", text, table_json(bench, results))
+    text = render_table(bench, results, [], note, title)
+    write_table(args.out, stem, ".md", text, table_json(bench, results))
     shout("\n" + text)
-    shout(f"\ntable step: {time.perf_counter() - started:.0f} s")
+    shout(f"\n{stem}: {time.perf_counter() - started:.0f} s")
     return 0 if all(r.tokens_per_s is not None for r in results) else 1
 
 
@@ -673,7 +696,8 @@ def overlap_step(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-STEPS = {"env": env_step, "smoke": smoke_step, "profile": profile_step, "table": table_step, "overlap": overlap_step}
+STEPS = {"env": env_step, "smoke": smoke_step, "profile": profile_step, "table": table_step,
+         "quantized": quantized_step, "overlap": overlap_step}
 
 
 def main() -> int:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# A one-shot check of the hybrid runtime on a GPU machine, over within 8 minutes. Runs the steps of
+# A one-shot check of the hybrid runtime on a GPU machine, over within 9 and a half minutes. Runs the steps of
 # benchmarks/gpu_check.py, each under `timeout` (its budget below, then 3 s to exit):
 #   env       20 s  torch, CUDA and the GPU in one line; the run stops here without a CUDA device
-#   smoke     60 s  CUDA exactness, bfloat16 included (tests/runtime/test_cuda.py -k "bfloat16 or mixed
-#                   or pinned", about 30 s)
+#   smoke     60 s  CUDA exactness, bfloat16 and quantized experts included (tests/runtime/test_cuda.py
+#                   -k "bfloat16 or mixed or pinned or quantized", about 40 s)
 #   profile   90 s  a quick measured profile of the key table's expert shapes (30 to 60 s), to plan
 #                   with; when it fails the next steps plan with the built-in estimate
 #   table    210 s  THE KEY TABLE: 12 MoE layers of Qwen3-30B-A3B experts (random weights), routing
@@ -12,12 +12,16 @@
 #                   tokens), median of 3 after a warm-up, each beside the simulator's prediction; then
 #                   hybrimoe's decode speed-up over cpu-only (target >= 1.5x) and gpu-offload at 25%.
 #                   Cells that would run past 190 s are skipped, marked so, and fail the step.
+#   quantized 90 s  the key table's model with int4 experts (run --quantize int4), decode: hybrimoe and
+#                   gpu-offload at 25% cache, hybrimoe with every expert cached, cpu-only, each beside
+#                   the simulator's prediction (planned with the int4 estimate)
 #   overlap   60 s  torch.profiler over 3 decode steps of hybrimoe at 25% cache (4 MoE layers): kernel
 #                   time, host-to-device copy time and how much of the copying overlaps kernels
-# Total: 440 s of budgets + 5 x 3 s to exit = 455 s at most.
+# Total: 530 s of budgets + 6 x 3 s to exit = 548 s at most.
 #
 # Writes to $OUT, each file as soon as its step has it (the key table after every cell):
 #   env.txt; smoke.txt, smoke.json; profile.yaml, profile.txt; key_table.md, key_table.json;
+#   quantized_table.md, quantized_table.json;
 #   overlap.txt, overlap.json, overlap_trace.json (chrome trace: chrome://tracing or ui.perfetto.dev)
 #
 # Run on a machine with an NVIDIA GPU (torch with CUDA and this package's dependencies; the package
@@ -66,6 +70,7 @@ else
 fi
 
 step table 210 --budget-s 190 ${profile_args[@]+"${profile_args[@]}"} "$@"
+step quantized 90 --budget-s 75 "$@"
 step overlap 60 ${profile_args[@]+"${profile_args[@]}"} "$@"
 
 echo

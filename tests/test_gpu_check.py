@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE_FILES = (
-    "key_table.md", "key_table.json", "smoke.txt", "smoke.json", "overlap.txt", "overlap.json", "overlap_trace.json",
+    "key_table.md", "key_table.json", "quantized_table.md", "quantized_table.json", "smoke.txt", "smoke.json", "overlap.txt", "overlap.json", "overlap_trace.json",
 )
 
 
