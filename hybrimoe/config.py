@@ -32,7 +32,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
 DEFAULT_GROUP_SIZE = 128
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what quantized experts are dequantized to
-SCALE_BYTES = 4  # one float32 scale per group
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,8 @@ class ExpertShape:
     """The shape of one routed expert; a profile's costs apply only to experts of this shape.
 
     `dtype` is the weights' (and the compute's) dtype; `quantize` names the packed format the
-    weights are kept in when the runtime quantizes them (int8 or int4, one float32 scale per
-    `group_size` weights of a row), and then an expert's bytes are its packed bytes."""
+    weights are kept in when the runtime quantizes them (int8 or int4, one scale per `group_size`
+    weights of a row), and then an expert's bytes are its packed bytes."""
 
     hidden_size: int
     intermediate_size: int
@@ -138,7 +137,13 @@ class ExpertShape:
         n_weights = self.n_matrices * self.hidden_size * self.intermediate_size
         if self.quantize is None:
             return int(n_weights * DTYPE_BYTES[self.dtype])
-        return int(n_weights * DTYPE_BYTES[self.quantize] + n_weights // self.group_size * SCALE_BYTES)
+        return int(n_weights * DTYPE_BYTES[self.quantize] + n_weights // self.group_size * self.scale_bytes)
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of one group's scale (quantized shapes): float32 for int8, the weights' dtype for
+        int4 (runtime/quantized.py)."""
+        return 4 if self.quantize == "int8" else int(DTYPE_BYTES[self.dtype])
 
     def quantized(self, quantize: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> ExpertShape:
         """This shape kept in another format (None: the dtype's own)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hybrimoe.config import DTYPE_BYTES, SCALE_BYTES, CurvePoint, ExpertShape
+from hybrimoe.config import DTYPE_BYTES, CurvePoint, ExpertShape
 from hybrimoe.errors import UserError
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.profile.machine import MiB
@@ -374,7 +374,7 @@ def weight_bytes(shape: ExpertShape) -> list[int]:
     if shape.quantize is None:
         return [int(2 * i * d * item), int(d * i * item)] + biases
     packed = DTYPE_BYTES[shape.quantize]
-    pieces = [(n * packed, n // shape.group_size * SCALE_BYTES) for n in (2 * i * d, d * i)]
+    pieces = [(n * packed, n // shape.group_size * shape.scale_bytes) for n in (2 * i * d, d * i)]
     return [int(n) for piece in pieces for n in piece] + biases
 
 

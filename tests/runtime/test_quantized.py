@@ -97,5 +97,16 @@ def test_packed_bytes():
     n = 3 * 2048 * 768
     assert shape.expert_bytes == 2 * n
     assert shape.quantized("int8").expert_bytes == n + n // 128 * 4
-    assert shape.quantized("int4", 64).expert_bytes == n // 2 + n // 64 * 4
+    assert shape.quantized("int4", 64).expert_bytes == n // 2 + n // 64 * 2  # bfloat16 scales
     assert shape.quantized("int4").describe() == "3 x 2048 x 768 bfloat16 as int4 g128"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_an_expert_shapes_bytes_are_its_packed_tensors(dtype, quantize):
+    """What capacity, copies and the simulator count is what the packed tensors really take."""
+    d, i, group = 64, 32, 16
+    shape = ExpertShape(hidden_size=d, intermediate_size=i, dtype=str(dtype).removeprefix("torch.")).quantized(quantize, group)
+    tensors = [*quantize_stack(torch.zeros(1, 2 * i, d, dtype=dtype), quantize, group, transposed=False),
+               *quantize_stack(torch.zeros(1, d, i, dtype=dtype), quantize, group, transposed=False)]
+    assert shape.expert_bytes == sum(t.nbytes for t in tensors)
