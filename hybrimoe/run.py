@@ -155,9 +155,14 @@ def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, 
                  sync=accelerator.synchronize)
 
 
+def _policy(profile: HardwareProfile | None) -> PolicyConfig:
+    """The profile's tuned policy, else the default one."""
+    return profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+
+
 def quantization_for_run(options: RunOptions, profile: HardwareProfile | None) -> Quantization | None:
     """How the run keeps its weights: the options', else the profile's tuned policy's."""
-    policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+    policy = _policy(profile)
     quantize = options.quantize or policy.quantize
     if quantize is None:
         if options.quantize_dense or options.group_size is not None:
@@ -241,14 +246,16 @@ class _Prepared(NamedTuple):
     dense_bytes: int  # every weight but the routed experts
 
 
-def _prepare(
-    facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, model_name: str, accelerator,
-    quantization: Quantization | None,
-) -> _Prepared:
-    """Before any weight is read: the model's shape, the prompts tokenized, and the memory plan."""
+def _model_shape(facts: ModelFacts, model_name: str, quantization: Quantization | None) -> ModelShape:
+    """The model's shape from its config, its experts in the format the run keeps them in."""
     shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
-    if quantization is not None:
-        shape = shape.quantized(quantization.experts, quantization.group_size)
+    return shape if quantization is None else shape.quantized(quantization.experts, quantization.group_size)
+
+
+def _prepare(
+    shape: ModelShape, facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, accelerator
+) -> _Prepared:
+    """Before any weight is read: the prompts tokenized, and the memory plan for `shape`."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -268,7 +275,7 @@ def plan_memory(
     the format `shape` keeps them in (packed when quantized); the checkpoint's are read first."""
     n_seqs, n_prompt_tokens = prompt_shape
     reserve = reserve_for(shape, n_seqs, n_prompt_tokens, options.max_new_tokens)
-    policy = profile.policy if profile is not None and profile.policy is not None else PolicyConfig()
+    policy = _policy(profile)
     budget = options.gpu_memory_gb
     expert_bytes, n_experts_total = shape.expert_shape().expert_bytes, facts.n_layers * facts.n_experts
     capacity = resolve_capacity(
@@ -349,14 +356,12 @@ def run(
     quantization = quantization_for_run(options, profile)
 
     def before_weights(facts: ModelFacts, tokenizer) -> None:
+        shape = _model_shape(facts, model_name, quantization)
         if profile is not None:
-            expert_shape = facts.expert_shape
-            if quantization is not None:
-                expert_shape = expert_shape.quantized(quantization.experts, quantization.group_size)
-            profile.check_expert_shape(expert_shape)
+            profile.check_expert_shape(shape.expert_shape())
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
-        prepared.append(_prepare(facts, tokenizer, options, profile, model_name, accelerator, quantization))
+        prepared.append(_prepare(shape, facts, tokenizer, options, profile, accelerator))
 
     loaded = load_model(
         path,
@@ -370,7 +375,7 @@ def run(
     shape, ids, mask, capacity_chosen, reserve, dense_bytes = prepared[0]
     ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
-    policy = profile.policy or PolicyConfig()
+    policy = _policy(profile)
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
     threads, threads_source = run_threads(options, profile)
 

@@ -125,6 +125,11 @@ def dequantize(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     return weight.transpose(-2, -1) if transposed else weight
 
 
+def _int4_group_size(qdata: torch.Tensor, scale: torch.Tensor) -> int:
+    """Weights per scale of a packed int4 weight: K (two per byte) over the scales per row."""
+    return 2 * qdata.shape[-1] // scale.shape[-1]
+
+
 def runs_packed_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
     """Whether torch's packed matmuls run these (quantized) experts on x: on the CPU, int8 always;
     int4 with scales in x's dtype and a group size the kernel takes."""
@@ -133,8 +138,7 @@ def runs_packed_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> boo
         return False
     if qdata.dtype == torch.int8:
         return True
-    group_size = 2 * qdata.shape[-1] // scale.shape[-1]
-    return scale.dtype == x.dtype and group_size in INT4_KERNEL_GROUP_SIZES
+    return scale.dtype == x.dtype and _int4_group_size(qdata, scale) in INT4_KERNEL_GROUP_SIZES
 
 
 def packed_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -143,8 +147,7 @@ def packed_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> 
     x = x.contiguous()
     if qdata.dtype == torch.uint8:
         scales_and_zeros = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=-1)  # [K/g, O, 2]
-        group_size = 2 * qdata.shape[-1] // scale.shape[-1]
-        return torch._weight_int4pack_mm_for_cpu(x, qdata, group_size, scales_and_zeros)
+        return torch._weight_int4pack_mm_for_cpu(x, qdata, _int4_group_size(qdata, scale), scales_and_zeros)
     n_groups, _, group_size = qdata.shape
     x_groups = x.view(x.shape[0], n_groups, group_size)  # [T, K/g, g]
     scales = scale.t().to(x.dtype).contiguous()  # [K/g, O]: the kernel scales each output row

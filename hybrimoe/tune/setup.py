@@ -102,8 +102,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
     profiling = [(str(path), load_trace(path)) for path in options.profiling_traces]
     meta = traces[0][1].meta
     experts = meta.expert_shape().quantized(options.quantize, options.group_size)  # as the run would keep them
-    profile_path = _profile_path(options, experts)
-    profile = load_profile(profile_path)
+    profile_path, profile = _profile(options, experts)
     if not profile.has_accelerator:
         raise UserError(f"profile {profile.name!r} has no accelerator section: there is nothing to place")
     profile.check_expert_shape(experts)
@@ -200,17 +199,21 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError("--decode-tokens and --context must be >= 0, --batch >= 1")
 
 
-def _profile_path(options: TuneOptions, experts: ExpertShape) -> Path:
-    """The profile for experts kept as `experts` says: `--profile` for the checkpoint's format, the
-    one of `format_profiles` made for a quantized format, else this machine's for that format."""
+def _profile(options: TuneOptions, experts: ExpertShape) -> tuple[Path, HardwareProfile]:
+    """The profile (its path, and it loaded) for experts kept as `experts` says: `--profile` for the
+    checkpoint's format, the one of `format_profiles` made for a quantized format, else this
+    machine's for that format."""
     from hybrimoe.profile.directory import this_machines_profile_for
 
     if experts.quantize is None:
-        return options.profile or this_machines_profile_for(experts)
+        path = options.profile or this_machines_profile_for(experts)
+        return path, load_profile(path)
     for path in options.format_profiles:
-        if load_profile(path).expert_shape.format == experts.format:
-            return path
-    return this_machines_profile_for(experts)
+        profile = load_profile(path)
+        if profile.expert_shape.format == experts.format:
+            return path, profile
+    path = this_machines_profile_for(experts)
+    return path, load_profile(path)
 
 
 def _capacity(
