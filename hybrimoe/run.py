@@ -7,7 +7,8 @@ Design choices:
   kind (`profile/directory.py`), else the datasheet estimate for this kind of machine (the CPU
   stand-in's without a GPU); the report says which.
 - Threads: the CPU experts use the thread count the profile was measured with (`--threads`
-  overrides; an estimate uses one less than the cores), so the run matches its profile.
+  overrides; an estimate uses every core but one on CUDA, every core without an accelerator), so
+  the run matches its profile.
 - TTFT and tokens/s are measured after a warm-up forward step on a throwaway runtime (first calls
   of kernels cost extra), and the report puts the simulator's prediction for the same profile,
   routing and planner next to them; the planner sees each step's start (`begin_step`), as the
@@ -135,15 +136,15 @@ def this_machines_profile(
     return find_profile(this_machine_key(device), name)
 
 
-def run_threads(options: RunOptions, profile: HardwareProfile) -> tuple[int, str]:
+def run_threads(options: RunOptions, profile: HardwareProfile, is_cuda: bool) -> tuple[int, str]:
     """CPU expert threads for the run, and where the number came from."""
-    from hybrimoe.runtime.threads import default_threads
+    from hybrimoe.runtime.threads import default_threads, default_threads_source
 
     if options.threads is not None:
         return options.threads, "--threads"
     if not profile.estimated and profile.machine.threads:
         return profile.machine.threads, "the profile"
-    return default_threads(), "one less than the cores"
+    return default_threads(is_cuda), default_threads_source(is_cuda)
 
 
 def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, threads: int, ids, mask) -> None:
@@ -377,7 +378,7 @@ def run(
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     policy = _policy(profile)
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
-    threads, threads_source = run_threads(options, profile)
+    threads, threads_source = run_threads(options, profile, accelerator.is_cuda)
 
     def fresh_planner() -> Planner:
         return build_planner(strategy, loaded, profile, policy, capacity)

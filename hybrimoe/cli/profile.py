@@ -61,7 +61,7 @@ def profile(
     ),
     threads: int | None = typer.Option(
         None, "--threads", min=1, rich_help_panel=_RUN,
-        help="CPU threads for expert kernels (default: torch's, as the runtime uses).",
+        help="CPU threads for expert kernels (default: every core but one with CUDA, every core without).",
     ),
     quick: bool = typer.Option(
         False, "--quick", rich_help_panel=_RUN, help="About 30 s in all: fewer repeats and token counts."

@@ -11,9 +11,10 @@ Design choices:
   measured on the model's own modules with the runtime (model_costs.py): the dense part of a layer
   replaces the stand-in below, and the CPU worker's per-layer start-up replaces the first-expert
   micro-benchmark. Shapes alone (`--preset`, explicit sizes) keep those stand-ins.
-- The thread count defaults to one less than the cores (at least one): the thread that launches
-  the layers' work and plans needs a core of its own beside the CPU experts. The profile records it
-  and `run` uses it.
+- The thread count defaults to one less than the cores (at least one) on CUDA: the thread that
+  launches the layers' work and plans needs a core of its own beside the CPU experts; without an
+  accelerator to every core, as the dense part and the experts take turns (`threads.py`). The
+  profile records it and `run` uses it.
 - The notes also record what each stand-in is, the load average before and after (other processes
   make CPU timings pessimistic), and any slowdown below 1 that was floored as noise.
 """
@@ -152,7 +153,7 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     model = options.model
     device = _device(options.device)
     accelerated = device.type == "cuda"
-    threads = options.threads or default_threads()
+    threads = options.threads or default_threads(accelerated)
     cache_bytes = options.cache_bytes or llc_bytes()
     setup = _Setup(
         model=model,

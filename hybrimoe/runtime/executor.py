@@ -27,7 +27,9 @@ Design choices:
 - Each side runs its experts as one grouped kernel per projection (`kernels.py`): the accelerator
   over the slots' stacked weights (pairs grouped by slot), the CPU worker over the layer's stacked
   host weights (pairs grouped by expert). Every pair is weighted by its own routing weight, taken
-  through the same grouping.
+  through the same grouping. Experts with few tokens on the CPU run the native kernels instead
+  (`native/`: the whole side in one call, weights read once at the memory's bandwidth) where
+  they serve the weights' format.
 - Weighted expert outputs are summed in float32 and cast to the model's dtype once (as
   transformers' grouped_mm path does); routers may return float32 weights for bfloat16 models.
 - Plans are checked (every activated expert exactly once; resident experts really resident), so a
@@ -47,6 +49,7 @@ import torch
 from hybrimoe.policy.plan import LayerPlan, Planner
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.kernels import Groups, GroupIndex, group_pairs, grouped_experts_mlp, split_indices
+from hybrimoe.runtime import native
 from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import RunCounters
@@ -110,6 +113,7 @@ class LayerExecutor:
         self.n_experts, self.counters = n_experts, counters
         self.routers = [layer.router for layer in layers]
         self._gates = [layer.experts._apply_gate for layer in layers]
+        self._standard_gate = [native.standard_gate(layer.experts) for layer in layers]
         self._transposed = [bool(layer.experts.is_transposed) for layer in layers]
         # DeepSeek-V3-style routers score experts with a sigmoid (and a correction bias for choosing)
         self._sigmoid = [hasattr(layer.router, "e_score_correction_bias") for layer in layers]
@@ -225,7 +229,12 @@ class LayerExecutor:
         out: torch.Tensor,  # [T, D] float32, added to
     ) -> None:
         """Adds each pair's routing weight times its expert's output on its token to `out`."""
-        tokens = pairs // topk_weights.shape[-1]  # [R]: only the groups' rows are gathered
+        k = topk_weights.shape[-1]
+        if native.runs(stacked, x, groups.max_rows, self._standard_gate[layer]):
+            experts, ends = groups.run_arrays()
+            native.add_experts(out, x, groups.pairs // k, topk_weights.reshape(-1)[pairs], experts, ends, stacked)
+            return
+        tokens = pairs // k  # [R]: only the groups' rows are gathered
         y = grouped_experts_mlp(x[tokens], stacked, groups, index, self._gates[layer], self._transposed[layer])  # [R, D]
         out.index_add_(0, tokens, (y * topk_weights.reshape(-1)[pairs, None]).float())
 

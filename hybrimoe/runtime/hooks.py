@@ -10,6 +10,8 @@ Design choices:
   router runs just before the experts of the same layer).
 - Each experts module carries its MoE layer number and the executor as one attribute, set on
   install and removed on `remove()`, which also restores the previous implementation.
+- The dense part's CPU-resident linear layers run the native decode kernel while installed
+  (`native.NativeLinears`; on CUDA they are on the GPU and keep torch's).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from hybrimoe.errors import ModelError
+from hybrimoe.runtime import native
 from hybrimoe.runtime.executor import LayerExecutor
 from hybrimoe.runtime.loading import LoadedModel
 
@@ -52,12 +55,14 @@ class Installed:
             setattr(layer.experts, _BINDING, (executor, layer.index))
             self._handles.append(layer.router.register_forward_hook(_capture(executor, layer.index)))
         model.set_experts_implementation(IMPLEMENTATION)
+        self._linears = native.NativeLinears(model)
         unhooked = [layer for layer in loaded.layers if layer.experts.config._experts_implementation != IMPLEMENTATION]
         if unhooked:
             self.remove()
             raise ModelError(f"{loaded.family}: the model does not let its experts implementation be replaced")
 
     def remove(self) -> None:
+        self._linears.remove()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -15,6 +15,8 @@ Design choices:
   experts of the range that run nothing are empty groups. Packed (quantized) stacks are the
   exception: on the CPU they run expert by expert through torch's packed int8/int4 matmuls;
   otherwise only the non-empty groups' experts are dequantized, into a stack of their own.
+- Decode-sized CPU groups run the native kernels instead (`native/`), chosen by the executor for
+  a whole side and by `stacked_expert_mlp` for one expert, so `profile` times what runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hybrimoe.runtime import native
 from hybrimoe.runtime.quantized import dense_experts, is_quantized, packed_linear, runs_packed_kernel
 
 
@@ -68,11 +71,21 @@ class Groups:
     def n_groups(self) -> int:
         return len(self.ends)
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows (tokens) of one group."""
+        return max(stop - start for _, start, stop in self.runs)
+
+    def run_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The non-empty groups' stacked indices [G'] and end rows [G'], int64."""
+        runs = np.array(self.runs, dtype=np.int64).reshape(-1, 3)
+        return runs[:, 0], runs[:, 2]
+
     def index_arrays(self) -> np.ndarray:
         """[R + G + 2G'] int64, for one copy to the weights' device: the pairs, the groups' ends,
         then the non-empty groups' stacked indices and end rows (`split_indices` takes it apart)."""
-        runs = np.array(self.runs, dtype=np.int64).reshape(-1, 3)
-        return np.concatenate([self.pairs, self.ends, runs[:, 0], runs[:, 2]]).astype(np.int64, copy=False)
+        run_indices, run_ends = self.run_arrays()
+        return np.concatenate([self.pairs, self.ends, run_indices, run_ends]).astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -132,8 +145,15 @@ def stacked_expert_mlp(
     index: int,  # the expert's index in the stacks
     apply_gate: Callable[[torch.Tensor], torch.Tensor] = silu_gate,
 ) -> torch.Tensor:  # [T, D]
-    """One expert of a stack, with the kernel `grouped_experts_mlp` gives it (what `profile` times);
-    the stacks are in transformers' untransposed layout."""
+    """One expert of a stack, with the kernel the executor gives it (what `profile` times): the
+    native kernel for a few tokens where it serves the stacks, else `grouped_experts_mlp`'s; the
+    stacks are in transformers' untransposed layout."""
+    n_tokens = x.shape[0]
+    if apply_gate is silu_gate and native.runs(weights, x, n_tokens, standard_gate=True):
+        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        native.add_experts(out, x, np.arange(n_tokens), torch.ones(n_tokens), np.array([index]),
+                           np.array([n_tokens]), weights)
+        return out.to(x.dtype)
     if is_quantized(weights) and runs_packed_kernel(weights, x):
         return packed_expert_mlp(x, weights, index, apply_gate)
     if is_quantized(weights):

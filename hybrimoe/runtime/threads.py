@@ -2,7 +2,8 @@
 
 Design choices:
 - One setting, `threads`: the CPU expert worker's intra-op threads (the profile's, as it was
-  measured with; `--threads` overrides; an estimate uses one less than the cores). It is set in
+  measured with; `--threads` overrides; by default every core but one on CUDA, every core without
+  an accelerator, where the dense part and the experts take turns rather than overlap). It is set in
   the worker thread itself (torch's intra-op thread count is per calling thread), so the two
   threads of a run do not share one process-wide number.
 - The launching thread (the model's forward, routing, planning, kernel launches) keeps the core
@@ -22,9 +23,16 @@ from collections.abc import Iterator
 import torch
 
 
-def default_threads() -> int:
-    """Every core but one, at least one."""
-    return max(1, (os.cpu_count() or 1) - 1)
+def default_threads(is_cuda: bool) -> int:
+    """Every core but one on CUDA (the launching thread keeps one), every core on the CPU stand-in:
+    there the dense part and the CPU experts of a layer run one after the other, and a core left
+    idle is bandwidth left unread (measured: benchmarks/bench_cpu_peer.py)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if is_cuda else cores
+
+
+def default_threads_source(is_cuda: bool) -> str:
+    return "every core but one (CUDA)" if is_cuda else "every core (no accelerator)"
 
 
 def launching_threads(threads: int, is_cuda: bool) -> int:

@@ -58,8 +58,9 @@ def test_pool_rotates_past_the_cache_and_runs_the_runtime_kernel():
     assert pool.n_experts * TINY_SHAPE.expert_bytes >= 2 * TINY_CACHE_BYTES
     x = pool.tokens(3)
     gate_up, down = pool.weights["gate_up_proj"], pool.weights["down_proj"]
-    assert torch.equal(pool.run(x), expert_mlp(x, gate_up[0], down[0]))
-    assert torch.equal(pool.run(x), expert_mlp(x, gate_up[1], down[1]))
+    # the runtime's kernel for 3 tokens: the native one where it runs, which sums in another order
+    torch.testing.assert_close(pool.run(x), expert_mlp(x, gate_up[0], down[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pool.run(x), expert_mlp(x, gate_up[1], down[1]), rtol=1e-5, atol=1e-6)
     assert torch.isfinite(gate_up).all() and gate_up.abs().max() > 0
 
 

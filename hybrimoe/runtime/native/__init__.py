@@ -1,0 +1,167 @@
+"""hybrimoe's native CPU kernels (`kernels.c`), through ctypes, and when they run.
+
+Shapes: T = tokens of the step, R = rows (token-expert pairs, group after group), G = groups,
+D = hidden size, I = expert intermediate size, N = experts in a stacked weight.
+
+Design choices:
+- Decode is a matrix-vector product per expert and per linear layer, where what counts is reading
+  each weight once at the memory's bandwidth: torch's CPU matmuls read bfloat16 weights at about
+  half of it for one token (README, "CPU kernels"). `hm_experts` runs a layer's CPU experts in one
+  call, its threads splitting the layer's weight rows; `hm_linear` serves the dense part's linear
+  layers on the CPU (installed per model by `NativeLinears`, removed with the runtime).
+- They run only where they round as torch does and are faster: float32 or bfloat16 weights (dense
+  stacks in transformers' layout, the standard SiLU gate, no expert biases), few tokens
+  (`MAX_TOKENS`: beyond it a blocked matmul reads less and torch's wins), and an AVX-512 CPU.
+  Everything else, and any install where the extension could not be compiled, keeps torch's
+  kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path.
+- ctypes releases the GIL for the call, so the CPU worker's experts overlap the main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np
+import torch
+
+MAX_TOKENS = 4  # per expert, or per linear call; measured: benchmarks/bench_cpu_kernels.py
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_P = ctypes.c_void_p
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when the extension is absent or disabled."""
+    if os.environ.get("HYBRIMOE_NATIVE", "1") == "0":
+        return None
+    try:
+        from hybrimoe.runtime.native import _kernels
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_kernels.__file__)
+    lib.hm_supports.argtypes, lib.hm_supports.restype = [ctypes.c_int], ctypes.c_int
+    lib.hm_experts.restype = ctypes.c_int
+    lib.hm_experts.argtypes = [
+        ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64,  # dtype, x, D, I
+        _P, _P, ctypes.c_int,  # tokens, row weights, round product
+        _P, _P, ctypes.c_int64,  # experts, ends, G
+        _P, _P, _P, ctypes.c_int,  # gate_up, down, out, threads
+    ]
+    lib.hm_linear.restype = ctypes.c_int
+    lib.hm_linear.argtypes = [
+        ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, _P, ctypes.c_int,
+    ]  # dtype, x, T, K, weight, O, bias, out, threads
+    return lib
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether this install and CPU run the native kernels for weights of `dtype`."""
+    lib = _library()
+    return lib is not None and dtype in _DTYPES and bool(lib.hm_supports(_DTYPES[dtype]))
+
+
+def runs(weights: dict[str, torch.Tensor], x: torch.Tensor, max_rows_per_group: int, standard_gate: bool) -> bool:
+    """Whether `add_experts` serves these stacked weights and rows."""
+    gate_up = weights.get("gate_up_proj")
+    return (
+        standard_gate
+        and gate_up is not None
+        and max_rows_per_group <= MAX_TOKENS
+        and set(weights) == {"gate_up_proj", "down_proj"}
+        and x.device.type == "cpu"
+        and x.dtype == gate_up.dtype
+        and all(w.is_contiguous() for w in weights.values())
+        and available(gate_up.dtype)
+    )
+
+
+def add_experts(
+    out: torch.Tensor,  # [T, D] float32, added to
+    x: torch.Tensor,  # [T, D]
+    tokens: np.ndarray,  # [R] int64: each row's token
+    row_weights: torch.Tensor,  # [R]: each row's routing weight
+    experts: np.ndarray,  # [G] int64: each group's index in the stacks
+    ends: np.ndarray,  # [G] int64: each group's end row
+    weights: dict[str, torch.Tensor],  # gate_up_proj [N, 2I, D], down_proj [N, D, I]
+) -> None:
+    """out[token] += weight * expert(x[token]) for every row, as torch's kernels round it."""
+    gate_up, down = weights["gate_up_proj"], weights["down_proj"]
+    x = x.contiguous()
+    row_weights_f32 = row_weights.float().contiguous()
+    tokens, experts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, experts, ends))
+    status = _library().hm_experts(
+        _DTYPES[gate_up.dtype], x.data_ptr(), x.shape[-1], down.shape[-1],
+        tokens.ctypes.data, row_weights_f32.data_ptr(), int(row_weights.dtype == torch.bfloat16),
+        experts.ctypes.data, ends.ctypes.data, len(experts),
+        gate_up.data_ptr(), down.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the native expert kernel could not allocate its scratch rows")
+
+
+def standard_gate(experts: torch.nn.Module) -> bool:
+    """Whether a transformers experts module gates as `experts.c` does: silu(gate) * up, the halves
+    of gate_up in that order (transformers' default `_apply_gate` with a SiLU activation)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    act = getattr(experts, "act_fn", None)
+    return (
+        getattr(type(experts), "_apply_gate", None) is _default_apply_gate
+        and type(act).__name__ in ("SiLUActivation", "SiLU")
+        and not getattr(experts, "is_transposed", False)
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a few rows of x [..., K] with weight [O, K] (bias [O]) of x's dtype, on the CPU."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
+    status = _library().hm_linear(
+        _DTYPES[weight.dtype], x2.data_ptr(), x2.shape[0], x2.shape[1], weight.data_ptr(), weight.shape[0],
+        None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the native linear kernel could not allocate its scratch rows")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _native_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = module.weight, module.bias
+    if (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == weight.dtype)
+        and not torch.is_grad_enabled()
+    ):
+        return linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class NativeLinears:
+    """The native kernel for a model's CPU-resident linear layers (plain `nn.Linear` with float32
+    or bfloat16 weights; quantized ones keep their own), until `remove()`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._modules = []
+        if not (available(torch.float32) or available(torch.bfloat16)):
+            return
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (
+                type(module) is torch.nn.Linear
+                and type(weight.data) is torch.Tensor
+                and weight.device.type == "cpu"
+                and available(weight.dtype)
+            ):
+                module.forward = functools.partial(_native_linear_forward, module)
+                self._modules.append(module)
+
+    def remove(self) -> None:
+        for module in self._modules:
+            del module.forward
+        self._modules = []
