@@ -71,7 +71,7 @@ def _decode_tokens_per_s(loaded: LoadedModel, strategy: str, cache_ratio: float,
 def measure_formats(args: argparse.Namespace) -> list[dict]:
     config = qwen3_config(args.layers, args.small)
     config.vocab_size = VOCAB
-    threads = args.threads or default_threads()
+    threads = args.threads or default_threads(is_cuda=False)
     rows = []
     for quantize in FORMATS:
         started = time.perf_counter()
@@ -103,7 +103,7 @@ def measure_formats(args: argparse.Namespace) -> list[dict]:
 def print_measured(rows: list[dict], args: argparse.Namespace) -> None:
     base = rows[0]
     print(f"\nMeasured on the CPU stand-in ({args.layers} MoE layers x 128 experts, top-8, routing replayed "
-          f"from {TRACE.name}; {args.threads or default_threads()} expert threads; median of {args.repeats}):\n")
+          f"from {TRACE.name}; {args.threads or default_threads(is_cuda=False)} expert threads; median of {args.repeats}):\n")
     print(f"| experts | one expert | routed experts in host memory | "
           f"decode tokens/s, hybrimoe at {args.cache_ratio:.0%} cache | vs bfloat16 | cpu-only | vs bfloat16 |")
     print("|---|---|---|---|---|---|---|")

@@ -328,7 +328,7 @@ def open_bench(args: argparse.Namespace, n_layers: int, quantize: str | None = N
     quantization = None if quantize is None else Quantization(quantize, QUANTIZED_GROUP)
     loaded = from_model(qwen3_random(config), device=accelerator.device, quantization=quantization)
     profile.check_expert_shape(loaded.expert_shape)
-    threads = profile.machine.threads if not profile.estimated and profile.machine.threads else default_threads()
+    threads = profile.machine.threads if not profile.estimated and profile.machine.threads else default_threads(accelerator.is_cuda)
     shout(f"model built and placed in {time.perf_counter() - started:.0f} s: {loaded.n_layers} MoE layers x "
           f"{loaded.n_experts} experts ({loaded.expert_shape.describe()}), top-{loaded.top_k}; "
           f"{accelerator.describe()}, {threads} CPU expert threads; torch {torch.__version__}")

@@ -78,7 +78,7 @@ Progress = Callable[[str, int, int], None]
 class ProfileOptions:
     model: ModelShape
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    threads: int | None = None  # torch intra-op threads; None: default_threads()
+    threads: int | None = None  # torch intra-op threads; None: default_threads(the device is CUDA)
     model_config: Path | None = None  # the model's config.json: also measure its step costs
     quick: bool = False  # about 30 s in all: fewer repeats and token counts
     max_repeats: int | None = None  # caps the timed runs per measurement (tests)

@@ -29,7 +29,9 @@ Design choices:
   host weights (pairs grouped by expert). Every pair is weighted by its own routing weight, taken
   through the same grouping. Experts with few tokens on the CPU run the native kernels instead
   (`native/`: the whole side in one call, weights read once at the memory's bandwidth) where
-  they serve the weights' format.
+  they serve the weights' format. On the CPU stand-in, a layer with nothing on the "accelerator"
+  runs its CPU experts on the calling thread (with the worker's thread count): there is nothing
+  to overlap them with.
 - Weighted expert outputs are summed in float32 and cast to the model's dtype once (as
   transformers' grouped_mm path does); routers may return float32 weights for bfloat16 models.
 - Plans are checked (every activated expert exactly once; resident experts really resident), so a
@@ -54,6 +56,7 @@ from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import RunCounters
 from hybrimoe.runtime.store import ExpertStore
+from hybrimoe.runtime.threads import torch_threads
 
 
 class PendingArrays(Mapping):
@@ -125,6 +128,7 @@ class LayerExecutor:
         self.replay = replay
         # this step's replayed routing on the device: ids [L, T, k], weights [L, T, k] | None, probs [L, T, E] | None
         self._replayed: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._cpu_threads = cpu_threads
         self._worker = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="hybrimoe-cpu",
             initializer=None if cpu_threads is None else torch.set_num_threads,
@@ -181,10 +185,13 @@ class LayerExecutor:
         stops = np.cumsum(counts)[activated]
         span = dict(zip(activated.tolist(), zip((stops - counts[activated]).tolist(), stops.tolist())))
 
-        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span) if plan.cpu else None
+        on_accelerator = plan.gpu + plan.load
+        # the CPU stand-in with nothing on its "accelerator": nothing to overlap, so the CPU experts
+        # run on this thread below (handing them to the worker costs two thread switches)
+        cpu_inline = bool(plan.cpu) and not (on_accelerator or acc.is_cuda)
+        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span) if plan.cpu and not cpu_inline else None
         if plan.loads:
             self.counters.demand_loads += store.load(plan.loads)
-        on_accelerator = plan.gpu + plan.load
         store.check_resident(layer, plan.slot_of, on_accelerator)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         if on_accelerator:
@@ -200,6 +207,8 @@ class LayerExecutor:
             for load in prefetch:
                 self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
         self.counters.bytes_loaded += (len(plan.loads) + len(prefetch)) * store.expert_bytes
+        if cpu_inline:
+            out.add_(self._run_cpu_inline(plan, x, topk_weights, order, span))
         if cpu_future is not None:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
@@ -299,6 +308,11 @@ class LayerExecutor:
         prefetched = self._pending_prefetch.pop(layer, None)
         if prefetched:
             counters.prefetch_used += len(prefetched.intersection(resident))
+
+    def _run_cpu_inline(self, plan: LayerPlan, x, topk_weights, order, span) -> torch.Tensor:
+        groups = group_pairs(order, span, {expert: expert for expert in plan.cpu})
+        with torch_threads(self._cpu_threads):
+            return self._run_cpu(plan.layer, groups, x, topk_weights, None)  # [T, D] float32
 
     def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])

@@ -1,0 +1,146 @@
+"""The native CPU kernels (`runtime/native/`) compute what torch's do, run where they should, and
+step aside everywhere else (the fallback path stays exact and tested)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrimoe.runtime import native
+from hybrimoe.runtime.kernels import expert_mlp
+
+REPO = Path(__file__).resolve().parents[2]
+needs_native = pytest.mark.skipif(
+    not native.available(torch.float32), reason="the native kernels are not built here or the CPU lacks AVX-512"
+)
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's largest value
+
+
+def _experts(dtype: torch.dtype, d: int, i: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "gate_up_proj": (torch.randn(n, 2 * i, d, generator=gen) / d**0.5).to(dtype),  # [N, 2I, D]
+        "down_proj": (torch.randn(n, d, i, generator=gen) / i**0.5).to(dtype),  # [N, D, I]
+    }
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = expected.float().abs().max().item()
+    assert (actual.float() - expected.float()).abs().max().item() <= TOLERANCES[dtype] * scale
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, i", [(256, 128), (200, 72)])  # the second has tails shorter than a vector
+@pytest.mark.parametrize("n_tokens", [1, 3, 4])
+def test_experts_match_torch(dtype, d, i, n_tokens):
+    if not native.available(dtype):
+        pytest.skip(f"this CPU has no native {dtype} kernel")
+    weights = _experts(dtype, d, i, n=6)
+    gen = torch.Generator().manual_seed(n_tokens)
+    x = torch.randn(n_tokens, d, generator=gen).to(dtype)  # [T, D]
+    ids = np.stack([np.random.default_rng(t).choice(6, 2, replace=False) for t in range(n_tokens)])  # [T, 2]
+    topk_weights = torch.rand(n_tokens, 2, generator=gen)  # [T, 2]
+    expected = torch.zeros(n_tokens, d)
+    for t in range(n_tokens):
+        for j, e in enumerate(ids[t]):
+            y = expert_mlp(x[t : t + 1], weights["gate_up_proj"][e], weights["down_proj"][e])
+            expected[t] += (y * topk_weights[t, j]).float()[0]
+    order = np.argsort(ids.reshape(-1), kind="stable")  # pairs grouped by expert
+    experts, counts = np.unique(ids.reshape(-1), return_counts=True)
+    out = torch.zeros(n_tokens, d)
+    native.add_experts(out, x, order // 2, topk_weights.reshape(-1)[torch.from_numpy(order)], experts,
+                       np.cumsum(counts), weights)
+    _close(out, expected, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 256, 96), (4, 200, 33), (2, 3, 7, 64)])  # [..., K] -> O
+def test_linear_matches_torch(dtype, bias, shape):
+    if not native.available(dtype):
+        pytest.skip(f"this CPU has no native {dtype} kernel")
+    *lead, k, o = shape
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(*lead, k, generator=gen).to(dtype)
+    weight = (torch.randn(o, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(o, generator=gen).to(dtype) if bias else None
+    out = native.linear(x, weight, b)
+    assert out.shape == (*lead, o) and out.dtype == dtype
+    _close(out, F.linear(x, weight, b), dtype)
+
+
+@needs_native
+def test_native_linears_serve_decode_and_step_aside():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8, bias=False)).eval()
+    installed = native.NativeLinears(model)
+    calls = []
+    real = native.linear
+    native.linear = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        with torch.inference_mode():
+            few, many = torch.randn(2, 64), torch.randn(native.MAX_TOKENS + 1, 64)
+            expected = F.linear(F.linear(few, model[0].weight, model[0].bias), model[1].weight)
+            _close(model(few), expected, torch.float32)
+            assert len(calls) == 2  # both layers, at two tokens
+            model(many)
+            assert len(calls) == 2  # more tokens than the kernel serves: torch's
+        with torch.enable_grad():
+            model(torch.randn(2, 64)).sum().backward()  # training keeps torch's (autograd)
+        assert len(calls) == 2
+    finally:
+        native.linear = real
+    installed.remove()
+    assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
+
+
+def test_the_runtime_runs_native_kernels_and_the_fallback_stays_exact(monkeypatch, checkpoint):
+    """The exactness check of test_exactness, once with the native kernels (which must really run
+    where this CPU has them) and once with HYBRIMOE_NATIVE=0 (which must not run them)."""
+    from test_exactness import TOLERANCE, _max_diffs
+
+    path = str(checkpoint("qwen3_moe"))
+    for enabled in (True, False):
+        monkeypatch.setenv("HYBRIMOE_NATIVE", "1" if enabled else "0")
+        native._library.cache_clear()
+        calls = {"experts": 0, "linear": 0}
+        real_experts, real_linear = native.add_experts, native.linear
+
+        def count(name, real):
+            def wrapped(*args):
+                calls[name] += 1
+                return real(*args)
+            return wrapped
+
+        monkeypatch.setattr(native, "add_experts", count("experts", real_experts))
+        monkeypatch.setattr(native, "linear", count("linear", real_linear))
+        prefill_diff, step_diff, same_tokens, _ = _max_diffs(path, "mixed", "partial", 2, 1)
+        assert prefill_diff <= TOLERANCE and step_diff <= TOLERANCE and same_tokens
+        if enabled and native.available(torch.float32):
+            assert calls["experts"] > 0 and calls["linear"] > 0
+        if not enabled:
+            assert calls == {"experts": 0, "linear": 0}
+        monkeypatch.undo()
+    native._library.cache_clear()
+
+
+def test_bench_cpu_kernels_small_runs():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_kernels.py"), "--small", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tokens/expert" in out.stdout
+
+
+def test_bench_cpu_peer_says_how_to_build_llama_cpp(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_peer.py"), "--llama-cpp", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    assert "build.sh" in out.stderr and "LLAMA_CPP_DIR" in out.stderr
