@@ -32,7 +32,7 @@ def default_threads(is_cuda: bool) -> int:
 
 
 def default_threads_source(is_cuda: bool) -> str:
-    return "every core but one (CUDA)" if is_cuda else "every core (no accelerator)"
+    return "every core but one, on CUDA" if is_cuda else "every core, without an accelerator"
 
 
 def launching_threads(threads: int, is_cuda: bool) -> int:
