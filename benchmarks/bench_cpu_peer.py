@@ -34,13 +34,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_kernels import read_gbps  # noqa: E402
 from bench_fidelity import prompt_text, write_qwen3_model  # noqa: E402
 
 from hybrimoe.demo import demo_model_path  # noqa: E402
@@ -151,17 +151,6 @@ def decode_bytes(checkpoint: Path, row: Row) -> int:
     return int(config.num_hidden_layers * config.num_experts_per_tok * 3 * d * i * per_weight + other)
 
 
-def read_gbps(threads: int) -> float:
-    torch.set_num_threads(threads)
-    matrix, vector = torch.randn((1 << 30) // 4 // 2048, 2048), torch.randn(2048)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        torch.mv(matrix, vector)
-        best = min(best, time.perf_counter() - started)
-    return matrix.nbytes / best / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", help="the folder build.sh built llama.cpp in (else $LLAMA_CPP_DIR)")
@@ -185,7 +174,8 @@ def main() -> None:
         gguf = gguf_for(row, checkpoint, llama, args.workdir)
         n_bytes = decode_bytes(checkpoint, row)
         for threads in (int(t) for t in args.threads.split(",")):
-            gbps = read_gbps(threads)
+            torch.set_num_threads(threads)
+            gbps = read_gbps(1 << 30)
             ours, theirs = [], []
             for round_ in range(args.rounds):
                 ours.append(hybrimoe_run(checkpoint, row, threads, args.prompt_tokens, args.new_tokens))

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 
 from hybrimoe.policy.plan import LayerPlan, Planner
+from hybrimoe.runtime import native
 from hybrimoe.runtime.accelerator import Accelerator
 from hybrimoe.runtime.kernels import Groups, GroupIndex, group_pairs, grouped_experts_mlp, split_indices
-from hybrimoe.runtime import native
 from hybrimoe.runtime.loading import MoeLayer
 from hybrimoe.runtime.replay import RoutingReplay
 from hybrimoe.runtime.stats import RunCounters
@@ -189,7 +189,8 @@ class LayerExecutor:
         # the CPU stand-in with nothing on its "accelerator": nothing to overlap, so the CPU experts
         # run on this thread below (handing them to the worker costs two thread switches)
         cpu_inline = bool(plan.cpu) and not (on_accelerator or acc.is_cuda)
-        cpu_future = self._submit_cpu(plan, x, topk_weights, order, span) if plan.cpu and not cpu_inline else None
+        cpu_groups = group_pairs(order, span, {expert: expert for expert in plan.cpu}) if plan.cpu else None
+        cpu_future = None if cpu_groups is None or cpu_inline else self._submit_cpu(plan.layer, cpu_groups, x, topk_weights)
         if plan.loads:
             self.counters.demand_loads += store.load(plan.loads)
         store.check_resident(layer, plan.slot_of, on_accelerator)
@@ -208,7 +209,8 @@ class LayerExecutor:
                 self._pending_prefetch.setdefault(load.expert[0], set()).add(load.expert[1])
         self.counters.bytes_loaded += (len(plan.loads) + len(prefetch)) * store.expert_bytes
         if cpu_inline:
-            out.add_(self._run_cpu_inline(plan, x, topk_weights, order, span))
+            with torch_threads(self._cpu_threads):
+                out.add_(self._run_cpu(plan.layer, cpu_groups, x, topk_weights, None))
         if cpu_future is not None:
             # Sync point: wait for the CPU worker's experts of this layer.
             out.add_(acc.to_device(cpu_future.result()))
@@ -309,15 +311,9 @@ class LayerExecutor:
         if prefetched:
             counters.prefetch_used += len(prefetched.intersection(resident))
 
-    def _run_cpu_inline(self, plan: LayerPlan, x, topk_weights, order, span) -> torch.Tensor:
-        groups = group_pairs(order, span, {expert: expert for expert in plan.cpu})
-        with torch_threads(self._cpu_threads):
-            return self._run_cpu(plan.layer, groups, x, topk_weights, None)  # [T, D] float32
-
-    def _submit_cpu(self, plan: LayerPlan, x, topk_weights, order, span) -> Future:
+    def _submit_cpu(self, layer: int, groups: Groups, x, topk_weights) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])
-        groups = group_pairs(order, span, {expert: expert for expert in plan.cpu})
-        return self._worker.submit(self._run_cpu, plan.layer, groups, x_h, weights_h, copied)
+        return self._worker.submit(self._run_cpu, layer, groups, x_h, weights_h, copied)
 
     def _run_cpu(self, layer: int, groups: Groups, x_h, weights_h, copied) -> torch.Tensor:
         """The CPU worker: this layer's CPU experts from host memory, summed into one [T, D]."""

@@ -33,7 +33,8 @@ _P = ctypes.c_void_p
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when the extension is absent or disabled."""
+    """The compiled kernels (with the dtypes this CPU runs them for, asked once), or None when the
+    extension is absent or disabled."""
     if os.environ.get("HYBRIMOE_NATIVE", "1") == "0":
         return None
     try:
@@ -53,13 +54,14 @@ def _library() -> ctypes.CDLL | None:
     lib.hm_linear.argtypes = [
         ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, _P, ctypes.c_int,
     ]  # dtype, x, T, K, weight, O, bias, out, threads
+    lib.supported_dtypes = frozenset(dtype for dtype, code in _DTYPES.items() if lib.hm_supports(code))
     return lib
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether this install and CPU run the native kernels for weights of `dtype`."""
     lib = _library()
-    return lib is not None and dtype in _DTYPES and bool(lib.hm_supports(_DTYPES[dtype]))
+    return lib is not None and dtype in lib.supported_dtypes
 
 
 def runs(weights: dict[str, torch.Tensor], x: torch.Tensor, max_rows_per_group: int, standard_gate: bool) -> bool:
