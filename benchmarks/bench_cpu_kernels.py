@@ -1,12 +1,15 @@
-"""CPU expert kernels: torch's grouped path against the native kernels, at the memory's bandwidth.
+"""CPU expert kernels: torch's path against the native kernels, at the memory's bandwidth.
 
 One MoE layer of Qwen3-30B-A3B's experts (128 x 3 x 2048 x 768, about 1.2 GB in bfloat16, more than
 the last-level cache), 8 experts drawn at random per call (as decode routes), each with 1, 2, 4, 8
-or 16 tokens. For each dtype and thread count it prints each path's time per call, the expert bytes
-it read per second, that as a share of the host's read bandwidth measured in the same run (torch.mv
-over 1 GiB of float32, as `hybrimoe profile` measures it), and native/torch as a speed ratio.
+or 16 tokens. Formats: bfloat16 and float32 (torch's grouped matmuls), int8 and int4 (bfloat16
+activations, group size 128, `hybrimoe run --quantize`'s packed stacks and torch's packed matmuls
+expert by expert). For each format and thread count it prints each path's time per call, the
+expert bytes it read per second (packed bytes and scales for int8/int4), that as a share of the
+host's read bandwidth measured in the same run (torch.mv over 1 GiB of float32, as `hybrimoe
+profile` measures it), and native/torch as a speed ratio.
 
-Usage: python benchmarks/bench_cpu_kernels.py [--threads 1,2] [--dtypes bfloat16,float32] [--calls 40] [--small]
+Usage: python benchmarks/bench_cpu_kernels.py [--threads 1,2] [--formats bfloat16,float32,int8,int4] [--calls 40] [--small]
 (`--small`: 256-wide experts and few calls, a few seconds; for the test that keeps the script working)
 """
 
@@ -22,8 +25,10 @@ import torch
 
 from hybrimoe.runtime import native
 from hybrimoe.runtime.kernels import group_pairs, grouped_experts_mlp, split_indices
+from hybrimoe.runtime.quantized import PROJECTIONS, quantize_stack
 
 TOKENS = (1, 2, 4, 8, 16)
+GROUP_SIZE = 128  # the run's default
 
 
 def read_gbps(n_bytes: int) -> float:
@@ -50,7 +55,7 @@ def torch_path(x, weights, ids, topk_weights):
     """The executor's CPU side before the native kernels: grouped_mm over the experts' window."""
     flat = ids.reshape(-1)
     order = np.argsort(flat, kind="stable")
-    counts = np.bincount(flat, minlength=weights["gate_up_proj"].shape[0])
+    counts = np.bincount(flat, minlength=next(iter(weights.values())).shape[0])
     activated = np.flatnonzero(counts)
     stops = np.cumsum(counts)[activated]
     span = dict(zip(activated.tolist(), zip((stops - counts[activated]).tolist(), stops.tolist())))
@@ -86,7 +91,7 @@ def time_ms(path, x, weights, calls, topk_weights) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--formats", default="bfloat16,float32,int8,int4")
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--small", action="store_true")
     args = parser.parse_args()
@@ -94,18 +99,23 @@ def main() -> None:
     calls = 6 if args.small else args.calls
     print(f"experts: {n_experts} x (gate_up {2 * i}x{d}, down {d}x{i}), {top_k} drawn per call; native kernels "
           f"{'available' if native.available(torch.bfloat16) else 'NOT available (torch path only)'}")
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
+    for format_name in args.formats.split(","):
+        quantize = format_name if format_name in ("int8", "int4") else None
+        dtype = torch.bfloat16 if quantize else getattr(torch, format_name)
         gen = torch.Generator().manual_seed(0)
         weights = {
             "gate_up_proj": torch.randn(n_experts, 2 * i, d, generator=gen).div_(d**0.5).to(dtype),
             "down_proj": torch.randn(n_experts, d, i, generator=gen).div_(i**0.5).to(dtype),
         }
-        expert_bytes = 3 * d * i * weights["down_proj"].element_size()
+        if quantize:
+            for name in PROJECTIONS:
+                weights[f"{name}_qdata"], weights[f"{name}_scale"] = quantize_stack(
+                    weights.pop(name), quantize, GROUP_SIZE, transposed=False)
+        expert_bytes = sum(w[0].nbytes for w in weights.values())
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             gbps = read_gbps(256 << 20 if args.small else 1 << 30)
-            print(f"\n{dtype_name}, {threads} thread(s): host read bandwidth {gbps:.1f} GB/s")
+            print(f"\n{format_name}, {threads} thread(s): host read bandwidth {gbps:.1f} GB/s")
             print(f"{'tokens/expert':>13} {'torch ms':>9} {'GB/s':>6} {'share':>6} {'native ms':>10} {'GB/s':>6} {'share':>6} {'native/torch':>13}")
             for n_tokens in TOKENS:
                 x = torch.randn(n_tokens, d, generator=gen).to(dtype)
@@ -113,7 +123,7 @@ def main() -> None:
                 row = [f"{n_tokens:>13}"]
                 ms = {}
                 for name, path in (("torch", torch_path), ("native", native_path)):
-                    if name == "native" and not native.available(dtype):
+                    if name == "native" and not native.runs(weights, x, 1, standard_gate=True):
                         continue
                     ms[name] = time_ms(path, x, weights, list(routed_calls(n_experts, top_k, n_tokens, calls, 1)), topk_weights)
                     read = top_k * expert_bytes / ms[name] / 1e6

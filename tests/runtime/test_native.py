@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrimoe.runtime import native
-from hybrimoe.runtime.kernels import expert_mlp
+from hybrimoe.runtime.kernels import expert_mlp, packed_expert_mlp, stacked_expert_mlp
+from hybrimoe.runtime.quantized import dense_experts, quantize_stack, runs_packed_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 needs_native = pytest.mark.skipif(
@@ -144,3 +145,51 @@ def test_bench_cpu_peer_says_how_to_build_llama_cpp(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode != 0
     assert "build.sh" in out.stderr and "LLAMA_CPP_DIR" in out.stderr
+
+
+def _packed(dtype: torch.dtype, quantize: str, d: int, i: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Six experts quantized as `quantize_experts` does: packed stacks, no dense ones."""
+    packed = {}
+    for name, stack in _experts(dtype, d, i, n=6).items():
+        packed[f"{name}_qdata"], packed[f"{name}_scale"] = quantize_stack(stack, quantize, group_size, transposed=False)
+    return packed
+
+
+@needs_native
+@pytest.mark.parametrize("quantize, dtype, d, i, group_size", [
+    ("int8", torch.float32, 256, 128, 64),
+    ("int8", torch.float32, 200, 80, 40),  # rows and groups that are not whole vectors
+    ("int8", torch.bfloat16, 256, 128, 32),
+    ("int8", torch.bfloat16, 200, 80, 40),
+    ("int4", torch.bfloat16, 256, 128, 64),
+    ("int4", torch.bfloat16, 128, 192, 32),
+])
+@pytest.mark.parametrize("n_tokens", [1, 4])
+def test_packed_experts_match_torchs_packed_kernels(quantize, dtype, d, i, group_size, n_tokens):
+    if not native.available(dtype):
+        pytest.skip(f"this CPU has no native {dtype} kernel")
+    weights = _packed(dtype, quantize, d, i, group_size)
+    gen = torch.Generator().manual_seed(n_tokens)
+    x = torch.randn(n_tokens, d, generator=gen).to(dtype)  # [T, D]
+    assert native.runs(weights, x, n_tokens, standard_gate=True)
+    for expert in range(6):  # one expert: what torch's packed matmuls give (int4 bitwise, as torch rounds it)
+        expected = packed_expert_mlp(x, weights, expert) if runs_packed_kernel(weights, x) else None
+        actual = stacked_expert_mlp(x, weights, expert)
+        reference = expert_mlp(x, *(w[0] for w in dense_experts(
+            {name: stack[expert : expert + 1] for name, stack in weights.items()}, slice(None), dtype, transposed=False)))
+        _close(actual, reference, dtype)
+        if quantize == "int4":
+            assert torch.equal(actual, expected)
+        elif expected is not None:
+            _close(actual, expected, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("reason, quantize, dtype, d, i, group_size", [
+    ("int4 with float32 activations keeps torch's kernel", "int4", torch.float32, 256, 128, 64),
+    ("groups under 32", "int8", torch.float32, 256, 128, 16),
+    ("int4 rows not in 64-row blocks", "int4", torch.bfloat16, 200, 96, 32),
+])
+def test_packed_experts_the_native_kernel_does_not_read_stay_with_torch(reason, quantize, dtype, d, i, group_size):
+    weights = _packed(dtype, quantize, d, i, group_size)
+    assert not native.runs(weights, torch.randn(1, d).to(dtype), 1, standard_gate=True), reason

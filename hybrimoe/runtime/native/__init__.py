@@ -9,8 +9,11 @@ Design choices:
   half of it for one token (README, "CPU kernels"). `hm_experts` runs a layer's CPU experts in one
   call, its threads splitting the layer's weight rows; `hm_linear` serves the dense part's linear
   layers on the CPU (installed per model by `NativeLinears`, removed with the runtime).
-- They run only where they round as torch does and are faster: float32 or bfloat16 weights (dense
-  stacks in transformers' layout, the standard SiLU gate, no expert biases), few tokens
+- They run only where they round as torch does and are faster: float32 or bfloat16 activations
+  with experts dense in transformers' layout or quantized (`quantized.py`'s int8; its int4 for
+  bfloat16, where torch's layout is the 64-row blocks `kernels.c` reads, checked against torch's
+  converter once per shape), group sizes of 32 or more, the standard SiLU gate, no expert
+  biases; few tokens
   (`MAX_TOKENS`: beyond it a blocked matmul reads less and torch's wins), and an AVX-512 CPU.
   Everything else, and any install where the extension could not be compiled, keeps torch's
   kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path.
@@ -28,6 +31,10 @@ import torch
 
 MAX_TOKENS = 4  # per expert, or per linear call; measured: benchmarks/bench_cpu_kernels.py
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DENSE, _INT8, _INT4 = 0, 1, 2  # kernels.c's formats
+MIN_GROUP_SIZE = 32  # a row block's scales sit on its thread's stack: K / g x 64 floats
+_DENSE_NAMES = frozenset({"gate_up_proj", "down_proj"})
+_PACKED_NAMES = frozenset({"gate_up_proj_qdata", "gate_up_proj_scale", "down_proj_qdata", "down_proj_scale"})
 _P = ctypes.c_void_p
 
 
@@ -45,10 +52,11 @@ def _library() -> ctypes.CDLL | None:
     lib.hm_supports.argtypes, lib.hm_supports.restype = [ctypes.c_int], ctypes.c_int
     lib.hm_experts.restype = ctypes.c_int
     lib.hm_experts.argtypes = [
-        ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64,  # dtype, x, D, I
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,  # dtype, format, scale dtype, group size
+        _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, T, D, I
         _P, _P, ctypes.c_int,  # tokens, row weights, round product
         _P, _P, ctypes.c_int64,  # experts, ends, G
-        _P, _P, _P, ctypes.c_int,  # gate_up, down, out, threads
+        _P, _P, _P, _P, _P, ctypes.c_int,  # gate_up, its scales, down, its scales, out, threads
     ]
     lib.hm_linear.restype = ctypes.c_int
     lib.hm_linear.argtypes = [
@@ -64,19 +72,71 @@ def available(dtype: torch.dtype) -> bool:
     return lib is not None and dtype in lib.supported_dtypes
 
 
-def runs(weights: dict[str, torch.Tensor], x: torch.Tensor, max_rows_per_group: int, standard_gate: bool) -> bool:
-    """Whether `add_experts` serves these stacked weights and rows."""
-    gate_up = weights.get("gate_up_proj")
-    return (
-        standard_gate
-        and gate_up is not None
-        and max_rows_per_group <= MAX_TOKENS
-        and set(weights) == {"gate_up_proj", "down_proj"}
-        and x.device.type == "cpu"
-        and x.dtype == gate_up.dtype
-        and all(w.is_contiguous() for w in weights.values())
-        and available(gate_up.dtype)
+def _format(weights: dict[str, torch.Tensor]) -> int | None:
+    """kernels.c's format of these stacked weights, or None where it has none."""
+    names = set(weights)
+    if names == _DENSE_NAMES:
+        return _DENSE
+    if names != _PACKED_NAMES:
+        return None
+    qdata = weights["gate_up_proj_qdata"]
+    return _INT8 if qdata.dtype == torch.int8 else _INT4 if qdata.dtype == torch.uint8 else None
+
+
+@functools.cache
+def _int4_blocks(o: int, k: int) -> bool:
+    """Whether torch's CPU int4 layout of an [O, K] weight is the one kernels.c reads: blocks of 64
+    rows, [K, 32] bytes each, row d of a block in the low nibbles of byte d of each column and row
+    d + 32 in the high ones."""
+    from hybrimoe.runtime.quantized import _int4_order
+
+    if o % 64 or k % 2:
+        return False
+    block, d, column = np.meshgrid(np.arange(o // 64), np.arange(64), np.arange(k), indexing="ij")
+    byte = block * k * 32 + column * 32 + d % 32
+    expected = np.empty(o * k, dtype=np.int64)  # [O * K]: the flat index each nibble holds
+    expected[(2 * byte + d // 32).reshape(-1)] = ((block * 64 + d) * k + column).reshape(-1)
+    return bool(np.array_equal(_int4_order(o, k).numpy(), expected))
+
+
+def _in_features(weights: dict[str, torch.Tensor], name: str) -> int:
+    """K of a projection, dense [N, O, K] or packed."""
+    if name in weights:
+        return weights[name].shape[-1]
+    qdata = weights[f"{name}_qdata"]
+    return 2 * qdata.shape[-1] if qdata.dtype == torch.uint8 else qdata.shape[1] * qdata.shape[3]
+
+
+def _group_size(weights: dict[str, torch.Tensor], name: str) -> int:
+    """K over the scales per row of a packed projection."""
+    return _in_features(weights, name) // weights[f"{name}_scale"].shape[-1]
+
+
+def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype) -> bool:
+    """Whether kernels.c reads these packed stacks as they are: one group size of 32 or more for
+    both projections; int4 for bfloat16 only, its scales too, in torch's layout in 64-row blocks."""
+    sizes = {_group_size(weights, name) for name in ("gate_up_proj", "down_proj")}
+    if len(sizes) != 1 or sizes.pop() < MIN_GROUP_SIZE:
+        return False
+    if fmt == _INT8:
+        return True
+    return dtype == torch.bfloat16 and all(
+        weights[f"{name}_scale"].dtype == dtype
+        and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name))
+        for name in ("gate_up_proj", "down_proj")
     )
+
+
+def runs(weights: dict[str, torch.Tensor], x: torch.Tensor, max_rows_per_group: int, standard_gate: bool) -> bool:
+    """Whether `add_experts` serves these stacked weights (dense or packed) and rows."""
+    fmt = _format(weights)
+    if fmt is None or not standard_gate or max_rows_per_group > MAX_TOKENS or x.device.type != "cpu":
+        return False
+    if not all(w.device.type == "cpu" and w.is_contiguous() for w in weights.values()) or not available(x.dtype):
+        return False
+    if fmt == _DENSE:
+        return x.dtype == weights["gate_up_proj"].dtype
+    return _packed_runs(weights, fmt, x.dtype)
 
 
 def add_experts(
@@ -86,18 +146,29 @@ def add_experts(
     row_weights: torch.Tensor,  # [R]: each row's routing weight
     experts: np.ndarray,  # [G] int64: each group's index in the stacks
     ends: np.ndarray,  # [G] int64: each group's end row
-    weights: dict[str, torch.Tensor],  # gate_up_proj [N, 2I, D], down_proj [N, D, I]
+    weights: dict[str, torch.Tensor],  # gate_up_proj [N, 2I, D], down_proj [N, D, I], or their packed stacks
 ) -> None:
     """out[token] += weight * expert(x[token]) for every row, as torch's kernels round it."""
-    gate_up, down = weights["gate_up_proj"], weights["down_proj"]
+    fmt = _format(weights)
     x = x.contiguous()
     row_weights_f32 = row_weights.float().contiguous()
     tokens, experts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, experts, ends))
+    if fmt == _DENSE:
+        gate_up, down = weights["gate_up_proj"], weights["down_proj"]
+        gate_up_scale = down_scale = None
+        scale_dtype, group_size = 0, 1
+    else:
+        gate_up, down = weights["gate_up_proj_qdata"], weights["down_proj_qdata"]
+        gate_up_scale, down_scale = weights["gate_up_proj_scale"], weights["down_proj_scale"]
+        scale_dtype, group_size = _DTYPES[gate_up_scale.dtype], _group_size(weights, "gate_up_proj")
     status = _library().hm_experts(
-        _DTYPES[gate_up.dtype], x.data_ptr(), x.shape[-1], down.shape[-1],
+        _DTYPES[x.dtype], fmt, scale_dtype, group_size,
+        x.data_ptr(), x.shape[0], x.shape[-1], _in_features(weights, "down_proj"),
         tokens.ctypes.data, row_weights_f32.data_ptr(), int(row_weights.dtype == torch.bfloat16),
         experts.ctypes.data, ends.ctypes.data, len(experts),
-        gate_up.data_ptr(), down.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        gate_up.data_ptr(), None if gate_up_scale is None else gate_up_scale.data_ptr(),
+        down.data_ptr(), None if down_scale is None else down_scale.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("the native expert kernel could not allocate its scratch rows")
