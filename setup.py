@@ -10,7 +10,8 @@ setup(
     ext_modules=[
         Extension(
             "hybrimoe.runtime.native._kernels",
-            sources=["hybrimoe/runtime/native/kernels.c"],
+            sources=[f"hybrimoe/runtime/native/{name}.c" for name in ("module", "avx512", "avx2")],
+            depends=["hybrimoe/runtime/native/common.h", "hybrimoe/runtime/native/kernels.h"],
             extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
             extra_link_args=["-fopenmp"],
             optional=True,

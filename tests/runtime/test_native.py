@@ -168,6 +168,8 @@ def _packed(dtype: torch.dtype, quantize: str, d: int, i: int, group_size: int) 
 def test_packed_experts_match_torchs_packed_kernels(quantize, dtype, d, i, group_size, n_tokens):
     if not native.available(dtype):
         pytest.skip(f"this CPU has no native {dtype} kernel")
+    if quantize == "int4" and native.instruction_set(dtype) != "avx512":
+        pytest.skip("the int4 kernel needs AVX-512 (BF16)")
     weights = _packed(dtype, quantize, d, i, group_size)
     gen = torch.Generator().manual_seed(n_tokens)
     x = torch.randn(n_tokens, d, generator=gen).to(dtype)  # [T, D]
@@ -188,8 +190,38 @@ def test_packed_experts_match_torchs_packed_kernels(quantize, dtype, d, i, group
 @pytest.mark.parametrize("reason, quantize, dtype, d, i, group_size", [
     ("int4 with float32 activations keeps torch's kernel", "int4", torch.float32, 256, 128, 64),
     ("groups under 32", "int8", torch.float32, 256, 128, 16),
-    ("int4 rows not in 64-row blocks", "int4", torch.bfloat16, 200, 96, 32),
+    ("int4 rows not in 64-row blocks", "int4", torch.bfloat16, 160, 96, 32),
+    ("int4 without AVX-512 (HYBRIMOE_NATIVE=avx2)", "int4", torch.bfloat16, 256, 128, 64),
 ])
-def test_packed_experts_the_native_kernel_does_not_read_stay_with_torch(reason, quantize, dtype, d, i, group_size):
+def test_packed_experts_the_native_kernel_does_not_read_stay_with_torch(
+    only_isa, reason, quantize, dtype, d, i, group_size
+):
+    if "avx2" in reason:
+        only_isa("avx2")
     weights = _packed(dtype, quantize, d, i, group_size)
     assert not native.runs(weights, torch.randn(1, d).to(dtype), 1, standard_gate=True), reason
+
+
+@pytest.fixture
+def only_isa(monkeypatch):
+    """only_isa("avx2") allows only that instruction set's kernels until the test ends."""
+    def only(isa: str) -> None:
+        monkeypatch.setenv("HYBRIMOE_NATIVE", isa)
+        native._library.cache_clear()
+
+    yield only
+    monkeypatch.undo()
+    native._library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_instruction_set_matches_torch(only_isa, isa, dtype):
+    """Where the CPU runs both, the AVX2 kernels are tested as well as the AVX-512 ones."""
+    only_isa(isa)
+    if native.instruction_set(dtype) != isa:
+        pytest.skip(f"this CPU has no {isa} kernel for {dtype}")
+    test_experts_match_torch(dtype, 200, 72, 3)
+    test_linear_matches_torch(dtype, True, (4, 200, 33))
+    test_packed_experts_match_torchs_packed_kernels("int8", dtype, 200, 80, 40, 3)

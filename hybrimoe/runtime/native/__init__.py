@@ -1,4 +1,5 @@
-"""hybrimoe's native CPU kernels (`kernels.c`), through ctypes, and when they run.
+"""hybrimoe's native CPU kernels (`kernels.h`, compiled per instruction set by `avx512.c` and
+`avx2.c`), through ctypes, and when they run.
 
 Shapes: T = tokens of the step, R = rows (token-expert pairs, group after group), G = groups,
 D = hidden size, I = expert intermediate size, N = experts in a stacked weight.
@@ -11,12 +12,13 @@ Design choices:
   layers on the CPU (installed per model by `NativeLinears`, removed with the runtime).
 - They run only where they round as torch does and are faster: float32 or bfloat16 activations
   with experts dense in transformers' layout or quantized (`quantized.py`'s int8; its int4 for
-  bfloat16, where torch's layout is the 64-row blocks `kernels.c` reads, checked against torch's
-  converter once per shape), group sizes of 32 or more, the standard SiLU gate, no expert
-  biases; few tokens
-  (`MAX_TOKENS`: beyond it a blocked matmul reads less and torch's wins), and an AVX-512 CPU.
+  bfloat16 on AVX-512, where torch's layout is the 64-row blocks `avx512.c` reads, checked
+  against torch's converter once per shape), group sizes of 32 or more, the standard SiLU gate,
+  no expert biases; few tokens (`MAX_TOKENS`: beyond it a blocked matmul reads less and torch's
+  wins), and a CPU with AVX-512 or AVX2 (the best it has, per dtype).
   Everything else, and any install where the extension could not be compiled, keeps torch's
-  kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path.
+  kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path, `=avx2` the AVX2
+  kernels on an AVX-512 CPU.
 - ctypes releases the GIL for the call, so the CPU worker's experts overlap the main thread.
 """
 
@@ -25,55 +27,81 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 MAX_TOKENS = 4  # per expert, or per linear call; measured: benchmarks/bench_cpu_kernels.py
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_DENSE, _INT8, _INT4 = 0, 1, 2  # kernels.c's formats
+_DENSE, _INT8, _INT4 = 0, 1, 2  # kernels.h's formats
 MIN_GROUP_SIZE = 32  # a row block's scales sit on its thread's stack: K / g x 64 floats
 _DENSE_NAMES = frozenset({"gate_up_proj", "down_proj"})
 _PACKED_NAMES = frozenset({"gate_up_proj_qdata", "gate_up_proj_scale", "down_proj_qdata", "down_proj_scale"})
+_ISAS = ("avx512", "avx2")  # best first; module.c's codes are their indices
 _P = ctypes.c_void_p
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels (with the dtypes this CPU runs them for, asked once), or None when the
-    extension is absent or disabled."""
-    if os.environ.get("HYBRIMOE_NATIVE", "1") == "0":
-        return None
-    try:
-        from hybrimoe.runtime.native import _kernels
-    except ImportError:
-        return None
-    lib = ctypes.CDLL(_kernels.__file__)
-    lib.hm_supports.argtypes, lib.hm_supports.restype = [ctypes.c_int], ctypes.c_int
-    lib.hm_experts.restype = ctypes.c_int
-    lib.hm_experts.argtypes = [
+class _Kernels(NamedTuple):
+    """One instruction set's entry points in the extension."""
+
+    isa: str
+    experts: ctypes._CFuncPtr
+    linear: ctypes._CFuncPtr
+
+
+def _bind(lib: ctypes.CDLL, isa: str) -> _Kernels:
+    experts, linear = getattr(lib, f"hm_experts_{isa}"), getattr(lib, f"hm_linear_{isa}")
+    experts.restype = linear.restype = ctypes.c_int
+    experts.argtypes = [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,  # dtype, format, scale dtype, group size
         _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, T, D, I
         _P, _P, ctypes.c_int,  # tokens, row weights, round product
         _P, _P, ctypes.c_int64,  # experts, ends, G
         _P, _P, _P, _P, _P, ctypes.c_int,  # gate_up, its scales, down, its scales, out, threads
     ]
-    lib.hm_linear.restype = ctypes.c_int
-    lib.hm_linear.argtypes = [
+    linear.argtypes = [
         ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, _P, ctypes.c_int,
     ]  # dtype, x, T, K, weight, O, bias, out, threads
-    lib.supported_dtypes = frozenset(dtype for dtype, code in _DTYPES.items() if lib.hm_supports(code))
-    return lib
+    return _Kernels(isa, experts, linear)
+
+
+@functools.cache
+def _library() -> dict[torch.dtype, _Kernels]:
+    """For each dtype, the kernels of the best instruction set this CPU runs them with (asked once);
+    empty when the extension is absent or disabled. HYBRIMOE_NATIVE=0 disables it; =avx2 (or
+    =avx512) allows only that instruction set."""
+    choice = os.environ.get("HYBRIMOE_NATIVE", "1")
+    if choice == "0":
+        return {}
+    try:
+        from hybrimoe.runtime.native import _kernels
+    except ImportError:
+        return {}
+    lib = ctypes.CDLL(_kernels.__file__)
+    lib.hm_supports.argtypes, lib.hm_supports.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    allowed = _ISAS if choice == "1" else tuple(isa for isa in _ISAS if isa == choice)
+    chosen = {}
+    for dtype, code in _DTYPES.items():
+        isa = next((isa for isa in allowed if lib.hm_supports(_ISAS.index(isa), code)), None)
+        if isa is not None:
+            chosen[dtype] = _bind(lib, isa)
+    return chosen
 
 
 def available(dtype: torch.dtype) -> bool:
     """Whether this install and CPU run the native kernels for weights of `dtype`."""
-    lib = _library()
-    return lib is not None and dtype in lib.supported_dtypes
+    return dtype in _library()
+
+
+def instruction_set(dtype: torch.dtype) -> str | None:
+    """The instruction set the native kernels for `dtype` use here ("avx512", "avx2"), or None."""
+    kernels = _library().get(dtype)
+    return kernels.isa if kernels else None
 
 
 def _format(weights: dict[str, torch.Tensor]) -> int | None:
-    """kernels.c's format of these stacked weights, or None where it has none."""
+    """kernels.h's format of these stacked weights, or None where it has none."""
     names = set(weights)
     if names == _DENSE_NAMES:
         return _DENSE
@@ -85,7 +113,7 @@ def _format(weights: dict[str, torch.Tensor]) -> int | None:
 
 @functools.cache
 def _int4_blocks(o: int, k: int) -> bool:
-    """Whether torch's CPU int4 layout of an [O, K] weight is the one kernels.c reads: blocks of 64
+    """Whether torch's CPU int4 layout of an [O, K] weight is the one avx512.c reads: blocks of 64
     rows, [K, 32] bytes each, row d of a block in the low nibbles of byte d of each column and row
     d + 32 in the high ones."""
     from hybrimoe.runtime.quantized import _int4_order
@@ -113,14 +141,14 @@ def _group_size(weights: dict[str, torch.Tensor], name: str) -> int:
 
 
 def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype) -> bool:
-    """Whether kernels.c reads these packed stacks as they are: one group size of 32 or more for
+    """Whether the kernels read these packed stacks as they are: one group size of 32 or more for
     both projections; int4 for bfloat16 only, its scales too, in torch's layout in 64-row blocks."""
     sizes = {_group_size(weights, name) for name in ("gate_up_proj", "down_proj")}
     if len(sizes) != 1 or sizes.pop() < MIN_GROUP_SIZE:
         return False
     if fmt == _INT8:
         return True
-    return dtype == torch.bfloat16 and all(
+    return instruction_set(dtype) == "avx512" and dtype == torch.bfloat16 and all(
         weights[f"{name}_scale"].dtype == dtype
         and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name))
         for name in ("gate_up_proj", "down_proj")
@@ -161,7 +189,7 @@ def add_experts(
         gate_up, down = weights["gate_up_proj_qdata"], weights["down_proj_qdata"]
         gate_up_scale, down_scale = weights["gate_up_proj_scale"], weights["down_proj_scale"]
         scale_dtype, group_size = _DTYPES[gate_up_scale.dtype], _group_size(weights, "gate_up_proj")
-    status = _library().hm_experts(
+    status = _library()[x.dtype].experts(
         _DTYPES[x.dtype], fmt, scale_dtype, group_size,
         x.data_ptr(), x.shape[0], x.shape[-1], _in_features(weights, "down_proj"),
         tokens.ctypes.data, row_weights_f32.data_ptr(), int(row_weights.dtype == torch.bfloat16),
@@ -191,7 +219,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear for a few rows of x [..., K] with weight [O, K] (bias [O]) of x's dtype, on the CPU."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
-    status = _library().hm_linear(
+    status = _library()[weight.dtype].linear(
         _DTYPES[weight.dtype], x2.data_ptr(), x2.shape[0], x2.shape[1], weight.data_ptr(), weight.shape[0],
         None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )

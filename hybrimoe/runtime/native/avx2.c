@@ -1,0 +1,107 @@
+/* The kernels for AVX2 CPUs with FMA (Intel since Haswell, AMD since Zen): 8 float32 lanes, no
+   bfloat16 product, so bfloat16 weights are widened exactly in registers and multiply float32
+   inputs (WIDE_BF16_INPUTS); no int4 (it keeps torch's kernel). The primitives below compute dot
+   products; `kernels.h` builds the projections and the entry points (`hm_experts_avx2`,
+   `hm_linear_avx2`) on them. */
+#pragma GCC target("avx2,fma")
+#include "common.h"
+
+#define NAME(f) f##_avx2
+#define WIDE_BF16_INPUTS 1
+#define HAS_INT4 0
+
+static INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static INLINE __m256 sum4(const __m256 acc[4]) {
+    return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+}
+
+/* 8 bfloat16 values as float32 (exact: the bits moved up) */
+static INLINE __m256 load_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+/* 8 int8 values as float32 */
+static INLINE __m256 load_int8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* res[t] = w . xs[t] for t < n (n <= MAX_ROWS, a constant after inlining), w float32 (WIDTH 4) or
+   bfloat16 (2) loaded by LOAD: each 32-value block of the weight row is loaded once for the n
+   tokens, four independent sums per token; the last k % 8 values are summed one by one */
+#define DENSE_DOTS(LOAD, WEIGHT_AT)                                                                  \
+    __m256 acc[MAX_ROWS][4];                                                                         \
+    for (int t = 0; t < n; t++)                                                                      \
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm256_setzero_ps();                                 \
+    int64_t i = 0;                                                                                   \
+    for (; i + 32 <= k; i += 32)                                                                     \
+        for (int j = 0; j < 4; j++) {                                                                \
+            __m256 wj = LOAD(w + i + 8 * j);                                                         \
+            for (int t = 0; t < n; t++) acc[t][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xs[t] + i + 8 * j), acc[t][j]); \
+        }                                                                                            \
+    for (; i + 8 <= k; i += 8) {                                                                     \
+        __m256 wj = LOAD(w + i);                                                                     \
+        for (int t = 0; t < n; t++) acc[t][0] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xs[t] + i), acc[t][0]); \
+    }                                                                                                \
+    for (int t = 0; t < n; t++) {                                                                    \
+        float tail = 0.0f;                                                                           \
+        for (int64_t c = i; c < k; c++) tail += WEIGHT_AT(c) * xs[t][c];                             \
+        res[t] = hsum(sum4(acc[t])) + tail;                                                          \
+    }
+
+static INLINE void dots_f32(const float *w, const float *const *xs, int n, int64_t k, float *res) {
+#define AT(c) w[c]
+    DENSE_DOTS(_mm256_loadu_ps, AT)
+#undef AT
+}
+
+/* bfloat16 weights against float32 inputs (WIDE_BF16_INPUTS) */
+static INLINE void dots_bf16(const uint16_t *w, const void *const *inputs, int n, int64_t k, float *res) {
+    const float *const *xs = (const float *const *)inputs;
+#define AT(c) bf16_to_f32(w[c])
+    DENSE_DOTS(load_bf16, AT)
+#undef AT
+}
+#undef DENSE_DOTS
+
+/* res[t] = sum over groups j of scale[j] * (q_j . xs[t]_j), q_j the g int8 values of row o in group
+   j (at q + j * stride), for n (a constant after inlining) float32 inputs */
+static INLINE void dots_int8(const int8_t *q, int64_t stride, const float *scales, int64_t n_groups,
+                             int64_t g, const float *const *xs, int n, float *res) {
+    __m256 total[MAX_ROWS], acc[MAX_ROWS][4];
+    float tails[MAX_ROWS] = {0};
+    for (int t = 0; t < n; t++) total[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n_groups; j++, q += stride) {
+        for (int t = 0; t < n; t++)
+            for (int a = 0; a < 4; a++) acc[t][a] = _mm256_setzero_ps();
+        const float *x0[MAX_ROWS];
+        for (int t = 0; t < n; t++) x0[t] = xs[t] + j * g;
+        int64_t i = 0;
+        for (; i + 32 <= g; i += 32) {
+            _mm_prefetch((const char *)q + i + PREFETCH_BYTES, _MM_HINT_T0);
+            for (int a = 0; a < 4; a++) {
+                __m256 w = load_int8(q + i + 8 * a);
+                for (int t = 0; t < n; t++) acc[t][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0[t] + i + 8 * a), acc[t][a]);
+            }
+        }
+        for (; i + 8 <= g; i += 8) {
+            __m256 w = load_int8(q + i);
+            for (int t = 0; t < n; t++) acc[t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0[t] + i), acc[t][0]);
+        }
+        __m256 s = _mm256_set1_ps(scales[j]);
+        for (int t = 0; t < n; t++) {
+            total[t] = _mm256_fmadd_ps(sum4(acc[t]), s, total[t]);
+            float tail = 0.0f;
+            for (int64_t c = i; c < g; c++) tail += (float)q[c] * x0[t][c];
+            tails[t] += tail * scales[j];
+        }
+    }
+    for (int t = 0; t < n; t++) res[t] = hsum(total[t]) + tails[t];
+}
+
+#include "kernels.h"
