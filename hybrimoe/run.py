@@ -262,8 +262,18 @@ def _prepare(
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    _check_positions(ids.shape[1], options.max_new_tokens, facts.config.get("max_position_embeddings"))
     capacity, reserve = plan_memory(facts, shape, ids.shape, options, profile, accelerator)
     return _Prepared(shape, ids, mask, capacity, reserve, facts.dense_bytes)
+
+
+def _check_positions(n_prompt_tokens: int, max_new_tokens: int, n_positions: int | None) -> None:
+    """Refuses a prompt that, with the tokens to generate, runs past the model's positions."""
+    if n_positions and n_prompt_tokens + max_new_tokens > n_positions:
+        raise UserError(
+            f"the prompt is {n_prompt_tokens} tokens and {max_new_tokens} more are asked for, but the model "
+            f"has {n_positions} positions (max_position_embeddings): shorten the prompt or lower --max-new-tokens"
+        )
 
 
 def plan_memory(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 from collections.abc import Iterator
 
@@ -53,6 +54,10 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 _state = {"verbose": False}
+# Loggers of libraries that transformers imports when they are installed and that warn about what a
+# user cannot act on: torchao's CUDA extensions on a machine without CUDA, torch's deprecation
+# notes on torchao's enums. Quiet below errors unless --verbose.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def _version(value: bool) -> None:
@@ -69,6 +74,9 @@ def _root(
     ),
 ) -> None:
     _state["verbose"] = verbose
+    if not verbose:
+        for name in _IMPORT_NOISE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
