@@ -280,8 +280,25 @@ def _storage_url(options: TuneOptions) -> str | None:
     if options.storage == MEMORY_STORAGE:
         return None
     if options.storage is not None:
+        _check_storage_url(options.storage)
         return options.storage
     return f"sqlite:///{options.out.with_suffix('.optuna.db').resolve()}"
+
+
+def _check_storage_url(url: str) -> None:
+    """Refuses, before any work, a URL that cannot hold a study the workers share: an in-memory
+    SQLite database is private to its connection (each worker would tune alone)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"--storage {url.split(':', 1)[0]}:...: not a database URL (e.g. sqlite:///study.db, "
+                        "postgresql://user@host/db)") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise UserError(f"--storage {url}: an in-memory SQLite database is private to one connection; "
+                        f"use a file (sqlite:///study.db) or --storage {MEMORY_STORAGE}")
 
 
 def _sha256(path: str | Path) -> str:

@@ -57,11 +57,12 @@ class Progress:
 def open_storage(inputs: Inputs):
     """The study's storage; a URL that cannot be opened is one line, before any trial.
 
-    Opening creates Optuna's tables in a new database; when several machines start on an empty
-    PostgreSQL database at once, all but one lose that race (optuna#1092) and simply open again."""
+    Opening creates Optuna's tables in a new database; when several processes start on an empty
+    database at once, all but one lose that race (optuna#1092: PostgreSQL says so with an integrity
+    or programming error, SQLite with "table ... already exists") and simply open again."""
     if inputs.storage_url is None:
         return optuna.storages.InMemoryStorage()
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     sqlite = inputs.storage_url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
@@ -70,7 +71,7 @@ def open_storage(inputs: Inputs):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
-                    inputs.storage_url,
+                    engine_url(inputs.storage_url),
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S,
@@ -81,12 +82,21 @@ def open_storage(inputs: Inputs):
             if sqlite:
                 _transactions_lock_first(storage.engine)
             return storage
-        except (IntegrityError, ProgrammingError) as exc:
-            if attempt == OPEN_ATTEMPTS - 1:
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            lost_race = not isinstance(exc, OperationalError) or "already exists" in str(exc)
+            if not lost_race or attempt == OPEN_ATTEMPTS - 1:
                 raise _storage_error(inputs, exc) from None
             time.sleep(0.2 * (attempt + 1))
         except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
             raise _storage_error(inputs, exc) from None
+
+
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy opens: a plain `postgresql://` (or `postgres://`) names psycopg 3, the
+    driver the `postgres` extra installs (SQLAlchemy 2.0 would pick psycopg2 for it, 2.1 psycopg);
+    a URL that names its driver is kept."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgresql", "postgres") else url
 
 
 def _transactions_lock_first(engine) -> None:

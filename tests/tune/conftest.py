@@ -6,7 +6,7 @@ way. The server runs from a fresh data directory in /tmp, listens on a free port
 unix socket stays inside that directory) with trust authentication, holds one database `hybrimoe`,
 and is stopped and removed when the session ends. PostgreSQL refuses to run as root, so under root
 it runs as the `postgres` system user. Tests that use it are skipped only when no server binaries
-(`initdb`, `pg_ctl`) or no psycopg2 are installed; a server that is installed but fails to start
+(`initdb`, `pg_ctl`) or no psycopg are installed; a server that is installed but fails to start
 fails them, with its log.
 """
 
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install psycopg2-binary)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'hybrimoe[postgres]')")
     bin_dir = _server_bin()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server binaries: initdb is neither on PATH nor in /usr/lib/postgresql/*/bin")
@@ -72,11 +72,10 @@ def postgres_url():
             pytest.fail(failure("server start", f"pg_ctl start took over {START_TIMEOUT_S} s"))
         if done.returncode != 0:
             pytest.fail(failure("server start", done.stdout + done.stderr))
-        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=10)
-        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        connection.cursor().execute(f"CREATE DATABASE {DATABASE}")
-        connection.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{DATABASE}"
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=10,
+                             autocommit=True) as connection:  # CREATE DATABASE cannot run in a transaction
+            connection.execute(f"CREATE DATABASE {DATABASE}")
+        yield f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"  # the README's form
     finally:
         if (data / "postmaster.pid").exists():
             pg("pg_ctl", "stop", "-D", str(data), "-m", "fast", "-w")

@@ -35,3 +35,23 @@ def test_a_waiting_trial_is_still_claimed_once_through_the_locking_transactions(
     study.enqueue_trial({"x": 1.0})
     assert study._pop_waiting_trial_id() is not None
     assert study._pop_waiting_trial_id() is None
+
+
+def test_a_process_that_loses_the_schema_race_opens_again(tmp_path, monkeypatch):
+    """Two processes creating the tables of a new SQLite database at once: the loser's CREATE TABLE
+    fails with "table ... already exists" (seen once in a fresh clone); it must open again, not fail."""
+    from sqlalchemy.exc import OperationalError
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def first_loses(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            real(*args, **kwargs)  # the winner's tables now exist
+            raise OperationalError("CREATE TABLE trial_intermediate_values", {}, Exception(
+                "table trial_intermediate_values already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", first_loses)
+    storage = open_storage(SimpleNamespace(storage_url=f"sqlite:///{tmp_path / 'study.db'}"))
+    assert len(calls) == 2 and storage.get_all_studies() == []
