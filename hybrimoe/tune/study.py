@@ -22,7 +22,10 @@ Design choices:
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +45,8 @@ GRACE_S = 10  # a running trial without a heartbeat for this long is failed and 
 MAX_RETRIES = 2
 OPEN_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER_FAILED = 3  # a worker's exit code when its study failed (it printed why)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
 
 
@@ -227,29 +232,78 @@ def progress_of(study: optuna.Study, target: int | None, started_s: float) -> Pr
     )
 
 
+def _occupied(study: optuna.Study) -> int:
+    """Trials that count toward --trials already: finished ones and those running now."""
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+def _stop_at_target(target: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """After each trial: stop once finished and running trials reach the target, so a worker does not
+    start a trial that another's running one will complete the study without (Optuna's
+    MaxTrialsCallback counts finished trials only, and the study overshot by a trial per worker)."""
+    def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if _occupied(study) >= target:
+            study.stop()
+
+    return stop
+
+
 def _optimize(inputs: Inputs, study: optuna.Study, worker: int = 0, callbacks=()) -> None:
     options = inputs.options
     remaining = None
     if options.trials is not None:
-        remaining = options.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        _fail_stale_trials(study)  # a dead process's running trials: enqueued again, not counted
+        remaining = options.trials - _occupied(study)
         if remaining <= 0:
             return
-    stop = [optuna.study.MaxTrialsCallback(options.trials, states=FINISHED)] if options.trials is not None else []
+    stop = [_stop_at_target(options.trials)] if options.trials is not None else []
     study.optimize(
         objective(inputs, worker), n_trials=remaining, timeout=options.timeout_s, callbacks=[*stop, *callbacks],
         gc_after_trial=False,
     )
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies, so a worker never
+    goes on adding trials as an orphan after `hybrimoe tune` is killed (elsewhere it stops at its
+    next trial, `_parent_alive`)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
+def _parent_alive(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        study.stop()
+
+
 def _worker(options: TuneOptions, worker: int) -> None:
     """A worker process: the same inputs and study, its own sampler seed."""
+    _die_with_parent()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     inputs = load_inputs(options)
-    _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker)
+    try:
+        _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker, callbacks=[_parent_alive])
+    except Exception as exc:  # the main process reports the exit code; one line here says why
+        print(f"tuning worker {worker}: {_first_line(exc)}", file=sys.stderr)
+        sys.exit(WORKER_FAILED)
 
 
-def run_study(inputs: Inputs, on_progress: Callable[[Progress], None] | None = None) -> optuna.Study:
-    """Runs the study to its trial target or timeout with `--workers` processes; returns it."""
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def run_study(
+    inputs: Inputs,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> optuna.Study:
+    """Runs the study to its trial target or timeout with `--workers` processes; returns it. A
+    worker that dies is reported through `on_note` in one line and the others go on; a storage
+    that goes away ends the run with a UserError (the finished trials stay in it for a rerun)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     options = inputs.options
     study = open_study(inputs, open_storage(inputs))
@@ -271,13 +325,43 @@ def run_study(inputs: Inputs, on_progress: Callable[[Progress], None] | None = N
         while any(process.is_alive() for process in workers):
             report()
             time.sleep(0.5)
+        dead = [(i, process.exitcode) for i, process in enumerate(workers, start=1) if process.exitcode != 0]
+        for i, code in dead:
+            if on_note is not None:
+                cause = f"signal {-code}" if code < 0 else f"exit code {code}"
+                on_note(f"warning: tuning worker {i} stopped early ({cause}); the study goes on without it")
+        if dead and options.trials is not None and len(study.get_trials(deepcopy=False, states=FINISHED)) < options.trials:
+            _retry_stale_trials(study)
+            _optimize(inputs, study, callbacks=[report])
+        report()
+    except _storage_errors() as exc:
+        raise UserError(f"lost the storage {storage_display(inputs.storage_url)} during the study "
+                        f"({_first_line(exc)}); the finished trials are kept: rerun the same command to continue") from None
     finally:  # on an interrupt the workers stop too; their running trials are retried on the next run
         for process in workers:
             if process.is_alive():
                 process.terminate()
             process.join()
-    report()
-    failed = [process.exitcode for process in workers if process.exitcode not in (0, None)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} tuning worker process(es) failed (exit codes {failed})")
     return study
+
+
+def _retry_stale_trials(study: optuna.Study) -> None:
+    """Once their heartbeat is stale, a dead worker's running trials are failed and enqueued again
+    (the retry callback), so this process can run them and complete the study's target."""
+    time.sleep(GRACE_S + HEARTBEAT_S)
+    _fail_stale_trials(study)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Running trials whose heartbeat is older than the grace period become FAIL, and the retry
+    callback enqueues each again with its parameters (Optuna does this only when a trial starts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """What SQLAlchemy raises when the database goes away (a server stopped, a file removed)."""
+    from sqlalchemy.exc import DBAPIError
+
+    return (DBAPIError,)

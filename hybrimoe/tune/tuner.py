@@ -106,7 +106,7 @@ def _search(inputs: Inputs, on_progress, phase):
     """The study, the holdout and `--measure-top`: (study, result, measured)."""
     options = inputs.options
     started_s = time.perf_counter()
-    study = run_study(inputs, on_progress)
+    study = run_study(inputs, on_progress, phase)
     phase("simulating the holdout")
     result = summarize(inputs, study, time.perf_counter() - started_s)
     measured: list[Measured] = []
