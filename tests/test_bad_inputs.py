@@ -236,7 +236,23 @@ CASES = [
      "hostile.yaml"),
     ("tune nan profile", ["tune", "--trace", T, "--profile", "{tmp}/nan_load.yaml", "--out", "{tmp}/t.yaml"],
      "expert_load_ms"),
+    ("tune zero timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "0"], "--timeout"),
+    ("tune negative timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "-1"], "--timeout"),
+    ("tune nan timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "nan"], "--timeout"),
+    ("tune negative seed", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", "-1"], "--seed"),
+    ("tune seed past 32 bits", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", str(2**32)], "--seed"),
+    ("tune in-memory sqlite", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
+                               "--storage", "sqlite://"], "in-memory SQLite"),
+    ("run huge threads", [*RUN, "--threads", str(10**6)], "--threads"),
+    ("run threads past int64", [*RUN, "--threads", str(2**70)], "--threads"),
+    ("run prompt past the positions", [*RUN[:2], "x" * 5000, *RUN[3:]], "max_position_embeddings"),
+    ("profile group size without quantize", ["profile", "--estimate", "x", "--group-size", "64"], "--group-size"),
+    ("profile inf llc", ["profile", "--llc-mb", "inf"], "--llc-mb"),
+    ("run non-UTF-8 prompt on stdin", ["run", "--prompt", "-", *RUN[3:]], "not UTF-8"),
 ]
+
+
+STDIN = {"run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO"}  # what a case reads on stdin
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +288,7 @@ def test_bad_input_is_one_line_and_exit_2(case_id, argv, message, scratch, no_so
     argv = [a.replace("{tmp}", str(scratch)) for a in argv]
     message = message.replace("{tmp}", str(scratch))
     before = _snapshot(scratch)
-    result = runner.invoke(app, argv)
+    result = runner.invoke(app, argv, input=STDIN.get(case_id))
     stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, (result.exit_code, result.stdout[-2000:], stderr[-2000:], result.exception)

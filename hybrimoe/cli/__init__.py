@@ -91,6 +91,14 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
 
 
+def finite_positive(value: float | None) -> float | None:
+    """An option callback: a number of seconds, megabytes... must be finite and above zero (typer's
+    `min=` lets nan and inf through)."""
+    if value is not None and not 0 < value < float("inf"):
+        raise typer.BadParameter(f"must be a finite number above 0, got {value}")
+    return value
+
+
 def print_error(message: str) -> None:
     """One line on stderr: "error: " and the message as plain text (never read as markup)."""
     err_console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False,

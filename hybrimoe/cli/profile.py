@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from hybrimoe.cli import app, console, err_console, user_errors
+from hybrimoe.cli import app, console, err_console, finite_positive, user_errors
 from hybrimoe.shapes import PRESETS
 
 _MODEL = "Model shapes (one of)"
@@ -53,8 +53,9 @@ def profile(
         help="Profile experts kept as int8 or int4, as `hybrimoe run --quantize` keeps them: the quantized "
         "kernel on the CPU and the accelerator, and the load of a packed expert.",
     ),
-    group_size: int = typer.Option(
-        128, "--group-size", min=2, rich_help_panel=_MODEL, help="Weights per quantization scale (with --quantize)."
+    group_size: int | None = typer.Option(
+        None, "--group-size", min=2, rich_help_panel=_MODEL,
+        help="Weights per quantization scale, with --quantize [default: 128]."
     ),
     device: str | None = typer.Option(
         None, "--device", rich_help_panel=_RUN, help="cpu or cuda (default: cuda when present)."
@@ -91,19 +92,22 @@ def profile(
         None, "--max-repeats", min=1, hidden=True, help="Cap timed runs per measurement (tests)."
     ),
     llc_mb: float | None = typer.Option(
-        None, "--llc-mb", min=0.01, rich_help_panel=_RUN,
+        None, "--llc-mb", callback=finite_positive, rich_help_panel=_RUN,
         help="Last-level cache (MiB) that benchmarks rotate weights past (default: read from the system).",
     ),
 ) -> None:
     """Measure this machine for one model: expert costs, bandwidths and, with a model's config (the demo
     model by default), the rest of a step on its own layers; write the profile."""
-    from hybrimoe.config import save_profile
+    from hybrimoe.config import DEFAULT_GROUP_SIZE, save_profile
     from hybrimoe.errors import UserError
     from hybrimoe.files import check_output
     from hybrimoe.profile import report
     from hybrimoe.profile.inputs import config_to_measure, resolve_model
 
     with user_errors():
+        if group_size is not None and quantize is None:
+            raise UserError("--group-size goes with --quantize int8|int4")
+        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if out is not None:
             check_output(out, force, "--out")
         if plot is not None:

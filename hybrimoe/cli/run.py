@@ -15,6 +15,7 @@ from hybrimoe.cli import app, console, user_errors
 _INPUT = "Model and prompt"
 _GEN = "Generation"
 _PLACE = "Placement"
+MAX_THREADS = 1024  # libgomp crashes on absurd counts (a segfault was seen); no CPU has more cores
 _WEIGHTS = "Weights"
 _OUT = "Output"
 
@@ -25,7 +26,11 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise UserError("pass --prompt or --prompt-file, not both")
     if prompt == "-" or prompt_file == Path("-"):
-        return sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"the prompt on stdin is not UTF-8 text (byte {exc.start})") from None
     if prompt_file is not None:
         from hybrimoe.files import read_text
 
@@ -134,7 +139,7 @@ def run(
         None, "--cache-ratio", rich_help_panel=_PLACE, help="Expert slots as a fraction of all routed experts."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", min=1, rich_help_panel=_PLACE,
+        None, "--threads", min=1, max=MAX_THREADS, rich_help_panel=_PLACE,
         help="CPU threads for expert kernels (default: the profile's, as it was measured with).",
     ),
     gpu_memory_gb: float | None = typer.Option(

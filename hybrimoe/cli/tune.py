@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from hybrimoe.cli import app, console, err_console, user_errors
+from hybrimoe.cli import app, console, err_console, finite_positive, user_errors
 
 _WORK = "Workload"
 _BUDGET = "Budget"
@@ -71,8 +71,8 @@ def tune(
     ),
     cache_experts: int | None = typer.Option(None, "--cache-experts", rich_help_panel=_BUDGET, help="Fix the cache at this many experts."),
     trials: int | None = typer.Option(100, "--trials", rich_help_panel=_SEARCH, help="Trials in the study in all (a rerun completes it)."),
-    timeout: float | None = typer.Option(None, "--timeout", rich_help_panel=_SEARCH, help="Stop starting trials after this many seconds (whichever of --trials and --timeout comes first)."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=_SEARCH, help="Sampler seed."),
+    timeout: float | None = typer.Option(None, "--timeout", callback=finite_positive, rich_help_panel=_SEARCH, help="Stop starting trials after this many seconds (whichever of --trials and --timeout comes first)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, rich_help_panel=_SEARCH, help="Sampler seed."),
     workers: int = typer.Option(1, "--workers", rich_help_panel=_SEARCH, help="Local worker processes."),
     storage: str | None = typer.Option(
         None, "--storage", rich_help_panel=_SEARCH,

@@ -144,7 +144,7 @@ def open_study(inputs: Inputs, storage, worker: int = 0) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
-            seed=options.seed + worker, multivariate=True, group=True, constant_liar=True,
+            seed=(options.seed + worker) % 2**32, multivariate=True, group=True, constant_liar=True,
             n_startup_trials=10,
         )
     pruner = optuna.pruners.NopPruner() if options.pareto else optuna.pruners.HyperbandPruner(
