@@ -23,24 +23,19 @@ import time
 import numpy as np
 import torch
 
+from hybrimoe.profile.measure import host_read_gbps
+from hybrimoe.profile.timing import Budget
 from hybrimoe.runtime import native
 from hybrimoe.runtime.kernels import group_pairs, grouped_experts_mlp, split_indices
 from hybrimoe.runtime.quantized import PROJECTIONS, quantize_stack
 
-TOKENS = (1, 2, 4, 8, 16)
 GROUP_SIZE = 128  # the run's default
 
 
 def read_gbps(n_bytes: int) -> float:
-    """Host read bandwidth: torch.mv over `n_bytes` of float32, best of 5."""
-    matrix = torch.randn(n_bytes // 4 // 2048, 2048)
-    vector = torch.randn(2048)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        torch.mv(matrix, vector)
-        best = min(best, time.perf_counter() - started)
-    return matrix.nbytes / best / 1e9
+    """Host read bandwidth over `n_bytes` with the current threads: the profile's measurement
+    (the faster of torch.mv and a sum; some BLAS builds run mv on one thread)."""
+    return host_read_gbps(n_bytes // 2, Budget(min_repeats=5, max_repeats=10))
 
 
 def routed_calls(n_experts: int, top_k: int, n_tokens: int, n_calls: int, seed: int):
@@ -93,6 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--formats", default="bfloat16,float32,int8,int4")
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--tokens", default="1,2,4,8,16", help="tokens per expert, comma-separated")
     parser.add_argument("--small", action="store_true")
     args = parser.parse_args()
     d, i, n_experts, top_k = (256, 128, 16, 4) if args.small else (2048, 768, 128, 8)
@@ -117,7 +113,7 @@ def main() -> None:
             gbps = read_gbps(256 << 20 if args.small else 1 << 30)
             print(f"\n{format_name}, {threads} thread(s): host read bandwidth {gbps:.1f} GB/s")
             print(f"{'tokens/expert':>13} {'torch ms':>9} {'GB/s':>6} {'share':>6} {'native ms':>10} {'GB/s':>6} {'share':>6} {'native/torch':>13}")
-            for n_tokens in TOKENS:
+            for n_tokens in (int(n) for n in args.tokens.split(",")):
                 x = torch.randn(n_tokens, d, generator=gen).to(dtype)
                 topk_weights = torch.rand(n_tokens, top_k, generator=gen).to(dtype)
                 row = [f"{n_tokens:>13}"]

@@ -39,7 +39,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d, i", [(256, 128), (200, 72)])  # the second has tails shorter than a vector
-@pytest.mark.parametrize("n_tokens", [1, 3, 4])
+@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7])  # 7: two passes over each weight row
 def test_experts_match_torch(dtype, d, i, n_tokens):
     if not native.available(dtype):
         pytest.skip(f"this CPU has no native {dtype} kernel")
@@ -87,7 +87,8 @@ def test_native_linears_serve_decode_and_step_aside():
     native.linear = lambda *a: calls.append(a[0].shape) or real(*a)
     try:
         with torch.inference_mode():
-            few, many = torch.randn(2, 64), torch.randn(native.MAX_TOKENS + 1, 64)
+            many_tokens = native.max_tokens(native._DENSE, torch.float32) + 1
+            few, many = torch.randn(2, 64), torch.randn(many_tokens, 64)
             expected = F.linear(F.linear(few, model[0].weight, model[0].bias), model[1].weight)
             _close(model(few), expected, torch.float32)
             assert len(calls) == 2  # both layers, at two tokens

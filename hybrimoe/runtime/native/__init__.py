@@ -14,8 +14,9 @@ Design choices:
   with experts dense in transformers' layout or quantized (`quantized.py`'s int8; its int4 for
   bfloat16 on AVX-512, where torch's layout is the 64-row blocks `avx512.c` reads, checked
   against torch's converter once per shape), group sizes of 32 or more, the standard SiLU gate,
-  no expert biases; few tokens (`MAX_TOKENS`: beyond it a blocked matmul reads less and torch's
-  wins), and a CPU with AVX-512 or AVX2 (the best it has, per dtype).
+  no expert biases; few enough tokens per expert or call (`_MAX_TOKENS`, measured per
+  instruction set: beyond it torch's blocked matmuls win), and a CPU with AVX-512 or AVX2 (the
+  best it has, per dtype; int4 on AVX-512 only, as the table says).
   Everything else, and any install where the extension could not be compiled, keeps torch's
   kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path, `=avx2` the AVX2
   kernels on an AVX-512 CPU.
@@ -32,13 +33,24 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-MAX_TOKENS = 4  # per expert, or per linear call; measured: benchmarks/bench_cpu_kernels.py
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _DENSE, _INT8, _INT4 = 0, 1, 2  # kernels.h's formats
 MIN_GROUP_SIZE = 32  # a row block's scales sit on its thread's stack: K / g x 64 floats
 _DENSE_NAMES = frozenset({"gate_up_proj", "down_proj"})
 _PACKED_NAMES = frozenset({"gate_up_proj_qdata", "gate_up_proj_scale", "down_proj_qdata", "down_proj_scale"})
 _ISAS = ("avx512", "avx2")  # best first; module.c's codes are their indices
+# Tokens per expert (or per linear call) up to which the native kernels beat torch's, measured
+# with benchmarks/bench_cpu_kernels.py --tokens (README, "CPU kernels"); None: at every count
+# measured (1-64). AVX-512 (Sapphire Rapids): torch's blocked float32/bfloat16 matmuls win beyond
+# 4 tokens; its int8/int4 ones lose up to 16, the most measured. AVX2 (AMD Zen 3): torch's bfloat16 matmul costs each
+# token what it costs at one (the native kernel is 3.4-3.6x faster at 1 to 64 tokens, linear
+# layers included), its float32 one wins beyond 8, its int8 one beyond 4.
+_MAX_TOKENS = {
+    ("avx512", _DENSE, torch.float32): 4, ("avx512", _DENSE, torch.bfloat16): 4,
+    ("avx512", _INT8, torch.float32): 16, ("avx512", _INT8, torch.bfloat16): 16, ("avx512", _INT4, torch.bfloat16): 16,
+    ("avx2", _DENSE, torch.float32): 8, ("avx2", _DENSE, torch.bfloat16): None,
+    ("avx2", _INT8, torch.float32): 4, ("avx2", _INT8, torch.bfloat16): 4,
+}
 _P = ctypes.c_void_p
 
 
@@ -92,6 +104,17 @@ def _library() -> dict[torch.dtype, _Kernels]:
 def available(dtype: torch.dtype) -> bool:
     """Whether this install and CPU run the native kernels for weights of `dtype`."""
     return dtype in _library()
+
+
+def max_tokens(fmt: int, dtype: torch.dtype) -> int | None:
+    """Tokens per expert or linear call up to which the native kernel serves `dtype` activations
+    with weights in `fmt` here (None: any number); 0 where it does not run at all."""
+    isa = instruction_set(dtype)
+    return 0 if isa is None else _MAX_TOKENS.get((isa, fmt, dtype), 0)
+
+
+def _within(n_tokens: int, limit: int | None) -> bool:
+    return limit is None or n_tokens <= limit
 
 
 def instruction_set(dtype: torch.dtype) -> str | None:
@@ -148,7 +171,7 @@ def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype)
         return False
     if fmt == _INT8:
         return True
-    return instruction_set(dtype) == "avx512" and dtype == torch.bfloat16 and all(
+    return dtype == torch.bfloat16 and all(
         weights[f"{name}_scale"].dtype == dtype
         and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name))
         for name in ("gate_up_proj", "down_proj")
@@ -158,7 +181,9 @@ def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype)
 def runs(weights: dict[str, torch.Tensor], x: torch.Tensor, max_rows_per_group: int, standard_gate: bool) -> bool:
     """Whether `add_experts` serves these stacked weights (dense or packed) and rows."""
     fmt = _format(weights)
-    if fmt is None or not standard_gate or max_rows_per_group > MAX_TOKENS or x.device.type != "cpu":
+    if fmt is None or not standard_gate or not _within(max_rows_per_group, max_tokens(fmt, x.dtype)):
+        return False
+    if x.device.type != "cpu":
         return False
     if not all(w.device.type == "cpu" and w.is_contiguous() for w in weights.values()) or not available(x.dtype):
         return False
@@ -234,7 +259,7 @@ def _native_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Te
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.numel() <= MAX_TOKENS * x.shape[-1]
+        and _within(x.numel() // x.shape[-1], max_tokens(_DENSE, x.dtype))
         and weight.is_contiguous()
         and (bias is None or bias.dtype == weight.dtype)
         and not torch.is_grad_enabled()
