@@ -11,12 +11,12 @@ Design choices:
   call, its threads splitting the layer's weight rows; `hm_linear` serves the dense part's linear
   layers on the CPU (installed per model by `NativeLinears`, removed with the runtime).
 - They run only where they round as torch does and are faster: float32 or bfloat16 activations
-  with experts dense in transformers' layout or quantized (`quantized.py`'s int8; its int4 for
-  bfloat16 on AVX-512, where torch's layout is the 64-row blocks `avx512.c` reads, checked
-  against torch's converter once per shape), group sizes of 32 or more, the standard SiLU gate,
+  with experts dense in transformers' layout or quantized (`quantized.py`'s int8 and int4, the
+  latter where torch's layout is the blocks the kernels read, 64 or 32 rows by CPU, checked
+  against torch's converter once per shape; on AVX-512 for bfloat16 only), group sizes of 32 or more, the standard SiLU gate,
   no expert biases; few enough tokens per expert or call (`_MAX_TOKENS`, measured per
   instruction set: beyond it torch's blocked matmuls win), and a CPU with AVX-512 or AVX2 (the
-  best it has, per dtype; int4 on AVX-512 only, as the table says).
+  best it has, per dtype).
   Everything else, and any install where the extension could not be compiled, keeps torch's
   kernels (`kernels.py`, `F.linear`); `HYBRIMOE_NATIVE=0` forces that path, `=avx2` the AVX2
   kernels on an AVX-512 CPU.
@@ -41,16 +41,20 @@ _PACKED_NAMES = frozenset({"gate_up_proj_qdata", "gate_up_proj_scale", "down_pro
 _ISAS = ("avx512", "avx2")  # best first; module.c's codes are their indices
 # Tokens per expert (or per linear call) up to which the native kernels beat torch's, measured
 # with benchmarks/bench_cpu_kernels.py --tokens (README, "CPU kernels"); None: at every count
-# measured (1-64). AVX-512 (Sapphire Rapids): torch's blocked float32/bfloat16 matmuls win beyond
-# 4 tokens; its int8/int4 ones lose up to 16, the most measured. AVX2 (AMD Zen 3): torch's bfloat16 matmul costs each
-# token what it costs at one (the native kernel is 3.4-3.6x faster at 1 to 64 tokens, linear
-# layers included), its float32 one wins beyond 8, its int8 one beyond 4.
+# measured. AVX-512 (Sapphire Rapids): torch's blocked float32/bfloat16 matmuls win beyond 4
+# tokens; its int8/int4 ones lose up to 16, the most measured. AVX2 (AMD Zen 3): torch's bfloat16
+# matmul costs each token what it costs at one (the native kernel is 3.4-3.6x faster at 1 to 64
+# tokens, linear layers included), and int4 with float32 activations has no torch kernel (it is
+# dequantized: 22-36x slower at 1-8 tokens); its float32 matmul wins beyond 8, int8 and
+# int4 (bfloat16) beyond 4.
 _MAX_TOKENS = {
     ("avx512", _DENSE, torch.float32): 4, ("avx512", _DENSE, torch.bfloat16): 4,
     ("avx512", _INT8, torch.float32): 16, ("avx512", _INT8, torch.bfloat16): 16, ("avx512", _INT4, torch.bfloat16): 16,
     ("avx2", _DENSE, torch.float32): 8, ("avx2", _DENSE, torch.bfloat16): None,
     ("avx2", _INT8, torch.float32): 4, ("avx2", _INT8, torch.bfloat16): 4,
+    ("avx2", _INT4, torch.float32): None, ("avx2", _INT4, torch.bfloat16): 4,
 }
+_INT4_BLOCK_ROWS = {"avx512": 64, "avx2": 32}  # INT4_BLOCK of avx512.c and avx2.c: torch's layout on such CPUs
 _P = ctypes.c_void_p
 
 
@@ -135,18 +139,19 @@ def _format(weights: dict[str, torch.Tensor]) -> int | None:
 
 
 @functools.cache
-def _int4_blocks(o: int, k: int) -> bool:
-    """Whether torch's CPU int4 layout of an [O, K] weight is the one avx512.c reads: blocks of 64
-    rows, [K, 32] bytes each, row d of a block in the low nibbles of byte d of each column and row
-    d + 32 in the high ones."""
+def _int4_blocks(o: int, k: int, rows: int) -> bool:
+    """Whether torch's CPU int4 layout of an [O, K] weight (which depends on the CPU it runs on) is
+    the one kernels.h reads with blocks of `rows` rows: [K, rows / 2] bytes each, row d of a block
+    in the low nibbles of byte d of each column and row d + rows / 2 in the high ones."""
     from hybrimoe.runtime.quantized import _int4_order
 
-    if o % 64 or k % 2:
+    half = rows // 2
+    if o % rows or k % 2:
         return False
-    block, d, column = np.meshgrid(np.arange(o // 64), np.arange(64), np.arange(k), indexing="ij")
-    byte = block * k * 32 + column * 32 + d % 32
+    block, d, column = np.meshgrid(np.arange(o // rows), np.arange(rows), np.arange(k), indexing="ij")
+    byte = block * k * half + column * half + d % half
     expected = np.empty(o * k, dtype=np.int64)  # [O * K]: the flat index each nibble holds
-    expected[(2 * byte + d // 32).reshape(-1)] = ((block * 64 + d) * k + column).reshape(-1)
+    expected[(2 * byte + d // half).reshape(-1)] = ((block * rows + d) * k + column).reshape(-1)
     return bool(np.array_equal(_int4_order(o, k).numpy(), expected))
 
 
@@ -165,15 +170,17 @@ def _group_size(weights: dict[str, torch.Tensor], name: str) -> int:
 
 def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype) -> bool:
     """Whether the kernels read these packed stacks as they are: one group size of 32 or more for
-    both projections; int4 for bfloat16 only, its scales too, in torch's layout in 64-row blocks."""
+    both projections; int4 with scales in the activations' dtype, in torch's layout in the blocks
+    the instruction set's kernel reads (which activations it serves is `_MAX_TOKENS`' business)."""
     sizes = {_group_size(weights, name) for name in ("gate_up_proj", "down_proj")}
     if len(sizes) != 1 or sizes.pop() < MIN_GROUP_SIZE:
         return False
     if fmt == _INT8:
         return True
-    return dtype == torch.bfloat16 and all(
+    isa = instruction_set(dtype)
+    return isa is not None and all(
         weights[f"{name}_scale"].dtype == dtype
-        and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name))
+        and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name), _INT4_BLOCK_ROWS[isa])
         for name in ("gate_up_proj", "down_proj")
     )
 

@@ -1,14 +1,14 @@
 /* The kernels for AVX2 CPUs with FMA (Intel since Haswell, AMD since Zen): 8 float32 lanes, no
-   bfloat16 product, so bfloat16 weights are widened exactly in registers and multiply float32
-   inputs (WIDE_BF16_INPUTS); no int4 (it keeps torch's kernel). The primitives below compute dot
-   products; `kernels.h` builds the projections and the entry points (`hm_experts_avx2`,
-   `hm_linear_avx2`) on them. */
+   bfloat16 product, so every weight format is widened exactly to float32 in registers and
+   multiplies float32 inputs (WIDE_BF16_INPUTS: bfloat16 activations are widened once per call).
+   The primitives below compute dot products; `kernels.h` builds the projections and the entry
+   points (`hm_experts_avx2`, `hm_linear_avx2`) on them. */
 #pragma GCC target("avx2,fma")
 #include "common.h"
 
 #define NAME(f) f##_avx2
 #define WIDE_BF16_INPUTS 1
-#define HAS_INT4 0
+#define INT4_BLOCK 32 /* rows of an int4 block in torch's layout on AVX2 CPUs */
 
 static INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -102,6 +102,71 @@ static INLINE void dots_int8(const int8_t *q, int64_t stride, const float *scale
         }
     }
     for (int t = 0; t < n; t++) res[t] = hsum(total[t]) + tails[t];
+}
+
+#define INT4_TOKENS 2 /* tokens per pass over an int4 block: four accumulators each */
+
+/* res[t][r] = row r of an int4 block (torch's layout on AVX2 CPUs: byte d of a column holds rows d
+   and d + 16) against xs[t] (float32, n <= INT4_TOKENS a constant after inlining), for the 32 rows;
+   `scales` is [K/g, 32]. Two columns (32 bytes) at a time: their nibbles less 8 as signed bytes,
+   widened eight at a time (the costly part, shared by the n tokens) and multiplied by x[c] and
+   x[c + 1]; each group's sums are scaled once into `res`. */
+static INLINE void block_dots_int4(const uint8_t *block, const float *scales, int64_t k, int64_t g,
+                                   const float *const *xs, int n, float res[][INT4_BLOCK]) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+    for (int t = 0; t < n; t++)
+        for (int r = 0; r < INT4_BLOCK; r++) res[t][r] = 0.0f;
+    for (int64_t j = 0; j < k / g; j++) {
+        __m256 acc[INT4_TOKENS][4];  /* acc[t][a] lane i is row 8a + i */
+        for (int t = 0; t < n; t++)
+            for (int a = 0; a < 4; a++) acc[t][a] = _mm256_setzero_ps();
+        for (int64_t c = j * g; c < (j + 1) * g; c += 2) {
+            _mm_prefetch((const char *)block + c * 16 + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + c * 16));
+            __m256i halves[2] = {
+                _mm256_sub_epi8(_mm256_and_si256(bytes, nibble), eight),                        /* rows 0-15 */
+                _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble), eight),  /* rows 16-31 */
+            };
+            for (int col = 0; col < 2; col++) {  /* column c + col: the low or high 16 bytes */
+                __m256 w[4];
+                for (int h = 0; h < 2; h++) {
+                    __m128i q = col ? _mm256_extracti128_si256(halves[h], 1) : _mm256_castsi256_si128(halves[h]);
+                    w[2 * h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    w[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+                }
+                for (int t = 0; t < n; t++) {
+                    __m256 xc = _mm256_broadcast_ss(xs[t] + c + col);
+                    for (int a = 0; a < 4; a++) acc[t][a] = _mm256_fmadd_ps(w[a], xc, acc[t][a]);
+                }
+            }
+        }
+        for (int a = 0; a < 4; a++) {
+            __m256 s = _mm256_loadu_ps(scales + j * INT4_BLOCK + 8 * a);
+            for (int t = 0; t < n; t++)
+                _mm256_storeu_ps(res[t] + 8 * a, _mm256_fmadd_ps(acc[t][a], s, _mm256_loadu_ps(res[t] + 8 * a)));
+        }
+    }
+}
+
+/* The int4 block of rows [o0, o0 + 32) of one expert against the rows (float32 inputs),
+   INT4_TOKENS at a time (the block's K * 16 bytes come from the cache for the next pass) */
+static void project_int4(const Projection *p, const char *qdata, const char *scale, int64_t o0,
+                         const Rows *rows, float *res, int64_t n_out) {
+    int64_t k = p->in, g = p->group, n_groups = k / g;
+    float scales[n_groups * INT4_BLOCK];  /* [K/g, 32]: the block's scales, group after group */
+    for (int r = 0; r < INT4_BLOCK; r++)
+        for (int64_t j = 0; j < n_groups; j++) scales[j * INT4_BLOCK + r] = scale_at(p, scale, (o0 + r) * n_groups + j);
+    const uint8_t *block = (const uint8_t *)qdata + o0 * k / 2;
+    for (int64_t r = rows->start; r < rows->stop; r += INT4_TOKENS) {
+        int n = rows->stop - r < INT4_TOKENS ? (int)(rows->stop - r) : INT4_TOKENS;
+        const float *xs[INT4_TOKENS];
+        float v[INT4_TOKENS][INT4_BLOCK];
+        for (int t = 0; t < n; t++) xs[t] = input_row(rows, r + t, k);
+        if (n == 1) block_dots_int4(block, scales, k, g, xs, 1, v);
+        else block_dots_int4(block, scales, k, g, xs, INT4_TOKENS, v);
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < INT4_BLOCK; i++) store(p->dtype, res, n_out, r + t, o0 + i, v[t][i]);
+    }
 }
 
 #include "kernels.h"

@@ -7,7 +7,7 @@
 
 #define NAME(f) f##_avx512
 #define WIDE_BF16_INPUTS 0 /* bfloat16 weights read bfloat16 inputs */
-#define HAS_INT4 1
+#define INT4_BLOCK 64       /* rows of an int4 block in torch's layout on AVX-512 CPUs */
 
 /* res[t] = w . xs[t] for t < n (n <= MAX_ROWS, a constant after inlining): each 64-byte block of
    the weight row is loaded once for the n tokens, four independent sums per token */

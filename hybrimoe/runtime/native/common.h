@@ -13,7 +13,6 @@
 
 enum { HM_FLOAT32 = 0, HM_BFLOAT16 = 1 };
 enum { HM_DENSE = 0, HM_INT8 = 1, HM_INT4 = 2 };
-#define INT4_BLOCK 64 /* rows of one int4 block */
 /* quantized weights are read this far ahead with software prefetches: their widening keeps the
    core busy enough that the hardware prefetcher alone left a third of the bandwidth unused
    (int4, one thread: 5.1 -> 9.3 GB/s; dense rows gained nothing measurable and have none) */

@@ -12,10 +12,11 @@ Expert formats (`quantized.py` stores them; the layouts are torch's, so its kern
 fallback on the same tensors):
 - dense: [N, O, K] in the compute dtype (float32 or bfloat16);
 - int8: qdata [N, K/g, O, g] int8 (each group's [O, g] block contiguous), scale [N, O, K/g] float32;
-- int4: qdata [N, O, K/2] uint8 in torch's CPU int4 layout for O a multiple of 64: blocks of 64
-  rows, each [K, 32] bytes, byte d of column k holding row d (low nibble) and row d + 32 (high),
-  value + 8; scale [N, O, K/g] in the compute dtype. `native/__init__.py` checks the layout
-  against torch's own converter before it hands one over.
+- int4: qdata [N, O, K/2] uint8 in torch's CPU int4 layout, which depends on the CPU: blocks of
+  B = INT4_BLOCK rows (64 on AVX-512, 32 on AVX2; O a multiple of B), each [K, B/2] bytes, byte d
+  of column k holding row d (low nibble) and row d + B/2 (high), value + 8; scale [N, O, K/g] in
+  the compute dtype. `native/__init__.py` checks the layout against torch's own converter before
+  it hands one over.
 
 Design choices:
 - One call runs every expert of the layer's CPU side: gate_up for every row, the SwiGLU gate,
@@ -27,10 +28,10 @@ Design choices:
 - Quantized weights become exact floating-point values in registers and multiply unquantized
   inputs, each group's sum scaled once, so the result is the dequantized weight's product up to
   the order of float32 sums (llama.cpp's Q8_0/Q4_0 quantize the inputs too): int8 is widened to
-  float32 against float32 inputs; int4 (AVX-512 only) becomes bfloat16 through a table and runs
-  `vdpbf16ps` against bfloat16 inputs (float32 activations keep torch's int4 kernel, which beat a
-  float32 version of this one). A work item is 16 rows (dense, int8) or one 64-row block (int4,
-  whose columns are contiguous).
+  float32 against float32 inputs; int4 on AVX-512 becomes bfloat16 through a table and runs
+  `vdpbf16ps` against bfloat16 inputs (float32 activations keep torch's int4 kernel there, which
+  beat a float32 version of this one), on AVX2 it is widened to float32. A work item is 16 rows
+  (dense, int8) or one int4 block (whose columns are contiguous).
 - Inputs a projection reads are float32 wherever the instruction set has no bfloat16 product
   (`WIDE_BF16_INPUTS`: AVX2) or the weights are int8: bfloat16 activations are widened once per
   call (exactly), not once per weight row.
@@ -42,9 +43,9 @@ Design choices:
 - AVX-512 (F, BW, VL; BF16 for bfloat16) or AVX2 with FMA: `module.c`'s `hm_supports` says
   which this CPU runs, and the caller keeps torch's path where it runs neither.
 
-Before including this file, an `<isa>.c` defines NAME, WIDE_BF16_INPUTS, HAS_INT4 and the dot
-products: dots_f32, dots_bf16 (inputs bfloat16, or float32 when WIDE_BF16_INPUTS), dots_int8, and
-with HAS_INT4 project_int4.
+Before including this file, an `<isa>.c` defines NAME, WIDE_BF16_INPUTS, INT4_BLOCK and the dot
+products: dots_f32, dots_bf16 (inputs bfloat16, or float32 when WIDE_BF16_INPUTS), dots_int8 and
+project_int4 (one block; inputs as dots_bf16's).
 */
 
 /* One weight row against n (1..MAX_ROWS) inputs, with n a constant in each call below. */
@@ -105,9 +106,9 @@ static int64_t expert_bytes(const Projection *p) {
 }
 
 /* Bytes of one input value a projection of this format reads: float32 for float32 activations,
-   int8 weights, and bfloat16 weights where the instruction set has no bfloat16 product. */
+   int8 weights, and every format where the instruction set has no bfloat16 product. */
 static inline int64_t input_esize(int dtype, int format) {
-    return dtype == HM_FLOAT32 || format == HM_INT8 || (format == HM_DENSE && WIDE_BF16_INPUTS) ? 4 : 2;
+    return dtype == HM_FLOAT32 || format == HM_INT8 || WIDE_BF16_INPUTS ? 4 : 2;
 }
 
 /* Rows [o0, o0 + rows_per_item) (clipped to O) of expert e against the rows. */
@@ -116,9 +117,7 @@ static void project(const Projection *p, int64_t e, int64_t o0, const Rows *rows
     const char *data = p->data + e * expert_bytes(p);
     const char *scale = p->scale ? p->scale + e * p->out * (p->in / p->group) * (p->scale_dtype == HM_BFLOAT16 ? 2 : 4) : NULL;
     if (p->format == HM_INT8) project_int8(p, data, scale, o0, o1, rows, res, n_out);
-#if HAS_INT4
     else if (p->format == HM_INT4) project_int4(p, data, scale, o0, rows, res, n_out);
-#endif
     else project_dense(p->dtype, data, p->in, o0, o1, rows, res, n_out, NULL);
 }
 
@@ -134,8 +133,7 @@ static float *widened(const uint16_t *x, int64_t n) {
 
 /* Runs groups 0..G-1 and adds their weighted rows into out [T, D] (float32). x is [T, D] in the
    compute dtype; gate_up holds [N, 2I, D] weights and down [N, D, I] in `format` (scales NULL for
-   dense; int4 only where HAS_INT4). Returns 0, or -1 when the scratch memory could not be had
-   (nothing written). */
+   dense). Returns 0, or -1 when the scratch memory could not be had (nothing written). */
 int NAME(hm_experts)(int dtype, int format, int scale_dtype, int64_t group,
                      const void *x, int64_t T, int64_t D, int64_t I,
                      const int64_t *tokens, const float *row_weights, int round_product,
