@@ -35,12 +35,14 @@ static INLINE __m256 load_int8(const int8_t *p) {
    bfloat16 (2) loaded by LOAD: each 32-value block of the weight row is loaded once for the n
    tokens, four independent sums per token; the last k % 8 values are summed one by one */
 #define DENSE_DOTS(LOAD, WEIGHT_AT)                                                                  \
-    __m256 acc[MAX_ROWS][4];                                                                         \
+    enum { ACC = 8 };                                                                                \
+    const int n_acc = n == 1 ? ACC : 4; /* one token: twice the loads in flight */                   \
+    __m256 acc[MAX_ROWS][ACC];                                                                       \
     for (int t = 0; t < n; t++)                                                                      \
-        for (int j = 0; j < 4; j++) acc[t][j] = _mm256_setzero_ps();                                 \
+        for (int j = 0; j < n_acc; j++) acc[t][j] = _mm256_setzero_ps();                             \
     int64_t i = 0;                                                                                   \
-    for (; i + 32 <= k; i += 32)                                                                     \
-        for (int j = 0; j < 4; j++) {                                                                \
+    for (; i + 8 * n_acc <= k; i += 8 * n_acc)                                                       \
+        for (int j = 0; j < n_acc; j++) {                                                            \
             __m256 wj = LOAD(w + i + 8 * j);                                                         \
             for (int t = 0; t < n; t++) acc[t][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xs[t] + i + 8 * j), acc[t][j]); \
         }                                                                                            \
@@ -51,7 +53,8 @@ static INLINE __m256 load_int8(const int8_t *p) {
     for (int t = 0; t < n; t++) {                                                                    \
         float tail = 0.0f;                                                                           \
         for (int64_t c = i; c < k; c++) tail += WEIGHT_AT(c) * xs[t][c];                             \
-        res[t] = hsum(sum4(acc[t])) + tail;                                                          \
+        for (int j = 1; j < n_acc; j++) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][j]);             \
+        res[t] = hsum(acc[t][0]) + tail;                                                             \
     }
 
 static INLINE void dots_f32(const float *w, const float *const *xs, int n, int64_t k, float *res) {
