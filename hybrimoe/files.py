@@ -21,13 +21,16 @@ from hybrimoe.errors import UserError
 
 
 def input_file(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> Path:
-    """`path`, refused with one `error` line when it is missing or a directory (`what` names it:
-    "profile", "trace", "prompt file", ...)."""
+    """`path`, refused with one `error` line when it is missing or not a regular file (`what` names
+    it: "profile", "trace", "prompt file", ...): a directory, or a FIFO or device, which could block
+    a read forever or never end (/dev/zero), even behind a symlink."""
     path = Path(path)
     if not path.exists():
         raise error(f"{what} not found: {path}")
     if path.is_dir():
         raise error(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise error(f"{what} {path} is not a regular file (a pipe, socket or device)")
     return path
 
 

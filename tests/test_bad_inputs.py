@@ -58,6 +58,8 @@ def _demo_config(**changes) -> dict:
 def make_files(tmp: Path) -> None:
     (tmp / "a_file").write_text("not a directory")
     (tmp / "a_dir").mkdir()
+    os.mkfifo(tmp / "fifo.npz")  # reading it would block forever
+    os.symlink("/dev/zero", tmp / "zero.yaml")  # reading it would never end
     (tmp / "a_dir.npz").mkdir()
     (tmp / "existing.npz").write_bytes(b"keep me")
     (tmp / "existing.yaml").write_text("keep: me\n")
@@ -249,6 +251,12 @@ CASES = [
     ("profile group size without quantize", ["profile", "--estimate", "x", "--group-size", "64"], "--group-size"),
     ("profile inf llc", ["profile", "--llc-mb", "inf"], "--llc-mb"),
     ("run non-UTF-8 prompt on stdin", ["run", "--prompt", "-", *RUN[3:]], "not UTF-8"),
+    ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
+    ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
+    ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
+                                  "--gpu-memory-gb", "inf", "--export", "llamacpp"], "--gpu-memory-gb"),
+    ("tune report is the profile", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
+                                    "--report", "{tmp}/t.yaml"], "own path"),
 ]
 
 

@@ -160,6 +160,8 @@ def check_outputs(options: TuneOptions) -> None:
         report = options.report_dir
         if report.exists() and not report.is_dir():
             raise UserError(f"--report {report} is not a directory")
+        if report.resolve() in {options.out.resolve(), ktransformers_path(options.out).resolve()}:
+            raise UserError(f"--report {report} is the tuned profile's own path: give a directory of its own")
         _check_writable_parent(report if report.exists() else report.parent, f"--report {report}")
     if options.measure_top < 0 or options.measure_tokens < 2:
         raise UserError("--measure-top must be >= 0 and --measure-tokens >= 2")
@@ -226,8 +228,8 @@ def _capacity(
     reserve = Reserve(0, 0)
     budget_source = ""
     if options.gpu_memory_gb is not None:
-        if not options.gpu_memory_gb > 0:
-            raise UserError(f"--gpu-memory-gb must be positive, got {options.gpu_memory_gb}")
+        if not 0 < options.gpu_memory_gb < float("inf"):
+            raise UserError(f"--gpu-memory-gb must be a finite number above 0, got {options.gpu_memory_gb}")
         shape = _dense_shape(options, meta)
         budget_bytes = int(options.gpu_memory_gb * GIB)
         dense_bytes = shape.dense_bytes
