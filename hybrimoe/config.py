@@ -28,6 +28,24 @@ from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES
 
 SCHEMA_VERSION = 1
 
+# Bounds on a model's sizes, well past any released MoE model (DeepSeek-V3: 61 layers, 256
+# experts, hidden 7168; the widest dense FFNs near 53,248): a shape beyond them is a mistake, and
+# building or simulating it would take hours or all the memory before anything else refused it.
+SIZE_LIMITS = {
+    "n_layers": 1024, "n_experts": 65_536, "hidden_size": 65_536, "intermediate_size": 262_144,
+    "shared_intermediate_size": 262_144, "dense_intermediate_size": 262_144, "n_heads": 4096,
+    "n_kv_heads": 4096, "head_dim": 4096, "vocab_size": 4_194_304,
+}
+
+
+def over_limit(sizes: dict[str, int]) -> str | None:
+    """The first of `sizes` above SIZE_LIMITS, said in words, or None."""
+    for name, value in sizes.items():
+        if value > SIZE_LIMITS[name]:
+            return f"{name} {value} is above {SIZE_LIMITS[name]}, past any released model's: is the shape right?"
+    return None
+
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
 DEFAULT_GROUP_SIZE = 128
@@ -113,6 +131,9 @@ class ExpertShape:
             raise ProfileError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
         if self.hidden_size <= 0 or self.intermediate_size <= 0 or self.n_matrices <= 0:
             raise ProfileError("expert shape sizes must be positive")
+        too_big = over_limit({"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size})
+        if too_big:
+            raise ProfileError(f"expert shape: {too_big}")
         if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
             raise ProfileError(f"unknown quantization {self.quantize!r}; expected one of {', '.join(QUANTIZE_FORMATS)}")
         if self.quantize is not None and self.dtype not in COMPUTE_DTYPES:
@@ -535,6 +556,8 @@ def load_profile(path: str | os.PathLike) -> HardwareProfile:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ProfileError(f"{path}: malformed YAML{at}") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: YAML nested too deeply to read") from None
     return profile_from_dict(data, str(path))
 
 

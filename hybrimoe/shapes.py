@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, ExpertShape
+from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, SIZE_LIMITS, ExpertShape, over_limit
 from hybrimoe.errors import UserError
 
 
@@ -58,6 +58,9 @@ class ModelShape:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UserError(f"model shape {self.name!r}: {name} must be an integer >= 0, got {value!r}")
+        too_big = over_limit({name: getattr(self, name) for name in SIZE_LIMITS})
+        if too_big:
+            raise UserError(f"model shape {self.name!r}: {too_big}")
         if self.top_k > self.n_experts:
             raise UserError(f"model shape {self.name!r}: top_k {self.top_k} exceeds n_experts {self.n_experts}")
         if self.n_shared_experts and not self.shared_intermediate_size:

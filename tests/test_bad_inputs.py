@@ -120,6 +120,47 @@ def make_files(tmp: Path) -> None:
 
     save_trace(RoutingTrace(dataclasses.replace(small.meta, dtype="int4"), small.steps), tmp / "int4.npz")
     save_trace(RoutingTrace(dataclasses.replace(small.meta, n_experts=256), small.steps), tmp / "other_model.npz")
+    _hostile_traces(tmp, tmp / "int4.npz")
+    _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
+    (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _patch_zip(path: Path, local_offset: int, central_offset: int, value: int) -> None:
+    """Sets a 2-byte field of every member's local and central header (flags: 6 and 8; compression
+    method: 8 and 10), as a tool that wrote such an archive would have."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        offsets = [info.header_offset for info in archive.infolist()]
+    for offset in offsets:
+        data[offset + local_offset : offset + local_offset + 2] = value.to_bytes(2, "little")
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        data[at + central_offset : at + central_offset + 2] = value.to_bytes(2, "little")
+        at = data.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(data)
+
+
+def _hostile_traces(tmp: Path, valid: Path) -> None:
+    """Traces that are valid archives but would cost a reader memory, time or a crash."""
+    import io
+    import zipfile
+
+    with np.load(valid) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    header = io.BytesIO()  # topk_ids declaring 384 G values it does not hold
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i2", "fortran_order": False, "shape": (48, 10**9, 8)})
+    with zipfile.ZipFile(tmp / "huge_shape.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("topk_ids.npy", header.getvalue() + b"\0" * 64)
+    for name in ("encrypted", "unknown_method"):
+        np.savez_compressed(tmp / f"{name}.npz", **arrays)
+    _patch_zip(tmp / "encrypted.npz", 6, 8, 0x1)
+    _patch_zip(tmp / "unknown_method.npz", 8, 10, 99)  # 99: AES, which zipfile cannot read
+    np.savez_compressed(tmp / "deep_meta.npz", **{**arrays, "meta": np.array("[" * 100_000 + "]" * 100_000)})
+    n_steps = 5_000_000  # one token each: 68 KB compressed
+    np.savez_compressed(tmp / "many_steps.npz", meta=arrays["meta"], step_lengths=np.ones(n_steps, dtype=np.int8),
+                        topk_ids=np.zeros((1, n_steps, 1), dtype=np.int8))
 
 
 T, P = str(TRACE), str(PROFILE)
@@ -251,6 +292,18 @@ CASES = [
     ("profile group size without quantize", ["profile", "--estimate", "x", "--group-size", "64"], "--group-size"),
     ("profile inf llc", ["profile", "--llc-mb", "inf"], "--llc-mb"),
     ("run non-UTF-8 prompt on stdin", ["run", "--prompt", "-", *RUN[3:]], "not UTF-8"),
+    ("trace declaring a huge shape", ["simulate", "--trace", "{tmp}/huge_shape.npz", "--profile", P], "declares shape"),
+    ("trace encrypted", ["simulate", "--trace", "{tmp}/encrypted.npz", "--profile", P], "encrypted"),
+    ("trace unknown compression", ["simulate", "--trace", "{tmp}/unknown_method.npz", "--profile", P], "method 99"),
+    ("trace meta nested deep", ["simulate", "--trace", "{tmp}/deep_meta.npz", "--profile", P], "nested too deeply"),
+    ("run replay trace meta nested deep", [*RUN, "--replay-trace", "{tmp}/deep_meta.npz"], "nested too deeply"),
+    ("trace of 5,000,000 steps", ["tune", "--trace", "{tmp}/many_steps.npz", "--profile", P, "--out", "{tmp}/t.yaml"],
+     "5000000 steps"),
+    ("profile yaml nested deep", [*SIM, "--profile", "{tmp}/deep.yaml"], "nested too deeply"),
+    ("profile a model of 10**7 layers", ["profile", "--model", "{tmp}/ten_million_layers", "--out", "{tmp}/p.yaml"],
+     "n_layers 10000000"),
+    ("estimate 10**6-wide experts", ["profile", "--estimate", "rtx4090-desktop", "--hidden-size", "2048",
+                                     "--intermediate-size", str(10**6), "--out", "{tmp}/p.yaml"], "intermediate_size"),
     ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",

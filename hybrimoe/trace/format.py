@@ -30,13 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from hybrimoe.config import DTYPE_BYTES, ExpertShape
+from hybrimoe.config import DTYPE_BYTES, ExpertShape, over_limit
 from hybrimoe.errors import TraceError, UserError
 from hybrimoe.files import input_file, read_json, write_atomically
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
 
 FORMAT_NAME = "hybrimoe-routing-trace"
 FORMAT_VERSION = 1
+# A trace's steps become Python objects: a million one-token steps is already more decode than any
+# workload we replay, and each costs memory and time before any check could refuse the trace.
+MAX_STEPS = 1_000_000
+READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 ID_DTYPE = np.int16
 
 
@@ -62,6 +66,9 @@ class TraceMeta:
         shared = self.n_shared_experts
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
             raise TraceError(f"trace metadata: n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        too_big = over_limit({name: getattr(self, name) for name in ("n_layers", "n_experts", "hidden_size", "intermediate_size")})
+        if too_big:
+            raise TraceError(f"trace metadata: {too_big}")
         if self.top_k > self.n_experts:
             raise TraceError(f"trace metadata: top_k {self.top_k} exceeds n_experts {self.n_experts}")
         if self.n_experts > np.iinfo(ID_DTYPE).max:
@@ -347,6 +354,7 @@ _ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_prob
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Reads and validates a trace; every problem is one TraceError line naming the file."""
     path = input_file(path, "trace", TraceError)
+    _check_archive(path)
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -356,12 +364,47 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
             if unknown:
                 raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError) as exc:
         raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
     try:
         return _trace_from_arrays(arrays)
     except TraceError as exc:
         raise TraceError(f"{path}: {exc}") from None
+
+
+def _check_archive(path: Path) -> None:
+    """Bounds what reading the archive costs before numpy reads it: every member compressed in a way
+    zipfile reads and not encrypted, each array's declared shape exactly the bytes
+    its member holds (a forged header would allocate its shape), and the arrays together within
+    half the free RAM."""
+    from hybrimoe.host import available_ram_bytes
+
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            for info in infos:
+                if info.flag_bits & 0x1:
+                    raise TraceError(f"{path}: member {info.filename} is encrypted")
+                if info.compress_type not in READABLE_COMPRESSION:
+                    raise TraceError(f"{path}: member {info.filename} uses compression method "
+                                     f"{info.compress_type}, which cannot be read (np.savez_compressed deflates)")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member)
+                    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if declared != info.file_size - member.tell():
+                        raise TraceError(f"{path}: member {info.filename} declares shape {shape} "
+                                         f"({declared} bytes) but holds {info.file_size - member.tell()}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
+        raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
+    total_bytes, free_bytes = sum(info.file_size for info in infos), available_ram_bytes()
+    if free_bytes is not None and total_bytes > free_bytes // 2:
+        raise TraceError(f"{path}: its arrays hold {total_bytes / 1e9:.1f} GB, over half the "
+                         f"{free_bytes / 1e9:.1f} GB of free RAM")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -378,6 +421,8 @@ def _trace_from_arrays(arrays: dict[str, np.ndarray]) -> RoutingTrace:
         raise TraceError("step_lengths must be a non-empty 1-d integer array")
     if (lengths < 1).any():
         raise TraceError("step_lengths must all be >= 1")
+    if lengths.size > MAX_STEPS:
+        raise TraceError(f"{lengths.size} steps, more than the {MAX_STEPS} a trace may hold")
     ids = arrays["topk_ids"]
     if ids.ndim != 3:
         raise TraceError(f"topk_ids must be [layers, tokens, k], got shape {ids.shape}")
@@ -408,6 +453,8 @@ def _meta_from_json(array: np.ndarray) -> TraceMeta:
         data = json.loads(str(array))
     except json.JSONDecodeError as exc:
         raise TraceError(f"meta is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise TraceError("meta is JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise TraceError("meta must be a JSON object")
     if data.pop("format", None) != FORMAT_NAME:
