@@ -34,6 +34,18 @@ def input_file(path: str | os.PathLike, what: str, error: type[UserError] = User
     return path
 
 
+def local_checkpoint(path: str | os.PathLike) -> Path:
+    """A model directory given by the user, refused in one line when it is not a local directory."""
+    from hybrimoe.errors import ModelError
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
+        )
+    return path
+
+
 def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> str:
     """The UTF-8 text of `path` (see `input_file`)."""
     path = input_file(path, what, error)

@@ -31,9 +31,8 @@ Design choices:
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,11 +41,11 @@ import torch
 from hybrimoe import __version__
 from hybrimoe.config import DEFAULT_GROUP_SIZE, HardwareProfile, PolicyConfig, load_profile
 from hybrimoe.errors import UserError
-from hybrimoe.files import check_output
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
-from hybrimoe.runtime.generate import Sampling, TextStream, generate
+from hybrimoe.run_options import RunOptions, check_options
+from hybrimoe.runtime.generate import TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
 from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, predict_run, trace_step
 from hybrimoe.runtime.replay import RoutingReplay, check_fits
@@ -57,65 +56,10 @@ from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_
 WARM_UP_TOKENS = 16  # prompt tokens of the warm-up step
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    prompts: tuple[str, ...]  # one per sequence
-    model: Path | None = None  # None: the embedded demo model
-    max_new_tokens: int = 64
-    sampling: Sampling = field(default_factory=Sampling)
-    device: str | None = None  # None: CUDA when present
-    profile: Path | None = None
-    strategy: str = "hybrimoe"
-    cache_experts: int | None = None
-    cache_ratio: float | None = None
-    gpu_memory_gb: float | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    record_trace: Path | None = None
-    overwrite_trace: bool = False
-    replay_trace: Path | None = None  # route as this recorded trace says, not as the model's routers do
-    threads: int | None = None  # CPU threads for experts; None: the profile's
-    quantize: str | None = None  # routed experts as int8 or int4; None: the profile's policy, else the checkpoint's
-    group_size: int | None = None  # weights per quantization scale; None: the profile's policy (128)
-    quantize_dense: bool = False  # the dense part's linear layers too
-
-
 @dataclass
 class RunReport:
     stats: RunStats
     texts: list[str]  # the generated text of each sequence
-
-
-def _check_options(options: RunOptions) -> None:
-    from hybrimoe.config import QUANTIZE_FORMATS
-    from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
-
-    if not options.prompts or any(not p.strip() for p in options.prompts):
-        raise UserError("the prompt is empty")
-    check_name("strategy", options.strategy, STRATEGIES)
-    if options.strategy in NEEDS_FREQUENCIES:
-        raise UserError(
-            f"strategy {options.strategy!r} needs expert frequencies from a profiling workload; "
-            "compare it with `hybrimoe simulate` instead"
-        )
-    if options.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    if not options.sampling.temperature >= 0 or math.isinf(options.sampling.temperature):
-        raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
-    if not 0.0 < options.sampling.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
-    if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
-        raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
-    if options.threads is not None and options.threads < 1:
-        raise UserError("--threads must be at least 1")
-    if options.quantize is not None:
-        check_name("quantization", options.quantize, QUANTIZE_FORMATS)
-    if options.group_size is not None and options.group_size < 2:
-        raise UserError("--group-size must be at least 2")
-    if options.record_trace is not None:
-        if options.record_trace.suffix != ".npz":
-            raise UserError(f"{options.record_trace}: a trace file must end in .npz")
-        check_output(options.record_trace, options.overwrite_trace, "--record-trace")
 
 
 def default_profile(shape: ModelShape, device: str = "cpu") -> HardwareProfile:
@@ -196,20 +140,17 @@ def _placement(options: RunOptions, profile: HardwareProfile, capacity: Capacity
     return options.strategy, capacity.slots, capacity.source
 
 
-def _replay(replayed: RoutingTrace, loaded: LoadedModel, prompt_shape: tuple[int, int], options: RunOptions):
-    """The routing replay for this model, refused in one line when the trace is too short for the run."""
-    source = str(options.replay_trace)
-    replay = RoutingReplay.for_model(replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, source)
+def _check_replay_length(replayed: RoutingTrace, prompt_shape: tuple[int, int], options: RunOptions) -> None:
+    """Refuses, before the weights load, a replayed trace too short for the run."""
     n_seqs, n_prompt = prompt_shape
     n_decode = options.max_new_tokens - 1  # steps after the prefill, one token per sequence each
     n_needed = n_seqs * (n_prompt + n_decode)
-    if n_needed > replay.n_tokens:
+    if n_needed > replayed.n_tokens:
         raise UserError(
-            f"{source}: the trace has {replay.n_tokens} tokens of routing; this run needs up to "
+            f"{options.replay_trace}: the trace has {replayed.n_tokens} tokens of routing; this run needs up to "
             f"{n_needed} ({n_seqs} x {n_prompt} prompt + {n_seqs} x {n_decode} decode tokens); "
             "lower --max-new-tokens"
         )
-    return replay
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -353,7 +294,7 @@ def run(
     from hybrimoe.runtime.loading import load_model
     from hybrimoe.runtime.threads import launching_threads, torch_threads
 
-    _check_options(options)
+    check_options(options)
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
     model_name = path.name if options.model is not None else "demo"
@@ -373,6 +314,8 @@ def run(
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
         prepared.append(_prepare(shape, facts, tokenizer, options, profile, accelerator))
+        if replayed is not None:
+            _check_replay_length(replayed, tuple(prepared[0].ids.shape), options)
 
     loaded = load_model(
         path,
@@ -399,7 +342,9 @@ def run(
     depth = TRACE_LOOKAHEAD_DEPTH if options.record_trace is not None else planner.lookahead_layers
 
     tokenizer = loaded.tokenizer
-    replay = _replay(replayed, loaded, ids.shape, options) if replayed is not None else None
+    replay = None if replayed is None else RoutingReplay.for_model(
+        replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, str(options.replay_trace)
+    )
 
     stream = TextStream(tokenizer)
     steps: list[TraceStep] = []

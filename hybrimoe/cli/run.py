@@ -168,8 +168,7 @@ def run(
 ) -> None:
     """Generate text with the hybrid runtime: experts on the CPU and the accelerator, planned per layer."""
     with user_errors():
-        from hybrimoe.runtime.generate import Sampling
-        from hybrimoe.run import RunOptions, run as run_model
+        from hybrimoe.run_options import RunOptions, Sampling, check_options
 
         text = _read_prompt(prompt, prompt_file)
         options = RunOptions(
@@ -193,6 +192,9 @@ def run(
             overwrite_trace=force,
             replay_trace=replay_trace,
         )
+        check_options(options)  # before torch and transformers are imported (seconds)
+        from hybrimoe.run import run as run_model
+
         if json_out:
             report = run_model(options, show_progress=False)
         else:

@@ -19,12 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
+from hybrimoe.run_options import Sampling
 
 
 @dataclass

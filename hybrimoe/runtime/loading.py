@@ -41,6 +41,7 @@ from torch import nn
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import ModelError
+from hybrimoe.files import local_checkpoint
 from hybrimoe.runtime.host_experts import HostExperts, pool_layer
 from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 
@@ -413,11 +414,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
-        )
+    path = local_checkpoint(path)
     config = load_config(path, trust_remote_code)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
     facts = _facts(build_on_meta(config, model_code), config)

@@ -287,3 +287,21 @@ def test_a_refusal_after_loading_is_one_line_without_import_noise(model_dir):
     )
     lines = [line for line in result.stderr.splitlines() if "Loading weights" not in line and line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--strategy", "nope"], ["--top-p", "2"], ["--temperature", "-1"], ["--profile", "/nonexistent.yaml"],
+    ["--model", "/nonexistent"], ["--replay-trace", "/nonexistent.npz"], ["--record-trace", "t.txt"],
+    ["--threads", "100000"],
+])
+def test_bad_run_flags_are_refused_before_torch_is_imported(args):
+    """A refusal must not wait for torch and transformers (seconds to a minute on a loaded machine):
+    checked by what was imported, not by the clock."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hybrimoe.cli import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
+            "    print(exc.code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, "run", "--prompt", "x", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr

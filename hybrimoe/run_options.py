@@ -1,0 +1,82 @@
+"""What `hybrimoe run` is asked to do (`RunOptions`, `Sampling`) and the checks of it that need no
+model: torch-free, so that a bad flag is refused before torch and transformers are imported."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybrimoe.errors import ProfileError, TraceError, UserError
+from hybrimoe.files import check_output, input_file, local_checkpoint
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    prompts: tuple[str, ...]  # one per sequence
+    model: Path | None = None  # None: the embedded demo model
+    max_new_tokens: int = 64
+    sampling: Sampling = field(default_factory=Sampling)
+    device: str | None = None  # None: CUDA when present
+    profile: Path | None = None
+    strategy: str = "hybrimoe"
+    cache_experts: int | None = None
+    cache_ratio: float | None = None
+    gpu_memory_gb: float | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    record_trace: Path | None = None
+    overwrite_trace: bool = False
+    replay_trace: Path | None = None  # route as this recorded trace says, not as the model's routers do
+    threads: int | None = None  # CPU threads for experts; None: the profile's
+    quantize: str | None = None  # routed experts as int8 or int4; None: the profile's policy, else the checkpoint's
+    group_size: int | None = None  # weights per quantization scale; None: the profile's policy (128)
+    quantize_dense: bool = False  # the dense part's linear layers too
+
+
+def check_options(options: RunOptions) -> None:
+    """Refuses options a user can get wrong, in one line each, before anything heavy is imported."""
+    from hybrimoe.config import QUANTIZE_FORMATS
+    from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
+
+    if not options.prompts or any(not p.strip() for p in options.prompts):
+        raise UserError("the prompt is empty")
+    check_name("strategy", options.strategy, STRATEGIES)
+    if options.strategy in NEEDS_FREQUENCIES:
+        raise UserError(
+            f"strategy {options.strategy!r} needs expert frequencies from a profiling workload; "
+            "compare it with `hybrimoe simulate` instead"
+        )
+    if options.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if not options.sampling.temperature >= 0 or math.isinf(options.sampling.temperature):
+        raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
+    if not 0.0 < options.sampling.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
+    if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
+        raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
+    if options.threads is not None and options.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if options.quantize is not None:
+        check_name("quantization", options.quantize, QUANTIZE_FORMATS)
+    if options.group_size is not None and options.group_size < 2:
+        raise UserError("--group-size must be at least 2")
+    if options.model is not None:
+        local_checkpoint(options.model)
+    if options.profile is not None:
+        input_file(options.profile, "profile", ProfileError)
+    if options.replay_trace is not None:
+        input_file(options.replay_trace, "trace", TraceError)
+    if options.record_trace is not None:
+        if options.record_trace.suffix != ".npz":
+            raise UserError(f"{options.record_trace}: a trace file must end in .npz")
+        check_output(options.record_trace, options.overwrite_trace, "--record-trace")
+
+
