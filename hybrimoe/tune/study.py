@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import ctypes
+import datetime
 import multiprocessing
 import signal
 import sys
@@ -75,7 +76,7 @@ def open_storage(inputs: Inputs):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(
+                storage = _Storage(
                     engine_url(inputs.storage_url),
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
@@ -94,6 +95,35 @@ def open_storage(inputs: Inputs):
             time.sleep(0.2 * (attempt + 1))
         except Exception as exc:  # sqlalchemy's and the drivers' errors have no common base
             raise _storage_error(inputs, exc) from None
+
+
+class _Storage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage with one more kind of stale trial: a running trial that never recorded a
+    heartbeat and started more than the grace period ago. Its process died (or could not start its
+    heartbeat thread) between claiming the trial and the first beat; Optuna skips such trials when
+    it looks for stale ones, so they stayed RUNNING for good, were never retried, and counted toward
+    --trials. The start time is the claiming machine's clock (Optuna's), compared with this one's."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+
+        stale = super()._get_stale_trial_ids(study_id)
+        trials = models.TrialModel
+        if hasattr(trials, "_datetime_start_utc"):  # Optuna 5 stores UTC, 4 the local time
+            started, now = trials._datetime_start_utc, datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+        else:
+            started, now = trials.datetime_start, datetime.datetime.now()
+        session = self.scoped_session()
+        try:
+            silent = (
+                session.query(trials.trial_id)
+                .filter(trials.study_id == study_id, trials.state == TrialState.RUNNING, ~trials.heartbeats.any())
+                .filter(started < now - datetime.timedelta(seconds=self.grace_period))
+                .all()
+            )
+        finally:
+            self.scoped_session.remove()
+        return stale + [trial_id for (trial_id,) in silent if trial_id not in stale]
 
 
 def engine_url(url: str) -> str:
@@ -287,8 +317,9 @@ def _worker(options: TuneOptions, worker: int) -> None:
     inputs = load_inputs(options)
     try:
         _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker, callbacks=[_parent_alive])
-    except Exception as exc:  # the main process reports the exit code; one line here says why
-        print(f"tuning worker {worker}: {_first_line(exc)}", file=sys.stderr)
+    except Exception as exc:  # the main process reports the exit code (and a lost storage); one line says why
+        if _storage_failure(exc) is None:
+            print(f"tuning worker {worker}: {_first_line(exc)}", file=sys.stderr)
         sys.exit(WORKER_FAILED)
 
 
@@ -334,9 +365,12 @@ def run_study(
             _retry_stale_trials(study)
             _optimize(inputs, study, callbacks=[report])
         report()
-    except _storage_errors() as exc:
+    except Exception as exc:
+        lost = _storage_failure(exc)
+        if lost is None:
+            raise
         raise UserError(f"lost the storage {storage_display(inputs.storage_url)} during the study "
-                        f"({_first_line(exc)}); the finished trials are kept: rerun the same command to continue") from None
+                        f"({_first_line(lost)}); the finished trials are kept: rerun the same command to continue") from None
     finally:  # on an interrupt the workers stop too; their running trials are retried on the next run
         for process in workers:
             if process.is_alive():
@@ -360,8 +394,15 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _storage_errors() -> tuple[type[Exception], ...]:
-    """What SQLAlchemy raises when the database goes away (a server stopped, a file removed)."""
+def _storage_failure(exc: BaseException) -> BaseException | None:
+    """The database error behind `exc` when the storage went away (a server stopped, a file removed),
+    else None. Optuna can mask it: its trial loop then fails on its own state (UnboundLocalError)
+    with the database error as the context."""
     from sqlalchemy.exc import DBAPIError
 
-    return (DBAPIError,)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DBAPIError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -39,44 +39,64 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PostgresServer:
+    """The test server: its URL (the README's `postgresql://` form), and `stop()` / `start()` for the
+    tests of a storage that goes away."""
+
+    def __init__(self, bin_dir: Path, root: Path, as_server_user: list[str]):
+        self.bin_dir, self.root, self.as_server_user = bin_dir, root, as_server_user
+        self.data, self.log, self.port = root / "data", root / "server.log", _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def pg(self, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
+        command = [*self.as_server_user, str(self.bin_dir / args[0]), *args[1:]]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    def failure(self, what: str, detail: str) -> str:
+        tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no server log)"
+        return f"PostgreSQL {what} failed: {detail.strip()}\n--- server log tail ---\n{tail}"
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        try:
+            done = self.pg("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t",
+                           str(START_TIMEOUT_S), "-o", options, timeout=START_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(self.failure("server start", f"pg_ctl start took over {START_TIMEOUT_S} s"))
+        if done.returncode != 0:
+            pytest.fail(self.failure("server start", done.stdout + done.stderr))
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.pg("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_server():
     psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'hybrimoe[postgres]')")
     bin_dir = _server_bin()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server binaries: initdb is neither on PATH nor in /usr/lib/postgresql/*/bin")
     as_root = os.geteuid() == 0
-    as_server_user = ["runuser", "-u", "postgres", "--"] if as_root else []
     root = Path(tempfile.mkdtemp(prefix="hybrimoe-pg-", dir="/tmp"))  # /tmp: the postgres user can reach it
     if as_root:
         shutil.chown(root, "postgres", "postgres")
-    data, log, port = root / "data", root / "server.log", _free_port()
-
-    def pg(*args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
-        command = [*as_server_user, str(bin_dir / args[0]), *args[1:]]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-
-    def failure(what: str, detail: str) -> str:
-        tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
-        return f"PostgreSQL {what} failed: {detail.strip()}\n--- server log tail ---\n{tail}"
-
+    server = PostgresServer(bin_dir, root, ["runuser", "-u", "postgres", "--"] if as_root else [])
     try:
-        done = pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
+        done = server.pg("initdb", "-D", str(server.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                         "--locale=C", "--no-sync")
         if done.returncode != 0:
-            pytest.fail(failure("initdb", done.stdout + done.stderr))
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
-        try:
-            done = pg("pg_ctl", "start", "-D", str(data), "-l", str(log), "-w", "-t", str(START_TIMEOUT_S), "-o", options,
-                      timeout=START_TIMEOUT_S + 10)
-        except subprocess.TimeoutExpired:
-            pytest.fail(failure("server start", f"pg_ctl start took over {START_TIMEOUT_S} s"))
-        if done.returncode != 0:
-            pytest.fail(failure("server start", done.stdout + done.stderr))
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=10,
-                             autocommit=True) as connection:  # CREATE DATABASE cannot run in a transaction
+            pytest.fail(server.failure("initdb", done.stdout + done.stderr))
+        server.start()
+        with psycopg.connect(host="127.0.0.1", port=server.port, user="postgres", dbname="postgres",
+                             connect_timeout=10, autocommit=True) as connection:  # not in a transaction
             connection.execute(f"CREATE DATABASE {DATABASE}")
-        yield f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"  # the README's form
+        yield server
     finally:
-        if (data / "postmaster.pid").exists():
-            pg("pg_ctl", "stop", "-D", str(data), "-m", "fast", "-w")
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    return postgres_server.url

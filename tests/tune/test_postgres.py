@@ -68,3 +68,39 @@ def test_two_processes_share_one_postgres_study(postgres_url, tmp_path):
         if a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
     ]
     assert concurrent, "no two trials ran at the same time: one process ran them all"
+
+
+def test_a_server_that_stops_mid_study_is_one_line_and_a_rerun_completes_the_target(postgres_server, tmp_path):
+    out, target = tmp_path / "tuned.yaml", 24
+    command = [
+        str(Path(sys.executable).with_name("hybrimoe")), "tune",
+        "--trace", str(REPO / "traces/qwen3-30b-a3b.npz"),
+        "--profile", str(REPO / "profiles/rtx4090-desktop.qwen3-30b-a3b.yaml"),
+        "--trials", str(target), "--max-tokens", "150", "--objective", "decode", "--cache-ratio", "0.25",
+        "--workers", "2", "--storage", postgres_server.url, "--out", str(out),
+    ]
+    before = set(optuna.get_all_study_names(postgres_server.url))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, study_name = time.monotonic() + TIMEOUT_S, None
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+        names = set(optuna.get_all_study_names(postgres_server.url)) - before
+        if names:
+            study_name = names.pop()
+            if len(optuna.load_study(study_name=study_name, storage=postgres_server.url).get_trials(states=FINISHED)) >= 4:
+                break
+    postgres_server.stop()
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        postgres_server.start()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert study_name is not None and process.returncode == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: lost the storage"), stderr
+    assert not out.exists()
+
+    time.sleep(13)  # past the heartbeat's grace period: the interrupted trials are stale
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = optuna.load_study(study_name=study_name, storage=postgres_server.url).get_trials(states=FINISHED)
+    assert len(trials) == target

@@ -42,7 +42,9 @@ def test_a_process_that_loses_the_schema_race_opens_again(tmp_path, monkeypatch)
     fails with "table ... already exists" (seen once in a fresh clone); it must open again, not fail."""
     from sqlalchemy.exc import OperationalError
 
-    real, calls = optuna.storages.RDBStorage, []
+    from hybrimoe.tune import study
+
+    real, calls = study._Storage, []
 
     def first_loses(*args, **kwargs):
         calls.append(args)
@@ -52,6 +54,24 @@ def test_a_process_that_loses_the_schema_race_opens_again(tmp_path, monkeypatch)
                 "table trial_intermediate_values already exists"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(optuna.storages, "RDBStorage", first_loses)
+    monkeypatch.setattr(study, "_Storage", first_loses)
     storage = open_storage(SimpleNamespace(storage_url=f"sqlite:///{tmp_path / 'study.db'}"))
     assert len(calls) == 2 and storage.get_all_studies() == []
+
+
+def test_a_running_trial_that_never_beat_is_failed_and_retried(tmp_path):
+    """A process that died (or could not start its heartbeat thread) between claiming a trial and
+    its first heartbeat left it RUNNING for good; it must become stale after the grace period."""
+    import time
+
+    from hybrimoe.tune.study import _fail_stale_trials
+
+    storage = open_storage(SimpleNamespace(storage_url=f"sqlite:///{tmp_path / 'study.db'}"))
+    study = optuna.create_study(storage=storage)
+    silent = storage.create_new_trial(study._study_id)  # RUNNING, no heartbeat recorded
+    storage.grace_period = 0  # instead of waiting out GRACE_S
+    time.sleep(0.05)
+    _fail_stale_trials(study)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert storage.get_trial(silent).state == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.WAITING) == 1  # enqueued again with its parameters
