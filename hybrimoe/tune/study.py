@@ -367,10 +367,15 @@ def run_study(
         report()
     except Exception as exc:
         lost = _storage_failure(exc)
-        if lost is None:
-            raise
-        raise UserError(f"lost the storage {storage_display(inputs.storage_url)} during the study "
-                        f"({_first_line(lost)}); the finished trials are kept: rerun the same command to continue") from None
+        kept = ("the finished trials are kept: rerun the same command to continue" if inputs.storage_url is not None
+                else "nothing is kept (in-memory storage)")
+        if lost is not None:
+            raise UserError(f"lost the storage {storage_display(inputs.storage_url)} during the study "
+                            f"({_first_line(lost)}); {kept}") from None
+        if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):  # a trial's heartbeat thread
+            raise UserError(f"could not start a thread (the system's limit on threads or memory); {kept}, and "
+                            "the trial it had claimed is retried") from None
+        raise
     finally:  # on an interrupt the workers stop too; their running trials are retried on the next run
         for process in workers:
             if process.is_alive():
