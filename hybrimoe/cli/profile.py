@@ -131,9 +131,9 @@ def profile(
         if machine is not None:
             raise UserError(f"unexpected argument {machine!r}: a MACHINE goes with --estimate")
 
-        from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine
-
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
+        from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine  # torch: seconds
+
         to_default = out is None
         if to_default:
             out = check_output(_this_machines_path(device or default_device(), shape), True, "profile")
