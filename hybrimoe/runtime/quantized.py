@@ -20,15 +20,16 @@ Design choices:
   int4 as its `IntxWeightOnlyConfig(torch.int4, PerGroup(g))` (scales in the weights' dtype).
   It is re-stated here in a few torch ops, so the runtime needs no torchao; the tests check it
   against torchao itself.
-- Kernels are torch's own. On the CPU, int4 (group sizes 32-256) runs torch's packed int4 matmul
-  (`_weight_int4pack_mm_for_cpu`, about 3x a bfloat16 matmul at one token), so the host store
-  keeps its layout; int8 runs torch's int8 matmul (`_weight_int8pack_mm`, one scale per output
-  row) once per group, the groups' products summed in float32 (about 1.7x a bfloat16 matmul at
-  one token), so the host store keeps each group's block contiguous. Elsewhere (CUDA, int4 at
-  other group sizes) the experts a kernel call runs are dequantized to the compute dtype, as
-  torchao's group-wise weight-only tensors do, and the usual grouped matmuls run (`kernels.py`);
-  only those experts are dequantized, never a whole stack. Dequantizing costs a CPU several times
-  the matmul itself, which is why the CPU has the packed kernels.
+- On the CPU, decode-sized groups run the native kernels (`native/`) on these stacks as they are;
+  larger groups run torch's own: int4 (group sizes 32-256) its packed int4 matmul
+  (`_weight_int4pack_mm_for_cpu`), so the host store keeps its layout (which depends on the CPU:
+  blocks of 64 rows on AVX-512, 32 on AVX2); int8 its int8 matmul (`_weight_int8pack_mm`, one
+  scale per output row) once per group, the groups' products summed in float32, so the host store
+  keeps each group's block contiguous. Elsewhere (CUDA, int4 at other group sizes) the experts a
+  kernel call runs are dequantized to the compute dtype, as torchao's group-wise weight-only
+  tensors do, and the usual grouped matmuls run (`kernels.py`); only those experts are
+  dequantized, never a whole stack. Dequantizing costs a CPU several times the matmul itself,
+  which is why the CPU has the packed kernels.
 - The int4 layout is not re-derived by hand: the order of its 4-bit values is read off torch's own
   converter once per shape (`_int4_order`), and packing and unpacking are one gather each.
 - A quantized stack is plain named tensors (`gate_up_proj_qdata`, `gate_up_proj_scale`, ...), so
