@@ -304,6 +304,8 @@ CASES = [
      "n_layers 10000000"),
     ("estimate 10**6-wide experts", ["profile", "--estimate", "rtx4090-desktop", "--hidden-size", "2048",
                                      "--intermediate-size", str(10**6), "--out", "{tmp}/p.yaml"], "intermediate_size"),
+    ("simulate json and markdown", [*SIM, "--profile", P, "--json", "--markdown"], "not both"),
+    ("run stdin twice", ["run", "--prompt", "-", "--prompt", "-", *RUN[3:]], "once"),
     ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",

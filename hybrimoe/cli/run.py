@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from hybrimoe.cli import app, console, user_errors
 
@@ -20,24 +21,31 @@ _WEIGHTS = "Weights"
 _OUT = "Output"
 
 
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+def _read_prompts(prompts: list[str], prompt_file: Path | None) -> tuple[str, ...]:
+    """The prompts of the batch: each --prompt (`-` reads stdin, once), or the --prompt-file."""
     from hybrimoe.errors import UserError
 
-    if prompt is not None and prompt_file is not None:
+    if prompts and prompt_file is not None:
         raise UserError("pass --prompt or --prompt-file, not both")
-    if prompt == "-" or prompt_file == Path("-"):
-        data = sys.stdin.buffer.read()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"the prompt on stdin is not UTF-8 text (byte {exc.start})") from None
+    if prompts.count("-") > 1:
+        raise UserError("--prompt - (stdin) can be given once")
     if prompt_file is not None:
         from hybrimoe.files import read_text
 
-        return read_text(prompt_file, "--prompt-file")
-    if prompt is None:
+        return (_stdin_text() if prompt_file == Path("-") else read_text(prompt_file, "--prompt-file"),)
+    if not prompts:
         raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or --prompt - to read stdin")
-    return prompt
+    return tuple(_stdin_text() if prompt == "-" else prompt for prompt in prompts)
+
+
+def _stdin_text() -> str:
+    from hybrimoe.errors import UserError
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the prompt on stdin is not UTF-8 text (byte {exc.start})") from None
 
 
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:
@@ -94,8 +102,10 @@ def _summary(stats) -> Panel:
 
 @app.command()
 def run(
-    prompt: str | None = typer.Option(
-        None, "--prompt", "-p", rich_help_panel=_INPUT, help="The prompt text; `-` reads it from stdin."
+    prompt: list[str] = typer.Option(
+        [], "--prompt", "-p", rich_help_panel=_INPUT,
+        help="The prompt text; `-` reads it from stdin. Repeat to generate for several prompts as one batch "
+        "(the first streams, the others print at the end).",
     ),
     prompt_file: Path | None = typer.Option(
         None, "--prompt-file", rich_help_panel=_INPUT, help="Read the prompt from this file (`-`: stdin)."
@@ -170,9 +180,9 @@ def run(
     with user_errors():
         from hybrimoe.run_options import RunOptions, Sampling, check_options
 
-        text = _read_prompt(prompt, prompt_file)
+        texts = _read_prompts(prompt, prompt_file)
         options = RunOptions(
-            prompts=(text,),
+            prompts=texts,
             model=model,
             max_new_tokens=max_new_tokens,
             sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
@@ -200,11 +210,14 @@ def run(
         else:
             report = run_model(
                 options,
-                on_start=lambda: console.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True),
+                on_start=lambda: console.print(texts[0], style="dim", end="", markup=False, highlight=False, soft_wrap=True),
                 on_text=lambda piece: console.print(piece, end="", markup=False, highlight=False, soft_wrap=True),
             )
     if json_out:
         console.print_json(json.dumps({"texts": report.texts, **report.stats.to_dict()}))
         return
     console.print()
+    for i, (text, generated) in enumerate(zip(texts[1:], report.texts[1:]), start=2):
+        console.rule(f"sequence {i}")
+        console.print(Text(text, style="dim") + Text(generated), soft_wrap=True)
     console.print(_summary(report.stats))

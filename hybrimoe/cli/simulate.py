@@ -98,6 +98,8 @@ def simulate(
     with user_errors():
         if not 0.0 < profile_split < 1.0:
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
+        if json_out and markdown:
+            raise UserError("give --json or --markdown, not both")
     with user_errors(), console.status("simulating", spinner="dots") as status:
         if not profiles:
             from hybrimoe.profile.directory import this_machines_profile_for

@@ -21,7 +21,7 @@ _CHECK = "Check on the runtime"
 @app.command()
 def tune(
     traces: list[Path] = typer.Option(
-        [], "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model)."
+        [], "--trace", rich_help_panel=_WORK, help="Routing trace (.npz) to tune on; repeat for several (one model). [required]"
     ),
     out: Path = typer.Option(..., "--out", rich_help_panel=_OUT, help="Where to write the tuned profile (YAML)."),
     profiles: list[Path] = typer.Option(

@@ -116,6 +116,6 @@ def this_machines_profile_for(expert_shape) -> Path:
         how = "" if expert_shape.quantize is None else f" --quantize {expert_shape.quantize} --group-size {expert_shape.group_size}"
         raise UserError(
             f"no profile of this machine ({machine}) for experts {expert_shape.describe()}: run "
-            f"`hybrimoe profile --model DIR{how}` for the trace's model, or pass --profile"
+            f"`hybrimoe profile --model DIR{how}` (or `--preset NAME`) for the trace's model, or pass --profile"
         )
     return path

@@ -305,3 +305,11 @@ def test_bad_run_flags_are_refused_before_torch_is_imported(args):
     result = subprocess.run([sys.executable, "-c", code, "run", "--prompt", "x", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+
+
+def test_repeated_prompts_run_as_one_batch(model_dir):
+    result = _run("--model", model_dir, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "-n", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["texts"]) == 2  # neither prompt dropped
+    shown = _run("--model", model_dir, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "-n", "4")
+    assert shown.exit_code == 0 and "sequence 2" in shown.stdout and "JULIET: O" in shown.stdout
