@@ -36,8 +36,22 @@ def invoke(*args: str):
     return runner.invoke(app, ["tune", *map(str, args)])
 
 
+def _opened(storage: str):
+    """The storage as `tune` opens it: a test reading a database that a running `tune` is still
+    creating would lose the schema race (a UNIQUE constraint on alembic_version) and fail itself."""
+    from types import SimpleNamespace
+
+    from hybrimoe.tune.study import open_storage
+
+    return open_storage(SimpleNamespace(storage_url=storage))
+
+
+def study_names(storage: str) -> list[str]:
+    return optuna.get_all_study_names(_opened(storage))
+
+
 def finished(storage: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=_opened(storage))
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
@@ -154,7 +168,7 @@ def test_resume_after_sigkill_loses_no_trial(tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        names = optuna.get_all_study_names(storage) if out.with_suffix(".optuna.db").exists() else []
+        names = study_names(storage) if out.with_suffix(".optuna.db").exists() else []
         if names:
             study_name = names[0]
             if len(finished(storage, study_name)) >= 6:
@@ -206,7 +220,7 @@ def test_a_killed_worker_is_one_line_and_the_study_still_completes(tmp_path):
     deadline, killed = time.monotonic() + 120, False
     while time.monotonic() < deadline and not killed and process.poll() is None:
         time.sleep(0.2)
-        names = optuna.get_all_study_names(storage) if out.with_suffix(".optuna.db").exists() else []
+        names = study_names(storage) if out.with_suffix(".optuna.db").exists() else []
         workers = _spawned_children(process.pid)
         if names and workers and len(finished(storage, names[0])) >= 4:
             os.kill(workers[0], signal.SIGKILL)
