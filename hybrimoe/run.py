@@ -400,6 +400,10 @@ def run(
         simulated_decode_tokens_per_s=simulated_tps,
         host_memory=host_memory,
         accelerator_memory=accelerator_memory,
+        host_expert_bytes=loaded.host_experts.n_bytes,
+        slot_bytes=capacity * loaded.expert_shape.expert_bytes,
+        accelerator_dense_bytes=dense_bytes if accelerator.is_cuda else 0,
+        accelerator_peak_bytes=accelerator.peak_memory_bytes() if accelerator.is_cuda else 0,
         trace_path=str(options.record_trace) if options.record_trace is not None else None,
         replay_trace=str(options.replay_trace) if options.replay_trace is not None else None,
     )

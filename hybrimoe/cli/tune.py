@@ -219,7 +219,8 @@ def _render(result, objective: str) -> None:
     detail = "holdout" if result.tuned.holdout is not None else "train"
     table = Table(
         title=f"{unit}: tuned vs default vs baselines ({result.trials} trials, {result.pruned} pruned, "
-        f"{result.seconds:.0f} s); ms/token, TTFT and hit rate on the {detail} tokens",
+        f"{result.trial_seconds:.0f} s of trials, {result.seconds:.0f} s this run); ms/token, TTFT and hit rate "
+        f"on the {detail} tokens",
         title_justify="left",
     )
     table.add_column("config", no_wrap=True, min_width=max(len(row.config) for row in result.rows))

@@ -59,6 +59,10 @@ class RunStats:
     weights: str = ""  # the routed experts' format (and the dense part's when quantized), in words
     host_memory: str = ""  # the pooled host experts (pinned or not), in words
     accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
+    host_expert_bytes: int = 0  # the pooled routed experts
+    slot_bytes: int = 0  # the expert slots (on the accelerator, or the CPU stand-in's)
+    accelerator_dense_bytes: int = 0  # the dense weights on the accelerator (0 without one)
+    accelerator_peak_bytes: int = 0  # the most allocated on the accelerator (0 without one)
     simulated_decode_tokens_per_s: float | None = None  # the simulator's prediction for this run
     simulated_ttft_s: float | None = None
     trace_path: str | None = None  # where the run's routing was recorded

@@ -140,7 +140,8 @@ def _index_markdown(result: TuneResult, csv_path: Path, images: list[Path] | Non
     lines = [
         f"# Tuning report: {result.study_name}",
         "",
-        f"{result.trials} trials finished ({result.pruned} pruned, {result.failed} failed) in {result.seconds:.0f} s; "
+        f"{result.trials} trials finished ({result.pruned} pruned, {result.failed} failed), {result.trial_seconds:.0f} s "
+        f"of trials over every run and worker ({result.seconds:.0f} s in the last run); "
         f"storage {result.storage}.",
         "",
         f"## Tuned policy (trial {tuned.trial}, {tuned.slots} expert slots)",

@@ -57,7 +57,8 @@ class TuneResult:
     importances: dict[str, float] | None
     pareto_front: tuple[Row, ...]  # Pareto studies only, fewest slots first
     record: TuningRecord
-    seconds: float
+    seconds: float  # this run's search (a rerun of a finished study: nearly 0)
+    trial_seconds: float  # the study's own time: its finished trials' durations, over every run and worker
 
     @property
     def tuned(self) -> Row:
@@ -137,6 +138,10 @@ def summarize(
         pareto_front=front,
         record=record,
         seconds=seconds,
+        trial_seconds=sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_start and t.datetime_complete
+        ),
     )
 
 
@@ -199,5 +204,7 @@ def write_tuned_profile(inputs: Inputs, result: TuneResult, path: Path | None = 
     policy, experts = result.tuned.policy, inputs.profile.expert_shape
     if experts.quantize is not None:
         policy = dataclasses.replace(policy, quantize=experts.quantize, group_size=experts.group_size)
-    tuned = dataclasses.replace(inputs.profile, policy=policy, tuning=result.record)
-    return save_profile(tuned, path or inputs.options.out, overwrite=inputs.options.force)
+    out = path or inputs.options.out
+    name = f"{inputs.profile.name}, tuned ({out.stem})"  # tables of several --profile tell them apart
+    tuned = dataclasses.replace(inputs.profile, name=name, policy=policy, tuning=result.record)
+    return save_profile(tuned, out, overwrite=inputs.options.force)

@@ -79,6 +79,8 @@ def test_json_statistics(model_dir):
     assert data["simulated_decode_tokens_per_s"] > 0
     assert data["decode_measured_over_predicted"] > 0 and data["ttft_measured_over_predicted"] > 0
     assert len(data["texts"]) == 1
+    assert data["host_expert_bytes"] > 0 and data["slot_bytes"] == 0  # memory as numbers, not only prose
+    assert data["accelerator_dense_bytes"] == data["accelerator_peak_bytes"] == 0  # no accelerator
 
 
 def test_this_machines_profile_is_the_default(model_dir, tmp_path, monkeypatch):

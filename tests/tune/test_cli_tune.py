@@ -74,6 +74,7 @@ def test_tuned_profile_is_used_by_run_and_simulate(tmp_path, demo_trace):
     assert result.exit_code == 0, result.output
     assert "tuned vs default vs baselines" in result.output and "tuned profile written" in result.output
     tuned = load_profile(out)
+    assert tuned.name == f"{load_profile(DEMO_PROFILE).name}, tuned (tuned)"  # not the untuned one's name
     original = load_profile(DEMO_PROFILE)
     assert tuned.cpu_expert == original.cpu_expert and tuned.transfer == original.transfer  # hardware unchanged
     assert tuned.tuning.cache_experts == 24 and tuned.tuning.storage == "memory"

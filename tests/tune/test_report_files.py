@@ -90,3 +90,18 @@ def test_unwritable_directory_is_a_user_error(single, tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="report directory .*file"):
         write_report(*single, blocker / "report", "ms/token")
+
+
+def test_a_resumed_study_reports_its_own_time(tmp_path):
+    """A rerun of a finished study runs no trial: its report gives the study's own trial time."""
+    options = TuneOptions(
+        traces=(REPO / "traces/qwen3-30b-a3b.npz",), out=tmp_path / "tuned.yaml",
+        profile=REPO / "profiles/rtx4090-desktop.qwen3-30b-a3b.yaml", storage="memory", trials=4, max_tokens=60,
+        objective="decode", cache_ratio=0.25,
+    )
+    inputs = load_inputs(options)
+    study = run_study(inputs)
+    rerun = summarize(inputs, study, 0.0)
+    finished = [t for t in study.trials if t.datetime_complete is not None]
+    assert rerun.seconds == 0.0 and rerun.trial_seconds > 0
+    assert rerun.trial_seconds == pytest.approx(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in finished))
