@@ -328,6 +328,7 @@ def run(
     )
     shape, ids, mask, capacity_chosen, reserve, dense_bytes = prepared[0]
     ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
+    estimated = profile is None  # the prediction comes from an estimate, not from this machine
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     policy = _policy(profile)
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
@@ -400,6 +401,8 @@ def run(
         simulated_decode_tokens_per_s=simulated_tps,
         host_memory=host_memory,
         accelerator_memory=accelerator_memory,
+        stand_in=not accelerator.is_cuda,
+        prediction_from_estimate=estimated,
         host_expert_bytes=loaded.host_experts.n_bytes,
         slot_bytes=capacity * loaded.expert_shape.expert_bytes,
         accelerator_dense_bytes=dense_bytes if accelerator.is_cuda else 0,

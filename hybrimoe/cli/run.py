@@ -72,7 +72,11 @@ def _summary(stats) -> Panel:
         ("Prefill", _fmt(stats.prefill_tokens_per_s, ".1f", " tokens/s")),
         ("Decode", _fmt(stats.decode_tokens_per_s, ".2f", " tokens/s per sequence")),
         ("Cache hit rate", _fmt(c.hit_rate, ".1%")),
-        ("Expert runs", f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} accelerator"),
+        (
+            "Expert runs",
+            f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} "
+            + ("CPU stand-in (no accelerator)" if stats.stand_in else "accelerator"),
+        ),
         (
             "Loaded",
             f"{c.bytes_loaded / 2**20:.1f} MiB ({c.demand_loads} on demand, {c.prefetch_loads} prefetched; "
@@ -88,7 +92,9 @@ def _summary(stats) -> Panel:
             "Simulator predicts",
             f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')} (measured/predicted {_fmt(stats.ttft_ratio, '.2f')}), "
             f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} "
-            f"(measured/predicted time {_fmt(stats.decode_ratio, '.2f')}); same profile, routing and planner",
+            f"(measured/predicted time {_fmt(stats.decode_ratio, '.2f')}); same profile, routing and planner"
+            + ("; from a built-in estimate, not this machine: `hybrimoe profile` measures it"
+               if stats.prediction_from_estimate else ""),
         ),
     ]
     if stats.replay_trace:

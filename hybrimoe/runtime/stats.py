@@ -59,6 +59,8 @@ class RunStats:
     weights: str = ""  # the routed experts' format (and the dense part's when quantized), in words
     host_memory: str = ""  # the pooled host experts (pinned or not), in words
     accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
+    stand_in: bool = False  # the "accelerator" is the CPU stand-in (no GPU)
+    prediction_from_estimate: bool = False  # the simulator's prediction used a built-in estimate, not this machine's profile
     host_expert_bytes: int = 0  # the pooled routed experts
     slot_bytes: int = 0  # the expert slots (on the accelerator, or the CPU stand-in's)
     accelerator_dense_bytes: int = 0  # the dense weights on the accelerator (0 without one)

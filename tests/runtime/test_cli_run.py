@@ -105,6 +105,7 @@ def test_this_machines_profile_is_the_default(model_dir, tmp_path, monkeypatch):
     path.unlink()
     data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json").stdout)
     assert data["profile"].startswith("built-in estimate")
+    assert data["stand_in"] and data["prediction_from_estimate"]  # said so in the summary, not "accelerator"
 
 
 def test_prompt_from_stdin_and_trace_recording(model_dir, tmp_path):
