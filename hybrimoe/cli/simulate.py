@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -10,9 +11,10 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hybrimoe.cli import app, console, user_errors
+from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.errors import UserError
 from hybrimoe.policy.names import STRATEGIES
 
@@ -100,7 +102,7 @@ def simulate(
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
         if json_out and markdown:
             raise UserError("give --json or --markdown, not both")
-    with user_errors(), console.status("simulating", spinner="dots") as status:
+    with user_errors(), _cells_progress() as on_cell:
         if not profiles:
             from hybrimoe.profile.directory import this_machines_profile_for
             from hybrimoe.trace import load_trace
@@ -123,7 +125,7 @@ def simulate(
                 baseline=_baseline_params(baseline),
                 prefill_tokens=prefill_tokens,
                 max_tokens=max_tokens,
-                progress=lambda text: status.update(f"simulating {text}"),
+                progress=on_cell,
             )
         ]
     if json_out:
@@ -134,6 +136,21 @@ def simulate(
         return
     for comparison in comparisons:
         console.print(_table(comparison))
+
+
+@contextlib.contextmanager
+def _cells_progress():
+    """A progress bar over each comparison's cells (strategy x cache ratio, and the bound): counts,
+    elapsed time and the time left, on stderr; yields the `progress(done, total, cell)` callback."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("simulating", total=None)
+
+        def on_cell(done: int, total: int, cell: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"simulating {cell}")
+
+        yield on_cell
 
 
 def _to_json(comparison) -> dict:

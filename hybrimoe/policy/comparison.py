@@ -174,14 +174,15 @@ def compare_strategies(
     prefill_tokens: int = 512,
     max_tokens: int | None = None,
     bound: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
     profiling: RoutingTrace | None = None,
     profiling_name: str | None = None,
     baseline: BaselineParams = BaselineParams(),
 ) -> Comparison:
     """Every strategy at every cache ratio on one workload: what `hybrimoe simulate` prints.
     `profiling`: the trace frequency placement is counted on (named `profiling_name`); None:
-    the first `profile_fraction` of `trace`."""
+    the first `profile_fraction` of `trace`. `progress(done, total, cell)` is called before each
+    cell (a strategy, or the bound, at one ratio) with the cells done and in all."""
     strategies = tuple(check_name("strategy", strategy, STRATEGIES) for strategy in strategies)
     ratios = tuple(ratios)
     if any(not 0.0 <= r <= 1.0 for r in ratios):
@@ -193,18 +194,22 @@ def compare_strategies(
     workload = make_workload(trace, mode, profile_fraction, prefill_tokens, max_tokens, profiling)
     started = time.perf_counter()
     results = {}
+    n_cells = len(ratios) * (len(strategies) + bound)
+
+    def report(text: str) -> None:
+        if progress is not None:
+            progress(len(results), n_cells, text)
+
     for ratio in ratios:
         for strategy in strategies:
-            if progress is not None:
-                progress(f"{strategy} at {ratio:.0%} cache")
+            report(f"{strategy} at {ratio:.0%} cache")
             planner = _planner_for_cell(strategy, ratio, dims, costs, policy, workload, baseline)
             results[(strategy, ratio)] = simulate(
                 workload.replay, planner, predictor, strategy=strategy, cache_ratio=ratio, mode=mode
             )
     if bound:
         for ratio in ratios:
-            if progress is not None:
-                progress(f"the oracle bound at {ratio:.0%} cache")
+            report(f"the oracle bound at {ratio:.0%} cache")
             planner = oracle_planner(workload.replay, dims, costs, policy, cache_capacity(dims, ratio))
             results[("oracle", ratio)] = simulate(
                 workload.replay, planner, "oracle", strategy="oracle", cache_ratio=ratio, mode=mode

@@ -185,3 +185,13 @@ def test_a_trace_of_two_steps_replays_through_every_new_baseline_deterministical
         for _ in range(2)
     ]
     assert [r.step_ms for r in results[0].results.values()] == [r.step_ms for r in results[1].results.values()]
+
+
+def test_progress_counts_every_cell_of_a_comparison():
+    """`simulate`'s bar shows counts and the time left: each cell is announced with the cells done
+    and in all (strategies x ratios, and the bound at each ratio)."""
+    calls = []
+    compare_strategies(make_trace(n_tokens=16), make_profile(), ratios=(0.25, 0.5), strategies=("hybrimoe", "cpu-only"),
+                       mode="decode", progress=lambda done, total, cell: calls.append((done, total, cell)))
+    assert [(done, total) for done, total, _ in calls] == [(i, 6) for i in range(6)]
+    assert calls[0][2] == "hybrimoe at 25% cache" and calls[-1][2] == "the oracle bound at 50% cache"
