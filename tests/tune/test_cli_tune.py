@@ -73,6 +73,7 @@ def test_tuned_profile_is_used_by_run_and_simulate(tmp_path, demo_trace):
                     "--trials", "8", "--cache-experts", "24", "--decode-tokens", "16")
     assert result.exit_code == 0, result.output
     assert "tuned vs default vs baselines" in result.output and "tuned profile written" in result.output
+    assert "…" not in result.output  # every number whole at the runner's 80 columns
     tuned = load_profile(out)
     assert tuned.name == f"{load_profile(DEMO_PROFILE).name}, tuned (tuned)"  # not the untuned one's name
     original = load_profile(DEMO_PROFILE)
