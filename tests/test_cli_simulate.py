@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from hybrimoe.cli import app
@@ -60,14 +61,15 @@ def test_bad_baseline_settings_are_one_line_errors():
         assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_the_table_reads_at_80_columns():
-    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "8",
-                                 "--mode", "prefill", "--prefill-tokens", "4"], env={"COLUMNS": "80"})
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_the_table_reads_at_80_columns(mode):
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "40",
+                                 "--mode", mode, "--prefill-tokens", "4"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert all(len(line) <= 80 for line in result.output.splitlines())
     assert "…" not in result.output
     for strategy in ("ktransformers-dynamic", "llamacpp-lru", "static-oracle"):
-        assert f" {strategy} " in result.output
+        assert f"{strategy} " in result.output
 
 
 def test_formats_side_by_side_with_what_they_take():

@@ -227,15 +227,16 @@ def _table(comparison) -> Table:
         f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
         f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)"
     )
-    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  collapse_padding=True, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for ratio in comparison.ratios:
         table.add_column(f"{ratio:.0%} cache", justify="right", no_wrap=True)
     for strategy, row in _rows(comparison):
         cells = []
         for result, star, to_best in row:
-            to_best_text = "" if to_best is None else f" {to_best:.2f}x"
-            cells.append(f"{_time(result.step_ms)}{star}{to_best_text} {result.hit_rate:.0%}")
+            to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
+            cells.append(f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}")
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
         table.add_row(strategy, *cells, style=style)
     caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
