@@ -78,12 +78,23 @@ def check_output(path: str | os.PathLike, force: bool, flag: str) -> Path:
         raise UserError(f"{flag} {path} is a directory; give a file path")
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
-    ancestor = next(p for p in (path.parent, *path.parent.parents) if p.exists())
-    if not ancestor.is_dir():
-        raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write in {ancestor}")
+    check_writable_dir(path.parent, f"{flag} {path}")
     return path
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str) -> None:
+    """Refuses, before any work, a directory that cannot be written or created: its nearest existing
+    ancestor (missing ones are created when written) must be a directory where a file can really be
+    made: access bits pass for root even where writing fails (/proc, a read-only mount)."""
+    directory = Path(directory) if str(directory) else Path(".")
+    ancestor = next(p for p in (directory, *directory.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise UserError(f"{what}: {ancestor} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write in {ancestor} ({exc.strerror or exc})") from None
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:

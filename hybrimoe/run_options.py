@@ -62,6 +62,12 @@ def check_options(options: RunOptions) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
     if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
         raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
+    if options.cache_experts is not None and options.cache_ratio is not None:
+        raise UserError("pass --cache-experts or --cache-ratio, not both")
+    if options.cache_ratio is not None and not 0.0 <= options.cache_ratio <= 1.0:
+        raise UserError(f"--cache-ratio must be in [0, 1], got {options.cache_ratio}")
+    if options.cache_experts is not None and options.cache_experts < 0:
+        raise UserError(f"--cache-experts must be at least 0, got {options.cache_experts}")
     if options.threads is not None and options.threads < 1:
         raise UserError("--threads must be at least 1")
     if options.quantize is not None:

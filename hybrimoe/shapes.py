@@ -191,9 +191,20 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
 
-    n_decoder_layers = need("num_hidden_layers")
-    n_heads = need("num_attention_heads")
-    hidden = need("hidden_size")
+    def need_size(key: str, limit: str) -> int:
+        """An integer size the shape is computed from, checked before it is used (a range over
+        10**12 layers would never end)."""
+        value = need(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{family} config: {key} must be a positive integer, got {value!r}")
+        too_big = over_limit({limit: value})
+        if too_big:
+            raise UserError(f"{family} config: {key}: {too_big}")
+        return value
+
+    n_decoder_layers = need_size("num_hidden_layers", "n_layers")
+    n_heads = need_size("num_attention_heads", "n_heads")
+    hidden = need_size("hidden_size", "hidden_size")
     common = dict(
         name=name,
         hidden_size=hidden,

@@ -122,6 +122,11 @@ def make_files(tmp: Path) -> None:
     save_trace(RoutingTrace(dataclasses.replace(small.meta, n_experts=256), small.steps), tmp / "other_model.npz")
     _hostile_traces(tmp, tmp / "int4.npz")
     _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
+    _model_dir(tmp, "str_experts", config=_demo_config(num_experts="16"))
+    _model_dir(tmp, "zero_layers", config=_demo_config(num_hidden_layers=0))
+    bad_tokenizer = _model_dir(tmp, "bad_tokenizer")
+    (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
+    (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
 
 
@@ -306,6 +311,15 @@ CASES = [
                                      "--intermediate-size", str(10**6), "--out", "{tmp}/p.yaml"], "intermediate_size"),
     ("simulate json and markdown", [*SIM, "--profile", P, "--json", "--markdown"], "not both"),
     ("run stdin twice", ["run", "--prompt", "-", "--prompt", "-", *RUN[3:]], "once"),
+    ("run model config with a string expert count", [*RUN, "--model", "{tmp}/str_experts"], "num_experts"),
+    ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "not a valid"),
+    ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
+    ("profile config of 10**12 layers", ["profile", "--model", "{tmp}/huge_layers.json", "--out", "{tmp}/p.yaml"],
+     "num_hidden_layers"),
+    ("run record trace in /proc", [*RUN, "--record-trace", "/proc/hybrimoe.npz"], "cannot write"),
+    ("tune report in /proc", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--report",
+                              "/proc/hybrimoe-report"], "cannot write"),
+    ("profile plot in /proc", ["profile", "--out", "{tmp}/p.yaml", "--plot", "/proc/hybrimoe.png"], "cannot write"),
     ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",

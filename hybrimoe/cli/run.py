@@ -134,7 +134,7 @@ def run(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", rich_help_panel=_GEN, help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", rich_help_panel=_GEN, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", rich_help_panel=_GEN, help="Nucleus sampling mass (with --temperature)."),
-    seed: int | None = typer.Option(None, "--seed", rich_help_panel=_GEN, help="Seed for sampling."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=2**63 - 1, rich_help_panel=_GEN, help="Seed for sampling."),
     device: str | None = typer.Option(
         None, "--device", rich_help_panel=_PLACE, help="cuda[:N], or cpu (a CPU stand-in accelerator); default: cuda when present."
     ),

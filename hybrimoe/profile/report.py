@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybrimoe.config import HardwareProfile, LatencyCurve
+from hybrimoe.files import write_atomically
 from hybrimoe.profile.fit import crossover_tokens, is_erratic
 
 
@@ -237,6 +238,6 @@ def save_png(profile: HardwareProfile, path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png")
+    write_atomically(path, lambda fh: fig.savefig(fh, format="png"))  # missing folders made, as for --out
     plt.close(fig)
     return path

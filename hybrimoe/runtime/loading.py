@@ -239,6 +239,8 @@ def load_config(path: Path, trust_remote_code: bool):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
+    except Exception as exc:  # transformers' config classes validate with errors of their own (huggingface_hub's)
+        raise ModelError(f"{path}/config.json: not a valid {model_type} config ({_first_line(exc)})") from None
 
 
 def _is_native_model(model_type: object) -> bool:
@@ -338,8 +340,8 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
                 check_code_is_local(path, data, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"{path}: no usable tokenizer ({_first_line(exc)})") from None
+    except Exception as exc:  # a malformed tokenizer file fails in the tokenizers library in many ways
+        raise ModelError(f"{path}: no usable tokenizer ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hybrimoe.config import DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
+from hybrimoe.files import check_output, check_writable_dir
 from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
 from hybrimoe.shapes import PRESETS, ModelShape
 from hybrimoe.trace import TraceMeta, load_trace
@@ -153,37 +153,18 @@ def check_outputs(options: TuneOptions) -> None:
     unknown = [engine for engine in options.exports if engine not in ENGINES]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(ENGINES)}")
-    _check_file(options.out, "--out", options.force)
+    check_output(options.out, options.force, "--out")
     if "ktransformers" in options.exports:
-        _check_file(ktransformers_path(options.out), "--export ktransformers", options.force)
+        check_output(ktransformers_path(options.out), options.force, "--export ktransformers")
     if options.report_dir is not None:
         report = options.report_dir
         if report.exists() and not report.is_dir():
             raise UserError(f"--report {report} is not a directory")
         if report.resolve() in {options.out.resolve(), ktransformers_path(options.out).resolve()}:
             raise UserError(f"--report {report} is the tuned profile's own path: give a directory of its own")
-        _check_writable_parent(report if report.exists() else report.parent, f"--report {report}")
+        check_writable_dir(report, f"--report {report}")
     if options.measure_top < 0 or options.measure_tokens < 2:
         raise UserError("--measure-top must be >= 0 and --measure-tokens >= 2")
-
-
-def _check_file(path: Path, flag: str, force: bool) -> None:
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    _check_writable_parent(path.parent, f"{flag} {path}")
-
-
-def _check_writable_parent(parent: Path, what: str) -> None:
-    """The nearest existing ancestor must be a writable directory (missing ones are created)."""
-    parent = parent if str(parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {what}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {what}: {parent} is not writable")
 
 
 def _check_numbers(options: TuneOptions) -> None:

@@ -295,7 +295,7 @@ def test_a_refusal_after_loading_is_one_line_without_import_noise(model_dir):
 @pytest.mark.parametrize("args", [
     ["--strategy", "nope"], ["--top-p", "2"], ["--temperature", "-1"], ["--profile", "/nonexistent.yaml"],
     ["--model", "/nonexistent"], ["--replay-trace", "/nonexistent.npz"], ["--record-trace", "t.txt"],
-    ["--threads", "100000"],
+    ["--threads", "100000"], ["--cache-ratio", "0.5", "--cache-experts", "4"], ["--seed", str(10**20)],
 ])
 def test_bad_run_flags_are_refused_before_torch_is_imported(args):
     """A refusal must not wait for torch and transformers (seconds to a minute on a loaded machine):
