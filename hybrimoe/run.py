@@ -45,6 +45,7 @@ from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.run_options import RunOptions, check_options
+from hybrimoe.runtime import native
 from hybrimoe.runtime.generate import TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
 from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, predict_run, trace_step
@@ -201,11 +202,29 @@ def _prepare(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    n_positions = facts.config.get("max_position_embeddings")
+    _check_prompt_chars(options.prompts, tokenizer, n_positions)
     batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    _check_positions(ids.shape[1], options.max_new_tokens, facts.config.get("max_position_embeddings"))
+    _check_positions(ids.shape[1], options.max_new_tokens, n_positions)
     capacity, reserve = plan_memory(facts, shape, ids.shape, options, profile, accelerator)
     return _Prepared(shape, ids, mask, capacity, reserve, facts.dense_bytes)
+
+
+def _check_prompt_chars(prompts: tuple[str, ...], tokenizer, n_positions: int | None) -> None:
+    """Refuses, before tokenizing it (a 24 MB prompt took 40 s and 4.8 GB), a prompt too long to fit
+    the model's positions whatever its tokens: each covers at most its vocabulary entry's characters,
+    with a factor of 2 for normalizers that drop characters."""
+    if not n_positions:
+        return
+    longest_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
+    limit = 2 * longest_token_chars * n_positions
+    for prompt in prompts:
+        if len(prompt) > limit:
+            raise UserError(
+                f"the prompt is {len(prompt)} characters, more than any {n_positions} tokens hold (the model's "
+                "max_position_embeddings): shorten it"
+            )
 
 
 def _check_positions(n_prompt_tokens: int, max_new_tokens: int, n_positions: int | None) -> None:
@@ -295,6 +314,7 @@ def run(
     from hybrimoe.runtime.threads import launching_threads, torch_threads
 
     check_options(options)
+    native.check_setting()
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
     model_name = path.name if options.model is not None else "demo"

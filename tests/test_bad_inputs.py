@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hybrimoe.cli import app
+from hybrimoe.runtime import native
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE = REPO / "traces" / "qwen3-30b-a3b.npz"
@@ -127,6 +128,8 @@ def make_files(tmp: Path) -> None:
     bad_tokenizer = _model_dir(tmp, "bad_tokenizer")
     (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
+    shutil.copy(TRACE, tmp / "trace_copy.npz")
+    (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
 
 
@@ -320,6 +323,14 @@ CASES = [
     ("tune report in /proc", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--report",
                               "/proc/hybrimoe-report"], "cannot write"),
     ("profile plot in /proc", ["profile", "--out", "{tmp}/p.yaml", "--plot", "/proc/hybrimoe.png"], "cannot write"),
+    ("tune out is the input trace", ["tune", "--trace", "{tmp}/trace_copy.npz", "--profile", P, "--out",
+                                     "{tmp}/trace_copy.npz", "--force"], "input traces"),
+    ("tune pareto with a fixed cache", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--pareto",
+                                        "--cache-experts", "100"], "--pareto"),
+    ("profile estimate with a plot", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--out",
+                                      "{tmp}/p.yaml", "--plot", "{tmp}/p.png"], "--plot"),
+    ("run unknown HYBRIMOE_NATIVE", [*RUN], "HYBRIMOE_NATIVE"),
+    ("run prompt file of 24 MB", ["run", "--prompt-file", "{tmp}/huge_prompt.txt", *RUN[3:]], "characters"),
     ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
@@ -330,6 +341,7 @@ CASES = [
 
 
 STDIN = {"run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO"}  # what a case reads on stdin
+ENV = {"run unknown HYBRIMOE_NATIVE": {"HYBRIMOE_NATIVE": "banana"}}  # what a case sets
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +377,9 @@ def test_bad_input_is_one_line_and_exit_2(case_id, argv, message, scratch, no_so
     argv = [a.replace("{tmp}", str(scratch)) for a in argv]
     message = message.replace("{tmp}", str(scratch))
     before = _snapshot(scratch)
+    for name, value in ENV.get(case_id, {}).items():
+        monkeypatch.setenv(name, value)
+        native._library.cache_clear()  # read the variable again (a refusal is not cached)
     result = runner.invoke(app, argv, input=STDIN.get(case_id))
     stderr = result.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]

@@ -112,6 +112,10 @@ def profile(
             check_output(out, force, "--out")
         if plot is not None:
             check_output(plot, True, "--plot")
+            if estimate:
+                raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
+            if out is not None and plot.resolve() == out.resolve():
+                raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
         if estimate:
             if machine is None:
                 if out is not None:

@@ -154,6 +154,11 @@ def check_outputs(options: TuneOptions) -> None:
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(ENGINES)}")
     check_output(options.out, options.force, "--out")
+    traces = {Path(path).resolve() for path in (*options.traces, *options.holdout, *options.profiling_traces)}
+    if options.out.resolve() in traces:
+        raise UserError(f"--out {options.out} is one of the input traces: the tuned profile would overwrite it")
+    if options.pareto and (options.cache_experts is not None or options.cache_ratio is not None):
+        raise UserError("--pareto trades time against the cache's size: leave --cache-experts and --cache-ratio out")
     if "ktransformers" in options.exports:
         check_output(ktransformers_path(options.out), options.force, "--export ktransformers")
     if options.report_dir is not None:

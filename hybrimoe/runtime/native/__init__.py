@@ -87,7 +87,11 @@ def _library() -> dict[torch.dtype, _Kernels]:
     """For each dtype, the kernels of the best instruction set this CPU runs them with (asked once);
     empty when the extension is absent or disabled. HYBRIMOE_NATIVE=0 disables it; =avx2 (or
     =avx512) allows only that instruction set."""
-    choice = os.environ.get("HYBRIMOE_NATIVE", "1")
+    choice = os.environ.get("HYBRIMOE_NATIVE", "1").strip().lower()
+    if choice not in ("0", "1", *_ISAS):
+        from hybrimoe.errors import UserError
+
+        raise UserError(f"HYBRIMOE_NATIVE must be 0, 1, {' or '.join(_ISAS)}, got {os.environ['HYBRIMOE_NATIVE']!r}")
     if choice == "0":
         return {}
     try:
@@ -103,6 +107,11 @@ def _library() -> dict[torch.dtype, _Kernels]:
         if isa is not None:
             chosen[dtype] = _bind(lib, isa)
     return chosen
+
+
+def check_setting() -> None:
+    """Refuses a HYBRIMOE_NATIVE value it does not know (one line), before any model is loaded."""
+    _library()
 
 
 def available(dtype: torch.dtype) -> bool:
