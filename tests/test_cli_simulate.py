@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,11 @@ def test_formats_side_by_side_with_what_they_take():
     assert "experts kept as bfloat16: 9.00 MiB each, 54.00 GiB for all 6144" in result.output
     assert "experts kept as int4 g128: 2.32 MiB each, 13.92 GiB for all 6144" in result.output
     assert "6.96 GiB at 50%" in result.output  # the int4 cache at half the experts
+
+
+def test_repeated_strategies_add_up():
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "16", "--mode",
+                                 "decode", "--cache-ratio", "0.25", "--strategies", "hybrimoe", "--strategies",
+                                 "llamacpp", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {row["strategy"] for row in json.loads(result.stdout)[0]["results"]} >= {"hybrimoe", "llamacpp"}

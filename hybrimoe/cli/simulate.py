@@ -19,9 +19,10 @@ from hybrimoe.errors import UserError
 from hybrimoe.policy.names import STRATEGIES
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
+def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
+    text = ",".join(texts)
     try:
-        values = tuple(float(part) for part in _names(text, flag))
+        values = tuple(float(part) for part in _names(texts, flag))
     except ValueError:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
     if not all(math.isfinite(value) for value in values):
@@ -29,8 +30,9 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
     return values
 
 
-def _names(text: str, flag: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
+def _names(texts: list[str], flag: str) -> tuple[str, ...]:
+    """The comma-separated names of every use of `flag`, in order, each once."""
+    names = tuple(dict.fromkeys(part.strip() for text in texts for part in text.split(",") if part.strip()))
     if not names:
         raise UserError(f"{flag} needs at least one value")
     return names
@@ -73,9 +75,13 @@ def simulate(
         "`hybrimoe profile`, for the trace's experts). Repeat it to compare profiles, e.g. the same "
         "machine's bfloat16, int8 and int4 profiles: the experts are simulated in each profile's format.",
     ),
-    cache_ratio: str = typer.Option("0.25,0.5,0.75", "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts."),
-    strategies: str = typer.Option(",".join(STRATEGIES), "--strategies", help="Comma-separated strategies to compare."),
-    modes: str = typer.Option("decode,prefill", "--mode", help="decode, prefill, or both."),
+    cache_ratio: list[str] = typer.Option(
+        ["0.25,0.5,0.75"], "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts; repeat to add."
+    ),
+    strategies: list[str] = typer.Option(
+        [",".join(STRATEGIES)], "--strategies", help="Comma-separated strategies to compare; repeat to add more."
+    ),
+    modes: list[str] = typer.Option(["decode,prefill"], "--mode", help="decode, prefill, or both; repeat to add."),
     accelerator_from: Path | None = typer.Option(None, "--accelerator-from", help="Take the accelerator section from this profile (what-if planning on a CPU-only profile)."),
     predictor: str = typer.Option("recent", "--predictor", help="Routing prediction for prefetch: recorded, recent or oracle."),
     profiling_trace: Path | None = typer.Option(

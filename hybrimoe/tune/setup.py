@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
 
 DEFAULT_HOLDOUT_SPLIT = 0.3
 MEMORY_STORAGE = "memory"
+MAX_WORKERS_PER_CORE = 4  # each worker is a process with its own workload; 1000 of them hung a 2-core machine
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,13 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError(f"--trials must be at least 1, got {options.trials}")
     if options.workers < 1:
         raise UserError(f"--workers must be at least 1, got {options.workers}")
+    max_workers = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if options.workers > max_workers:
+        raise UserError(f"--workers {options.workers} is more than {max_workers} ({MAX_WORKERS_PER_CORE} per core of "
+                        "this machine): each worker is a process with its own copy of the workload")
+    held_out = {Path(path).resolve() for path in options.holdout} & {Path(path).resolve() for path in options.traces}
+    if held_out:
+        raise UserError(f"--holdout {held_out.pop()} is also a --trace: it would not be held out from the search")
     if options.workers > 1 and options.storage == MEMORY_STORAGE:
         raise UserError("--workers above 1 need a shared storage (the default SQLite file or --storage URL), not memory")
     if options.decode_tokens < 0 or options.context_tokens < 0 or options.batch_size < 1:
