@@ -129,6 +129,7 @@ def make_files(tmp: Path) -> None:
     (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
     shutil.copy(TRACE, tmp / "trace_copy.npz")
+    _model_dir(tmp, "bert", config={"model_type": "bert"})
     (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
 
@@ -335,6 +336,7 @@ CASES = [
      "--workers"),
     ("tune holdout is a training trace", ["tune", "--trace", T, "--holdout", T, "--profile", P, "--out", "{tmp}/t.yaml"],
      "held out"),
+    ("run a bert checkpoint", [*RUN, "--model", "{tmp}/bert"], "dense model"),
     ("trace is a FIFO", ["simulate", "--trace", "{tmp}/fifo.npz", "--profile", str(PROFILE)], "not a regular file"),
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",

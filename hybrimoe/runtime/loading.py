@@ -290,12 +290,17 @@ def _first_line(exc: BaseException) -> str:
 def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
     """The model of `config` on the meta device: its structure, no memory."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # advice about other uses of a model (a dense one is refused just after)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def config_dtype(config) -> torch.dtype:
