@@ -313,7 +313,7 @@ def _parent_alive(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None
 def _worker(options: TuneOptions, worker: int) -> None:
     """A worker process: the same inputs and study, its own sampler seed."""
     _die_with_parent()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings repeat what the run reports in one line
     inputs = load_inputs(options)
     try:
         _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker, callbacks=[_parent_alive])
@@ -335,7 +335,7 @@ def run_study(
     """Runs the study to its trial target or timeout with `--workers` processes; returns it. A
     worker that dies is reported through `on_note` in one line and the others go on; a storage
     that goes away ends the run with a UserError (the finished trials stay in it for a rerun)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its warnings repeat what the run reports in one line
     options = inputs.options
     study = open_study(inputs, open_storage(inputs))
     if not study.trials:  # two machines starting at once may both enqueue them; the report reads the first
