@@ -41,6 +41,8 @@ FORMAT_VERSION = 1
 # workload we replay, and each costs memory and time before any check could refuse the trace.
 MAX_STEPS = 1_000_000
 READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# what numpy and zipfile raise on an archive they cannot read
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError)
 ID_DTYPE = np.int16
 
 
@@ -364,7 +366,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
             if unknown:
                 raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError) as exc:
+    except _UNREADABLE as exc:
         raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
     try:
         return _trace_from_arrays(arrays)
@@ -399,7 +401,7 @@ def _check_archive(path: Path) -> None:
                     if declared != info.file_size - member.tell():
                         raise TraceError(f"{path}: member {info.filename} declares shape {shape} "
                                          f"({declared} bytes) but holds {info.file_size - member.tell()}")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
+    except _UNREADABLE as exc:
         raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
     total_bytes, free_bytes = sum(info.file_size for info in infos), available_ram_bytes()
     if free_bytes is not None and total_bytes > free_bytes // 2:

@@ -46,7 +46,7 @@ GRACE_S = 10  # a running trial without a heartbeat for this long is failed and 
 MAX_RETRIES = 2
 OPEN_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-WORKER_FAILED = 3  # a worker's exit code when its study failed (it printed why)
+WORKER_FAILED = 3  # a worker's exit code when its study failed (it printed why, unless the storage went away)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
 
@@ -153,8 +153,11 @@ def _transactions_lock_first(engine) -> None:
 
 
 def _storage_error(inputs: Inputs, exc: Exception) -> UserError:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {first_line}")
+    return UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def storage_display(url: str | None) -> str:
@@ -321,10 +324,6 @@ def _worker(options: TuneOptions, worker: int) -> None:
         if _storage_failure(exc) is None:
             print(f"tuning worker {worker}: {_first_line(exc)}", file=sys.stderr)
         sys.exit(WORKER_FAILED)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def run_study(

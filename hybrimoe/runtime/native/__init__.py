@@ -13,8 +13,8 @@ Design choices:
 - They run only where they round as torch does and are faster: float32 or bfloat16 activations
   with experts dense in transformers' layout or quantized (`quantized.py`'s int8 and int4, the
   latter where torch's layout is the blocks the kernels read, 64 or 32 rows by CPU, checked
-  against torch's converter once per shape; on AVX-512 for bfloat16 only), group sizes of 32 or more, the standard SiLU gate,
-  no expert biases; few enough tokens per expert or call (`_MAX_TOKENS`, measured per
+  against torch's converter once per shape; on AVX-512 for bfloat16 only), group sizes of 32 or
+  more, the standard SiLU gate, no expert biases; few enough tokens per expert or call (`_MAX_TOKENS`, measured per
   instruction set: beyond it torch's blocked matmuls win), and a CPU with AVX-512 or AVX2 (the
   best it has, per dtype).
   Everything else, and any install where the extension could not be compiled, keeps torch's
@@ -33,11 +33,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from hybrimoe.runtime.quantized import PROJECTIONS, _int4_order
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _DENSE, _INT8, _INT4 = 0, 1, 2  # kernels.h's formats
 MIN_GROUP_SIZE = 32  # a row block's scales sit on its thread's stack: K / g x 64 floats
-_DENSE_NAMES = frozenset({"gate_up_proj", "down_proj"})
-_PACKED_NAMES = frozenset({"gate_up_proj_qdata", "gate_up_proj_scale", "down_proj_qdata", "down_proj_scale"})
+_DENSE_NAMES = frozenset(PROJECTIONS)
+_PACKED_NAMES = frozenset(f"{name}_{part}" for name in PROJECTIONS for part in ("qdata", "scale"))
 _ISAS = ("avx512", "avx2")  # best first; module.c's codes are their indices
 # Tokens per expert (or per linear call) up to which the native kernels beat torch's, measured
 # with benchmarks/bench_cpu_kernels.py --tokens (README, "CPU kernels"); None: at every count
@@ -152,8 +154,6 @@ def _int4_blocks(o: int, k: int, rows: int) -> bool:
     """Whether torch's CPU int4 layout of an [O, K] weight (which depends on the CPU it runs on) is
     the one kernels.h reads with blocks of `rows` rows: [K, rows / 2] bytes each, row d of a block
     in the low nibbles of byte d of each column and row d + rows / 2 in the high ones."""
-    from hybrimoe.runtime.quantized import _int4_order
-
     half = rows // 2
     if o % rows or k % 2:
         return False
@@ -181,7 +181,7 @@ def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype)
     """Whether the kernels read these packed stacks as they are: one group size of 32 or more for
     both projections; int4 with scales in the activations' dtype, in torch's layout in the blocks
     the instruction set's kernel reads (which activations it serves is `_MAX_TOKENS`' business)."""
-    sizes = {_group_size(weights, name) for name in ("gate_up_proj", "down_proj")}
+    sizes = {_group_size(weights, name) for name in PROJECTIONS}
     if len(sizes) != 1 or sizes.pop() < MIN_GROUP_SIZE:
         return False
     if fmt == _INT8:
@@ -190,7 +190,7 @@ def _packed_runs(weights: dict[str, torch.Tensor], fmt: int, dtype: torch.dtype)
     return isa is not None and all(
         weights[f"{name}_scale"].dtype == dtype
         and _int4_blocks(weights[f"{name}_qdata"].shape[1], _in_features(weights, name), _INT4_BLOCK_ROWS[isa])
-        for name in ("gate_up_proj", "down_proj")
+        for name in PROJECTIONS
     )
 
 
