@@ -34,7 +34,7 @@ import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,13 +46,17 @@ from hybrimoe.policy.plan import Planner
 from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.run_options import RunOptions, check_options
 from hybrimoe.runtime import native
-from hybrimoe.runtime.generate import TextStream, generate
+from hybrimoe.runtime.generate import Generated, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
 from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, build_planner, predict_run, trace_step
 from hybrimoe.runtime.replay import RoutingReplay, check_fits
 from hybrimoe.runtime.stats import RunStats
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
 from hybrimoe.trace import RoutingTrace, TraceStep, load_trace, trace_meta_from_shape
+
+if TYPE_CHECKING:
+    from hybrimoe.runtime.accelerator import Accelerator
+    from hybrimoe.runtime.hybrid import HybridRuntime
 
 WARM_UP_TOKENS = 16  # prompt tokens of the warm-up step
 
@@ -90,15 +94,6 @@ def run_threads(options: RunOptions, profile: HardwareProfile, is_cuda: bool) ->
     if not profile.estimated and profile.machine.threads:
         return profile.machine.threads, "the profile"
     return default_threads(is_cuda), default_threads_source(is_cuda)
-
-
-def _warm_up(loaded: LoadedModel, planner: Planner, accelerator, capacity: int, threads: int, ids, mask) -> None:
-    """One prefill and one decode step on a throwaway runtime, so the timed run pays no first calls."""
-    from hybrimoe.runtime.hybrid import HybridRuntime
-
-    with HybridRuntime(loaded, planner, accelerator, capacity, cpu_threads=threads) as runtime:
-        generate(loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
-                 sync=accelerator.synchronize)
 
 
 def _policy(profile: HardwareProfile | None) -> PolicyConfig:
@@ -154,7 +149,7 @@ def _check_replay_length(replayed: RoutingTrace, prompt_shape: tuple[int, int], 
         )
 
 
-def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
     """Every token id that ends a sequence: the generation config's and the tokenizer's."""
     eos = loaded.model.generation_config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -178,37 +173,31 @@ def _recorded_trace(shape: ModelShape, steps: list[TraceStep], options: RunOptio
     return trace
 
 
-class _Prepared(NamedTuple):
-    """What `run` settles before any weight is read."""
-
-    shape: ModelShape
-    ids: torch.Tensor  # [B, S] the prompts' tokens, left-padded (on the host)
-    mask: torch.Tensor  # [B, S]
-    capacity: Capacity
-    reserve: Reserve
-    dense_bytes: int  # every weight but the routed experts
-
-
 def _model_shape(facts: ModelFacts, model_name: str, quantization: Quantization | None) -> ModelShape:
     """The model's shape from its config, its experts in the format the run keeps them in."""
     shape = shape_from_hf_config(facts.config, name=model_name, dtype=facts.expert_shape.dtype)
     return shape if quantization is None else shape.quantized(quantization.experts, quantization.group_size)
 
 
-def _prepare(
-    shape: ModelShape, facts: ModelFacts, tokenizer, options: RunOptions, profile: HardwareProfile | None, accelerator
-) -> _Prepared:
-    """Before any weight is read: the prompts tokenized, and the memory plan for `shape`."""
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding (the generation loop's layout), with EOS as the pad token where there is none."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _tokenize(
+    prompts: tuple[str, ...], facts: ModelFacts, tokenizer, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as left-padded ids [B, S] and mask [B, S] on the host, refused (before any weight
+    is read) when they cannot fit the model's positions with `max_new_tokens` more."""
+    prepare_tokenizer(tokenizer)
     n_positions = facts.config.get("max_position_embeddings")
-    _check_prompt_chars(options.prompts, tokenizer, n_positions)
-    batch = tokenizer(list(options.prompts), return_tensors="pt", padding=True)
+    _check_prompt_chars(prompts, tokenizer, n_positions)
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    _check_positions(ids.shape[1], options.max_new_tokens, n_positions)
-    capacity, reserve = plan_memory(facts, shape, ids.shape, options, profile, accelerator)
-    return _Prepared(shape, ids, mask, capacity, reserve, facts.dense_bytes)
+    _check_positions(ids.shape[1], max_new_tokens, n_positions)
+    return ids, mask
 
 
 def _check_prompt_chars(prompts: tuple[str, ...], tokenizer, n_positions: int | None) -> None:
@@ -298,20 +287,68 @@ def _memory_report(
     )
 
 
-def run(
-    options: RunOptions,
-    on_text: Callable[[str], None] | None = None,
-    show_progress: bool = True,
-    on_start: Callable[[], None] | None = None,
-) -> RunReport:
-    """Loads the model, runs it with the hybrid runtime, streams the first sequence's text.
 
-    `on_start` is called once everything is loaded, just before the prefill."""
+@dataclass
+class Session:
+    """A model loaded and planned for, as `run` and `serve` use it: where the experts go, with
+    which profile and threads, and the memory plan behind the expert slots."""
+
+    loaded: LoadedModel
+    accelerator: Accelerator
+    shape: ModelShape  # the experts in the format the run keeps them in
+    profile: HardwareProfile
+    profile_label: str  # how the summary names the profile
+    estimated: bool  # the profile is a built-in estimate, not this machine's measurement
+    quantization: Quantization | None
+    strategy: str
+    capacity: int  # expert slots on the accelerator
+    capacity_source: str
+    threads: int  # CPU expert threads
+    threads_source: str
+    reserve: Reserve
+    dense_bytes: int  # every weight but the routed experts
+    replay: RoutingReplay | None
+
+    def planner(self) -> Planner:
+        """A fresh planner (its own cache state) for this session's strategy and profile."""
+        return build_planner(self.strategy, self.loaded, self.profile, _policy(self.profile), self.capacity)
+
+    def runtime(self, record_depth: int | None = None, replaying: bool = True) -> HybridRuntime:
+        """The hybrid runtime installed on the model with a fresh planner; it routes as the replayed
+        trace says (when there is one) only while `replaying`."""
+        from hybrimoe.runtime.hybrid import HybridRuntime
+
+        return HybridRuntime(self.loaded, self.planner(), self.accelerator, self.capacity, record_depth=record_depth,
+                             replay=self.replay if replaying else None, cpu_threads=self.threads)
+
+    def launching_threads(self) -> int:
+        """The torch threads of the thread that launches the steps (`runtime/threads.py`)."""
+        from hybrimoe.runtime.threads import launching_threads
+
+        return launching_threads(self.threads, self.accelerator.is_cuda)
+
+    def warm_up(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """One prefill and one decode step on a throwaway runtime, so timed work pays no first calls;
+        the accelerator's peak memory is counted from after it. The model routes by its own routers
+        (a replayed trace is kept for the timed steps)."""
+        with self.runtime(replaying=False) as runtime:
+            generate(self.loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
+                     sync=self.accelerator.synchronize)
+        self.accelerator.reset_peak_memory()
+
+
+def open_session(
+    options: RunOptions,
+    batch_shape: Callable[[ModelFacts, object], tuple[int, int]],
+    show_progress: bool = True,
+) -> Session:
+    """Loads the model `options` name and plans its expert placement. Before any weight is read it
+    refuses what cannot work: a profile for other expert shapes, a replayed trace that does not
+    fit, a memory budget too small for `batch_shape(facts, tokenizer)` = (sequences, prompt tokens
+    each) with `options.max_new_tokens` more."""
     from hybrimoe.demo import demo_model_path
     from hybrimoe.runtime.accelerator import make_accelerator
-    from hybrimoe.runtime.hybrid import HybridRuntime
     from hybrimoe.runtime.loading import load_model
-    from hybrimoe.runtime.threads import launching_threads, torch_threads
 
     check_options(options)
     native.check_setting()
@@ -323,9 +360,8 @@ def run(
     )
     profile = load_profile(profile_path) if profile_path is not None else None
     replayed = load_trace(options.replay_trace) if options.replay_trace is not None else None
-    prepared: list[_Prepared] = []
-
     quantization = quantization_for_run(options, profile)
+    planned: list[tuple[ModelShape, int, Capacity, Reserve]] = []
 
     def before_weights(facts: ModelFacts, tokenizer) -> None:
         shape = _model_shape(facts, model_name, quantization)
@@ -333,9 +369,10 @@ def run(
             profile.check_expert_shape(shape.expert_shape())
         if replayed is not None:
             check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
-        prepared.append(_prepare(shape, facts, tokenizer, options, profile, accelerator))
+        prompt_shape = batch_shape(facts, tokenizer)
         if replayed is not None:
-            _check_replay_length(replayed, tuple(prepared[0].ids.shape), options)
+            _check_replay_length(replayed, prompt_shape, options)
+        planned.append((shape, facts.dense_bytes, *plan_memory(facts, shape, prompt_shape, options, profile, accelerator)))
 
     loaded = load_model(
         path,
@@ -346,27 +383,49 @@ def run(
         before_weights=before_weights,
         quantization=quantization,
     )
-    shape, ids, mask, capacity_chosen, reserve, dense_bytes = prepared[0]
-    ids, mask = ids.to(accelerator.device), mask.to(accelerator.device)
-    estimated = profile is None  # the prediction comes from an estimate, not from this machine
+    shape, dense_bytes, capacity_chosen, reserve = planned[0]
+    estimated = profile is None
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
-    policy = _policy(profile)
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
     threads, threads_source = run_threads(options, profile, accelerator.is_cuda)
-
-    def fresh_planner() -> Planner:
-        return build_planner(strategy, loaded, profile, policy, capacity)
-
-    planner = fresh_planner()
-    # the routing is always recorded (the prediction replays it), with the lookahead the planner
-    # uses; a trace written to a file carries the paper's depth
-    depth = TRACE_LOOKAHEAD_DEPTH if options.record_trace is not None else planner.lookahead_layers
-
-    tokenizer = loaded.tokenizer
     replay = None if replayed is None else RoutingReplay.for_model(
         replayed, loaded.n_layers, loaded.n_experts, loaded.top_k, str(options.replay_trace)
     )
+    return Session(
+        loaded=loaded, accelerator=accelerator, shape=shape, profile=profile, profile_label=profile_label,
+        estimated=estimated, quantization=quantization, strategy=strategy, capacity=capacity,
+        capacity_source=capacity_source, threads=threads, threads_source=threads_source, reserve=reserve,
+        dense_bytes=dense_bytes, replay=replay,
+    )
 
+
+def run(
+    options: RunOptions,
+    on_text: Callable[[str], None] | None = None,
+    show_progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+) -> RunReport:
+    """Loads the model, runs it with the hybrid runtime, streams the first sequence's text.
+
+    `on_start` is called once everything is loaded, just before the prefill."""
+    from hybrimoe.runtime.threads import torch_threads
+
+    if not options.prompts:
+        raise UserError("give a prompt")
+    tokenized: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def batch_shape(facts: ModelFacts, tokenizer) -> tuple[int, int]:
+        tokenized.append(_tokenize(options.prompts, facts, tokenizer, options.max_new_tokens))
+        return tuple(tokenized[0][0].shape)
+
+    session = open_session(options, batch_shape, show_progress)
+    loaded, accelerator = session.loaded, session.accelerator
+    ids, mask = (t.to(accelerator.device) for t in tokenized[0])
+    planner_for_depth = session.planner()
+    # the routing is always recorded (the prediction replays it), with the lookahead the planner
+    # uses; a trace written to a file carries the paper's depth
+    depth = TRACE_LOOKAHEAD_DEPTH if options.record_trace is not None else planner_for_depth.lookahead_layers
+    tokenizer = loaded.tokenizer
     stream = TextStream(tokenizer)
     steps: list[TraceStep] = []
 
@@ -376,59 +435,66 @@ def run(
             if piece:
                 on_text(piece)
 
-    with torch_threads(launching_threads(threads, accelerator.is_cuda)):
-        _warm_up(loaded, fresh_planner(), accelerator, capacity, threads,
-                 ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
-        accelerator.reset_peak_memory()
-        with HybridRuntime(loaded, planner, accelerator, capacity, record_depth=depth, replay=replay,
-                           cpu_threads=threads) as runtime:
+    with torch_threads(session.launching_threads()):
+        session.warm_up(ids[:, -WARM_UP_TOKENS:], mask[:, -WARM_UP_TOKENS:])
+        with session.runtime(record_depth=depth) as runtime:
             if on_start is not None:
                 on_start()
             out = generate(
                 loaded.model, ids, mask, options.max_new_tokens, options.sampling,
-                eos_token_ids=_eos_ids(loaded),
+                eos_token_ids=eos_ids(loaded),
                 pad_token_id=tokenizer.pad_token_id or 0,
                 on_tokens=on_tokens,
                 before_step=runtime.begin_step,
                 on_step=lambda: steps.append(trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
-    host_memory, accelerator_memory = _memory_report(loaded, dense_bytes, capacity, reserve, accelerator)
-    trace = _recorded_trace(shape, steps, options)
+    trace = _recorded_trace(session.shape, steps, options)
+    return RunReport(_run_stats(session, options, runtime, out, tuple(ids.shape), trace), [
+        tokenizer.decode(row, skip_special_tokens=True) for row in out.tokens.tolist()
+    ])
+
+
+def _run_stats(
+    session: Session, options: RunOptions, runtime: HybridRuntime, out: Generated, prompt_shape: tuple[int, int],
+    trace: RoutingTrace,
+) -> RunStats:
+    """The run's report: what was measured, beside the simulator's prediction for the same routing."""
+    loaded, accelerator, capacity = session.loaded, session.accelerator, session.capacity
+    n_seqs, n_prompt_tokens = prompt_shape
+    host_memory, accelerator_memory = _memory_report(loaded, session.dense_bytes, capacity, session.reserve, accelerator)
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
-    simulated_ttft_s, simulated_tps = predict_run(trace, fresh_planner(), strategy, cache_ratio, ids.shape[0])
+    simulated_ttft_s, simulated_tps = predict_run(trace, session.planner(), session.strategy, cache_ratio, n_seqs)
     n_new = out.tokens.shape[1]
-    stats = RunStats(
-        model=shape.name,
+    return RunStats(
+        model=session.shape.name,
         family=loaded.family,
         device=accelerator.describe(),
-        profile=profile_label,
-        planner=strategy,
+        profile=session.profile_label,
+        planner=session.strategy,
         capacity=capacity,
-        capacity_source=capacity_source,
-        threads=threads,
-        threads_source=threads_source,
+        capacity_source=session.capacity_source,
+        threads=session.threads,
+        threads_source=session.threads_source,
         n_experts_total=loaded.n_layers * loaded.n_experts,
-        batch_size=ids.shape[0],
-        n_prompt_tokens=ids.shape[1],
+        batch_size=n_seqs,
+        n_prompt_tokens=n_prompt_tokens,
         n_new_tokens=n_new,
         ttft_s=out.ttft_s,
-        prefill_tokens_per_s=ids.numel() / out.ttft_s,
+        prefill_tokens_per_s=n_seqs * n_prompt_tokens / out.ttft_s,
         decode_tokens_per_s=(n_new - 1) / out.decode_s if n_new > 1 and out.decode_s > 0 else None,
         counters=runtime.counters,
-        weights=_weights_report(loaded, quantization),
+        weights=_weights_report(loaded, session.quantization),
         simulated_ttft_s=simulated_ttft_s,
         simulated_decode_tokens_per_s=simulated_tps,
         host_memory=host_memory,
         accelerator_memory=accelerator_memory,
         stand_in=not accelerator.is_cuda,
-        prediction_from_estimate=estimated,
+        prediction_from_estimate=session.estimated,
         host_expert_bytes=loaded.host_experts.n_bytes,
         slot_bytes=capacity * loaded.expert_shape.expert_bytes,
-        accelerator_dense_bytes=dense_bytes if accelerator.is_cuda else 0,
+        accelerator_dense_bytes=session.dense_bytes if accelerator.is_cuda else 0,
         accelerator_peak_bytes=accelerator.peak_memory_bytes() if accelerator.is_cuda else 0,
         trace_path=str(options.record_trace) if options.record_trace is not None else None,
         replay_trace=str(options.replay_trace) if options.replay_trace is not None else None,
     )
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.tokens.tolist()]
-    return RunReport(stats, texts)

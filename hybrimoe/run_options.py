@@ -20,7 +20,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class RunOptions:
-    prompts: tuple[str, ...]  # one per sequence
+    prompts: tuple[str, ...] = ()  # one per sequence (`run` needs at least one)
     model: Path | None = None  # None: the embedded demo model
     max_new_tokens: int = 64
     sampling: Sampling = field(default_factory=Sampling)
@@ -42,11 +42,12 @@ class RunOptions:
 
 
 def check_options(options: RunOptions) -> None:
-    """Refuses options a user can get wrong, in one line each, before anything heavy is imported."""
+    """Refuses options a user can get wrong, in one line each, before anything heavy is imported.
+    The prompts are checked only where there are some (`hybrimoe serve` has none up front)."""
     from hybrimoe.config import QUANTIZE_FORMATS
     from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
 
-    if not options.prompts or any(not p.strip() for p in options.prompts):
+    if any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
     check_name("strategy", options.strategy, STRATEGIES)
     if options.strategy in NEEDS_FREQUENCIES:
