@@ -159,10 +159,12 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return eos_ids
 
 
-def _recorded_trace(shape: ModelShape, steps: list[TraceStep], options: RunOptions) -> RoutingTrace:
-    """The run's routing as a trace, written to `options.record_trace` when asked."""
+def recorded_trace(
+    shape: ModelShape, steps: list[TraceStep], options: RunOptions, command: str = "run"
+) -> RoutingTrace:
+    """The routing of `command`'s steps as a trace, written to `options.record_trace` when asked."""
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    provenance = f"hybrimoe run {__version__}, {stamp}"
+    provenance = f"hybrimoe {command} {__version__}, {stamp}"
     if options.replay_trace is not None:
         provenance += f"; routing replayed from {options.replay_trace.name}"
     trace = RoutingTrace(trace_meta_from_shape(shape, provenance), tuple(steps))
@@ -449,7 +451,7 @@ def run(
                 on_step=lambda: steps.append(trace_step(runtime.end_step(), depth)),
                 sync=accelerator.synchronize,
             )
-    trace = _recorded_trace(session.shape, steps, options)
+    trace = recorded_trace(session.shape, steps, options)
     return RunReport(_run_stats(session, options, runtime, out, tuple(ids.shape), trace), [
         tokenizer.decode(row, skip_special_tokens=True) for row in out.tokens.tolist()
     ])

@@ -107,7 +107,7 @@ def print_error(message: str) -> None:
 
 # Modules beside this one that register sub-commands on `app`. They import torch and other heavy
 # libraries inside their command functions, so `hybrimoe --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("trace", "simulate", "profile", "tune", "run")
+_COMMAND_MODULES: tuple[str, ...] = ("trace", "simulate", "profile", "tune", "run", "serve")
 for _module in _COMMAND_MODULES:
     importlib.import_module(f"hybrimoe.cli.{_module}")
 

@@ -12,13 +12,12 @@ from rich.table import Table
 from rich.text import Text
 
 from hybrimoe.cli import app, console, user_errors
+from hybrimoe.cli.model_options import (
+    INPUT, OUT, AllowPickle, CacheExperts, CacheRatio, Device, Force, GpuMemoryGb, GroupSize, Model, Profile,
+    Quantize, QuantizeDense, Strategy, Threads, TrustRemoteCode,
+)
 
-_INPUT = "Model and prompt"
 _GEN = "Generation"
-_PLACE = "Placement"
-MAX_THREADS = 1024  # libgomp crashes on absurd counts (a segfault was seen); no CPU has more cores
-_WEIGHTS = "Weights"
-_OUT = "Output"
 
 
 def _read_prompts(prompts: list[str], prompt_file: Path | None) -> tuple[str, ...]:
@@ -109,25 +108,18 @@ def _summary(stats) -> Panel:
 @app.command()
 def run(
     prompt: list[str] = typer.Option(
-        [], "--prompt", "-p", rich_help_panel=_INPUT,
+        [], "--prompt", "-p", rich_help_panel=INPUT,
         help="The prompt text; `-` reads it from stdin. Repeat to generate for several prompts as one batch "
         "(the first streams, the others print at the end).",
     ),
     prompt_file: Path | None = typer.Option(
-        None, "--prompt-file", rich_help_panel=_INPUT, help="Read the prompt from this file (`-`: stdin)."
+        None, "--prompt-file", rich_help_panel=INPUT, help="Read the prompt from this file (`-`: stdin)."
     ),
-    model: Path | None = typer.Option(
-        None, "--model", "-m", rich_help_panel=_INPUT,
-        help="Local transformers MoE checkpoint directory (default: the embedded demo model).",
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", rich_help_panel=_INPUT, help="Allow running model code shipped with the checkpoint."
-    ),
-    allow_pickle: bool = typer.Option(
-        False, "--allow-pickle", rich_help_panel=_INPUT, help="Allow pickle-based weight files (.bin); safetensors otherwise."
-    ),
+    model: Model = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
     replay_trace: Path | None = typer.Option(
-        None, "--replay-trace", rich_help_panel=_INPUT,
+        None, "--replay-trace", rich_help_panel=INPUT,
         help="Route every MoE layer as this recorded trace (.npz) says instead of by the model's routers "
         "(its first layers when it has more), e.g. to run random weights with a trained model's routing.",
     ),
@@ -135,52 +127,21 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", rich_help_panel=_GEN, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", rich_help_panel=_GEN, help="Nucleus sampling mass (with --temperature)."),
     seed: int | None = typer.Option(None, "--seed", min=0, max=2**63 - 1, rich_help_panel=_GEN, help="Seed for sampling."),
-    device: str | None = typer.Option(
-        None, "--device", rich_help_panel=_PLACE, help="cuda[:N], or cpu (a CPU stand-in accelerator); default: cuda when present."
-    ),
-    profile: Path | None = typer.Option(
-        None, "--profile", rich_help_panel=_PLACE,
-        help="Hardware profile (YAML, measured or tuned); default: this machine's from `hybrimoe profile`, "
-        "else a built-in estimate for this kind of machine.",
-    ),
-    strategy: str = typer.Option(
-        "hybrimoe", "--strategy", rich_help_panel=_PLACE,
-        help="Placement: hybrimoe, ktransformers-dynamic (from kTransformers' uniform start), ktransformers-front, "
-        "llamacpp, llamacpp-lru, gpu-offload or cpu-only (frequency-placed baselines: `hybrimoe simulate`).",
-    ),
-    cache_experts: int | None = typer.Option(
-        None, "--cache-experts", rich_help_panel=_PLACE, help="Expert slots on the accelerator."
-    ),
-    cache_ratio: float | None = typer.Option(
-        None, "--cache-ratio", rich_help_panel=_PLACE, help="Expert slots as a fraction of all routed experts."
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, max=MAX_THREADS, rich_help_panel=_PLACE,
-        help="CPU threads for expert kernels (default: the profile's, as it was measured with).",
-    ),
-    gpu_memory_gb: float | None = typer.Option(
-        None, "--gpu-memory-gb", rich_help_panel=_PLACE,
-        help="Accelerator memory to use, dense weights included (default: what is free).",
-    ),
-    quantize: str | None = typer.Option(
-        None, "--quantize", rich_help_panel=_WEIGHTS,
-        help="Keep the routed experts as int8 or int4 (weight-only, group-wise, quantized at load from the "
-        "checkpoint's weights; default: a tuned profile's choice, else the checkpoint's dtype).",
-    ),
-    group_size: int | None = typer.Option(
-        None, "--group-size", min=2, rich_help_panel=_WEIGHTS,
-        help="Weights per quantization scale along each row (default: a tuned profile's, else 128).",
-    ),
-    quantize_dense: bool = typer.Option(
-        False, "--quantize-dense", rich_help_panel=_WEIGHTS,
-        help="Quantize the dense part's linear layers too (not the routers), with torchao: "
-        "pip install 'hybrimoe\\[quantize]'.",
-    ),
+    device: Device = None,
+    profile: Profile = None,
+    strategy: Strategy = "hybrimoe",
+    cache_experts: CacheExperts = None,
+    cache_ratio: CacheRatio = None,
+    threads: Threads = None,
+    gpu_memory_gb: GpuMemoryGb = None,
+    quantize: Quantize = None,
+    group_size: GroupSize = None,
+    quantize_dense: QuantizeDense = False,
     record_trace: Path | None = typer.Option(
-        None, "--record-trace", rich_help_panel=_OUT, help="Write the run's routing trace (.npz) here."
+        None, "--record-trace", rich_help_panel=OUT, help="Write the run's routing trace (.npz) here."
     ),
-    force: bool = typer.Option(False, "--force", rich_help_panel=_OUT, help="Overwrite an existing --record-trace file."),
-    json_out: bool = typer.Option(False, "--json", rich_help_panel=_OUT, help="Print the texts and statistics as JSON only."),
+    force: Force = False,
+    json_out: bool = typer.Option(False, "--json", rich_help_panel=OUT, help="Print the texts and statistics as JSON only."),
 ) -> None:
     """Generate text with the hybrid runtime: experts on the CPU and the accelerator, planned per layer."""
     with user_errors():

@@ -31,7 +31,8 @@ class Generated:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # N x [B, V], when kept
 
 
-def _sampler(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def sampler(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits [B, V] -> next tokens [B]: greedy, or seeded sampling with temperature and top_p."""
     if sampling.temperature <= 0.0:
         return lambda logits: logits.argmax(dim=-1)
     generator = torch.Generator(device=device)
@@ -71,7 +72,7 @@ def generate(
     from transformers import DynamicCache
 
     device = input_ids.device
-    sample = _sampler(sampling, device)
+    sample = sampler(sampling, device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     tokens: list[torch.Tensor] = []
     step_logits: list[torch.Tensor] = []

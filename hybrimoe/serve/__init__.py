@@ -1,0 +1,1 @@
+"""`hybrimoe serve`: an OpenAI-compatible HTTP server on the hybrid runtime (`server.serve`)."""

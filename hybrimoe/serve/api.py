@@ -1,0 +1,347 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI; streaming through sse-starlette).
+
+Design choices:
+- Requests are validated strictly (pydantic, no type coercion) and against the model (its name,
+  its positions), before they are queued; every refusal is OpenAI's error object with a 4xx
+  status: 400 for a bad request (malformed JSON included), 404 for an unknown model, 503 with
+  `Retry-After` when the waiting queue is full or the server is stopping.
+- A handler tokenizes, submits and reads the engine's deliveries from an asyncio queue (the engine
+  thread hands them over with `call_soon_threadsafe`). A client that goes away cancels its
+  request: a stream's generator is closed by sse-starlette; a plain request is watched for the
+  disconnect while it waits. On SIGINT/SIGTERM the requests in flight go on until they end or
+  their time to finish is up (`Shutdown`); then each is told (a 503, or an error event).
+- Chat prompts come from the tokenizer's chat template; a tokenizer without one (the demo model's)
+  gets a plain one: each message as "ROLE:" and its text, then "ASSISTANT:".
+- Unknown fields are ignored, as OpenAI clients send options this server does not implement;
+  `n` other than 1 is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hybrimoe.run_options import Sampling
+from hybrimoe.serve.engine import SHUTTING_DOWN, Done, Engine, Piece, QueueFull, Request, ShuttingDown
+from hybrimoe.serve.metrics import ServerMetrics
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+RETRY_AFTER_S = 1
+ANSWER_S = 2.0  # after the requests' time to finish, for their answers to go out
+_POLL_S = 0.25  # how often a waiting handler looks for its client's disconnect and the shutdown's deadline
+
+
+class Shutdown:
+    """When the server was asked to stop; a request still running `timeout_s` later is cancelled
+    and told (the HTTP server's own limit, which drops connections, is `ANSWER_S` later)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.started_s: float | None = None
+
+    def begin(self) -> None:
+        if self.started_s is None:
+            self.started_s = time.monotonic()
+
+    def overdue(self) -> bool:
+        return self.started_s is not None and time.monotonic() > self.started_s + self.timeout_s
+
+
+class _Sampled(BaseModel):
+    """The fields both endpoints share."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+
+class CompletionRequest(_Sampled):
+    prompt: str = Field(min_length=1)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first validation error in one line, and the field it is about."""
+    error = exc.errors()[0]
+    where = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    field = ".".join(where) or None
+    return (f"{field}: {error.get('msg')}" if field else str(error.get("msg"))), field
+
+
+def plain_chat_prompt(messages: list[Message]) -> str:
+    """The demo model's chat prompt (it has no template): "ROLE:\\ntext\\n\\n" per message, then the
+    assistant's turn."""
+    return "".join(f"{m.role.upper()}:\n{m.content}\n\n" for m in messages) + "ASSISTANT:\n"
+
+
+def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions: int | None,
+               metrics: ServerMetrics, shutdown: Shutdown):
+    """The API over a started engine; `max_tokens_cap` bounds a request's new tokens (and is the
+    default), `n_positions` the prompt plus its new tokens."""
+    app = FastAPI(title="hybrimoe", docs_url=None, redoc_url=None, openapi_url=None)
+    tokenizer = engine.session.loaded.tokenizer
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: HttpRequest, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        message, field = _validation_message(exc)
+        return ApiError(400, message, param=field).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), kind=kind).response()
+
+    def tokenize(text: str, add_special_tokens: bool) -> list[int]:
+        with engine.tokenizer_lock:
+            return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def request_for(body: _Sampled, prompt_ids: list[int], deliver) -> Request:
+        if body.model != model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           kind="not_found_error", code="model_not_found", param="model")
+        if not prompt_ids:
+            raise ApiError(400, "the prompt has no tokens", param="prompt")
+        asked = body.max_completion_tokens or body.max_tokens
+        room = max_tokens_cap if n_positions is None else min(max_tokens_cap, n_positions - len(prompt_ids))
+        if room < 1 or (asked is not None and asked > room):
+            limit = f"the model's {n_positions} positions" if n_positions is not None else "the server's limit"
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt_ids)} tokens and {asked or 1} more are asked for; {limit} and the "
+                f"server's cap of {max_tokens_cap} new tokens allow {max(room, 0)}",
+                code="context_length_exceeded", param="max_tokens",
+            )
+        return Request(prompt_ids, asked or room, body.sampling(), body.stop_strings(), deliver)
+
+    async def submit(body: _Sampled, prompt_ids: list[int]) -> tuple[Request, asyncio.Queue]:
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(item: Piece | Done) -> None:  # from the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        request = request_for(body, prompt_ids, deliver)
+        try:
+            engine.submit(request)
+        except QueueFull:
+            raise ApiError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return request, queue
+
+    async def next_item(request: Request, queue: asyncio.Queue, gone) -> Piece | Done:
+        """The engine's next delivery for `request`; while none comes, the request is cancelled
+        (and a Done with an error returned) when the client is `gone()` or the server is stopping
+        and the request has run out of its time to finish."""
+        while True:
+            if shutdown.overdue():
+                request.cancel()
+                return Done("error", len(request.prompt_ids), 0, SHUTTING_DOWN)
+            try:
+                item = await asyncio.wait_for(queue.get(), _POLL_S)
+            except TimeoutError:
+                if await gone():
+                    request.cancel()
+                    return Done("cancelled", len(request.prompt_ids), 0, "the client went away")
+                continue
+            if not request.first_delivered:
+                request.first_delivered = True
+                metrics.ttft.observe(time.perf_counter() - request.submitted_s)
+            return item
+
+    async def collect(http: HttpRequest, request: Request, queue: asyncio.Queue) -> tuple[str, Done]:
+        """The whole text, and how the request ended."""
+        pieces: list[str] = []
+        while isinstance(item := await next_item(request, queue, http.is_disconnected), Piece):
+            pieces.append(item.text)
+        return "".join(pieces), item
+
+    async def events(request: Request, queue: asyncio.Queue, chunk) -> AsyncIterator[dict]:
+        """Server-sent events: a chunk per piece, the last with the finish reason (or an error), then
+        [DONE]. sse-starlette closes the generator when the client goes away."""
+
+        async def never_gone() -> bool:
+            return False
+
+        try:
+            while isinstance(item := await next_item(request, queue, never_gone), Piece):
+                yield {"data": json.dumps(chunk(item.text, None))}
+            if item.error is not None:
+                yield {"data": json.dumps({"error": {"message": item.error, "type": "server_error"}})}
+            else:
+                yield {"data": json.dumps(chunk("", item.finish_reason))}
+            yield {"data": "[DONE]"}
+        finally:
+            request.cancel()  # a no-op once it is done; frees the slot when the client went away
+
+    def streamed(events: AsyncIterator[dict]) -> EventSourceResponse:
+        # sse-starlette ends streams when the server stops; `next_item` tells them first
+        return EventSourceResponse(events, ping=15, shutdown_grace_period=shutdown.timeout_s + ANSWER_S / 2)
+
+    def usage(done: Done) -> dict:
+        return {"prompt_tokens": done.n_prompt_tokens, "completion_tokens": done.n_completion_tokens,
+                "total_tokens": done.n_prompt_tokens + done.n_completion_tokens}
+
+    def failed(done: Done) -> None:
+        if done.error == SHUTTING_DOWN:
+            raise ApiError(503, done.error, kind="server_error", code="shutting_down",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if done.error is not None:
+            raise ApiError(500, done.error, kind="server_error")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        request, queue = await submit(body, tokenize(body.prompt, add_special_tokens=True))
+        ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, finish_reason: str | None) -> dict:
+            return {"id": ident, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+        if body.stream:
+            return streamed(events(request, queue, chunk))
+        text, done = await collect(http, request, queue)
+        failed(done)
+        return {**chunk(text, done.finish_reason), "usage": usage(done)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HttpRequest):
+        if tokenizer.chat_template is not None:
+            with engine.tokenizer_lock:
+                text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                     add_generation_prompt=True)
+            prompt_ids = tokenize(text, add_special_tokens=False)
+        else:
+            prompt_ids = tokenize(plain_chat_prompt(body.messages), add_special_tokens=True)
+        request, queue = await submit(body, prompt_ids)
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        sent_role = []
+
+        def chunk(text: str, finish_reason: str | None) -> dict:
+            delta = {"content": text} if text or finish_reason is None else {}
+            if not sent_role:
+                delta = {"role": "assistant", **delta}
+                sent_role.append(True)
+            return {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+        if body.stream:
+            return streamed(events(request, queue, chunk))
+        text, done = await collect(http, request, queue)
+        failed(done)
+        return {"id": ident, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": done.finish_reason}],
+                "usage": usage(done)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "hybrimoe"}]}
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            raise ApiError(503, "the engine is not running", kind="server_error")
+        return {"status": "ok", "active": engine.n_active, "waiting": engine.n_waiting}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return _CountedRequests(app, metrics)
+
+
+class _CountedRequests:
+    """Counts responses by endpoint and status (an ASGI wrapper: it sees every response, streams
+    and errors included, without buffering them); unknown paths count as "other"."""
+
+    def __init__(self, app: FastAPI, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self.paths = {route.path for route in app.routes}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -1,0 +1,169 @@
+"""`hybrimoe serve` as one library call: load and plan as `run` does, then serve until stopped.
+
+Design choices:
+- The listening socket is bound before the model loads, so a taken port is one error line, not a
+  minute of loading first; port 0 takes a free port (the address is reported through `on_ready`).
+- Memory is planned for `max_batch` sequences filling the model's positions (or `max_tokens`
+  past a prompt of the same length when the config names no limit), with `run`'s arithmetic.
+- uvicorn runs the API on this thread and handles SIGINT/SIGTERM: it stops accepting, waits up to
+  `shutdown_timeout_s` for the requests in flight (the engine keeps stepping for them), then
+  cancels the rest; the engine then stops and the routing trace, when recording, is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from hybrimoe.errors import UserError
+from hybrimoe.run_options import RunOptions
+
+MAX_BATCH_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # requests waiting to join the batch before 503s
+    max_tokens: int = 512  # new tokens per request at most (and when a request names none)
+    model_name: str | None = None  # the id clients ask for; None: the checkpoint directory's name, or "demo"
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass
+class ServeReport:
+    n_requests: int  # requests that ended, however
+    n_generated_tokens: int
+    trace_path: str | None
+
+
+def _server(config, shutdown):
+    """uvicorn's server, with SIGINT/SIGTERM ending `run` normally: uvicorn re-raises the signal
+    after its graceful shutdown (so that a plain `uvicorn` exits as killed), which here would
+    interrupt the engine's shutdown and the writing of the routing trace."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            shutdown.begin()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def check_serve_options(options: ServeOptions) -> None:
+    if not 0 <= options.port <= 65535:
+        raise UserError(f"--port must be in 0-65535, got {options.port}")
+    if not 1 <= options.max_batch <= MAX_BATCH_LIMIT:
+        raise UserError(f"--max-batch must be in 1-{MAX_BATCH_LIMIT}, got {options.max_batch}")
+    if options.max_queue < 0:
+        raise UserError(f"--max-queue must be at least 0, got {options.max_queue}")
+    if options.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if not 0 < options.shutdown_timeout_s < float("inf"):
+        raise UserError("the shutdown timeout must be a positive number of seconds")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(
+    options: RunOptions,
+    serve_options: ServeOptions,
+    on_ready: Callable[[str, object], None] | None = None,
+    show_progress: bool = True,
+) -> ServeReport:
+    """Loads the model for `options` (its prompts unused), serves it until SIGINT/SIGTERM, and
+    reports what was served. `on_ready(url, session)` is called once requests are answered."""
+    import uvicorn
+
+    from hybrimoe.run import open_session, prepare_tokenizer, recorded_trace
+    from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, trace_step
+    from hybrimoe.runtime.threads import torch_threads
+    from hybrimoe.serve.api import ANSWER_S, Shutdown, create_app
+    from hybrimoe.serve.engine import Engine, EngineStats
+    from hybrimoe.serve.metrics import ServerMetrics
+
+    check_serve_options(serve_options)
+    options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.max_tokens})
+    sock = _listen(serve_options.host, serve_options.port)
+    n_positions: list[int | None] = []
+
+    def batch_shape(facts, tokenizer) -> tuple[int, int]:
+        prepare_tokenizer(tokenizer)
+        limit = facts.config.get("max_position_embeddings")
+        n_positions.append(limit)
+        prompt_tokens = max(1, limit - serve_options.max_tokens) if limit else serve_options.max_tokens
+        return serve_options.max_batch, prompt_tokens
+
+    try:
+        session = open_session(options, batch_shape, show_progress)
+        warm_ids = session.loaded.tokenizer("Warm up.", return_tensors="pt")["input_ids"].to(session.accelerator.device)
+        with torch_threads(session.launching_threads()):
+            session.warm_up(warm_ids, warm_ids.new_ones(warm_ids.shape))
+        model_name = serve_options.model_name or (options.model.name if options.model is not None else "demo")
+        metrics = ServerMetrics()
+        recording = options.record_trace is not None
+        steps = []
+        engine = Engine(
+            session, serve_options.max_batch, serve_options.max_queue, EngineStats(),
+            record_depth=TRACE_LOOKAHEAD_DEPTH if recording else None,
+            on_trace_step=(lambda records: steps.append(trace_step(records, TRACE_LOOKAHEAD_DEPTH))) if recording else None,
+        )
+        metrics.watch(engine)
+        shutdown = Shutdown(serve_options.shutdown_timeout_s)
+        app = create_app(engine, model_name, serve_options.max_tokens, n_positions[0], metrics, shutdown)
+        config = uvicorn.Config(app, log_level="warning",
+                                timeout_graceful_shutdown=serve_options.shutdown_timeout_s + ANSWER_S)
+        server = _server(config, shutdown)
+        engine.start()
+        if on_ready is not None:
+            host, port = sock.getsockname()[:2]
+            on_ready(f"http://{host}:{port}", session)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop(serve_options.shutdown_timeout_s + ANSWER_S)
+    finally:
+        sock.close()
+    if engine.failure is not None:
+        raise RuntimeError(f"the engine stopped: {engine.failure}") from engine.failure
+    trace_path = None
+    if recording and steps:
+        recorded_trace(session.shape, steps, options, command="serve")
+        trace_path = str(options.record_trace)
+    stats = engine.stats
+    return ServeReport(sum(stats.n_finished.values()), stats.n_completion_tokens, trace_path)
