@@ -374,7 +374,8 @@ def open_session(
         prompt_shape = batch_shape(facts, tokenizer)
         if replayed is not None:
             _check_replay_length(replayed, prompt_shape, options)
-        planned.append((shape, facts.dense_bytes, *plan_memory(facts, shape, prompt_shape, options, profile, accelerator)))
+        capacity, reserve = plan_memory(facts, shape, prompt_shape, options, profile, accelerator)
+        planned.append((shape, facts.dense_bytes, capacity, reserve))
 
     loaded = load_model(
         path,
@@ -464,7 +465,9 @@ def _run_stats(
     """The run's report: what was measured, beside the simulator's prediction for the same routing."""
     loaded, accelerator, capacity = session.loaded, session.accelerator, session.capacity
     n_seqs, n_prompt_tokens = prompt_shape
-    host_memory, accelerator_memory = _memory_report(loaded, session.dense_bytes, capacity, session.reserve, accelerator)
+    host_memory, accelerator_memory = _memory_report(
+        loaded, session.dense_bytes, capacity, session.reserve, accelerator
+    )
     cache_ratio = capacity / (loaded.n_layers * loaded.n_experts)
     simulated_ttft_s, simulated_tps = predict_run(trace, session.planner(), session.strategy, cache_ratio, n_seqs)
     n_new = out.tokens.shape[1]

@@ -341,6 +341,16 @@ CASES = [
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                   "--gpu-memory-gb", "inf", "--export", "llamacpp"], "--gpu-memory-gb"),
+    # -- serve -----------------------------------------------------------------------------------
+    ("serve port out of range", ["serve", "--port", "70000"], "--port"),
+    ("serve zero batch", ["serve", "--max-batch", "0"], "--max-batch"),
+    ("serve huge batch", ["serve", "--max-batch", "100000"], "--max-batch"),
+    ("serve negative queue", ["serve", "--max-queue", "-1"], "--max-queue"),
+    ("serve zero max tokens", ["serve", "--max-tokens", "0"], "--max-tokens"),
+    ("serve nan shutdown timeout", ["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout"),
+    ("serve model missing", ["serve", "--model", "{tmp}/missing"], "missing"),
+    ("serve trace not npz", ["serve", "--record-trace", "{tmp}/t.txt"], ".npz"),
+    ("serve unknown strategy", ["serve", "--strategy", "banana"], "banana"),
     ("tune report is the profile", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                     "--report", "{tmp}/t.yaml"], "own path"),
 ]

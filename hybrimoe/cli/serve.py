@@ -31,7 +31,7 @@ def serve(
     ),
     max_queue: int = typer.Option(
         64, "--max-queue", rich_help_panel=_SERVER,
-        help="Requests waiting for a place in the batch, at most; beyond it the server answers 503.",
+        help="Requests waiting for a place in the batch (beyond its free places), at most; more are answered 503.",
     ),
     max_tokens: int = typer.Option(
         512, "--max-tokens", rich_help_panel=_SERVER,
@@ -61,7 +61,7 @@ def serve(
     batching concurrent requests into the runtime's steps; /health and /metrics (Prometheus) too."""
     with user_errors():
         from hybrimoe.run_options import RunOptions, check_options
-        from hybrimoe.serve.server import ServeOptions, check_serve_options
+        from hybrimoe.serve.server import ServeOptions, check_installed, check_serve_options
 
         options = RunOptions(
             model=model, device=device, profile=profile, strategy=strategy, cache_experts=cache_experts,
@@ -71,8 +71,9 @@ def serve(
         )
         serve_options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                                      max_tokens=max_tokens, model_name=model_name, shutdown_timeout_s=shutdown_timeout)
+        check_serve_options(serve_options)  # first: it names --max-tokens, which RunOptions calls max_new_tokens
         check_options(options)  # before torch and transformers are imported (seconds)
-        check_serve_options(serve_options)
+        check_installed()
         from hybrimoe.serve.server import serve as serve_model
 
         report = serve_model(options, serve_options, on_ready=_ready)
@@ -85,5 +86,5 @@ def _ready(url: str, session) -> None:
         f"[bold]hybrimoe serve[/]: {session.shape.name} on {session.accelerator.describe()}, "
         f"{session.strategy}, {session.capacity} expert slots, {session.threads} CPU threads; "
         f"listening on {url} (OpenAI API at {url}/v1); Ctrl-C stops",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )

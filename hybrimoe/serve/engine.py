@@ -16,8 +16,8 @@ Design choices:
   batch is empty.
 - Each request samples with its own temperature, top_p and seed (`generate.sampler`) and stops at
   an EOS token, its `max_tokens` or one of its stop strings (`text.TextOutput`).
-- The waiting queue is bounded: `submit` raises `QueueFull` instead of growing (the server answers
-  503). A request whose client went away (`cancel`) leaves at the next step boundary.
+- The waiting queue is bounded: beyond the batch's free places, `max_queue` requests wait, and
+  `submit` raises `QueueFull` for more instead of growing (the server answers 503). A request whose client went away (`cancel`) leaves at the next step boundary.
 - `stop()` refuses new requests, tells the waiting ones, lets the active ones finish, then ends
   the thread; the routing of every step is kept when recording, for `hybrimoe tune`.
 """
@@ -240,7 +240,8 @@ class Engine:
         with self._wake:
             if self._stopping:
                 raise ShuttingDown
-            if len(self._waiting) >= self.max_queue:
+            free_slots = max(0, self.max_batch - len(self._batch.rows))
+            if len(self._waiting) >= self.max_queue + free_slots:
                 raise QueueFull
             self._waiting.append(request)
             self._wake.notify()

@@ -23,6 +23,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.run_options import RunOptions
 
 MAX_BATCH_LIMIT = 256
+_SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
     max_batch: int = 16  # sequences decoded together
-    max_queue: int = 64  # requests waiting to join the batch before 503s
+    max_queue: int = 64  # requests waiting to join the full batch before 503s
     max_tokens: int = 512  # new tokens per request at most (and when a request names none)
     model_name: str | None = None  # the id clients ask for; None: the checkpoint directory's name, or "demo"
     shutdown_timeout_s: float = 30.0
@@ -83,6 +84,15 @@ def check_serve_options(options: ServeOptions) -> None:
         raise UserError("the shutdown timeout must be a positive number of seconds")
 
 
+def check_installed() -> None:
+    """Refuses, in one line, a server without the `serve` extra's libraries."""
+    import importlib.util
+
+    missing = [name for name in _SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"hybrimoe serve needs {', '.join(missing)}: pip install 'hybrimoe[serve]'")
+
+
 def _listen(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -118,6 +128,7 @@ def serve(
     from hybrimoe.serve.metrics import ServerMetrics
 
     check_serve_options(serve_options)
+    check_installed()
     options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.max_tokens})
     sock = _listen(serve_options.host, serve_options.port)
     n_positions: list[int | None] = []
@@ -138,10 +149,13 @@ def serve(
         metrics = ServerMetrics()
         recording = options.record_trace is not None
         steps = []
+
+        def keep_step(records) -> None:
+            steps.append(trace_step(records, TRACE_LOOKAHEAD_DEPTH))
+
         engine = Engine(
             session, serve_options.max_batch, serve_options.max_queue, EngineStats(),
-            record_depth=TRACE_LOOKAHEAD_DEPTH if recording else None,
-            on_trace_step=(lambda records: steps.append(trace_step(records, TRACE_LOOKAHEAD_DEPTH))) if recording else None,
+            record_depth=TRACE_LOOKAHEAD_DEPTH if recording else None, on_trace_step=keep_step if recording else None,
         )
         metrics.watch(engine)
         shutdown = Shutdown(serve_options.shutdown_timeout_s)
