@@ -60,6 +60,12 @@ class Shutdown:
         return self.started_s is not None and time.monotonic() > self.started_s + self.timeout_s
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False  # a last chunk with the token counts (and no choices)
+
+
 class _Sampled(BaseModel):
     """The fields both endpoints share."""
 
@@ -73,6 +79,7 @@ class _Sampled(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("temperature", "top_p")
@@ -229,9 +236,10 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
             pieces.append(item.text)
         return "".join(pieces), item
 
-    async def events(request: Request, queue: asyncio.Queue, chunk) -> AsyncIterator[dict]:
-        """Server-sent events: a chunk per piece, the last with the finish reason (or an error), then
-        [DONE]. sse-starlette closes the generator when the client goes away."""
+    async def events(request: Request, queue: asyncio.Queue, chunk, with_usage: bool) -> AsyncIterator[dict]:
+        """Server-sent events: a chunk per piece, the last with the finish reason (or an error), one
+        with the usage when asked, then [DONE]. sse-starlette closes the generator when the client
+        goes away."""
 
         async def never_gone() -> bool:
             return False
@@ -243,6 +251,8 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                 yield {"data": json.dumps({"error": {"message": item.error, "type": "server_error"}})}
             else:
                 yield {"data": json.dumps(chunk("", item.finish_reason))}
+            if with_usage:
+                yield {"data": json.dumps({**chunk("", None), "choices": [], "usage": usage(item)})}
             yield {"data": "[DONE]"}
         finally:
             request.cancel()  # a no-op once it is done; frees the slot when the client went away
@@ -250,6 +260,9 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
     def streamed(events: AsyncIterator[dict]) -> EventSourceResponse:
         # sse-starlette ends streams when the server stops; `next_item` tells them first
         return EventSourceResponse(events, ping=15, shutdown_grace_period=shutdown.timeout_s + ANSWER_S / 2)
+
+    def include_usage(body: _Sampled) -> bool:
+        return body.stream_options is not None and body.stream_options.include_usage
 
     def usage(done: Done) -> dict:
         return {"prompt_tokens": done.n_prompt_tokens, "completion_tokens": done.n_completion_tokens,
@@ -272,7 +285,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                     "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
 
         if body.stream:
-            return streamed(events(request, queue, chunk))
+            return streamed(events(request, queue, chunk, include_usage(body)))
         text, done = await collect(http, request, queue)
         failed(done)
         return {**chunk(text, done.finish_reason), "usage": usage(done)}
@@ -299,7 +312,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
         if body.stream:
-            return streamed(events(request, queue, chunk))
+            return streamed(events(request, queue, chunk, include_usage(body)))
         text, done = await collect(http, request, queue)
         failed(done)
         return {"id": ident, "object": "chat.completion", "created": now, "model": model_name,

@@ -125,6 +125,13 @@ def test_streams_equal_the_whole_answers(server):
     assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
+def test_a_stream_reports_its_usage_when_asked(server):
+    chunks = list(server.client().completions.create(model="demo", prompt="ROMEO:", max_tokens=10, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == len("ROMEO:")
+
+
 def test_parallel_requests_are_batched_and_each_gets_its_own_answer(server):
     client = server.client()
     alone = [complete(client, p, 48) for p in PROMPTS]
