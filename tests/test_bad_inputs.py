@@ -377,6 +377,36 @@ def no_sockets(monkeypatch):
     assert not opened, f"a connection was attempted: {opened}"
 
 
+TUNE_GGUF = ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--gpu-memory-gb", "24", "--export", "llamacpp"]
+GGUF_CASES = [  # need the gguf package to write them
+    ("gguf not a GGUF", [*TUNE_GGUF, "--model", "{tmp}/not.gguf"], "not a GGUF file"),
+    ("gguf truncated", ["profile", "--model", "{tmp}/truncated.gguf", "--out", "{tmp}/p.yaml"], "truncated"),
+    ("gguf unsupported architecture", [*TUNE_GGUF, "--model", "{tmp}/falcon.gguf"], "unsupported architecture"),
+    ("gguf not a MoE model", ["profile", "--model", "{tmp}/dense.gguf", "--out", "{tmp}/p.yaml"], "not a MoE model"),
+    ("gguf of another model than the trace", [*TUNE_GGUF, "--model", "{tmp}/small.gguf"], "not the traces' model"),
+    ("gguf missing", [*TUNE_GGUF, "--model", "{tmp}/missing.gguf"], "missing.gguf"),
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_scratch(scratch) -> Path:
+    """Small GGUFs (sizes in KB) in the scratch directory: one valid, four bad."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'hybrimoe[gguf]')")
+    from gguf_files import write_gguf
+
+    (scratch / "not.gguf").write_bytes(b"GGUF" + bytes(3))
+    write_gguf(scratch / "truncated.gguf", truncate_bytes=4096)
+    write_gguf(scratch / "falcon.gguf", arch="falcon")
+    write_gguf(scratch / "dense.gguf", arch="llama", n_dense_blocks=4)
+    write_gguf(scratch / "small.gguf")
+    return scratch
+
+
+@pytest.mark.parametrize("case_id, argv, message", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
+def test_bad_gguf_is_one_line_and_exit_2(case_id, argv, message, gguf_scratch, no_sockets, monkeypatch):
+    test_bad_input_is_one_line_and_exit_2(case_id, argv, message, gguf_scratch, no_sockets, monkeypatch)
+
+
 @pytest.mark.parametrize("case_id, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(case_id, argv, message, scratch, no_sockets, monkeypatch):
     monkeypatch.setenv("HYBRIMOE_PROFILE_DIR", str(scratch / "profiles"))
