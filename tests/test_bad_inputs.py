@@ -132,6 +132,9 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
+    import torch
+
+    torch.save({"logical_count": torch.zeros(1, 48, 128, dtype=torch.int32)}, tmp / "sglang_stat.pt")
 
 
 def _patch_zip(path: Path, local_offset: int, central_offset: int, value: int) -> None:
@@ -341,6 +344,10 @@ CASES = [
     ("profile is a symlink to /dev/zero", [*SIM, "--profile", "{tmp}/zero.yaml"], "not a regular file"),
     ("tune infinite GPU memory", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                   "--gpu-memory-gb", "inf", "--export", "llamacpp"], "--gpu-memory-gb"),
+    ("trace import sglang stat-mode dump", [*IMPORT, "--format", "sglang-dump", "{tmp}/sglang_stat.pt", "--out",
+                                            "{tmp}/t.npz"], "'stat' mode dump"),
+    ("trace import sglang pickle payload", [*IMPORT, "--format", "sglang-dump", "{tmp}/pwn.bin", "--out",
+                                            "{tmp}/t.npz"], "not a torch.save file"),
     ("tune report is the profile", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                     "--report", "{tmp}/t.yaml"], "own path"),
 ]
