@@ -126,6 +126,8 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
     dense = next((tensors[f"blk.{b}.ffn_gate.weight"] for b in range(n_decoder_layers)
                   if f"blk.{b}.ffn_gate.weight" in tensors), None)
     expert_type = gate.tensor_type.name
+    # llama.cpp's ffn_*_shexp tensors hold every shared expert side by side; ModelShape counts one
+    n_shared = int(_optional(reader, f"{architecture}.expert_shared_count") or (1 if shared is not None else 0))
     try:
         return ModelShape(
             name=path.stem,
@@ -133,10 +135,10 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
             n_dense_layers=n_decoder_layers - len(moe_layers),
             n_experts=n_expert,
             top_k=int(_field(reader, f"{architecture}.expert_used_count", path)),
-            n_shared_experts=int(_optional(reader, f"{architecture}.expert_shared_count") or (1 if shared is not None else 0)),
+            n_shared_experts=n_shared,
             hidden_size=n_embd,
             intermediate_size=n_ff,
-            shared_intermediate_size=0 if shared is None else int(shared.shape[1]),
+            shared_intermediate_size=0 if shared is None else int(shared.shape[1]) // max(1, n_shared),
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=int(_optional(reader, f"{architecture}.attention.key_length") or n_embd // n_heads),

@@ -48,7 +48,7 @@ def test_header_gives_shapes_and_the_bytes_of_each_tensor(tmp_path):
     shape = model.shape
     assert (shape.n_layers, shape.n_dense_layers, shape.moe_decoder_layers) == (4, 1, (1, 2, 3, 4))
     assert (shape.n_experts, shape.top_k, shape.hidden_size, shape.intermediate_size) == (8, 2, 256, 256)
-    assert (shape.n_shared_experts, shape.shared_intermediate_size, shape.dense_intermediate_size) == (2, 512, 512)
+    assert (shape.n_shared_experts, shape.shared_intermediate_size, shape.dense_intermediate_size) == (2, 256, 512)
     assert model.layer_expert_bytes == tuple(expert_bytes_of_block(sizes, b) for b in (1, 2, 3, 4))
     assert model.layer_expert_bytes[0] != model.layer_expert_bytes[1]  # Q6_K down in odd blocks only
     on_cpu = sizes["token_embd.weight"]  # llama.cpp keeps the input layer on the CPU

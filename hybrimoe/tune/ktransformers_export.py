@@ -24,10 +24,11 @@ Design choices:
   the ties at the boundary that `torch.topk` would break as it likes (and lifts placed experts of
   count 0 above the dense layers' zero rows). So the loader's top N is exactly the placement simulated.
   (The loader ranks in float32: exact while a doubled count stays below 2**24.)
-- The `kt run` launcher turns on `--kt-enable-dynamic-expert-update` by default: the GPU experts are
-  then redistributed during serving from online statistics (at prefills of at least
-  `--kt-gpu-prefill-token-threshold` tokens), and this file only sets the start. The static
-  placement is what the study's `ktransformers` row simulated; `ktransformers-dynamic` models the update.
+- The `kt run` launcher turns on `--kt-enable-dynamic-expert-update` by default (as issue 27
+  reports; its source was not re-read here): the GPU experts are then redistributed during serving
+  from online statistics (at prefills of at least `--kt-gpu-prefill-token-threshold` tokens), and
+  this file only sets the start. The static placement is what the study's `ktransformers` row
+  simulated; `ktransformers-dynamic` models the update.
 """
 
 from __future__ import annotations
