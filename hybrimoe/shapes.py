@@ -7,7 +7,9 @@ Design choices:
 - A `ModelShape` holds only numbers read from a model's `config.json`; presets are those numbers
   for well-known models, copied from their published configs, so estimates need no download.
 - `n_layers` counts MoE layers only; layers with a dense MLP instead (DeepSeek's first layer,
-  Qwen's `mlp_only_layers`) are `n_dense_layers`.
+  Qwen's `mlp_only_layers`) are `n_dense_layers`. `moe_layers` names the MoE layers' decoder-layer
+  numbers where a config or a GGUF says them; without it the dense layers lead (DeepSeek's
+  `first_k_dense_replace`), which is what engines that number layers by decoder layer need.
 - `shared_intermediate_size` is the width of ONE shared expert; a layer runs `n_shared_experts` of
   them (DeepSeek-V2-Lite: 2 x 1408; Qwen2-57B-A14B: 1 x 20480).
 - `head_dim` for DeepSeek's multi-head latent attention is the query/key head width
@@ -46,6 +48,7 @@ class ModelShape:
     expert_bias: bool = False  # experts carry biases (GPT-OSS)
     quantize: str | None = None  # the routed experts kept as int8 or int4 by the runtime (ExpertShape)
     group_size: int | None = None
+    moe_layers: tuple[int, ...] = ()  # decoder-layer numbers of the MoE layers; () = the dense layers lead
 
     def __post_init__(self) -> None:
         positive = ("n_layers", "n_experts", "top_k", "hidden_size", "intermediate_size", "n_heads",
@@ -67,6 +70,9 @@ class ModelShape:
             raise UserError(f"model shape {self.name!r}: shared experts need shared_intermediate_size")
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"model shape {self.name!r}: unknown dtype {self.dtype!r}")
+        if self.moe_layers and (len(self.moe_layers) != self.n_layers or list(self.moe_layers) != sorted(set(self.moe_layers))
+                                or self.moe_layers[-1] >= self.n_decoder_layers):
+            raise UserError(f"model shape {self.name!r}: moe_layers must be {self.n_layers} increasing decoder layers")
 
     def expert_shape(self) -> ExpertShape:
         return ExpertShape(
@@ -86,6 +92,11 @@ class ModelShape:
     @property
     def n_decoder_layers(self) -> int:
         return self.n_layers + self.n_dense_layers
+
+    @property
+    def moe_decoder_layers(self) -> tuple[int, ...]:
+        """The decoder-layer number of each MoE layer, in order (the number engines and GGUF files use)."""
+        return self.moe_layers or tuple(range(self.n_dense_layers, self.n_decoder_layers))
 
     @property
     def routing_shape(self) -> tuple[int, int, int, int, int]:
@@ -260,4 +271,4 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
     n_dense = n_decoder_layers - len(moe_layers)
     if not n_dense:
         shape["dense_intermediate_size"] = 0
-    return ModelShape(n_layers=len(moe_layers), n_dense_layers=n_dense, **common, **shape)
+    return ModelShape(n_layers=len(moe_layers), n_dense_layers=n_dense, moe_layers=tuple(moe_layers), **common, **shape)

@@ -132,6 +132,9 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
+    import torch
+
+    torch.save({"logical_count": torch.zeros(1, 48, 128, dtype=torch.int32)}, tmp / "sglang_stat.pt")
 
 
 def _patch_zip(path: Path, local_offset: int, central_offset: int, value: int) -> None:
@@ -351,6 +354,10 @@ CASES = [
     ("serve model missing", ["serve", "--model", "{tmp}/missing"], "missing"),
     ("serve trace not npz", ["serve", "--record-trace", "{tmp}/t.txt"], ".npz"),
     ("serve unknown strategy", ["serve", "--strategy", "banana"], "banana"),
+    ("trace import sglang stat-mode dump", [*IMPORT, "--format", "sglang-dump", "{tmp}/sglang_stat.pt", "--out",
+                                            "{tmp}/t.npz"], "'stat' mode dump"),
+    ("trace import sglang pickle payload", [*IMPORT, "--format", "sglang-dump", "{tmp}/pwn.bin", "--out",
+                                            "{tmp}/t.npz"], "not a torch.save file"),
     ("tune report is the profile", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                     "--report", "{tmp}/t.yaml"], "own path"),
 ]
@@ -385,6 +392,36 @@ def no_sockets(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     yield opened
     assert not opened, f"a connection was attempted: {opened}"
+
+
+TUNE_GGUF = ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--gpu-memory-gb", "24", "--export", "llamacpp"]
+GGUF_CASES = [  # need the gguf package to write them
+    ("gguf not a GGUF", [*TUNE_GGUF, "--model", "{tmp}/not.gguf"], "not a GGUF file"),
+    ("gguf truncated", ["profile", "--model", "{tmp}/truncated.gguf", "--out", "{tmp}/p.yaml"], "truncated"),
+    ("gguf unsupported architecture", [*TUNE_GGUF, "--model", "{tmp}/falcon.gguf"], "unsupported architecture"),
+    ("gguf not a MoE model", ["profile", "--model", "{tmp}/dense.gguf", "--out", "{tmp}/p.yaml"], "not a MoE model"),
+    ("gguf of another model than the trace", [*TUNE_GGUF, "--model", "{tmp}/small.gguf"], "not the traces' model"),
+    ("gguf missing", [*TUNE_GGUF, "--model", "{tmp}/missing.gguf"], "missing.gguf"),
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_scratch(scratch) -> Path:
+    """Small GGUFs (sizes in KB) in the scratch directory: one valid, four bad."""
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'hybrimoe[gguf]')")
+    from gguf_files import write_gguf
+
+    (scratch / "not.gguf").write_bytes(b"GGUF" + bytes(3))
+    write_gguf(scratch / "truncated.gguf", truncate_bytes=4096)
+    write_gguf(scratch / "falcon.gguf", arch="falcon")
+    write_gguf(scratch / "dense.gguf", arch="llama", n_dense_blocks=4)
+    write_gguf(scratch / "small.gguf")
+    return scratch
+
+
+@pytest.mark.parametrize("case_id, argv, message", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
+def test_bad_gguf_is_one_line_and_exit_2(case_id, argv, message, gguf_scratch, no_sockets, monkeypatch):
+    test_bad_input_is_one_line_and_exit_2(case_id, argv, message, gguf_scratch, no_sockets, monkeypatch)
 
 
 @pytest.mark.parametrize("case_id, argv, message", CASES, ids=[c[0] for c in CASES])

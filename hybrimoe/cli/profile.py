@@ -32,7 +32,9 @@ def profile(
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_MODEL,
         help="Model directory or its config.json (default: the demo model). Its config is read, never its "
-        "weights: the model is built with random weights to time its own layers with the runtime.",
+        "weights: the model is built with random weights to time its own layers with the runtime. Or a .gguf "
+        "file: its header gives the shapes (experts only, as a preset; quantized experts are timed as bfloat16 "
+        "unless --dtype).",
     ),
     preset: str | None = typer.Option(
         None, "--preset", rich_help_panel=_MODEL,

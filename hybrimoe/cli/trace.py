@@ -27,7 +27,10 @@ def import_cmd(
     files: list[Path] = typer.Argument(..., help="Routing log files, read in this order."),
     out: Path = typer.Option(..., "--out", "-o", help="The .npz trace to write."),
     fmt: str = typer.Option(
-        "vllm-jsonl", "--format", help="Input format: vllm-jsonl (one JSON line per MoE layer call)."
+        "vllm-jsonl", "--format",
+        help="Input format: vllm-jsonl (one JSON line per MoE layer call) or sglang-dump (the .pt files of SGLang's "
+        "--expert-distribution-recorder-mode per_token; with one file per rank, a step identical to an earlier one is "
+        "dropped).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="A transformers config.json giving the model shape.", rich_help_panel=_SHAPE
@@ -35,7 +38,7 @@ def import_cmd(
     model_name: str | None = typer.Option(
         None, "--model-name", help="Model name (overrides the config's _name_or_path).", rich_help_panel=_SHAPE
     ),
-    layers: int | None = typer.Option(None, "--layers", help="MoE layers (lines per step).", rich_help_panel=_SHAPE),
+    layers: int | None = typer.Option(None, "--layers", help="MoE layers (vllm-jsonl: lines per step).", rich_help_panel=_SHAPE),
     experts: int | None = typer.Option(None, "--experts", help="Routed experts per layer.", rich_help_panel=_SHAPE),
     top_k: int | None = typer.Option(None, "--top-k", help="Experts activated per token.", rich_help_panel=_SHAPE),
     shared_experts: int | None = typer.Option(

@@ -64,8 +64,9 @@ def tune(
     batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb."),
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_BUDGET,
-        help="Model directory: its config.json sizes the dense weights for --gpu-memory-gb (default: a preset "
-        "matching the trace), and --measure-top runs it (default: the demo model).",
+        help="Model directory: its config.json sizes the dense weights for --gpu-memory-gb and numbers the layers "
+        "for --export (default: a preset matching the trace), and --measure-top runs it (default: the demo model). "
+        "Or a .gguf file: its header's tensor types and bytes size the budget and the exports (llama.cpp's bytes).",
     ),
     cache_ratio: float | None = typer.Option(
         None, "--cache-ratio", rich_help_panel=_BUDGET, help="Fix the cache at this fraction of all routed experts."
@@ -88,8 +89,9 @@ def tune(
     ),
     export: list[str] = typer.Option(
         [], "--export", rich_help_panel=_OUT,
-        help="Placement for another engine at the same budget: llamacpp (prints --n-cpu-moe and -ot) or "
-        "ktransformers (writes the GPU-resident experts per layer beside --out, as JSON); repeatable.",
+        help="Placement for another engine at the same budget: llamacpp (prints a llama-server command with "
+        "--n-cpu-moe, and the -ot equivalent) or ktransformers (writes the profiling counts as the .pt its "
+        "--init-expert-location reads, beside --out, and prints the flags); repeatable.",
     ),
     measure_top: int = typer.Option(
         0, "--measure-top", rich_help_panel=_CHECK,
@@ -151,9 +153,8 @@ def tune(
         _render_measured(outcome.measured, objective)
     if outcome.llamacpp is not None:
         _render_llamacpp(outcome.llamacpp, objective)
-    if outcome.ktransformers_path is not None:
-        console.print(f"kTransformers placement (GPU-resident experts per layer) written to {outcome.ktransformers_path}",
-                      highlight=False, markup=False)
+    if outcome.ktransformers is not None:
+        _render_ktransformers(outcome.ktransformers, objective)
     for path in outcome.report_files:
         console.print(f"report: {path}", highlight=False, markup=False)
     console.print(f"tuned profile written to {outcome.profile_path}", highlight=False, markup=False)
@@ -283,16 +284,44 @@ def _render_measured(measured, objective: str) -> None:
 def _render_llamacpp(placement, objective: str) -> None:
     from hybrimoe.tune.workload import UNITS
 
-    unit = UNITS[objective]
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
     simulated = "-" if placement.baseline is None else f"{placement.baseline.train.objective_ms:.2f}"
-    console.print(f"llama.cpp at this budget: --n-cpu-moe {placement.n_cpu_moe}", highlight=False, markup=False)
+    layers = (f"the experts of the first {placement.n_cpu_moe_layers} MoE layers (blocks "
+              f"{_blocks(placement.cpu_blocks)}) on the CPU" if placement.cpu_blocks else "every expert on the GPU")
+    say(f"llama.cpp at this budget: {layers}; {placement.gpu_expert_bytes / 2**30:.2f} GiB of experts on the GPU, "
+        f"in {placement.expert_room_bytes / 2**30:.2f} GiB left for them")
+    say(f"  {placement.command}")
     if placement.override:
-        console.print(f"  or: -ot '{placement.override}'", highlight=False, markup=False, soft_wrap=True)
-    console.print(
-        f"  simulated {simulated} {unit}, against {placement.tuned.train.objective_ms:.2f} for the tuned hybrimoe policy "
-        "(layer numbers are MoE layers: shift them by a model's leading dense layers)",
-        highlight=False, markup=False,
-    )
+        say(f"  or, instead of --n-cpu-moe: -ot '{placement.override}'")
+    say(f"  simulated {simulated} {UNITS[objective]}, against {placement.tuned.train.objective_ms:.2f} for the tuned "
+        "hybrimoe policy")
+    say("  --fit leaves this placement as it is: with -ngl or tensor overrides set, llama.cpp's fitting gives up "
+        "(common/fit.cpp: 'already set by user') and warns")
+
+
+def _render_ktransformers(placement, objective: str) -> None:
+    from hybrimoe.tune.workload import UNITS
+
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    simulated = "-" if placement.baseline is None else f"{placement.baseline.train.objective_ms:.2f}"
+    say(f"kTransformers at this budget: the {len(placement.resident)} most frequent experts on the GPU; counts "
+        f"written to {placement.path}")
+    say(f"  {placement.command()}")
+    say(f"  simulated {simulated} {UNITS[objective]} (ktransformers), against "
+        f"{placement.tuned.train.objective_ms:.2f} for the tuned hybrimoe policy; `kt run` adds "
+        "--kt-enable-dynamic-expert-update by default, which redistributes the GPU experts while serving "
+        "(simulated as ktransformers-dynamic): the file then only sets the start")
+
+
+def _blocks(blocks: tuple[int, ...]) -> str:
+    """Block numbers in words: "0-35", or "1-26" for DeepSeek's, or a list when they are not contiguous."""
+    if list(blocks) == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+    return ",".join(map(str, blocks))
 
 
 def _describe(row) -> str:

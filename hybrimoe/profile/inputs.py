@@ -2,6 +2,8 @@
 
 Design choices:
 - Only `config.json` is read, never weights, so a model can be profiled before it is downloaded.
+  A `.gguf` file gives its shape from its header (`gguf_header.py`); its layers are not built and
+  timed (there is no transformers config), as for a preset.
 - At most one source is accepted (none means the embedded demo model); partial or ambiguous input
   is a `UserError` naming the flags.
 - A model is named by its directory (the demo model: `demo`), as `hybrimoe run` names it, so a
@@ -20,6 +22,7 @@ from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES
 from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
 from hybrimoe.files import read_json
+from hybrimoe.gguf_header import is_gguf_path, read_gguf
 from hybrimoe.shapes import ModelShape, get_preset, shape_from_hf_config
 
 
@@ -59,6 +62,8 @@ def _unquantized(
         )
     if not given:
         return _shape_from_config(demo_model_path() / "config.json", "demo", dtype)
+    if is_gguf_path(model_path):
+        return read_gguf(model_path, dtype).shape
     if model_path is not None:
         config_path = model_config_path(model_path)
         return _shape_from_config(config_path, config_path.parent.name or "model", dtype)
@@ -88,7 +93,7 @@ def config_to_measure(
 ) -> Path | None:
     """The config.json whose model `hybrimoe profile` also measures: `--model`'s, or the demo
     model's when no source is given; None for shapes alone (a preset or explicit sizes)."""
-    if preset is not None or hidden_size is not None or intermediate_size is not None:
+    if preset is not None or hidden_size is not None or intermediate_size is not None or is_gguf_path(model_path):
         return None
     return model_config_path(model_path)
 

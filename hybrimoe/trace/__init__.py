@@ -1,10 +1,10 @@
 """Routing traces: which experts every token chose in every MoE layer, step by step.
 
 Modules: `format` (the trace records and their validation, the .npz file format, metadata from a
-model's shape), `importers` (foreign routing logs: vllm-jsonl) and `summary` (what
-`hybrimoe trace info` reports). The names below are the package's public API:
-`from hybrimoe.trace import RoutingTrace`. No module here imports torch: the policy core and the
-simulator read traces.
+model's shape), `importers` (foreign routing logs: vllm-jsonl, and sglang-dump through `sglang`)
+and `summary` (what `hybrimoe trace info` reports). The names below are the package's public API:
+`from hybrimoe.trace import RoutingTrace`. No module here imports torch when imported (the policy
+core and the simulator read traces); `sglang` loads it to read a dump, when asked to.
 """
 
 from hybrimoe.trace.format import (
@@ -18,7 +18,13 @@ from hybrimoe.trace.format import (
     trace_meta_from_hf_config,
     trace_meta_from_shape,
 )
-from hybrimoe.trace.importers import IMPORT_FORMATS, import_trace_files, import_vllm_jsonl, read_vllm_jsonl
+from hybrimoe.trace.importers import (
+    IMPORT_FORMATS,
+    import_trace_files,
+    import_vllm_jsonl,
+    read_sglang_dumps,
+    read_vllm_jsonl,
+)
 from hybrimoe.trace.summary import TraceSummary, trace_summary
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "import_trace_files",
     "import_vllm_jsonl",
     "load_trace",
+    "read_sglang_dumps",
     "read_vllm_jsonl",
     "save_trace",
     "trace_meta_from_hf_config",

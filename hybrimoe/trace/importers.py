@@ -1,4 +1,5 @@
-"""Importing foreign routing logs as traces: vLLM-style fused-MoE dumps in JSON Lines (`vllm-jsonl`).
+"""Importing foreign routing logs as traces: vLLM-style fused-MoE dumps in JSON Lines (`vllm-jsonl`)
+and SGLang's expert-distribution recorder dumps (`sglang-dump`, read in `sglang.py`).
 
 Shapes: L = MoE layers, T = tokens in one step, k = top-k.
 
@@ -39,23 +40,38 @@ def read_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> tupl
     """
     if not paths:
         raise TraceError("no input files given")
-    steps: list[TraceStep] = []
-    seen: set[bytes] = set()
-    n_dropped = 0
-    for path in map(Path, paths):
-        for step in _vllm_steps(path, meta):
-            key = step.topk_ids.tobytes() + (b"" if step.topk_weights is None else step.topk_weights.tobytes())
-            key = step.n_tokens.to_bytes(8, "little") + key
-            if key in seen:
-                n_dropped += 1
-                continue
-            seen.add(key)
-            steps.append(step)
+    steps = [step for path in map(Path, paths) for step in _vllm_steps(path, meta)]
     if steps and any((s.topk_weights is None) != (steps[0].topk_weights is None) for s in steps):
         raise TraceError("some lines carry routing weights and others only a shape: cannot mix them")
-    note = f"imported from {', '.join(Path(p).name for p in paths)} (vllm-jsonl); {n_dropped} repeated steps dropped"
+    return _trace_of(steps, paths, "vllm-jsonl", meta)
+
+
+def read_sglang_dumps(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> tuple[RoutingTrace, int]:
+    """Reads SGLang's `per_token` expert-distribution dumps (see `sglang.py`); returns the trace and
+    how many repeated steps were dropped."""
+    from hybrimoe.trace.sglang import sglang_steps
+
+    if not paths:
+        raise TraceError("no input files given")
+    return _trace_of(sglang_steps(paths, meta), paths, "sglang-dump", meta)
+
+
+def _trace_of(steps: list[TraceStep], paths: Sequence[str | os.PathLike], fmt: str, meta: TraceMeta
+              ) -> tuple[RoutingTrace, int]:
+    """The trace of `steps` less each step identical to an earlier one of the same length (a serving
+    engine's idle batches, or another tensor-parallel rank's copy), and how many were dropped."""
+    kept: list[TraceStep] = []
+    seen: set[bytes] = set()
+    for step in steps:
+        key = step.topk_ids.tobytes() + (b"" if step.topk_weights is None else step.topk_weights.tobytes())
+        key = step.n_tokens.to_bytes(8, "little") + key
+        if key not in seen:
+            seen.add(key)
+            kept.append(step)
+    n_dropped = len(steps) - len(kept)
+    note = f"imported from {', '.join(Path(p).name for p in paths)} ({fmt}); {n_dropped} repeated steps dropped"
     provenance = f"{meta.provenance}; {note}" if meta.provenance else note
-    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(steps)), n_dropped
+    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(kept)), n_dropped
 
 
 def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
@@ -128,7 +144,7 @@ def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.n
     return ids.astype(ID_DTYPE), weights
 
 
-IMPORT_FORMATS = ("vllm-jsonl",)
+IMPORT_FORMATS = ("vllm-jsonl", "sglang-dump")
 
 
 def import_trace_files(
@@ -176,6 +192,7 @@ def import_trace_files(
         meta = TraceMeta(
             model=model, n_shared_experts=n_shared_experts or 0, dtype=dtype, provenance=provenance, **explicit
         )
-    trace, n_dropped = read_vllm_jsonl(paths, meta)
+    read = read_vllm_jsonl if fmt == "vllm-jsonl" else read_sglang_dumps
+    trace, n_dropped = read(paths, meta)
     save_trace(trace, out, overwrite=overwrite)
     return trace, n_dropped

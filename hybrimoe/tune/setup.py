@@ -10,7 +10,9 @@ Design choices:
   are taken first, and the cache capacity is searched up to what is left; `--cache-experts` or
   `--cache-ratio` fixes it instead; with neither, the profile's policy (or the default) fixes it,
   as `run` does. The dense size comes from `--model DIR`'s config.json, or from the preset whose
-  shape matches the traces.
+  shape matches the traces. With `--model X.gguf` the bytes are the file's own (its header's tensor
+  types and sizes, `gguf_header.py`): the dense part is what llama.cpp's `-ngl 99` puts on the GPU, and a
+  slot holds the file's largest expert, so any placement of that many experts fits.
 - One study per question: the study name hashes the traces, the profile and every setting that
   changes a trial's value, so rerunning a command continues its study and another question never
   mixes with it.
@@ -25,10 +27,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from hybrimoe.config import DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile
 from hybrimoe.errors import UserError
 from hybrimoe.files import check_output, check_writable_dir
+from hybrimoe.gguf_header import GgufModel, is_gguf_path, read_gguf
 from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
 from hybrimoe.shapes import PRESETS, ModelShape
 from hybrimoe.trace import TraceMeta, load_trace
@@ -37,6 +41,7 @@ from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
 
 DEFAULT_HOLDOUT_SPLIT = 0.3
 MEMORY_STORAGE = "memory"
+EXPORT_ENGINES = ("llamacpp", "ktransformers")  # --export: placements for these engines at the tuned budget
 MAX_WORKERS_PER_CORE = 4  # each worker is a process with its own workload; 1000 of them hung a 2-core machine
 
 
@@ -90,6 +95,9 @@ class Inputs:
     space: SearchSpace
     max_slots: int  # the budget's capacity: the baselines' and the largest the search tries
     budget: str  # where the capacity comes from, in words
+    expert_room_bytes: int  # what the experts may take on the GPU (the exports place whole layers in it)
+    model: ModelShape | None  # --model's shape, or the preset matching the traces; None: neither
+    gguf: GgufModel | None  # --model X.gguf's header: the bytes llama.cpp places
     storage_url: str | None  # None: in memory
     study_name: str
 
@@ -115,7 +123,11 @@ def load_inputs(options: TuneOptions) -> Inputs:
         traces, holdout, split, options.objective, options.decode_tokens, options.profile_split,
         options.prefill_tokens, options.max_tokens, profiling,
     )
-    max_slots, fixed_slots, budget = _capacity(options, meta, profile, experts.expert_bytes)
+    gguf = _gguf(options, meta)
+    model = gguf.shape if gguf is not None else _model_shape(options, meta)
+    expert_bytes = experts.expert_bytes if gguf is None else gguf.max_expert_bytes
+    capacity = _capacity(options, meta, profile, expert_bytes, model, gguf)
+    max_slots, fixed_slots = capacity.max_slots, capacity.fixed_slots
     space = policy_space(meta.n_layers * meta.n_experts, meta.top_k, max_slots, fixed_slots)
     refs = tuple(TraceRef(str(path), _sha256(path), trace.n_tokens) for path, (_, trace) in zip(options.traces, traces))
     held_refs = [f"{path} ({_sha256(path)[:12]})" for path in options.holdout]
@@ -142,7 +154,10 @@ def load_inputs(options: TuneOptions) -> Inputs:
         holdout=held,
         space=space,
         max_slots=max_slots,
-        budget=budget,
+        budget=capacity.budget,
+        expert_room_bytes=capacity.expert_room_bytes,
+        model=model,
+        gguf=gguf,
         storage_url=_storage_url(options),
         study_name=f"hybrimoe-tune-{digest}",
     )
@@ -150,11 +165,11 @@ def load_inputs(options: TuneOptions) -> Inputs:
 
 def check_outputs(options: TuneOptions) -> None:
     """Refuses, before any trial, an output that would fail or overwrite something unasked."""
-    from hybrimoe.tune.export import ENGINES, ktransformers_path
+    from hybrimoe.tune.ktransformers_export import ktransformers_path
 
-    unknown = [engine for engine in options.exports if engine not in ENGINES]
+    unknown = [engine for engine in options.exports if engine not in EXPORT_ENGINES]
     if unknown:
-        raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(ENGINES)}")
+        raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(EXPORT_ENGINES)}")
     check_output(options.out, options.force, "--out")
     traces = {Path(path).resolve() for path in (*options.traces, *options.holdout, *options.profiling_traces)}
     if options.out.resolve() in traces:
@@ -213,11 +228,18 @@ def _profile(options: TuneOptions, experts: ExpertShape) -> tuple[Path, Hardware
     return path, load_profile(path)
 
 
+class _Capacity(NamedTuple):
+    max_slots: int  # the largest capacity
+    fixed_slots: int | None  # the capacity when it is fixed; None when it is searched
+    budget: str  # in words
+    expert_room_bytes: int  # what the experts may take: the budget's rest, or max_slots slots
+
+
 def _capacity(
-    options: TuneOptions, meta: TraceMeta, profile: HardwareProfile, expert_bytes: int
-) -> tuple[int, int | None, str]:
-    """(largest capacity, the fixed capacity or None when it is searched, the budget in words), for
-    experts of `expert_bytes` each (packed when quantized)."""
+    options: TuneOptions, meta: TraceMeta, profile: HardwareProfile, expert_bytes: int,
+    model: ModelShape | None, gguf: GgufModel | None,
+) -> _Capacity:
+    """The budget's capacity for experts of `expert_bytes` each (packed when quantized; a GGUF's largest)."""
     total = meta.n_layers * meta.n_experts
     budget_bytes = dense_bytes = None
     reserve = Reserve(0, 0)
@@ -225,22 +247,28 @@ def _capacity(
     if options.gpu_memory_gb is not None:
         if not 0 < options.gpu_memory_gb < float("inf"):
             raise UserError(f"--gpu-memory-gb must be a finite number above 0, got {options.gpu_memory_gb}")
-        shape = _dense_shape(options, meta)
+        if model is None:
+            raise UserError(
+                f"--gpu-memory-gb needs the size of {meta.model}'s dense weights: pass --model DIR (its config.json) "
+                "or --model X.gguf"
+            )
         budget_bytes = int(options.gpu_memory_gb * GIB)
-        dense_bytes = shape.dense_bytes
+        dense_bytes = model.dense_bytes if gguf is None else gguf.gpu_dense_bytes
         # the whole context as one prefill: the largest step a run of this context can take
-        reserve = reserve_for(shape, options.batch_size, options.context_tokens, 0)
+        reserve = reserve_for(model, options.batch_size, options.context_tokens, 0)
         budget_source = f"--gpu-memory-gb {options.gpu_memory_gb:g}"
     fixed = options.cache_experts is not None or options.cache_ratio is not None
     if budget_bytes is not None and not fixed:
         slots = min(total, slots_in_budget(budget_bytes, budget_source, expert_bytes, dense_bytes, reserve))
         if slots < 1:
             raise UserError(f"{budget_source} leaves no room for one expert slot ({expert_bytes / 2**20:.1f} MiB)")
+        of_gguf = "" if gguf is None else f" of {expert_bytes / 2**20:.2f} MiB ({gguf.path.name}'s largest expert)"
         words = (
             f"{budget_source}: {dense_bytes / GIB:.2f} GiB dense weights, a reserve of "
-            f"{reserve.describe()} ({options.batch_size} x {options.context_tokens} tokens), up to {slots} expert slots"
+            f"{reserve.describe()} ({options.batch_size} x {options.context_tokens} tokens), up to {slots} expert "
+            f"slots{of_gguf}"
         )
-        return slots, None, words
+        return _Capacity(slots, None, words, budget_bytes - dense_bytes - reserve.total_bytes)
     policy = profile.policy or PolicyConfig()
     capacity = resolve_capacity(
         n_experts_total=total,
@@ -256,21 +284,30 @@ def _capacity(
     )
     if capacity.slots < 1:
         raise UserError(f"the budget ({capacity.source}) leaves no room for one expert slot")
-    return capacity.slots, capacity.slots, f"{capacity.slots} expert slots ({capacity.source})"
+    return _Capacity(capacity.slots, capacity.slots, f"{capacity.slots} expert slots ({capacity.source})",
+                     capacity.slots * expert_bytes)
 
 
-def _dense_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape:
-    """The model whose dense weights share the budget: `--model`'s config, or the matching preset."""
+def _model_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape | None:
+    """The model whose dense weights share the budget and whose layer numbers the exports use:
+    `--model`'s config, or the preset of the traces' shape; None when neither is known."""
     if options.model is not None:
         from hybrimoe.profile.inputs import resolve_model
 
         return resolve_model(model_path=options.model, dtype=meta.dtype)
-    for shape in PRESETS.values():
-        if shape.routing_shape == meta.routing_shape:
-            return shape
-    raise UserError(
-        f"--gpu-memory-gb needs the size of {meta.model}'s dense weights: pass --model DIR (its config.json)"
-    )
+    return next((shape for shape in PRESETS.values() if shape.routing_shape == meta.routing_shape), None)
+
+
+def _gguf(options: TuneOptions, meta: TraceMeta) -> GgufModel | None:
+    """`--model X.gguf`'s header, checked against the traces' shape; None for another --model."""
+    if not is_gguf_path(options.model):
+        return None
+    gguf = read_gguf(options.model, dtype=meta.dtype)
+    if gguf.shape.routing_shape != meta.routing_shape:
+        names = ("layers", "experts", "top-k", "hidden size", "expert intermediate size")
+        differ = [f"{name} {a} vs {b}" for name, a, b in zip(names, gguf.shape.routing_shape, meta.routing_shape) if a != b]
+        raise UserError(f"--model {options.model} is not the traces' model ({meta.model}): {', '.join(differ)}")
+    return gguf
 
 
 def _storage_url(options: TuneOptions) -> str | None:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrimoe.tune.export import LlamaCppPlacement, llamacpp_placement, write_ktransformers_placement
+from hybrimoe.tune.ktransformers_export import KTransformersPlacement, write_ktransformers_placement
+from hybrimoe.tune.llamacpp_export import LlamaCppPlacement, llamacpp_placement
 from hybrimoe.tune.measure import Measured, as_results, best, candidates, check_model, measure, read_prompts
 from hybrimoe.tune.result import TuneResult, summarize, write_tuned_profile
 from hybrimoe.tune.setup import Inputs, TuneOptions, check_outputs, load_inputs
@@ -32,7 +33,7 @@ class TuneOutcome:
     profile_path: Path
     measured: tuple[Measured, ...] = ()
     llamacpp: LlamaCppPlacement | None = None
-    ktransformers_path: Path | None = None
+    ktransformers: KTransformersPlacement | None = None
     report_files: tuple[Path, ...] = ()
 
 
@@ -133,6 +134,6 @@ def _finish(inputs: Inputs, study, result: TuneResult, measured: tuple[Measured,
         profile_path=profile_path,
         measured=measured,
         llamacpp=llamacpp_placement(inputs, result) if "llamacpp" in options.exports else None,
-        ktransformers_path=write_ktransformers_placement(inputs, result) if "ktransformers" in options.exports else None,
+        ktransformers=write_ktransformers_placement(inputs, result) if "ktransformers" in options.exports else None,
         report_files=report_files,
     )
