@@ -16,6 +16,7 @@ FORBIDDEN = {  # package or module -> what it must not import
     "policy": ("torch", "hybrimoe.runtime", "hybrimoe.profile", "hybrimoe.run", "hybrimoe.cli", "hybrimoe.tune"),
     "trace": ("torch", "hybrimoe.runtime", "hybrimoe.profile", "hybrimoe.policy", "hybrimoe.run", "hybrimoe.cli"),
     "shapes.py": ("hybrimoe.runtime", "hybrimoe.profile", "hybrimoe.policy", "hybrimoe.trace", "hybrimoe.run"),
+    "serve": ("hybrimoe.cli", "hybrimoe.profile", "hybrimoe.tune"),
 }
 
 

@@ -205,7 +205,8 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
             raise ApiError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown:
-            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down",
+            message = SHUTTING_DOWN if engine.failure is None else f"the engine stopped: {engine.failure}"
+            raise ApiError(503, message, kind="server_error", code="shutting_down",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return request, queue
 

@@ -212,13 +212,14 @@ class Engine:
     """Runs `session`'s model for every submitted request (`serve/__init__.py` builds it)."""
 
     def __init__(self, session, max_batch: int, max_queue: int, stats: EngineStats, record_depth: int | None = None,
-                 on_trace_step: Callable[[list], None] | None = None):
+                 on_trace_step: Callable[[list], None] | None = None, on_failure: Callable[[], None] = lambda: None):
         """`record_depth`: keep each step's routing with this many later layers' predictions, and
-        hand it to `on_trace_step` (the runtime's per-layer records) after every step."""
+        hand it to `on_trace_step` (the runtime's per-layer records) after every step. `on_failure`
+        is called from the engine thread if it stops on an error (the server then stops too)."""
         from hybrimoe.run import eos_ids
 
         self.session, self.max_batch, self.max_queue, self.stats = session, max_batch, max_queue, stats
-        self.record_depth, self.on_trace_step = record_depth, on_trace_step
+        self.record_depth, self.on_trace_step, self.on_failure = record_depth, on_trace_step, on_failure
         self.model = session.loaded.model
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared with the HTTP handlers
         self._eos_ids = frozenset(eos_ids(session.loaded))
@@ -238,7 +239,7 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         with self._wake:
-            if self._stopping:
+            if self._stopping or self.failure is not None:
                 raise ShuttingDown
             free_slots = max(0, self.max_batch - len(self._batch.rows))
             if len(self._waiting) >= self.max_queue + free_slots:
@@ -280,11 +281,15 @@ class Engine:
                     if self._batch.rows:
                         self._guarded(self._decode_step, runtime)
         except BaseException as exc:  # noqa: BLE001 - the server reports it on /health and to every request
-            self.failure = exc
+            with self._wake:
+                self.failure = exc
+                waiting, self._waiting = list(self._waiting), collections.deque()
             log.exception("the engine stopped")
             for row in self._batch.rows:
                 row.fail(f"the engine stopped: {exc}")
-            raise
+            for request in waiting:
+                request.deliver(Done("error", len(request.prompt_ids), 0, f"the engine stopped: {exc}"))
+            self.on_failure()
 
     def _next_requests(self) -> bool:
         """Waits until there is work; False once stopping with nothing active or waiting."""

@@ -153,9 +153,16 @@ def serve(
         def keep_step(records) -> None:
             steps.append(trace_step(records, TRACE_LOOKAHEAD_DEPTH))
 
+        servers = []  # the HTTP server, once made: an engine that fails stops it
+
+        def stop_serving() -> None:
+            for server in servers:
+                server.should_exit = True
+
         engine = Engine(
             session, serve_options.max_batch, serve_options.max_queue, EngineStats(),
             record_depth=TRACE_LOOKAHEAD_DEPTH if recording else None, on_trace_step=keep_step if recording else None,
+            on_failure=stop_serving,
         )
         metrics.watch(engine)
         shutdown = Shutdown(serve_options.shutdown_timeout_s)
@@ -163,21 +170,22 @@ def serve(
         config = uvicorn.Config(app, log_level="warning",
                                 timeout_graceful_shutdown=serve_options.shutdown_timeout_s + ANSWER_S)
         server = _server(config, shutdown)
+        servers.append(server)
         engine.start()
         if on_ready is not None:
             host, port = sock.getsockname()[:2]
-            on_ready(f"http://{host}:{port}", session)
+            on_ready(f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}", session)
         try:
             server.run(sockets=[sock])
         finally:
             engine.stop(serve_options.shutdown_timeout_s + ANSWER_S)
     finally:
         sock.close()
-    if engine.failure is not None:
-        raise RuntimeError(f"the engine stopped: {engine.failure}") from engine.failure
     trace_path = None
-    if recording and steps:
+    if recording and steps:  # kept even when the engine failed: the steps before it are real
         recorded_trace(session.shape, steps, options, command="serve")
         trace_path = str(options.record_trace)
+    if engine.failure is not None:
+        raise RuntimeError(f"the engine stopped: {engine.failure}") from engine.failure
     stats = engine.stats
     return ServeReport(sum(stats.n_finished.values()), stats.n_completion_tokens, trace_path)
