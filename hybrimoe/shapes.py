@@ -70,7 +70,8 @@ class ModelShape:
             raise UserError(f"model shape {self.name!r}: shared experts need shared_intermediate_size")
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"model shape {self.name!r}: unknown dtype {self.dtype!r}")
-        if self.moe_layers and (len(self.moe_layers) != self.n_layers or list(self.moe_layers) != sorted(set(self.moe_layers))
+        increasing = list(self.moe_layers) == sorted(set(self.moe_layers))
+        if self.moe_layers and (len(self.moe_layers) != self.n_layers or not increasing
                                 or self.moe_layers[-1] >= self.n_decoder_layers):
             raise UserError(f"model shape {self.name!r}: moe_layers must be {self.n_layers} increasing decoder layers")
 
@@ -271,4 +272,6 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
     n_dense = n_decoder_layers - len(moe_layers)
     if not n_dense:
         shape["dense_intermediate_size"] = 0
-    return ModelShape(n_layers=len(moe_layers), n_dense_layers=n_dense, moe_layers=tuple(moe_layers), **common, **shape)
+    leading_dense = moe_layers == list(range(n_dense, n_decoder_layers))  # the default: (), as presets say it
+    return ModelShape(n_layers=len(moe_layers), n_dense_layers=n_dense,
+                      moe_layers=() if leading_dense else tuple(moe_layers), **common, **shape)

@@ -19,6 +19,11 @@ FORBIDDEN = {  # package or module -> what it must not import
     "serve": ("hybrimoe.cli", "hybrimoe.profile", "hybrimoe.tune"),
 }
 
+# module -> what it may import despite its package's rule, and why
+ALLOWED = {
+    "trace/sglang.py": ("torch",),  # SGLang's dumps are torch.save files; read lazily, by `trace import` only
+}
+
 
 def _sources(part: str) -> list[Path]:
     path = PACKAGE / part
@@ -39,7 +44,8 @@ def _imports(source: Path) -> set[str]:
 def test_imports_go_one_way(part):
     for source in _sources(part):
         for name in _imports(source):
-            bad = [f for f in FORBIDDEN[part] if name == f or name.startswith(f + ".")]
+            allowed = ALLOWED.get(str(source.relative_to(PACKAGE)), ())
+            bad = [f for f in FORBIDDEN[part] if (name == f or name.startswith(f + ".")) and f not in allowed]
             assert not bad, f"{source.relative_to(PACKAGE)} imports {name}"
 
 
