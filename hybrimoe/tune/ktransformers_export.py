@@ -24,8 +24,10 @@ Design choices:
   the ties at the boundary that `torch.topk` would break as it likes (and lifts placed experts of
   count 0 above the dense layers' zero rows). So the loader's top N is exactly the placement simulated.
   (The loader ranks in float32: exact while a doubled count stays below 2**24.)
-- The `kt run` launcher turns on `--kt-enable-dynamic-expert-update` by default (as issue 27
-  reports; its source was not re-read here): the GPU experts are then redistributed during serving
+- `kt run`'s interactive configuration adds `--kt-enable-dynamic-expert-update` to every command it
+  builds (kvcache-ai/ktransformers kt-kernel/python/cli/utils/run_interactive.py,
+  `_build_command_preview`; its flag-driven path in cli/commands/run.py, as read at 00dc49b, does
+  not): with it the GPU experts are redistributed during serving
   from online statistics (at prefills of at least `--kt-gpu-prefill-token-threshold` tokens), and
   this file only sets the start. The static placement is what the study's `ktransformers` row
   simulated; `ktransformers-dynamic` models the update.
