@@ -313,8 +313,8 @@ def _render_ktransformers(placement, objective: str) -> None:
     say(f"  {placement.command()}")
     say(f"  simulated {simulated} {UNITS[objective]} (ktransformers), against "
         f"{placement.tuned.train.objective_ms:.2f} for the tuned hybrimoe policy; `kt run` adds "
-        "--kt-enable-dynamic-expert-update when configured interactively, which redistributes the GPU experts while serving "
-        "(simulated as ktransformers-dynamic): the file then only sets the start")
+        "--kt-enable-dynamic-expert-update when configured interactively, which redistributes the GPU "
+        "experts while serving (simulated as ktransformers-dynamic): the file then only sets the start")
 
 
 def _blocks(blocks: tuple[int, ...]) -> str:
