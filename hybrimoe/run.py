@@ -128,6 +128,15 @@ def _profile_for_run(
     return profile, profile.name
 
 
+def _other_machine(profile: HardwareProfile, device: str) -> str | None:
+    """The kind of machine `profile` describes (`profile/directory.py`'s key), when it is not the one
+    `device` runs on here."""
+    from hybrimoe.profile.directory import machine_key, this_machine_key
+
+    kind = machine_key(None if profile.stand_in else profile.machine.gpu, profile.machine.cores)
+    return None if kind == this_machine_key(device) else kind
+
+
 def _placement(options: RunOptions, profile: HardwareProfile, capacity: Capacity) -> tuple[str, int, str]:
     """(strategy, expert slots, where the slots came from) as the run will really place experts:
     a profile without an accelerator section places every expert on the CPU."""
@@ -301,6 +310,7 @@ class Session:
     profile: HardwareProfile
     profile_label: str  # how the summary names the profile
     estimated: bool  # the profile is a built-in estimate, not this machine's measurement
+    profile_machine: str | None  # the machine kind a given profile describes, when it is not this one
     quantization: Quantization | None
     strategy: str
     capacity: int  # expert slots on the accelerator
@@ -387,7 +397,8 @@ def open_session(
         quantization=quantization,
     )
     shape, dense_bytes, capacity_chosen, reserve = planned[0]
-    estimated = profile is None
+    estimated = profile is None or profile.estimated
+    profile_machine = None if profile is None else _other_machine(profile, str(accelerator.device))
     profile, profile_label = _profile_for_run(profile, profile_path, options, shape, str(accelerator.device))
     strategy, capacity, capacity_source = _placement(options, profile, capacity_chosen)
     threads, threads_source = run_threads(options, profile, accelerator.is_cuda)
@@ -396,7 +407,7 @@ def open_session(
     )
     return Session(
         loaded=loaded, accelerator=accelerator, shape=shape, profile=profile, profile_label=profile_label,
-        estimated=estimated, quantization=quantization, strategy=strategy, capacity=capacity,
+        estimated=estimated, profile_machine=profile_machine, quantization=quantization, strategy=strategy, capacity=capacity,
         capacity_source=capacity_source, threads=threads, threads_source=threads_source, reserve=reserve,
         dense_bytes=dense_bytes, replay=replay,
     )
@@ -496,6 +507,7 @@ def _run_stats(
         accelerator_memory=accelerator_memory,
         stand_in=not accelerator.is_cuda,
         prediction_from_estimate=session.estimated,
+        profile_machine=session.profile_machine,
         host_expert_bytes=loaded.host_experts.n_bytes,
         slot_bytes=capacity * loaded.expert_shape.expert_bytes,
         accelerator_dense_bytes=session.dense_bytes if accelerator.is_cuda else 0,

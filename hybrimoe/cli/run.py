@@ -92,8 +92,7 @@ def _summary(stats) -> Panel:
             f"TTFT {_fmt(stats.simulated_ttft_s, '.3f', ' s')} (measured/predicted {_fmt(stats.ttft_ratio, '.2f')}), "
             f"decode {_fmt(stats.simulated_decode_tokens_per_s, '.2f', ' tokens/s')} "
             f"(measured/predicted time {_fmt(stats.decode_ratio, '.2f')}); same profile, routing and planner"
-            + ("; from a built-in estimate, not this machine: `hybrimoe profile` measures it"
-               if stats.prediction_from_estimate else ""),
+            + _prediction_caveat(stats),
         ),
     ]
     if stats.replay_trace:
@@ -103,6 +102,16 @@ def _summary(stats) -> Panel:
     for name, value in rows:
         table.add_row(name, value)
     return Panel(table, title="hybrimoe run", expand=False)
+
+
+def _prediction_caveat(stats) -> str:
+    """What the prediction is not: a measurement of this machine."""
+    if stats.profile_machine:
+        made = "an estimate" if stats.prediction_from_estimate else "a profile"
+        return f"; from {made} for another machine ({stats.profile_machine}), so it predicts that machine, not this one"
+    if stats.prediction_from_estimate:
+        return "; from a built-in estimate, not this machine: `hybrimoe profile` measures it"
+    return ""
 
 
 @app.command()

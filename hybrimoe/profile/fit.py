@@ -61,6 +61,38 @@ def relative_errors(curve: LatencyCurve, fresh: Sequence[CurvePoint]) -> list[fl
     return [abs(curve.ms(p.n_tokens) - p.ms) / p.ms for p in fresh]
 
 
+MIN_R2 = 0.9  # below this (and with a large error) a curve's linear fit is called poor
+POOR_FIT_ERROR = 0.25  # ... the largest relative error of the fit that makes a low R² matter
+NOISY_SPREAD = 1.0  # a point whose repeats spread over more than its median is noisy
+
+
+def is_noisy(point: CurvePoint) -> bool:
+    return point.spread_ms > NOISY_SPREAD * point.ms
+
+
+def quality_problem(curve: LatencyCurve) -> str | None:
+    """Why a measured curve should not be trusted as it is, in words; None when it looks sound.
+    A low R² alone is not a problem: a curve nearly flat over its token counts (tiny experts) has
+    little variance to explain, so the fit's largest relative error must be large too."""
+    if is_erratic(curve):
+        return "its latency falls as tokens grow"
+    fit = curve.fit
+    if fit.r2 is not None and fit.max_rel_error is not None and fit.r2 < MIN_R2 and fit.max_rel_error > POOR_FIT_ERROR:
+        return f"its linear fit is poor (R² {fit.r2:.2f}, a point {fit.max_rel_error:.0%} off)"
+    noisy = [p for p in curve.points if is_noisy(p)]
+    if noisy:
+        return f"{len(noisy)} of its {len(curve.points)} points spread over more than their median"
+    return None
+
+
+def curve_problems(profile) -> list[tuple[str, str]]:
+    """(which curve, what is wrong with it) for each measured curve of `profile` that looks unsound."""
+    curves = {"CPU expert curve": profile.cpu_expert, "dense layer curve": profile.dense_layer}
+    if not profile.stand_in:
+        curves["accelerator expert curve"] = profile.gpu_expert
+    return [(what, problem) for what, curve in curves.items() if (problem := quality_problem(curve)) is not None]
+
+
 def is_erratic(curve: LatencyCurve, factor: float = 2.0) -> bool:
     """True when a point is over `factor` times slower than a point with more tokens.
 

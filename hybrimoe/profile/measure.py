@@ -35,6 +35,7 @@ import torch
 from hybrimoe.config import DTYPE_BYTES, CurvePoint, ExpertShape
 from hybrimoe.errors import UserError
 from hybrimoe.host import available_ram_bytes
+from hybrimoe.profile.fit import NOISY_SPREAD
 from hybrimoe.profile.machine import MiB
 from hybrimoe.profile.timing import Budget, Sample, cuda_ms, device_timer, host_ms, settle
 from hybrimoe.runtime.kernels import stacked_expert_mlp
@@ -131,12 +132,16 @@ def latency_curve(
     counts: Iterator[int] | None = None,
     on_point: Callable[[int], None] | None = None,
 ) -> list[CurvePoint]:
-    """Points of `run(n_tokens)` (a timed repetition) as tokens grow, until over `curve_stop_ms`."""
+    """Points of `run(n_tokens)` (a timed repetition) as tokens grow, until over `curve_stop_ms`; a
+    point whose repeats spread over more than its median (`fit.NOISY_SPREAD`) is measured twice."""
     points = []
     for n_tokens in token_counts(budget.max_tokens) if counts is None else counts:
         if on_point is not None:
             on_point(n_tokens)
         sample = settle(run(n_tokens), budget)
+        if sample.spread_ms > NOISY_SPREAD * sample.median_ms:  # measured once more: the steadier one is kept
+            again = settle(run(n_tokens), budget)
+            sample = min(sample, again, key=lambda s: s.spread_ms / s.median_ms)
         points.append(CurvePoint(n_tokens, sample.median_ms, sample.spread_ms))
         if sample.median_ms > budget.curve_stop_ms and len(points) >= 2:  # a fit needs two points
             break

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from hybrimoe.config import HardwareProfile, LatencyCurve
 from hybrimoe.files import write_atomically
-from hybrimoe.profile.fit import crossover_tokens, is_erratic
+from hybrimoe.profile.fit import crossover_tokens, curve_problems
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ def summary_table(profile: HardwareProfile) -> Table:
     i = profile.interference
     table.add_row("interference", f"CPU experts ×{i.cpu_slowdown:.2f}, copies ×{i.copy_slowdown:.2f} when both run")
     table.add_row("crossover", crossover_line(profile))
-    if is_erratic(profile.cpu_expert):
-        table.add_row("[bold yellow]warning[/]", "CPU expert latency falls as tokens grow: other processes held the "
-                      "cores; profile again on an idle machine, or with fewer --threads")
+    for what, problem in curve_problems(profile):
+        table.add_row("[bold yellow]warning[/]", f"{what}: {problem}; other processes probably held the cores: "
+                      "profile again on an idle machine, or with fewer --threads")
     return table
 
 

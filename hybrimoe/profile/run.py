@@ -34,7 +34,7 @@ import torch
 from hybrimoe import __version__
 from hybrimoe.config import CurvePoint, HardwareProfile, Interference, LatencyCurve, Provenance, Transfer
 from hybrimoe.errors import UserError
-from hybrimoe.profile.fit import fit_curve, is_erratic
+from hybrimoe.profile.fit import curve_problems, fit_curve, quality_problem
 from hybrimoe.profile.machine import accelerator_cache_bytes, describe_machine, llc_bytes, load_average
 from hybrimoe.profile.measure import (
     ExpertPool,
@@ -65,10 +65,7 @@ from hybrimoe.runtime.threads import default_threads, torch_threads
 from hybrimoe.shapes import ModelShape
 
 FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
-ERRATIC_NOTE = (
-    "Warning: CPU expert latency falls as tokens grow, so other processes held the cores the kernel's "
-    "threads wait for: profile again on an idle machine, or with fewer --threads."
-)
+REMEASURE_ADVICE = "Other processes probably held the cores: profile again on an idle machine, or with fewer --threads."
 
 # (what is being measured now, steps done, steps in all)
 Progress = Callable[[str, int, int], None]
@@ -188,8 +185,6 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     machine = describe_machine(str(device), threads)
     cpu_expert = fit_curve(cpu_points)
     notes = _notes(options, setup, first, clash, threads, cores, load_before, load_average())
-    if is_erratic(cpu_expert):
-        notes += f" {ERRATIC_NOTE}"
     profile = HardwareProfile(
         name=options.name or profile_name(model, machine.gpu, cores),
         expert_shape=model.expert_shape(),
@@ -216,6 +211,10 @@ def profile_machine(options: ProfileOptions, progress: Progress | None = None) -
     if on_model:
         with torch.inference_mode(), torch_threads(threads):
             profile = _with_model_costs(profile, timer, measured, steps)
+    problems = curve_problems(profile)
+    if problems:
+        warnings = " ".join(f"Warning: the {what} is not trustworthy: {problem}." for what, problem in problems)
+        profile = dataclasses.replace(profile, notes=f"{profile.notes} {warnings} {REMEASURE_ADVICE}")
     return profile
 
 
@@ -282,6 +281,12 @@ def _measure_cpu(
     steps.show("CPU expert")
     pool = ExpertPool(setup.model.expert_shape(), setup.dtype, torch.device("cpu"), setup.cache_bytes)
     points = latency_curve(expert_timer(pool), budget, on_point=lambda n: steps.show(f"CPU expert, {n} token(s)"))
+    problem = quality_problem(fit_curve(points))
+    if problem is not None:  # measured once more; the curve with fewer problems is kept
+        again = latency_curve(expert_timer(pool), budget,
+                              on_point=lambda n: steps.show(f"CPU expert again ({problem}), {n} token(s)"))
+        if quality_problem(fit_curve(again)) is None:
+            points = again
     steps.finish()
     steps.show("CPU first expert of a layer")
     first = first_expert(pool, setup.model.top_k, budget, gap_s=FIRST_EXPERT_GAP_S)

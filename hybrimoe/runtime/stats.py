@@ -61,6 +61,7 @@ class RunStats:
     accelerator_memory: str = ""  # dense weights, slots, peak and reserve, in words
     stand_in: bool = False  # the "accelerator" is the CPU stand-in (no GPU)
     prediction_from_estimate: bool = False  # the simulator's prediction used a built-in estimate, not this machine's profile
+    profile_machine: str | None = None  # the machine kind the profile describes, when it is not this one
     host_expert_bytes: int = 0  # the pooled routed experts
     slot_bytes: int = 0  # the expert slots (on the accelerator, or the CPU stand-in's)
     accelerator_dense_bytes: int = 0  # the dense weights on the accelerator (0 without one)

@@ -5,7 +5,7 @@ import pytest
 
 from hybrimoe.config import CurvePoint, LatencyCurve, LinearFit
 from hybrimoe.errors import ProfileError
-from hybrimoe.profile.fit import crossover_tokens, fit_curve, fit_linear, is_erratic, relative_errors
+from hybrimoe.profile.fit import crossover_tokens, fit_curve, fit_linear, is_erratic, quality_problem, relative_errors
 
 COUNTS = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -81,3 +81,16 @@ def test_erratic_curves_are_flagged():
     assert is_erratic(curve(16.0, 0.04, 0.05))  # a stalled 1-token point
     assert is_erratic(curve(1.0, 3.0, 1.2))
     assert not is_erratic(curve(1.0, 1.1, 0.9, 2.0))  # noise, not a stall
+
+
+def test_quality_problems_name_what_is_wrong():
+    sound = fit_curve(points(lambda n: 0.5 + 0.02 * n))
+    assert quality_problem(sound) is None
+    flat_and_noisy = fit_curve([CurvePoint(n, 0.05 + (0.04 if n == 4 else 0.0), 0.01) for n in COUNTS])
+    assert flat_and_noisy.fit.r2 < 0.9 and quality_problem(flat_and_noisy) is not None  # a point 80% off
+    nearly_flat = fit_curve([CurvePoint(n, 0.050 + 0.001 * (n % 2), 0.001) for n in COUNTS])
+    assert nearly_flat.fit.r2 < 0.9 and quality_problem(nearly_flat) is None  # low R², but within 2%
+    spread = fit_curve([CurvePoint(n, 0.5 + 0.02 * n, 8.0 if n == 1 else 0.01) for n in COUNTS])
+    assert "1 of its 8 points spread" in quality_problem(spread)
+    stalled = fit_curve([CurvePoint(1, 16.0, 0.0), CurvePoint(2, 0.04, 0.0), CurvePoint(4, 0.05, 0.0)])
+    assert "falls as tokens grow" in quality_problem(stalled)

@@ -85,6 +85,20 @@ def test_expert_curve_doubles_tokens_and_stops_after_a_slow_point():
     assert [p.n_tokens for p in real] == [1, 2] and all(p.ms > 0 and p.spread_ms >= 0 for p in real)
 
 
+def test_a_noisy_point_is_measured_again_and_the_steadier_kept():
+    calls = {n: 0 for n in (1, 2)}
+
+    def run(n_tokens):
+        calls[n_tokens] += 1
+        first_pass = calls[n_tokens] == 1
+        timings = iter([1.0, 1.0, 20.0, 1.0] * 15) if first_pass and n_tokens == 1 else iter([1.0] * 60)
+        return lambda: next(timings)
+
+    curve = latency_curve(run, TINY_BUDGET, counts=iter([1, 2]))
+    assert calls == {1: 2, 2: 1}  # only the noisy point again
+    assert curve[0].spread_ms == 0.0
+
+
 def test_first_expert_and_memory_bandwidth_measure():
     pool = ExpertPool(TINY_SHAPE, torch.float32, CPU, TINY_CACHE_BYTES)
     result = first_expert(pool, experts_per_layer=2, budget=TINY_BUDGET, gap_s=0.0)

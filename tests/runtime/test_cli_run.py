@@ -191,6 +191,16 @@ def test_the_cli_imports_no_torch():
     assert result.stdout.strip() == "False"
 
 
+def test_a_profile_of_another_machine_is_flagged(model_dir, tmp_path):
+    est = tmp_path / "est.yaml"
+    made = runner.invoke(app, ["profile", "--estimate", "rtx4090-desktop", "--model", model_dir, "--out", str(est)])
+    assert made.exit_code == 0, made.output
+    data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--json", "--profile", str(est)).stdout)
+    assert data["profile_machine"] == "rtx-4090" and data["prediction_from_estimate"]
+    summary = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "3", "--profile", str(est)).stdout
+    assert "another machine (rtx-4090)" in " ".join(summary.replace("│", " ").split())
+
+
 def test_without_a_model_runs_the_demo():
     from hybrimoe.demo import demo_model_path
     from hybrimoe.errors import ModelError
