@@ -4,7 +4,10 @@ Design choices:
 - `trials.csv` is Optuna's trials dataframe with parameters and user attributes (slots, decode
   ms/token, TTFT, hit rate, the reference's name); Optuna's own system attributes are left out.
 - The images are Optuna's matplotlib plots (history, importances, Pareto front) and one of ours:
-  each completed trial's time against its expert-cache slots. Baseline trials suggest no knobs, so
+  each completed trial's time against its expert-cache slots. The default policy and each baseline
+  get a marker and colour of their own (in the history too, so they stand apart from the search's
+  trials), legends sit outside the data, and an axis whose values span more than a decade is
+  logarithmic. Baseline trials suggest no knobs, so
   importances (of the time, by Optuna's default evaluator) are computed over the completed tuned
   trials alone and the knobs every one of them chose (`result.importance_study`, shared with the
   report's table); with too few such trials, or when Optuna cannot fit them, the image is skipped
@@ -33,6 +36,12 @@ from hybrimoe.tune.study import tuned_trials
 
 CSV_NAME = "trials.csv"
 INDEX_NAME = "index.md"
+# (marker, colour) of the default policy and each baseline, one each; the tuned trials are blue dots
+REFERENCE_STYLES = (
+    ("s", "tab:red"), ("^", "tab:green"), ("D", "tab:purple"), ("v", "tab:brown"), ("P", "tab:pink"),
+    ("X", "tab:gray"), ("h", "tab:olive"), ("<", "tab:cyan"), (">", "tab:orange"), ("p", "black"),
+)
+SPREAD_FOR_LOG = 10.0  # a plot axis whose values span more than this factor is drawn on a log scale
 CSV_ATTRS = ("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs", "state")
 
 
@@ -66,14 +75,12 @@ def _write_images(study: optuna.Study, result: TuneResult, directory: Path, unit
     time_name = f"time ({unit})"
     time_of = (lambda t: t.values[0]) if pareto else None
     figures = {
-        "history.png": lambda: optuna.visualization.matplotlib.plot_optimization_history(
-            study, target=time_of, target_name=time_name).figure,
+        "history.png": lambda: _history_figure(study, time_of, time_name),
         "importances.png": lambda: _importances_figure(study, time_name),
         "latency_vs_slots.png": lambda: _latency_vs_slots_figure(study, result, time_name),
     }
     if pareto:
-        figures["pareto.png"] = lambda: optuna.visualization.matplotlib.plot_pareto_front(
-            study, target_names=[time_name, "expert cache (GiB)"]).figure
+        figures["pareto.png"] = lambda: _pareto_figure(study, time_name)
     written = []
     with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna's plots switch the global style to ggplot
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -108,17 +115,38 @@ def _importances_figure(study: optuna.Study, time_name: str):
     return ax.figure
 
 
+def _history_figure(study: optuna.Study, time_of, time_name: str):
+    """Optuna's optimization history, with the default policy and the baselines marked apart from
+    the search's trials."""
+    ax = optuna.visualization.matplotlib.plot_optimization_history(study, target=time_of, target_name=time_name)
+    for (marker, color), trial in zip(REFERENCE_STYLES, _reference_trials(study)):
+        ax.scatter(trial.number, trial.values[0], marker=marker, color=color, s=60, edgecolors="black", zorder=3,
+                   label=trial.user_attrs["config"])
+    _log_scale_if_spread(ax, "y", _times(study))
+    _legend_outside(ax)
+    return ax.figure
+
+
+def _pareto_figure(study: optuna.Study, time_name: str):
+    ax = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=[time_name, "expert cache (GiB)"])
+    _log_scale_if_spread(ax, "x", _times(study))
+    _legend_outside(ax)
+    return ax.figure
+
+
 def _latency_vs_slots_figure(study: optuna.Study, result: TuneResult, time_name: str):
-    """Each completed trial's time against its cache slots: tuned trials, the default, each baseline, the best."""
+    """Each completed trial's time against its cache slots: tuned trials, the default, each baseline
+    (a marker and colour of its own), the best."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     tuned = tuned_trials(study)
     ax.scatter([t.user_attrs["slots"] for t in tuned], [t.values[0] for t in tuned], color="tab:blue", alpha=0.6,
                label="tuned trials")
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    for trial in (t for t in complete if "config" in t.user_attrs):  # the default policy and the baselines
-        ax.scatter(trial.user_attrs["slots"], trial.values[0], marker="s", s=50, label=trial.user_attrs["config"])
+    references = _reference_trials(study)
+    for (marker, color), trial in zip(REFERENCE_STYLES, references):
+        ax.scatter(trial.user_attrs["slots"], trial.values[0], marker=marker, color=color, s=60, edgecolors="black",
+                   label=trial.user_attrs["config"])
     best = result.tuned
     ax.scatter(best.slots, best.train.objective_ms, marker="*", s=250, color="gold", edgecolors="black", zorder=3,
                label=f"tuned best (trial {best.trial})")
@@ -126,8 +154,30 @@ def _latency_vs_slots_figure(study: optuna.Study, result: TuneResult, time_name:
     ax.set_ylabel(time_name)
     ax.set_title(f"{result.study_name}: time against cache capacity (train)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    _log_scale_if_spread(ax, "y", [t.values[0] for t in (*tuned, *references)])
+    _legend_outside(ax)
     return fig
+
+
+def _reference_trials(study: optuna.Study) -> list:
+    """The completed trials of the default policy and the baselines (they carry their config's name)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in complete if "config" in t.user_attrs]
+
+
+def _times(study: optuna.Study) -> list[float]:
+    return [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def _log_scale_if_spread(ax, axis: str, values: list[float]) -> None:
+    """A log scale where the values span more than a decade (one outlier would squeeze the rest)."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > SPREAD_FOR_LOG * min(positive):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _cell(value: float | None, spec: str = ".2f") -> str:

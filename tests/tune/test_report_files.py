@@ -69,6 +69,25 @@ def test_writes_csv_images_and_index(single, tmp_path):
     assert matplotlib.rcParams["axes.facecolor"] == facecolor  # Optuna's ggplot style does not leak
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_each_reference_has_its_own_style_and_legends_sit_outside(single):
+    import matplotlib.pyplot as plt
+
+    from hybrimoe.tune.report_files import REFERENCE_STYLES, _history_figure, _latency_vs_slots_figure
+
+    assert len(set(REFERENCE_STYLES)) == len(REFERENCE_STYLES)
+    study, result = single
+    for fig in (_latency_vs_slots_figure(study, result, "ms/token"), _history_figure(study, None, "ms/token")):
+        ax = fig.axes[0]
+        references = [c for c in ax.collections if c.get_label() in {"default", "ktransformers", "llamacpp", "cpu-only"}]
+        assert len(references) >= 3
+        styles = {(tuple(c.get_facecolor()[0]), c.get_paths()[0].vertices.tobytes()) for c in references}
+        assert len(styles) == len(references)  # no two references look alike
+        fig.canvas.draw()
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside the data, not on it
+        plt.close(fig)
+
+
 def test_pareto_study_draws_the_front_and_importances(tmp_path):
     study, result = _study(tmp_path, 14, gpu_memory_gb=24, pareto=True)
     directory = tmp_path / "nested" / "report"
