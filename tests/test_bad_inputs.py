@@ -130,6 +130,14 @@ def make_files(tmp: Path) -> None:
     (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
     shutil.copy(TRACE, tmp / "trace_copy.npz")
     _model_dir(tmp, "bert", config={"model_type": "bert"})
+    _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
+    int8_weights = _model_dir(tmp, "int8_unmarked", weights=False)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(DEMO / "model.safetensors")
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
+    save_file(tensors, int8_weights / "model.safetensors")
     (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
     import torch
@@ -320,6 +328,10 @@ CASES = [
     ("run stdin twice", ["run", "--prompt", "-", "--prompt", "-", *RUN[3:]], "once"),
     ("run model config with a string expert count", [*RUN, "--model", "{tmp}/str_experts"], "num_experts"),
     ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "not a valid"),
+    ("run config of another model than its weights", ["run", "--prompt", "x", "--model", "{tmp}/narrower_config"],
+     "the config and the weights are of different models"),
+    ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
+     "declares no quantization"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
     ("profile config of 10**12 layers", ["profile", "--model", "{tmp}/huge_layers.json", "--out", "{tmp}/p.yaml"],
      "num_hidden_layers"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
 
 @dataclass(frozen=True)
@@ -173,21 +176,51 @@ def _decoder_index(module_name: str) -> int:
 # Checking a checkpoint directory before reading weights
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file cannot be read (truncated, corrupt header), or None."""
+def _safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets), refused in one line
+    when the file is truncated or its header unreadable."""
     size = path.stat().st_size
     try:
         with path.open("rb") as fh:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len > size - 8:
-                return "truncated (shorter than its header)"
+                raise ModelError(f"{path}: truncated (shorter than its header)")
             header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        return "corrupt (unreadable header)"
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
+        raise ModelError(f"{path}: corrupt (unreadable header)") from None
     if 8 + header_len + data_end > size:
-        return f"truncated ({size} bytes, its header needs {8 + header_len + data_end})"
-    return None
+        raise ModelError(f"{path}: truncated ({size} bytes, its header needs {8 + header_len + data_end})")
+    return tensors
+
+
+def check_weights_match(path: Path, meta_model: nn.Module, config, expert: ExpertShape) -> None:
+    """Refuses, before any weight is read, a checkpoint whose tensors do not fit the model its config
+    describes: a tensor the model has under the same name with another shape, a per-expert matrix
+    (as hub checkpoints store experts: `experts.N.gate_proj`, Mixtral's `experts.N.w1`...) of
+    another shape than the config's experts, or integer weights where the config declares no
+    quantization (they would load as numbers of the wrong kind). Other tensors are left to
+    transformers' own conversions."""
+    expected = {name: tuple(t.shape) for name, t in meta_model.state_dict().items()}
+    d, i = expert.hidden_size, expert.intermediate_size
+    per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
+    quantized = getattr(config, "quantization_config", None) is not None
+    for file in sorted(path.glob("*.safetensors")):
+        for name, tensor in _safetensors_header(file).items():
+            shape = tuple(tensor.get("shape", ()))
+            matrix = _PER_EXPERT.search(name)
+            want = expected.get(name) or (per_expert[matrix.group(1)] if matrix else None)
+            if want is not None and shape != want:
+                raise ModelError(
+                    f"{path}: {name} is {list(shape)} in {file.name} but {list(want)} in the model its "
+                    "config.json describes: the config and the weights are of different models"
+                )
+            if not quantized and tensor.get("dtype") in _INTEGER_DTYPES and want is not None:
+                raise ModelError(
+                    f"{path}: {name} is stored as {tensor['dtype']} but config.json declares no quantization "
+                    "(quantization_config): hybrimoe reads float weights; quantize at load with --quantize instead"
+                )
 
 
 def check_weight_files(path: Path, allow_pickle: bool) -> None:
@@ -213,9 +246,7 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
             )
         return
     for file in safetensors:
-        problem = _safetensors_problem(file)
-        if problem:
-            raise ModelError(f"{file}: {problem}")
+        _safetensors_header(file)
 
 
 def load_config(path: Path, trust_remote_code: bool):
@@ -424,15 +455,20 @@ def load_model(
     path = local_checkpoint(path)
     config = load_config(path, trust_remote_code)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
-    facts = _facts(build_on_meta(config, model_code), config)
+    meta_model = build_on_meta(config, model_code)
+    facts = _facts(meta_model, config)
     if quantization is not None:  # refuses a group size that does not split the experts' rows
         facts.expert_shape.quantized(quantization.experts, quantization.group_size)
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     if before_weights is not None:
         before_weights(facts, tokenizer)
     check_weight_files(path, allow_pickle)
+    check_weights_match(path, meta_model, config, facts.expert_shape)
+    del meta_model
     if not show_progress:
         hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report: what matters in it is refused below, in one line
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -446,6 +482,7 @@ def load_model(
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if not show_progress:
             hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or ())
