@@ -7,7 +7,8 @@ Design choices:
   `estimated: true` with their sources) and tuned ones (a `policy` section added by `hybrimoe tune`).
 - A latency curve keeps its raw measured points (with spread) and a linear fit; lookups interpolate
   the points and extrapolate with the fit, so a profile with only a fit (estimated) works too.
-- YAML is loaded with `yaml.safe_load` only, and written atomically (temp file + rename).
+- YAML is loaded with the safe loader only (refusing a key given twice), and written atomically
+  (temp file + rename).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
     return None
 
 
+MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
 DEFAULT_GROUP_SIZE = 128
@@ -535,8 +537,11 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
             if not getattr(profile.transfer, name) > 0:
                 raise ProfileError(f"{source}: transfer.{name} must be positive, got {getattr(profile.transfer, name)}")
     for name in ("cpu_slowdown", "copy_slowdown"):
-        if not getattr(profile.interference, name) > 0:
-            raise ProfileError(f"{source}: interference.{name} must be positive")
+        if not 0 < getattr(profile.interference, name) <= MAX_SLOWDOWN:
+            raise ProfileError(f"{source}: interference.{name} must be in (0, {MAX_SLOWDOWN:g}], "
+                               f"got {getattr(profile.interference, name)}")
+    if profile.host_memory_gbps is not None and not profile.host_memory_gbps > 0:
+        raise ProfileError(f"{source}: host_memory_gbps must be positive, got {profile.host_memory_gbps}")
     return profile
 
 
@@ -546,18 +551,36 @@ def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, refusing a mapping that names a key twice (the last would win
+    silently: a profile edited by hand could keep a stale value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
     """Reads and validates a profile; every problem is one line naming the file and the field."""
     path = Path(path)
     text = read_text(path, "profile", ProfileError)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"{path}: malformed YAML{at}") from None
+        problem = getattr(exc, "problem", None)
+        raise ProfileError(f"{path}: malformed YAML{at}" + (f": {problem}" if problem else "")) from None
     except RecursionError:
         raise ProfileError(f"{path}: YAML nested too deeply to read") from None
+    except ValueError as exc:  # a number too long for Python to convert (over 4300 digits)
+        raise ProfileError(f"{path}: a value cannot be read ({exc})") from None
     return profile_from_dict(data, str(path))
 
 

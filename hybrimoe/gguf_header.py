@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybrimoe.config import SIZE_LIMITS
 from hybrimoe.errors import ModelError, UserError
 from hybrimoe.files import input_file
 from hybrimoe.shapes import ModelShape
@@ -117,39 +118,75 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
     embed = tensors.get("token_embd.weight")
     if gate is None or embed is None:
         raise ModelError(f"{path}: no blk.{first}.ffn_gate_exps.weight or token_embd.weight: not a model llama.cpp runs")
-    n_embd, n_ff, n_expert = (int(n) for n in gate.shape[:3]) if gate.name.endswith("gate_exps.weight") else (
-        int(gate.shape[1]), int(gate.shape[0]), int(gate.shape[2]))
-    n_decoder_layers = int(_field(reader, f"{architecture}.block_count", path))
-    n_heads = _largest(_field(reader, f"{architecture}.attention.head_count", path))
-    n_kv_heads = _largest(_optional(reader, f"{architecture}.attention.head_count_kv") or n_heads)
+    gate_dims = _dims(gate, 3, path)
+    n_embd, n_ff, n_expert = gate_dims if gate.name.endswith("gate_exps.weight") else (
+        gate_dims[1], gate_dims[0], gate_dims[2])
+    n_decoder_layers = _count(reader, f"{architecture}.block_count", path, SIZE_LIMITS["n_layers"])
+    if moe_layers[-1] >= n_decoder_layers:
+        raise ModelError(f"{path}: blk.{moe_layers[-1]} holds experts but the header says {n_decoder_layers} blocks")
+    n_heads = _count(reader, f"{architecture}.attention.head_count", path, SIZE_LIMITS["n_heads"])
+    n_kv_heads = _count(reader, f"{architecture}.attention.head_count_kv", path, SIZE_LIMITS["n_kv_heads"], n_heads)
     shared = tensors.get(f"blk.{first}.ffn_gate_shexp.weight")
     dense = next((tensors[f"blk.{b}.ffn_gate.weight"] for b in range(n_decoder_layers)
                   if f"blk.{b}.ffn_gate.weight" in tensors), None)
     expert_type = gate.tensor_type.name
     # llama.cpp's ffn_*_shexp tensors hold every shared expert side by side; ModelShape counts one
-    n_shared = int(_optional(reader, f"{architecture}.expert_shared_count") or (1 if shared is not None else 0))
+    n_shared = _count(reader, f"{architecture}.expert_shared_count", path, SIZE_LIMITS["n_experts"],
+                      1 if shared is not None else 0, minimum=0)
+    top_k = _count(reader, f"{architecture}.expert_used_count", path, SIZE_LIMITS["n_experts"])
+    head_dim = _count(reader, f"{architecture}.attention.key_length", path, SIZE_LIMITS["head_dim"],
+                      max(1, n_embd // n_heads))
+    shared_width = 0 if shared is None else _dims(shared, 2, path)[1] // max(1, n_shared)
+    dense_width = 0 if dense is None else _dims(dense, 2, path)[1]
+    vocab_size = _dims(embed, 2, path)[1]
     try:
         return ModelShape(
             name=path.stem,
             n_layers=len(moe_layers),
             n_dense_layers=n_decoder_layers - len(moe_layers),
             n_experts=n_expert,
-            top_k=int(_field(reader, f"{architecture}.expert_used_count", path)),
+            top_k=top_k,
             n_shared_experts=n_shared,
             hidden_size=n_embd,
             intermediate_size=n_ff,
-            shared_intermediate_size=0 if shared is None else int(shared.shape[1]) // max(1, n_shared),
+            shared_intermediate_size=shared_width,
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
-            head_dim=int(_optional(reader, f"{architecture}.attention.key_length") or n_embd // n_heads),
-            vocab_size=int(embed.shape[1]),
+            head_dim=head_dim,
+            vocab_size=vocab_size,
             dtype=dtype or FLOAT_TYPES.get(expert_type, "bfloat16"),
-            dense_intermediate_size=0 if dense is None else int(dense.shape[1]),
+            dense_intermediate_size=dense_width,
             expert_bias=f"blk.{first}.ffn_gate_exps.bias" in tensors,
             moe_layers=moe_layers,
         )
-    except UserError as exc:
+    except UserError as exc:  # ModelShape's own checks (a top-k above the experts...), with the file named
         raise ModelError(f"{path}: {exc}") from None
+
+
+def _dims(tensor, n_dims: int, path: Path) -> tuple[int, ...]:
+    """A tensor's dimensions (GGUF's order, innermost first), refused unless there are `n_dims`."""
+    dims = tuple(int(n) for n in tensor.shape)
+    if len(dims) != n_dims or min(dims) < 1:
+        raise ModelError(f"{path}: tensor {tensor.name} has dimensions {list(dims)}; llama.cpp's has {n_dims}")
+    return dims
+
+
+def _count(reader, key: str, path: Path, maximum: int, default: int | None = None, minimum: int = 1) -> int:
+    """A whole number from the header within [minimum, maximum] (a per-layer array, as some
+    architectures vary heads by layer, read as its largest entry); `default` when absent, a
+    `ModelError` when absent without one or not such a number."""
+    value = _optional(reader, key)
+    if value is None:
+        if default is None:
+            raise ModelError(f"{path}: the GGUF header has no {key}")
+        return default
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ModelError(f"{path}: the GGUF header's {key} is {value!r}, not a whole number")
+    largest = max(values)
+    if not minimum <= largest <= maximum:
+        raise ModelError(f"{path}: the GGUF header's {key} is {largest}, outside {minimum}-{maximum}")
+    return largest
 
 
 def _field(reader, key: str, path: Path):
@@ -164,11 +201,6 @@ def _optional(reader, key: str):
     if field is None:
         return None
     return field.contents()
-
-
-def _largest(value) -> int:
-    """A per-layer array (some architectures vary heads by layer) read as its largest entry."""
-    return int(max(value)) if isinstance(value, list) else int(value)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -73,6 +73,10 @@ def make_files(tmp: Path) -> None:
     (tmp / "hostile.yaml").write_text(f'!!python/object/apply:os.system ["touch {tmp}/pwned"]\n')
     _profile_with(tmp, "nan_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .nan")
     _profile_with(tmp, "zero_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: 0")
+    _profile_with(tmp, "long_number.yaml", "layer_overhead_ms: 0.05", "layer_overhead_ms: " + "9" * 5000)
+    _profile_with(tmp, "key_twice.yaml", "schema_version: 1", "schema_version: 1\nschema_version: 1")
+    _profile_with(tmp, "absurd_interference.yaml", "copy_slowdown: 1.0", "copy_slowdown: 1.0e+300")
+    _profile_with(tmp, "zero_host_bandwidth.yaml", "host_memory_gbps: 58.24", "host_memory_gbps: 0")
     _profile_with(tmp, "inf_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .inf")
     _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
@@ -131,6 +135,7 @@ def make_files(tmp: Path) -> None:
     shutil.copy(TRACE, tmp / "trace_copy.npz")
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
+    _model_dir(tmp, "zero_heads", config=_demo_config(num_attention_heads=0))
     int8_weights = _model_dir(tmp, "int8_unmarked", weights=False)
     from safetensors.numpy import load_file, save_file
 
@@ -200,6 +205,10 @@ CASES = [
     ("profile zero-token point", [*SIM, "--profile", "{tmp}/zero_tokens.yaml"], "cpu_expert"),
     ("profile nan slope", [*SIM, "--profile", "{tmp}/nan_slope.yaml"], "per_token_ms"),
     ("profile all-zero cpu latency", [*SIM, "--profile", "{tmp}/zero_cpu.yaml"], "cpu_expert"),
+    ("profile number of 5000 digits", [*SIM, "--profile", "{tmp}/long_number.yaml"], "cannot be read"),
+    ("profile key given twice", [*SIM, "--profile", "{tmp}/key_twice.yaml"], "appears twice"),
+    ("profile absurd interference", [*SIM, "--profile", "{tmp}/absurd_interference.yaml"], "copy_slowdown"),
+    ("profile zero host bandwidth", [*SIM, "--profile", "{tmp}/zero_host_bandwidth.yaml"], "host_memory_gbps"),
     ("profile inf overhead", [*SIM, "--profile", "{tmp}/inf_overhead.yaml"], "layer_overhead_ms"),
     ("profile nan interference", [*SIM, "--profile", "{tmp}/nan_interference.yaml"], "cpu_slowdown"),
     ("run with a zero-load profile", ["run", "--prompt", "x", "--profile", "{tmp}/demo_zero_load.yaml"],
@@ -330,6 +339,10 @@ CASES = [
     ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "not a valid"),
     ("run config of another model than its weights", ["run", "--prompt", "x", "--model", "{tmp}/narrower_config"],
      "the config and the weights are of different models"),
+    ("run config with zero attention heads", ["run", "--prompt", "x", "--model", "{tmp}/zero_heads"],
+     "num_attention_heads must be a whole number above 0"),
+    ("run profile directory is a file", ["run", "--prompt", "x", "-n", "2", "--device", "cpu"], "not a directory"),
+    ("serve empty model name", ["serve", "--model-name", " "], "--model-name"),
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
      "declares no quantization"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
@@ -376,7 +389,10 @@ CASES = [
 
 
 STDIN = {"run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO"}  # what a case reads on stdin
-ENV = {"run unknown HYBRIMOE_NATIVE": {"HYBRIMOE_NATIVE": "banana"}}  # what a case sets
+ENV = {  # what a case sets
+    "run unknown HYBRIMOE_NATIVE": {"HYBRIMOE_NATIVE": "banana"},
+    "run profile directory is a file": {"HYBRIMOE_PROFILE_DIR": str(REPO / "README.md")},
+}
 
 
 @pytest.fixture(scope="module")

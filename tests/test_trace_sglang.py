@@ -67,6 +67,9 @@ def test_physical_ids_map_to_logical_experts(tmp_path):
     np.testing.assert_array_equal(trace.steps[0].topk_ids, 3 - ids)
 
 
+IDS = np.array([[[0, 1]], [[2, 3]]])  # [L, T, k]: one token of a two-layer model
+
+
 class NotPlainData:
     def __reduce__(self):
         return (print, ("a pickle payload ran",))
@@ -83,6 +86,14 @@ class NotPlainData:
      "forward pass 1: expert id 9 outside"),
     (lambda p: dump(p, [record(1, np.array([[[0, 9]], [[2, 3]]]))]), "routing outside last_physical_to_logical_map"),
     (lambda p: dump(p, [record(1, np.array([[[1, 1]], [[2, 3]]]))]), "repeats an expert"),
+    (lambda p: dump(p, [record("a", IDS), record(1, IDS)]), "forward_pass_id is 'a', not a whole number"),
+    (lambda p: dump(p, [record(float("nan"), IDS)]), "forward_pass_id is nan"),
+    (lambda p: dump(p, [record(torch.tensor([1, 2]), IDS)]), "not a whole number"),
+    (lambda p: dump(p, [{**record(1, IDS), "topk_ids_of_layer": record(1, IDS)["topk_ids_of_layer"].to_sparse()}]),
+     "dense integer tensor"),
+    (lambda p: dump(p, [{**record(1, IDS), "topk_ids_of_layer": record(1, IDS)["topk_ids_of_layer"].to(torch.complex64)}]),
+     "dense integer tensor"),
+    (lambda p: dump(p, [record(1, IDS)], torch.arange(4).repeat(2, 1).to_sparse()), "dense integer tensor"),
 ])
 def test_bad_dumps_are_one_line(tmp_path, make, message, capsys):
     path = tmp_path / "bad.pt"

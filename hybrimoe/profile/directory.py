@@ -29,7 +29,12 @@ def profile_dir() -> Path:
     """`$HYBRIMOE_PROFILE_DIR`, else `$XDG_DATA_HOME/hybrimoe/profiles`, else `~/.local/share/hybrimoe/profiles`."""
     explicit = os.environ.get(PROFILE_DIR_ENV)
     if explicit:
-        return Path(explicit).expanduser()
+        directory = Path(explicit).expanduser()
+        if directory.exists() and not directory.is_dir():
+            from hybrimoe.errors import UserError
+
+            raise UserError(f"${PROFILE_DIR_ENV} is {directory}, which is not a directory")
+        return directory
     data_home = os.environ.get("XDG_DATA_HOME")
     base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
     return base / "hybrimoe" / "profiles"

@@ -48,6 +48,7 @@ from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_POSITIVE_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size")
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
@@ -261,6 +262,10 @@ def load_config(path: Path, trust_remote_code: bool):
     if not isinstance(config_data, dict):
         raise ModelError(f"{path}/config.json: expected a JSON object, got a {type(config_data).__name__}")
     model_type = config_data.get("model_type", "unknown")
+    for key in _POSITIVE_CONFIG_KEYS:  # transformers divides by them while building the model
+        value = config_data.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ModelError(f"{path}/config.json: {key} must be a whole number above 0, got {value!r}")
     native = _is_native_model(model_type)
     if native and "auto_map" in config_data:
         _note(f"{path}: transformers implements {model_type!r} itself; the checkpoint's own code (auto_map) is not used")

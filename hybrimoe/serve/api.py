@@ -12,8 +12,9 @@ Design choices:
   their time to finish is up (`Shutdown`); then each is told (a 503, or an error event).
 - Chat prompts come from the tokenizer's chat template; a tokenizer without one (the demo model's)
   gets a plain one: each message as "ROLE:" and its text, then "ASSISTANT:".
-- Unknown fields are ignored, as OpenAI clients send options this server does not implement;
-  `n` other than 1 is refused.
+- Fields OpenAI defines that this server does not implement (logprobs, echo, tools, penalties...)
+  are refused with a 400 unless they hold the value that means "not used"; other unknown fields are
+  ignored. `n` other than 1 is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Literal
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,10 +67,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the token counts (and no choices)
 
 
+# OpenAI request fields this server does not implement, with the values that mean "not used":
+# anything else is refused rather than silently ignored
+_UNSUPPORTED_UNLESS = {
+    "logprobs": (None, False), "top_logprobs": (None,), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 class _Sampled(BaseModel):
     """The fields both endpoints share."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, unused in _UNSUPPORTED_UNLESS.items():
+                given = data[name] if name in data else None
+                if not any(given == value and isinstance(given, bool) == isinstance(value, bool) for value in unused):
+                    raise ValueError(f"{name} is not supported by this server")
+        return data
 
     model: str
     max_tokens: int | None = Field(None, ge=1)

@@ -78,6 +78,8 @@ def check_serve_options(options: ServeOptions) -> None:
         raise UserError(f"--max-batch must be in 1-{MAX_BATCH_LIMIT}, got {options.max_batch}")
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be at least 0, got {options.max_queue}")
+    if options.model_name is not None and not options.model_name.strip():
+        raise UserError("--model-name must not be empty")
     if options.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {options.max_tokens}")
     if not 0 < options.shutdown_timeout_s < float("inf"):

@@ -75,6 +75,10 @@ def _dump_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
     records = [r for r in dump["records"] if isinstance(r, dict)]
     if len(records) != len(dump["records"]) or not records:
         raise TraceError(f"{path}: 'records' must be a non-empty list of dicts, one per forward pass")
+    for record in records:
+        pass_id = record.get("forward_pass_id", 0)
+        if not isinstance(pass_id, int) or isinstance(pass_id, bool):
+            raise TraceError(f"{path}: a record's forward_pass_id is {pass_id!r}, not a whole number")
     steps = []
     for record in sorted(records, key=lambda r: r.get("forward_pass_id", 0)):
         where = f"{path}: forward pass {record.get('forward_pass_id', '?')}"
@@ -92,10 +96,8 @@ def _dump_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
 def _routing(value, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray] | None:
     """topk_ids_of_layer [D, T, K] -> (the MoE layers' rows [L], their physical ids [L, T, k]);
     None for a pass without tokens."""
-    import torch
-
-    if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.dtype.is_floating_point:
-        raise TraceError(f"{where}: topk_ids_of_layer must be an integer tensor [layers, tokens, 8]")
+    if not _is_integer_tensor(value, 3):
+        raise TraceError(f"{where}: topk_ids_of_layer must be a dense integer tensor [layers, tokens, 8]")
     ids = value.numpy().astype(np.int64)  # [D, T, K]
     if ids.shape[1] == 0:
         return None
@@ -123,16 +125,23 @@ def _to_logical(logical: np.ndarray, rows: np.ndarray, ids: np.ndarray, where: s
 
 def _physical_to_logical(value, path: Path, meta: TraceMeta) -> np.ndarray | None:
     """[D, physical experts]: the logical id of each physical expert; None: the identity."""
-    import torch
-
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.dtype.is_floating_point:
-        raise TraceError(f"{path}: last_physical_to_logical_map must be an integer tensor [layers, physical experts]")
+    if not _is_integer_tensor(value, 2):
+        raise TraceError(f"{path}: last_physical_to_logical_map must be a dense integer tensor [layers, physical experts]")
     mapping = value.numpy().astype(np.int64)  # [D, P]
     if (mapping < 0).any() or (mapping >= meta.n_experts).any():
         raise TraceError(f"{path}: last_physical_to_logical_map names experts outside [0, {meta.n_experts})")
     return mapping
+
+
+def _is_integer_tensor(value, n_dims: int) -> bool:
+    """A dense (strided) tensor of `n_dims` dimensions holding integers (not floats, complex numbers
+    or booleans)."""
+    import torch
+
+    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.dim() == n_dims
+            and not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool)
 
 
 def _check_experts(ids: np.ndarray, where: str, meta: TraceMeta) -> None:

@@ -200,6 +200,11 @@ BAD_REQUESTS = [
     ("content a list of numbers", "/v1/chat/completions",
      {"model": "demo", "messages": [{"role": "user", "content": [1, 2]}]}, 400, None),
     ("unknown path", "/v1/engines", {"model": "demo"}, 404, None),
+    ("logprobs asked", "/v1/completions", {"model": "demo", "prompt": "x", "logprobs": 5}, 400, None),
+    ("echo asked", "/v1/completions", {"model": "demo", "prompt": "x", "echo": True}, 400, None),
+    ("a penalty", "/v1/completions", {"model": "demo", "prompt": "x", "frequency_penalty": 0.5}, 400, None),
+    ("tools", "/v1/chat/completions",
+     {"model": "demo", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, None),
 ]
 
 
