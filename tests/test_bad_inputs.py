@@ -136,6 +136,7 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
     _model_dir(tmp, "zero_heads", config=_demo_config(num_attention_heads=0))
+    _model_dir(tmp, "zero_experts", config=_demo_config(num_experts=0))
     int8_weights = _model_dir(tmp, "int8_unmarked", weights=False)
     from safetensors.numpy import load_file, save_file
 
@@ -341,6 +342,8 @@ CASES = [
      "the config and the weights are of different models"),
     ("run config with zero attention heads", ["run", "--prompt", "x", "--model", "{tmp}/zero_heads"],
      "num_attention_heads must be a whole number above 0"),
+    ("run config with zero experts", ["run", "--prompt", "x", "--model", "{tmp}/zero_experts"],
+     "num_experts must be a whole number above 0"),
     ("run profile directory is a file", ["run", "--prompt", "x", "-n", "2", "--device", "cpu"], "not a directory"),
     ("serve empty model name", ["serve", "--model-name", " "], "--model-name"),
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],

@@ -48,7 +48,10 @@ from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_POSITIVE_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size")
+_POSITIVE_CONFIG_KEYS = (
+    "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size", "num_experts",
+    "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+)
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
