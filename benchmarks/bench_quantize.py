@@ -36,7 +36,7 @@ from hybrimoe.policy.comparison import compare_strategies  # noqa: E402
 from hybrimoe.policy.names import BASELINES  # noqa: E402
 from hybrimoe.run import default_profile  # noqa: E402
 from hybrimoe.runtime.accelerator import CpuStandIn  # noqa: E402
-from hybrimoe.runtime.capacity import GIB, reserve_for, slots_in_budget  # noqa: E402
+from hybrimoe.capacity import GIB, reserve_for, slots_in_budget  # noqa: E402
 from hybrimoe.runtime.generate import generate  # noqa: E402
 from hybrimoe.runtime.hybrid import HybridRuntime  # noqa: E402
 from hybrimoe.runtime.loading import LoadedModel, Quantization, from_model  # noqa: E402

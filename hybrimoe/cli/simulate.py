@@ -13,6 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.errors import UserError
@@ -166,11 +167,46 @@ def _to_json(comparison) -> dict:
             **dataclasses.asdict(r),
             "speedup": comparison.speedup(r.strategy, r.cache_ratio),
             "vs_best_baseline": comparison.vs_best_baseline(r.strategy, r.cache_ratio),
+            "fits": comparison.fits(r.cache_ratio),
         }
         for r in comparison.results.values()
     ]
     data["best_baseline"] = {str(ratio): comparison.best_baseline(ratio) for ratio in comparison.ratios}
+    data["max_slots"] = None if comparison.budget is None else comparison.budget.max_slots
+    data["hybrimoe_vs_best_baseline"] = comparison.vs_best_baseline_range("hybrimoe")  # [lowest, highest], fitting
     return data
+
+
+_NO_FIT = "†"  # marks a cache size whose experts do not fit the profile's accelerator
+
+
+def _header(comparison, ratio: float) -> str:
+    return f"{ratio:.0%} cache" + ("" if comparison.fits(ratio) else _NO_FIT)
+
+
+def _fit_note(comparison) -> str:
+    """One line: which cache sizes do not fit the accelerator, and by what arithmetic."""
+    budget = comparison.budget
+    if budget is None:
+        return "cache sizes not checked against accelerator memory (no card size in the profile, or no model preset)"
+    share = f"{budget.max_slots / comparison.n_experts_total:.0%}" if comparison.n_experts_total else "-"
+    over = [ratio for ratio in comparison.ratios if not comparison.fits(ratio)]
+    if not over:
+        return f"every cache size fits: {budget.describe()} ({share})"
+    gib = ", ".join(f"{comparison.cache_bytes(ratio) / 2**30:.1f}" for ratio in over)
+    return (
+        f"{_NO_FIT}: does not fit ({gib} GiB of experts): {budget.describe()} ({share}); "
+        "left out of the summary"
+    )
+
+
+def _summary(comparison) -> str | None:
+    """One line: hybrimoe against the best deployable baseline over the cache sizes that fit."""
+    span = comparison.vs_best_baseline_range("hybrimoe")
+    if span is None:
+        return None
+    low, high = span
+    return f"hybrimoe vs the best baseline, cache sizes that fit: {low:.2f}x" + ("" if high == low else f"-{high:.2f}x")
 
 
 def _memory(comparison) -> str:
@@ -212,7 +248,7 @@ def _markdown(comparison) -> str:
         "",
         _memory(comparison) + ".",
         "",
-        "| strategy | " + " | ".join(f"{ratio:.0%} cache" for ratio in comparison.ratios) + " |",
+        "| strategy | " + " | ".join(_header(comparison, ratio) for ratio in comparison.ratios) + " |",
         "|---|" + "---|" * len(comparison.ratios),
     ]
     for strategy, row in _rows(comparison):
@@ -223,6 +259,10 @@ def _markdown(comparison) -> str:
         if strategy == "hybrimoe":
             cells, strategy = [f"**{cell}**" for cell in cells], f"**{strategy}**"
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", _fit_note(comparison) + "."]
+    summary = _summary(comparison)
+    if summary is not None:
+        lines += ["", summary + "."]
     return "\n".join(lines)
 
 
@@ -237,16 +277,20 @@ def _table(comparison) -> Table:
                   collapse_padding=True, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for ratio in comparison.ratios:
-        table.add_column(f"{ratio:.0%} cache", justify="right", no_wrap=True)
+        table.add_column(_header(comparison, ratio), justify="right", no_wrap=True)
     for strategy, row in _rows(comparison):
         cells = []
         for result, star, to_best in row:
             to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
-            cells.append(f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}")
+            text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}"
+            cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
         table.add_row(strategy, *cells, style=style)
     caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
-               _memory(comparison)]
+               _memory(comparison), _fit_note(comparison)]
+    summary = _summary(comparison)
+    if summary is not None:
+        caption.append(summary)
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
         caption.append(f"greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")

@@ -8,6 +8,9 @@ Design choices:
 - Each cell (strategy, cache ratio) is a fresh planner replayed by `simulator.simulate`; the oracle
   bound is hybrimoe's planner with a clairvoyant cache and the true routing as predictions.
 - `best_baseline` is the fastest strategy a user could deploy today (`names.BASELINES`).
+- A cache size whose experts exceed the profile's accelerator memory (`card.py`, `run`'s
+  arithmetic) is still simulated, as a what-if for a larger card, but `fits` says so, the tables
+  mark it and `vs_best_baseline_range` (the summary) leaves it out.
 - Shapes: E = experts, L = MoE layers.
 """
 
@@ -24,6 +27,7 @@ from hybrimoe.errors import PolicyError
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.baselines import BaselineParams
 from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.card import CardBudget, card_budget
 from hybrimoe.policy.costs import CostModel
 from hybrimoe.policy.names import BASELINES, MODES, STRATEGIES, check_name
 from hybrimoe.policy.planner import ModelDims, PolicyPlanner
@@ -51,10 +55,21 @@ class Comparison:
     expert_format: str = ""  # how the profile keeps the experts: "bfloat16", "int4 g128"
     expert_bytes: int = 0  # one expert in that format
     n_experts_total: int = 0  # routed experts over all MoE layers
+    budget: CardBudget | None = None  # what the profile's accelerator holds; None: unknown
 
     def cache_bytes(self, ratio: float) -> int:
         """The accelerator memory the expert cache takes at `ratio`."""
         return round(ratio * self.n_experts_total) * self.expert_bytes
+
+    def fits(self, ratio: float) -> bool:
+        """Whether the expert cache at `ratio` fits the profile's accelerator (True when unknown)."""
+        return self.budget is None or self.budget.fits(round(ratio * self.n_experts_total))
+
+    def vs_best_baseline_range(self, strategy: str) -> tuple[float, float] | None:
+        """(lowest, highest) ratio of `strategy` to the best baseline over the cache sizes that fit."""
+        ratios = [self.vs_best_baseline(strategy, ratio) for ratio in self.ratios if self.fits(ratio)]
+        ratios = [ratio for ratio in ratios if ratio is not None]
+        return (min(ratios), max(ratios)) if ratios else None
 
     def speedup(self, strategy: str, ratio: float) -> float | None:
         base = self.results.get((self.baseline, ratio))
@@ -229,6 +244,7 @@ def compare_strategies(
         expert_format=profile.expert_shape.format,
         expert_bytes=profile.expert_shape.expert_bytes,
         n_experts_total=dims.n_layers * dims.n_experts,
+        budget=card_budget(profile, trace.meta),
     )
 
 
