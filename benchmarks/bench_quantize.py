@@ -131,7 +131,7 @@ def print_simulated(max_tokens: int) -> None:
                                              shape.dense_bytes, reserve))
         at_budget = slots / n_total
         comparison = compare_strategies(trace, profile, ratios=(at_budget, 0.25), strategies=("hybrimoe", *BASELINES),
-                                        mode="decode", max_tokens=max_tokens, bound=False)
+                                        mode="decode", max_tokens=max_tokens, references=False)
         cells = []
         for ratio in (at_budget, 0.25):
             best = comparison.best_baseline(ratio)

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.errors import UserError
-from hybrimoe.policy.names import STRATEGIES
+from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
@@ -177,6 +177,7 @@ def _to_json(comparison) -> dict:
     return data
 
 
+_NOT_DEPLOYABLE = ("static-oracle", BELADY_ORACLE, LOWER_BOUND)  # rows drawn dim: references, not choices
 _NO_FIT = "†"  # marks a cache size whose experts do not fit the profile's accelerator
 
 
@@ -284,7 +285,7 @@ def _table(comparison) -> Table:
             to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
             text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}"
             cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
-        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
+        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in _NOT_DEPLOYABLE else None)
         table.add_row(strategy, *cells, style=style)
     caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
                _memory(comparison), _fit_note(comparison)]

@@ -37,7 +37,7 @@ def test_no_card_size_or_no_preset_means_no_budget():
 def test_the_summary_counts_only_cache_sizes_that_fit(mode):
     comparison = compare_strategies(
         load_trace(TRACE), load_profile(RTX4090), ratios=(0.25, 0.5, 0.75), strategies=("hybrimoe", "ktransformers"),
-        mode=mode, max_tokens=8, prefill_tokens=4, bound=False,
+        mode=mode, max_tokens=8, prefill_tokens=4, references=False,
     )
     assert [comparison.fits(ratio) for ratio in comparison.ratios] == [True, False, False]
     fitting = comparison.vs_best_baseline("hybrimoe", 0.25)

@@ -78,7 +78,7 @@ def test_hybrid_is_never_slower_than_static_on_the_same_resident_set(trace):
 def test_compare_reports_every_cell_and_speedups():
     trace = make_trace(n_tokens=200)
     comparison = compare_strategies(trace, make_profile(), ratios=(0.25, 0.75), mode="decode")
-    assert set(comparison.results) == {(s, r) for s in (*STRATEGIES, "oracle") for r in (0.25, 0.75)}
+    assert set(comparison.results) == {(s, r) for s in (*STRATEGIES, "belady-oracle", "lower-bound") for r in (0.25, 0.75)}
     assert comparison.speedup("ktransformers", 0.25) == pytest.approx(1.0)
     prefill = compare_strategies(trace, make_profile(), ratios=(0.5,), mode="prefill", prefill_tokens=50)
     assert prefill.results[("hybrimoe", 0.5)].n_steps == 3
