@@ -167,6 +167,7 @@ def _to_json(comparison) -> dict:
             **dataclasses.asdict(r),
             "speedup": comparison.speedup(r.strategy, r.cache_ratio),
             "vs_best_baseline": comparison.vs_best_baseline(r.strategy, r.cache_ratio),
+            "ready_hit_rate": r.ready_hit_rate,
             "fits": comparison.fits(r.cache_ratio),
         }
         for r in comparison.results.values()
@@ -198,6 +199,17 @@ def _fit_note(comparison) -> str:
     return (
         f"{_NO_FIT}: does not fit ({gib} GiB of experts): {budget.describe()} ({share}); "
         "left out of the summary"
+    )
+
+
+def _waited_note(comparison) -> str:
+    """One line: the hits left out of the hit rates because they waited for a copy in flight."""
+    most = max(comparison.results.values(), key=lambda result: result.waited_hit_rate)
+    if most.waited_hit_rate == 0:
+        return "hit rate: experts resident and ready when their layer started (none waited for a copy)"
+    return (
+        f"hit rate: experts resident and ready when their layer started; hits that waited for a prefetch "
+        f"still copying are apart, at most {most.waited_hit_rate:.1%} ({most.strategy} at {most.cache_ratio:.0%})"
     )
 
 
@@ -244,8 +256,8 @@ def _markdown(comparison) -> str:
     unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
     lines = [
         f"**{comparison.mode}, {comparison.profile_name}** ({comparison.replay_tokens} tokens replayed, "
-        f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, cache hit rate); "
-        "*: the best baseline",
+        f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, ready hit rate, and hits "
+        "that waited for a prefetch still copying); *: the best baseline",
         "",
         _memory(comparison) + ".",
         "",
@@ -256,7 +268,8 @@ def _markdown(comparison) -> str:
         cells = []
         for result, star, to_best in row:
             to_best_text = "" if to_best is None else f"{to_best:.2f}x, "
-            cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.hit_rate:.0%})")
+            waited = f" + {result.waited_hit_rate:.0%} waited" if result.waited_hit_rate >= 0.005 else ""
+            cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.ready_hit_rate:.0%}{waited})")
         if strategy == "hybrimoe":
             cells, strategy = [f"**{cell}**" for cell in cells], f"**{strategy}**"
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
@@ -283,12 +296,12 @@ def _table(comparison) -> Table:
         cells = []
         for result, star, to_best in row:
             to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
-            text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}"
+            text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.ready_hit_rate:>4.0%}"
             cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
         style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in _NOT_DEPLOYABLE else None)
         table.add_row(strategy, *cells, style=style)
-    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
-               _memory(comparison), _fit_note(comparison)]
+    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), hit rate",
+               _waited_note(comparison), _memory(comparison), _fit_note(comparison)]
     summary = _summary(comparison)
     if summary is not None:
         caption.append(summary)

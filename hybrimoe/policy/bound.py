@@ -97,4 +97,5 @@ def lower_bound(trace: RoutingTrace, costs: CostModel, mode: str = "decode") -> 
         prefetch_precision=0.0,
         prefetch_recall=0.0,
         stall_ms=0.0,
+        waited_hit_rate=0.0,
     )

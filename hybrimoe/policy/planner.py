@@ -167,8 +167,8 @@ class PolicyPlanner:
     def _wait_for_prefetches(
         self, layer: int, counts: Mapping[int, int], resident: AbstractSet[int], start_ms: float
     ) -> float:
-        """Counts the prefetched experts this layer uses; returns how long the longest still in
-        flight keeps the accelerator waiting."""
+        """Counts the prefetched experts this layer uses, and those it waits for; returns how long
+        the longest still in flight keeps the accelerator waiting."""
         in_flight = self._in_flight[layer]
         if not in_flight:
             return 0.0
@@ -176,6 +176,8 @@ class PolicyPlanner:
         used = [expert for expert in counts if expert in in_flight and expert in resident]
         for expert in used:
             wait_ms = in_flight.pop(expert) - start_ms
+            if wait_ms > 0.0:
+                self.stats.waited_hits += 1
             if wait_ms > stall_ms:
                 stall_ms = wait_ms
         self.stats.prefetch_used += len(used)
