@@ -160,11 +160,11 @@ def test_every_admit_sees_the_score_updates_of_every_planned_layer(layout):
 
 
 def test_hits_that_waited_for_a_prefetch_in_flight_are_counted_apart():
-    """Top-score prefetch three layers ahead: some prefetched experts are still in flight when used."""
+    """Impact prefetch two layers ahead with slow copies: some prefetched experts are still in flight
+    when their layer starts."""
     trace = make_trace(n_tokens=60)
-    policy = PolicyConfig(cache_policy="lru", prefetch="top-score", prefetch_depth=3)
-    planner = make_planner("hybrimoe", DIMS, CostModel(make_profile(load_ms=0.2)), policy, cache_capacity(DIMS, 0.5),
-                           trace.expert_frequencies())
+    planner = make_planner("hybrimoe", DIMS, CostModel(make_profile(load_ms=0.4)), PolicyConfig(prefetch_depth=2),
+                           cache_capacity(DIMS, 0.5), trace.expert_frequencies())
     result = simulate(trace.as_decode(), planner)
     stats = planner.stats
     assert 0 < stats.waited_hits <= min(stats.hits, stats.prefetch_used)
