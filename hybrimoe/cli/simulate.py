@@ -77,7 +77,8 @@ def simulate(
         "machine's bfloat16, int8 and int4 profiles: the experts are simulated in each profile's format.",
     ),
     cache_ratio: list[str] = typer.Option(
-        ["0.25,0.5,0.75"], "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts; repeat to add."
+        ["0.25,0.5,0.75"], "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts; repeat to add. "
+        "Sizes whose experts do not fit the profile's GPU memory (after dense weights and a reserve) are marked †."
     ),
     strategies: list[str] = typer.Option(
         [",".join(STRATEGIES)], "--strategies", help="Comma-separated strategies to compare; repeat to add more."
@@ -218,8 +219,8 @@ def _summary(comparison) -> str | None:
     span = comparison.vs_best_baseline_range("hybrimoe")
     if span is None:
         return None
-    low, high = span
-    return f"hybrimoe vs the best baseline, cache sizes that fit: {low:.2f}x" + ("" if high == low else f"-{high:.2f}x")
+    low, high = (f"{ratio:.2f}x" for ratio in span)
+    return f"hybrimoe vs the best baseline, cache sizes that fit: {low}" + ("" if high == low else f"-{high}")
 
 
 def _memory(comparison) -> str:
