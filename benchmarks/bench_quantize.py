@@ -36,7 +36,7 @@ from hybrimoe.policy.comparison import compare_strategies  # noqa: E402
 from hybrimoe.policy.names import BASELINES  # noqa: E402
 from hybrimoe.run import default_profile  # noqa: E402
 from hybrimoe.runtime.accelerator import CpuStandIn  # noqa: E402
-from hybrimoe.runtime.capacity import GIB, reserve_for, slots_in_budget  # noqa: E402
+from hybrimoe.capacity import GIB, reserve_for, slots_in_budget  # noqa: E402
 from hybrimoe.runtime.generate import generate  # noqa: E402
 from hybrimoe.runtime.hybrid import HybridRuntime  # noqa: E402
 from hybrimoe.runtime.loading import LoadedModel, Quantization, from_model  # noqa: E402
@@ -131,7 +131,7 @@ def print_simulated(max_tokens: int) -> None:
                                              shape.dense_bytes, reserve))
         at_budget = slots / n_total
         comparison = compare_strategies(trace, profile, ratios=(at_budget, 0.25), strategies=("hybrimoe", *BASELINES),
-                                        mode="decode", max_tokens=max_tokens, bound=False)
+                                        mode="decode", max_tokens=max_tokens, references=False)
         cells = []
         for ratio in (at_budget, 0.25):
             best = comparison.best_baseline(ratio)

@@ -43,7 +43,7 @@ from hybrimoe.config import DEFAULT_GROUP_SIZE, HardwareProfile, PolicyConfig, l
 from hybrimoe.errors import UserError
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
-from hybrimoe.runtime.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
+from hybrimoe.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
 from hybrimoe.run_options import RunOptions, check_options
 from hybrimoe.runtime import native
 from hybrimoe.runtime.generate import Generated, TextStream, generate

@@ -170,6 +170,11 @@ def get_preset(name: str) -> ModelShape:
         raise UserError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+def preset_for_routing(routing_shape: tuple[int, int, int, int, int]) -> ModelShape | None:
+    """The preset that routes like `routing_shape` (a trace's), or None when none does."""
+    return next((shape for shape in PRESETS.values() if shape.routing_shape == routing_shape), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # transformers config.json
 

@@ -90,3 +90,19 @@ def test_repeated_strategies_add_up():
                                  "llamacpp", "--json"])
     assert result.exit_code == 0, result.output
     assert {row["strategy"] for row in json.loads(result.stdout)[0]["results"]} >= {"hybrimoe", "llamacpp"}
+
+
+def test_cache_sizes_that_do_not_fit_the_card_are_marked_in_every_format():
+    """On the RTX 4090 (24 GiB) the 50% and 75% caches need 27.0 and 40.5 GiB of experts."""
+    args = ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "8", "--mode", "decode",
+            "--strategies", "hybrimoe,ktransformers"]
+    text = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert text.exit_code == 0, text.output
+    assert "25% cache " in text.output and "50% cache†" in text.output and "75% cache†" in text.output
+    markdown = runner.invoke(app, [*args, "--markdown"]).output  # the caption wraps at the table's width
+    assert "| strategy | 25% cache | 50% cache† | 75% cache† |" in markdown
+    assert "†: does not fit (27.0, 40.5 GiB of experts)" in markdown and "hold 2248 experts (37%)" in markdown
+    assert "hybrimoe vs the best baseline, cache sizes that fit:" in markdown
+    rows = json.loads(runner.invoke(app, [*args, "--json"]).stdout)[0]
+    assert {(row["cache_ratio"], row["fits"]) for row in rows["results"]} == {(0.25, True), (0.5, False), (0.75, False)}
+    assert rows["max_slots"] == 2248

@@ -20,7 +20,7 @@ from hybrimoe.cli import app
 from hybrimoe.config import load_profile
 from hybrimoe.gguf_header import read_gguf
 from hybrimoe.profile.inputs import resolve_model
-from hybrimoe.runtime.capacity import GIB, reserve_for
+from hybrimoe.capacity import GIB, reserve_for
 from hybrimoe.tune.llamacpp_export import llamacpp_placement
 
 REPO = Path(__file__).resolve().parents[1]

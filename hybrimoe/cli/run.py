@@ -70,7 +70,11 @@ def _summary(stats) -> Panel:
         ("Time to first token", _fmt(stats.ttft_s, ".3f", " s") + " (after a warm-up step)"),
         ("Prefill", _fmt(stats.prefill_tokens_per_s, ".1f", " tokens/s")),
         ("Decode", _fmt(stats.decode_tokens_per_s, ".2f", " tokens/s per sequence")),
-        ("Cache hit rate", _fmt(c.hit_rate, ".1%")),
+        (
+            "Cache hit rate",
+            f"{_fmt(c.hit_rate, '.1%')} ({_fmt(c.ready_hit_rate, '.1%')} ready, "
+            f"{_fmt(c.waited_hit_rate, '.1%')} waited for a copy)",
+        ),
         (
             "Expert runs",
             f"{_fmt(c.cpu_share, '.1%')} CPU, {_fmt(c.accelerator_share, '.1%')} "

@@ -13,10 +13,11 @@ from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.errors import UserError
-from hybrimoe.policy.names import STRATEGIES
+from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
@@ -76,7 +77,8 @@ def simulate(
         "machine's bfloat16, int8 and int4 profiles: the experts are simulated in each profile's format.",
     ),
     cache_ratio: list[str] = typer.Option(
-        ["0.25,0.5,0.75"], "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts; repeat to add."
+        ["0.25,0.5,0.75"], "--cache-ratio", help="Comma-separated cache sizes, as fractions of all routed experts; repeat to add. "
+        "Sizes whose experts do not fit the profile's GPU memory (after dense weights and a reserve) are marked †."
     ),
     strategies: list[str] = typer.Option(
         [",".join(STRATEGIES)], "--strategies", help="Comma-separated strategies to compare; repeat to add more."
@@ -166,11 +168,59 @@ def _to_json(comparison) -> dict:
             **dataclasses.asdict(r),
             "speedup": comparison.speedup(r.strategy, r.cache_ratio),
             "vs_best_baseline": comparison.vs_best_baseline(r.strategy, r.cache_ratio),
+            "ready_hit_rate": r.ready_hit_rate,
+            "fits": comparison.fits(r.cache_ratio),
         }
         for r in comparison.results.values()
     ]
     data["best_baseline"] = {str(ratio): comparison.best_baseline(ratio) for ratio in comparison.ratios}
+    data["max_slots"] = None if comparison.budget is None else comparison.budget.max_slots
+    data["hybrimoe_vs_best_baseline"] = comparison.vs_best_baseline_range("hybrimoe")  # [lowest, highest], fitting
     return data
+
+
+_NOT_DEPLOYABLE = ("static-oracle", BELADY_ORACLE, LOWER_BOUND)  # rows drawn dim: references, not choices
+_NO_FIT = "†"  # marks a cache size whose experts do not fit the profile's accelerator
+
+
+def _header(comparison, ratio: float) -> str:
+    return f"{ratio:.0%} cache" + ("" if comparison.fits(ratio) else _NO_FIT)
+
+
+def _fit_note(comparison) -> str:
+    """One line: which cache sizes do not fit the accelerator, and by what arithmetic."""
+    budget = comparison.budget
+    if budget is None:
+        return "cache sizes not checked against accelerator memory (no card size in the profile, or no model preset)"
+    share = f"{budget.max_slots / comparison.n_experts_total:.0%}" if comparison.n_experts_total else "-"
+    over = [ratio for ratio in comparison.ratios if not comparison.fits(ratio)]
+    if not over:
+        return f"every cache size fits: {budget.describe()} ({share})"
+    gib = ", ".join(f"{comparison.cache_bytes(ratio) / 2**30:.1f}" for ratio in over)
+    return (
+        f"{_NO_FIT}: does not fit ({gib} GiB of experts): {budget.describe()} ({share}); "
+        "left out of the summary"
+    )
+
+
+def _waited_note(comparison) -> str:
+    """One line: the hits left out of the hit rates because they waited for a copy in flight."""
+    most = max(comparison.results.values(), key=lambda result: result.waited_hit_rate)
+    if most.waited_hit_rate == 0:
+        return "hit rate: experts resident and ready when their layer started (none waited for a copy)"
+    return (
+        f"hit rate: experts resident and ready when their layer started; hits that waited for a prefetch "
+        f"still copying are apart, at most {most.waited_hit_rate:.1%} ({most.strategy} at {most.cache_ratio:.0%})"
+    )
+
+
+def _summary(comparison) -> str | None:
+    """One line: hybrimoe against the best deployable baseline over the cache sizes that fit."""
+    span = comparison.vs_best_baseline_range("hybrimoe")
+    if span is None:
+        return None
+    low, high = (f"{ratio:.2f}x" for ratio in span)
+    return f"hybrimoe vs the best baseline, cache sizes that fit: {low}" + ("" if high == low else f"-{high}")
 
 
 def _memory(comparison) -> str:
@@ -207,22 +257,27 @@ def _markdown(comparison) -> str:
     unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
     lines = [
         f"**{comparison.mode}, {comparison.profile_name}** ({comparison.replay_tokens} tokens replayed, "
-        f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, cache hit rate); "
-        "*: the best baseline",
+        f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, ready hit rate, and hits "
+        "that waited for a prefetch still copying); *: the best baseline",
         "",
         _memory(comparison) + ".",
         "",
-        "| strategy | " + " | ".join(f"{ratio:.0%} cache" for ratio in comparison.ratios) + " |",
+        "| strategy | " + " | ".join(_header(comparison, ratio) for ratio in comparison.ratios) + " |",
         "|---|" + "---|" * len(comparison.ratios),
     ]
     for strategy, row in _rows(comparison):
         cells = []
         for result, star, to_best in row:
             to_best_text = "" if to_best is None else f"{to_best:.2f}x, "
-            cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.hit_rate:.0%})")
+            waited = f" + {result.waited_hit_rate:.0%} waited" if result.waited_hit_rate >= 0.005 else ""
+            cells.append(f"{result.step_ms:.2f}{star} ({to_best_text}{result.ready_hit_rate:.0%}{waited})")
         if strategy == "hybrimoe":
             cells, strategy = [f"**{cell}**" for cell in cells], f"**{strategy}**"
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    lines += ["", _fit_note(comparison) + "."]
+    summary = _summary(comparison)
+    if summary is not None:
+        lines += ["", summary + "."]
     return "\n".join(lines)
 
 
@@ -237,16 +292,20 @@ def _table(comparison) -> Table:
                   collapse_padding=True, pad_edge=False)
     table.add_column("strategy", no_wrap=True)
     for ratio in comparison.ratios:
-        table.add_column(f"{ratio:.0%} cache", justify="right", no_wrap=True)
+        table.add_column(_header(comparison, ratio), justify="right", no_wrap=True)
     for strategy, row in _rows(comparison):
         cells = []
         for result, star, to_best in row:
             to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
-            cells.append(f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.hit_rate:>4.0%}")
-        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in ("oracle", "static-oracle") else None)
+            text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.ready_hit_rate:>4.0%}"
+            cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
+        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in _NOT_DEPLOYABLE else None)
         table.add_row(strategy, *cells, style=style)
-    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), cache hit rate",
-               _memory(comparison)]
+    caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), hit rate",
+               _waited_note(comparison), _memory(comparison), _fit_note(comparison)]
+    summary = _summary(comparison)
+    if summary is not None:
+        caption.append(summary)
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
         caption.append(f"greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from hybrimoe.capacity import DEFAULT_CONTEXT_TOKENS
 from hybrimoe.cli import app, console, err_console, finite_positive, user_errors
 
 _WORK = "Workload"
@@ -60,7 +61,7 @@ def tune(
         help="Accelerator memory: the dense weights, a reserve and the KV cache first, then expert slots "
         "(the capacity is searched up to what fits).",
     ),
-    context: int = typer.Option(4096, "--context", rich_help_panel=_BUDGET, help="KV-cache tokens per sequence, with --gpu-memory-gb."),
+    context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", rich_help_panel=_BUDGET, help="KV-cache tokens per sequence, with --gpu-memory-gb."),
     batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb."),
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_BUDGET,

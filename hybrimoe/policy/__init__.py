@@ -7,5 +7,6 @@ prefetch (`prefetch`). `planner` composes them for every layer and keeps the mod
 them: `names` (every name and shared rule), `costs` (the cost model from a hardware profile),
 `plan` (the per-layer plan the runtime executes), `counters` (what the planner and the run count),
 `simulator` (replays a routing trace through a planner), `comparison` (every strategy at every
-cache size, `hybrimoe simulate`'s tables), `belady` (the fewest misses any cache can have).
+cache size, `hybrimoe simulate`'s tables), `bound` (a time no strategy beats), `card` (which
+cache sizes fit the profile's accelerator), `belady` (the fewest misses any cache can have).
 """

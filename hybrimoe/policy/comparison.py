@@ -5,14 +5,21 @@ Design choices:
   a user who profiled last week's prompts would), or else the first `profile_fraction` of the
   trace's tokens (a separate part of the same batch), the rest being replayed. `static-oracle`
   counts on the replayed part itself.
-- Each cell (strategy, cache ratio) is a fresh planner replayed by `simulator.simulate`; the oracle
-  bound is hybrimoe's planner with a clairvoyant cache and the true routing as predictions.
+- Each cell (strategy, cache ratio) is a fresh planner replayed by `simulator.simulate`. Two
+  reference rows go beside them (`references`): `belady-oracle`, hybrimoe's planner with Belady's
+  clairvoyant cache and the true routing as predictions (it minimises misses, not time, so a
+  strategy may beat it), and `lower-bound` (`bound.py`), a time no strategy can beat under the
+  cost model, the same at every cache size.
 - `best_baseline` is the fastest strategy a user could deploy today (`names.BASELINES`).
+- A cache size whose experts exceed the profile's accelerator memory (`card.py`, `run`'s
+  arithmetic) is still simulated, as a what-if for a larger card, but `fits` says so, the tables
+  mark it and `vs_best_baseline_range` (the summary) leaves it out.
 - Shapes: E = experts, L = MoE layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,8 +31,10 @@ from hybrimoe.errors import PolicyError
 from hybrimoe.policy import scheduler as sched
 from hybrimoe.policy.baselines import BaselineParams
 from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.card import CardBudget, card_budget
 from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.names import BASELINES, MODES, STRATEGIES, check_name
+from hybrimoe.policy.bound import lower_bound
+from hybrimoe.policy.names import BASELINES, BELADY_ORACLE, LOWER_BOUND, MODES, STRATEGIES, check_name
 from hybrimoe.policy.planner import ModelDims, PolicyPlanner
 from hybrimoe.policy.prefetch import token_counts
 from hybrimoe.policy.simulator import SimResult, simulate
@@ -51,10 +60,21 @@ class Comparison:
     expert_format: str = ""  # how the profile keeps the experts: "bfloat16", "int4 g128"
     expert_bytes: int = 0  # one expert in that format
     n_experts_total: int = 0  # routed experts over all MoE layers
+    budget: CardBudget | None = None  # what the profile's accelerator holds; None: unknown
 
     def cache_bytes(self, ratio: float) -> int:
         """The accelerator memory the expert cache takes at `ratio`."""
         return round(ratio * self.n_experts_total) * self.expert_bytes
+
+    def fits(self, ratio: float) -> bool:
+        """Whether the expert cache at `ratio` fits the profile's accelerator (True when unknown)."""
+        return self.budget is None or self.budget.fits(round(ratio * self.n_experts_total))
+
+    def vs_best_baseline_range(self, strategy: str) -> tuple[float, float] | None:
+        """(lowest, highest) ratio of `strategy` to the best baseline over the cache sizes that fit."""
+        ratios = [self.vs_best_baseline(strategy, ratio) for ratio in self.ratios if self.fits(ratio)]
+        ratios = [ratio for ratio in ratios if ratio is not None]
+        return (min(ratios), max(ratios)) if ratios else None
 
     def speedup(self, strategy: str, ratio: float) -> float | None:
         base = self.results.get((self.baseline, ratio))
@@ -173,7 +193,7 @@ def compare_strategies(
     profile_fraction: float = 0.25,
     prefill_tokens: int = 512,
     max_tokens: int | None = None,
-    bound: bool = True,
+    references: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
     profiling: RoutingTrace | None = None,
     profiling_name: str | None = None,
@@ -194,7 +214,7 @@ def compare_strategies(
     workload = make_workload(trace, mode, profile_fraction, prefill_tokens, max_tokens, profiling)
     started = time.perf_counter()
     results = {}
-    n_cells = len(ratios) * (len(strategies) + bound)
+    n_cells = len(ratios) * (len(strategies) + references) + references
 
     def report(text: str) -> None:
         if progress is not None:
@@ -207,13 +227,16 @@ def compare_strategies(
             results[(strategy, ratio)] = simulate(
                 workload.replay, planner, predictor, strategy=strategy, cache_ratio=ratio, mode=mode
             )
-    if bound:
+    if references:
         for ratio in ratios:
-            report(f"the oracle bound at {ratio:.0%} cache")
-            planner = oracle_planner(workload.replay, dims, costs, policy, cache_capacity(dims, ratio))
-            results[("oracle", ratio)] = simulate(
-                workload.replay, planner, "oracle", strategy="oracle", cache_ratio=ratio, mode=mode
+            report(f"{BELADY_ORACLE} at {ratio:.0%} cache")
+            planner = belady_oracle_planner(workload.replay, dims, costs, policy, cache_capacity(dims, ratio))
+            results[(BELADY_ORACLE, ratio)] = simulate(
+                workload.replay, planner, "oracle", strategy=BELADY_ORACLE, cache_ratio=ratio, mode=mode
             )
+        report(LOWER_BOUND)
+        bound = lower_bound(workload.replay, costs, mode)
+        results.update({(LOWER_BOUND, ratio): dataclasses.replace(bound, cache_ratio=ratio) for ratio in ratios})
     return Comparison(
         mode=mode,
         ratios=ratios,
@@ -229,13 +252,15 @@ def compare_strategies(
         expert_format=profile.expert_shape.format,
         expert_bytes=profile.expert_shape.expert_bytes,
         n_experts_total=dims.n_layers * dims.n_experts,
+        budget=card_budget(profile, trace.meta),
     )
 
 
-def oracle_planner(
+def belady_oracle_planner(
     trace: RoutingTrace, dims: ModelDims, costs: CostModel, policy: PolicyConfig, capacity: int
 ) -> PolicyPlanner:
-    """The bound: Belady's clairvoyant cache, hybrid schedule, impact prefetch fed the true routing."""
+    """Belady's clairvoyant cache, hybrid schedule, impact prefetch fed the true routing: fewest
+    misses, not a bound on time."""
     accesses = [
         (layer, np.unique(step.topk_ids[layer]).tolist()) for step in trace.steps for layer in range(dims.n_layers)
     ]

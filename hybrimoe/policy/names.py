@@ -22,6 +22,9 @@ BASELINES = ("ktransformers", "ktransformers-dynamic", "ktransformers-front", "l
 # Strategies whose placement is counted on a profiling workload (ktransformers-dynamic starts from
 # kTransformers' default uniform placement without one).
 NEEDS_FREQUENCIES = ("ktransformers", "static-oracle")
+# Reference rows of a comparison, not strategies: Belady's cache with perfect prediction
+# (`comparison.belady_oracle_planner`), and a lower bound on any strategy's time (`bound.py`).
+BELADY_ORACLE, LOWER_BOUND = "belady-oracle", "lower-bound"
 
 CONFIGURABLE_POLICIES = ("mrs", "lru", "lfu", "least-stale", "static")  # what a profile's policy may name
 ADMITTING_POLICIES = tuple(p for p in CONFIGURABLE_POLICIES if p != "static")  # the ones that take loads

@@ -167,8 +167,8 @@ class PolicyPlanner:
     def _wait_for_prefetches(
         self, layer: int, counts: Mapping[int, int], resident: AbstractSet[int], start_ms: float
     ) -> float:
-        """Counts the prefetched experts this layer uses; returns how long the longest still in
-        flight keeps the accelerator waiting."""
+        """Counts the prefetched experts this layer uses, and those it waits for; returns how long
+        the longest still in flight keeps the accelerator waiting."""
         in_flight = self._in_flight[layer]
         if not in_flight:
             return 0.0
@@ -176,6 +176,8 @@ class PolicyPlanner:
         used = [expert for expert in counts if expert in in_flight and expert in resident]
         for expert in used:
             wait_ms = in_flight.pop(expert) - start_ms
+            if wait_ms > 0.0:
+                self.stats.waited_hits += 1
             if wait_ms > stall_ms:
                 stall_ms = wait_ms
         self.stats.prefetch_used += len(used)
@@ -242,7 +244,12 @@ class PolicyPlanner:
         timeline, layer, n_tokens = self._timeline, ctx.layer, ctx.topk_ids.shape[0]
         # When a step's tokens can activate every expert (prefill), the next layer's own loads keep
         # the copy engine busy: looking further ahead only queues copies in front of them.
-        depth = self.prefetch_depth if n_tokens * self.dims.top_k < self.dims.n_experts else 1
+        # Top-score copies only the next layer's experts, so only that layer's idle copy time is its
+        # budget: copies past it would land after the layer starts, and the layer would wait.
+        if self.prefetch == "top-score" or n_tokens * self.dims.top_k >= self.dims.n_experts:
+            depth = 1
+        else:
+            depth = self.prefetch_depth
         # Copies should land before the next layer's expert phase, or in the copy time later
         # layers are expected to leave idle, so they do not delay those layers' own loads.
         # The next layer's dense part and overhead are taken as this layer's.

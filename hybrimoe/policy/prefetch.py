@@ -11,7 +11,11 @@ Design choices:
   layers that outrank the cache's weakest unprotected resident, so PCIe time the schedule leaves idle
   keeps the cache warm instead of only admitting experts loaded for immediate use.
 - Top-score (what the released HybriMoE code does): the next layer's highest-score non-resident
-  experts, no prediction; kept as a baseline.
+  experts, no prediction; kept as a baseline. Both are bounded by the copy engine's idle time
+  (`max_loads`, from the planner); impact also by its gains (a copy must shorten a predicted layer
+  or outrank the weakest resident). Top-score has no such filter and fills its budget, so its
+  budget is only the idle copy time before the next layer (copies beyond it would make that layer
+  wait, and a layer that waits leaves more "idle" time to fill: the copy storm).
 - Nothing the current layer or a predicted layer needs is ever evicted: the caller names those
   experts with `ExpertCache.protect` first.
 - Shapes: T = tokens in the step, k = top-k.

@@ -36,12 +36,17 @@ class SimResult:
     total_ms: float
     step_ms: float  # mean per step: TTFT for prefill steps, ms/token for decode steps
     layer_ms: tuple[float, ...]  # [L] mean expert-phase ms per layer and step
-    hit_rate: float
+    hit_rate: float  # ready and waited hits
     bytes_loaded: int
     gpu_share: float
     prefetch_precision: float
     prefetch_recall: float
     stall_ms: float
+    waited_hit_rate: float  # hits whose prefetch was still in flight when their layer started
+
+    @property
+    def ready_hit_rate(self) -> float:
+        return self.hit_rate - self.waited_hit_rate
 
     @property
     def tokens_per_s(self) -> float:
@@ -97,6 +102,7 @@ def simulate(
         prefetch_precision=stats.prefetch_precision or 0.0,
         prefetch_recall=stats.prefetch_recall or 0.0,
         stall_ms=stats.stall_ms,
+        waited_hit_rate=stats.waited_hit_rate or 0.0,
     )
 
 

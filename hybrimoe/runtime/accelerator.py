@@ -44,6 +44,9 @@ class CpuStandIn:
     def wait(self, event: None) -> None:
         pass
 
+    def is_done(self, event: None) -> bool:
+        return True  # copies are synchronous
+
     def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
 
@@ -90,6 +93,10 @@ class CudaAccelerator:
 
     def wait(self, event: torch.cuda.Event) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
+
+    def is_done(self, event: torch.cuda.Event) -> bool:
+        """Whether the work before `event` has finished; a query, not a sync point."""
+        return event.query()
 
     def host_zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, pin_memory=True)

@@ -309,7 +309,10 @@ class LayerExecutor:
         counters.planned_ms += plan.predicted_ms
         prefetched = self._pending_prefetch.pop(layer, None)
         if prefetched:
-            counters.prefetch_used += len(prefetched.intersection(resident))
+            used = prefetched.intersection(resident)
+            counters.prefetch_used += len(used)
+            # a prefetch still copying as the layer starts: its kernels will wait on its slot's event
+            counters.waited_hits += sum(self.store.copying(slot_of[(layer, e)]) for e in used)
 
     def _submit_cpu(self, layer: int, groups: Groups, x, topk_weights) -> Future:
         (x_h, weights_h), copied = self.accelerator.to_host_async([x, topk_weights])

@@ -91,6 +91,8 @@ class RunStats:
         data["counters"] = {
             **asdict(counters),
             "hit_rate": counters.hit_rate,
+            "ready_hit_rate": counters.ready_hit_rate,
+            "waited_hit_rate": counters.waited_hit_rate,
             "cpu_share": counters.cpu_share,
             "accelerator_share": counters.accelerator_share,
             "prefetch_precision": counters.prefetch_precision,

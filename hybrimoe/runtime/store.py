@@ -84,6 +84,10 @@ class ExpertStore:
         for slot in slots:
             self.accelerator.wait(self._ready[slot])
 
+    def copying(self, slot: int) -> bool:
+        """Whether the copy that fills `slot` is still in flight (asked, not waited for)."""
+        return not self.accelerator.is_done(self._ready[slot])
+
     def release(self, slots: Iterable[int]) -> None:
         """Marks the kernels issued so far as the last readers of these slots."""
         for slot in slots:

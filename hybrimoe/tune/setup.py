@@ -5,7 +5,7 @@ Design choices:
   `UserError` (one line, exit 2): no trace, traces of another model than the profile, a budget too
   small for one expert slot, an unknown objective, a storage that cannot be opened, an existing
   `--out` without `--force`, an output directory that cannot be written.
-- The budget follows `run`'s arithmetic (`runtime/capacity.py`): from `--gpu-memory-gb` the dense
+- The budget follows `run`'s arithmetic (`capacity.py`): from `--gpu-memory-gb` the dense
   weights, the activation reserve and the KV cache for `--context` tokens of `--batch` sequences
   are taken first, and the cache capacity is searched up to what is left; `--cache-experts` or
   `--cache-ratio` fixes it instead; with neither, the profile's policy (or the default) fixes it,
@@ -33,8 +33,8 @@ from hybrimoe.config import DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, Po
 from hybrimoe.errors import UserError
 from hybrimoe.files import check_output, check_writable_dir
 from hybrimoe.gguf_header import GgufModel, is_gguf_path, read_gguf
-from hybrimoe.runtime.capacity import GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
-from hybrimoe.shapes import PRESETS, ModelShape
+from hybrimoe.capacity import DEFAULT_CONTEXT_TOKENS, GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
+from hybrimoe.shapes import ModelShape, preset_for_routing
 from hybrimoe.trace import TraceMeta, load_trace
 from hybrimoe.tune.space import SearchSpace, policy_space
 from hybrimoe.tune.workload import OBJECTIVES, Workload, build_workload
@@ -61,7 +61,7 @@ class TuneOptions:
     gpu_memory_gb: float | None = None
     cache_ratio: float | None = None
     cache_experts: int | None = None
-    context_tokens: int = 4096
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
     batch_size: int = 1
     model: Path | None = None  # config.json for the dense size under --gpu-memory-gb
     trials: int | None = 100  # the study's total, default and baselines included
@@ -295,7 +295,7 @@ def _model_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape | None:
         from hybrimoe.profile.inputs import resolve_model
 
         return resolve_model(model_path=options.model, dtype=meta.dtype)
-    return next((shape for shape in PRESETS.values() if shape.routing_shape == meta.routing_shape), None)
+    return preset_for_routing(meta.routing_shape)
 
 
 def _gguf(options: TuneOptions, meta: TraceMeta) -> GgufModel | None:

@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from hybrimoe.config import PolicyConfig
 from hybrimoe.errors import UserError
 from hybrimoe.policy.names import BASELINES
-from hybrimoe.runtime.capacity import GIB
+from hybrimoe.capacity import GIB
 from hybrimoe.tune.setup import Inputs, TuneOptions, load_inputs
 
 HEARTBEAT_S = 2

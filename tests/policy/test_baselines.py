@@ -167,7 +167,7 @@ def test_profiling_trace_gives_the_frequencies_and_the_whole_trace_is_replayed()
 
 def test_best_baseline_is_the_fastest_deployable_one():
     trace = make_trace(n_tokens=48, steps=2)
-    comparison = compare_strategies(trace, make_profile(), ratios=(0.25,), mode="decode", bound=False)
+    comparison = compare_strategies(trace, make_profile(), ratios=(0.25,), mode="decode", references=False)
     best = comparison.best_baseline(0.25)
     assert best in BASELINES
     deployable = [comparison.results[(s, 0.25)].step_ms for s in BASELINES]
@@ -180,7 +180,7 @@ def test_a_trace_of_two_steps_replays_through_every_new_baseline_deterministical
     trace = make_trace(n_tokens=16, steps=2)
     replay = RoutingTrace(trace.meta, tuple(TraceStep(step.topk_ids) for step in trace.steps))
     results = [
-        compare_strategies(replay, make_profile(), ratios=(0.25,), mode="prefill", bound=False, prefill_tokens=8,
+        compare_strategies(replay, make_profile(), ratios=(0.25,), mode="prefill", references=False, prefill_tokens=8,
                            strategies=("ktransformers-dynamic", "llamacpp-lru", "ktransformers-front"))
         for _ in range(2)
     ]
@@ -189,9 +189,10 @@ def test_a_trace_of_two_steps_replays_through_every_new_baseline_deterministical
 
 def test_progress_counts_every_cell_of_a_comparison():
     """`simulate`'s bar shows counts and the time left: each cell is announced with the cells done
-    and in all (strategies x ratios, and the bound at each ratio)."""
+    and in all (strategies x ratios, the Belady oracle at each ratio, the lower bound once)."""
     calls = []
     compare_strategies(make_trace(n_tokens=16), make_profile(), ratios=(0.25, 0.5), strategies=("hybrimoe", "cpu-only"),
                        mode="decode", progress=lambda done, total, cell: calls.append((done, total, cell)))
-    assert [(done, total) for done, total, _ in calls] == [(i, 6) for i in range(6)]
-    assert calls[0][2] == "hybrimoe at 25% cache" and calls[-1][2] == "the oracle bound at 50% cache"
+    assert [(done, total) for done, total, _ in calls] == [(i, 7) for i in range(7)]
+    assert calls[0][2] == "hybrimoe at 25% cache" and calls[-2][2] == "belady-oracle at 50% cache"
+    assert calls[-1][2] == "lower-bound"

@@ -71,3 +71,29 @@ def test_decode_timing_by_resident_count_picks_the_same_loads():
             loads = impact_prefetch(cache, predicted, max_loads=4, layer_time=layer_time, **timing)
             picks.append([load.expert for load in loads])
         assert picks[0] == picks[1]
+
+
+def test_the_storm_configuration_copies_only_in_idle_copy_time():
+    """A shared LRU cache with top-score prefetch at depth 3 (inside tune's space) on the shipped
+    trace and RTX 4090 estimate: the prefetches use only copy time the demand loads leave idle and
+    land before their layer starts, so no layer waits for them (it once copied ~50 GB per token)."""
+    from pathlib import Path
+
+    from hybrimoe.config import PolicyConfig, load_profile
+    from hybrimoe.policy.planner import ModelDims
+    from hybrimoe.policy.simulator import simulate
+    from hybrimoe.policy.strategies import cache_capacity, make_planner
+    from hybrimoe.trace import load_trace
+
+    repo = Path(__file__).resolve().parents[2]
+    trace = load_trace(repo / "traces" / "qwen3-30b-a3b.npz").tokens(0, 200)
+    costs = CostModel(load_profile(repo / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"))
+    dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
+    policy = PolicyConfig(cache_layout="shared", cache_policy="lru", prefetch="top-score", prefetch_depth=3)
+    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
+    result = simulate(trace.as_decode(), planner)
+    stats = planner.stats
+    assert stats.prefetch_loads > 0
+    idle_copy_ms = result.total_ms - stats.demand_loads * costs.load_ms
+    assert stats.prefetch_loads * costs.load_ms <= idle_copy_ms
+    assert result.stall_ms == 0.0 and stats.waited_hits == 0

@@ -31,6 +31,7 @@ def test_streams_text_and_prints_the_summary(model_dir):
     result = _run("--model", model_dir, "--prompt", "ROMEO:", "-n", "6")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("ROMEO:")
+    assert "ready, 0.0% waited for a copy" in result.stdout
     for label in ("Time to first token", "Decode", "Cache hit rate", "Prefetch precision", "Planning",
                   "built-in estimate", "measured/predicted", "CPU threads", "Host memory", "Accelerator memory"):
         assert label in result.stdout
@@ -74,6 +75,8 @@ def test_json_statistics(model_dir):
     assert data["n_new_tokens"] == 5 and data["capacity"] == 0
     assert data["counters"]["accelerator_share"] == 0.0
     assert data["counters"]["activations"] > 0
+    counters = data["counters"]  # the stand-in copies synchronously: no hit ever waits for a copy
+    assert counters["waited_hits"] == 0 and counters["ready_hit_rate"] == counters["hit_rate"] == 0.0
     assert data["counters"]["layers_planned"] > 0 and data["counters"]["planning_us_per_layer"] > 0
     assert data["counters"]["prefetch_planning_us_per_layer"] > 0  # the score update runs there at least
     assert data["simulated_decode_tokens_per_s"] > 0

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from hybrimoe.cli import app
 from hybrimoe.config import load_profile
-from hybrimoe.runtime.capacity import GIB, reserve_for
+from hybrimoe.capacity import GIB, reserve_for
 from hybrimoe.shapes import get_preset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ arithmetic; the host-memory check."""
 import pytest
 
 from hybrimoe.errors import UserError
-from hybrimoe.runtime.capacity import (
+from hybrimoe.capacity import (
     GIB, MARGIN_BYTES, Reserve, activation_bytes, check_host_memory, reserve_for, resolve_capacity,
 )
 from hybrimoe.shapes import get_preset

@@ -2,7 +2,8 @@
 capped by a memory budget.
 
 Design choices:
-- A pure function over numbers, so every rule is tested without a model or a GPU.
+- Pure functions over numbers, torch-free, so every rule is tested without a model or a GPU and
+  the simulator (`policy/comparison.py`) and the tuner apply `run`'s arithmetic too.
 - The budget covers everything the runtime puts on the accelerator: the dense weights, the slots,
   and a reserve. Without --gpu-memory-gb it is the accelerator's free memory (measured before the
   weights are placed); the CPU stand-in has no budget.
@@ -22,6 +23,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.shapes import ModelShape
 
 GIB = 1 << 30
+DEFAULT_CONTEXT_TOKENS = 4096  # KV-cache tokens per sequence a budget is planned for (tune's --context)
 MARGIN_BYTES = 256 << 20  # cuBLAS workspaces, the allocator's rounding and fragmentation
 FLOAT32_BYTES = 4
 
@@ -118,10 +120,16 @@ def slots_in_budget(
     budget_bytes: int, budget_source: str, expert_bytes: int, dense_bytes: int, reserve: Reserve
 ) -> int:
     """Expert slots left once the dense weights and the reserve are placed."""
-    room = budget_bytes - dense_bytes - reserve.total_bytes
+    room = expert_room_bytes(budget_bytes, dense_bytes, reserve)
     if room < 0:
         raise UserError(
             f"{budget_source} is not enough: the dense weights need {dense_bytes / GIB:.2f} GiB "
             f"plus a reserve of {reserve.total_bytes / GIB:.2f} GiB ({reserve.describe()})"
         )
     return int(room // expert_bytes)
+
+
+def expert_room_bytes(budget_bytes: int, dense_bytes: int, reserve: Reserve) -> int:
+    """What the budget leaves the expert slots once the dense weights and the reserve are placed
+    (negative when they alone exceed it)."""
+    return budget_bytes - dense_bytes - reserve.total_bytes
