@@ -206,6 +206,8 @@ CASES = [
     ("profile zero-token point", [*SIM, "--profile", "{tmp}/zero_tokens.yaml"], "cpu_expert"),
     ("profile nan slope", [*SIM, "--profile", "{tmp}/nan_slope.yaml"], "per_token_ms"),
     ("profile all-zero cpu latency", [*SIM, "--profile", "{tmp}/zero_cpu.yaml"], "cpu_expert"),
+    ("simulate cache ratio with an empty item", ["simulate", "--trace", T, "--profile", str(PROFILE),
+                                                 "--cache-ratio", "0.25,,0.5"], "empty item"),
     ("profile number of 5000 digits", [*SIM, "--profile", "{tmp}/long_number.yaml"], "cannot be read"),
     ("profile key given twice", [*SIM, "--profile", "{tmp}/key_twice.yaml"], "appears twice"),
     ("profile absurd interference", [*SIM, "--profile", "{tmp}/absurd_interference.yaml"], "copy_slowdown"),

@@ -32,11 +32,14 @@ def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
 
 
 def _names(texts: list[str], flag: str) -> tuple[str, ...]:
-    """The comma-separated names of every use of `flag`, in order, each once."""
-    names = tuple(dict.fromkeys(part.strip() for text in texts for part in text.split(",") if part.strip()))
-    if not names:
+    """The comma-separated names of every use of `flag`, in order, each once; an empty item (a stray
+    comma) is refused rather than dropped."""
+    parts = [part.strip() for text in texts for part in text.split(",")]
+    if not parts:
         raise UserError(f"{flag} needs at least one value")
-    return names
+    if not all(parts):
+        raise UserError(f"{flag} has an empty item in {','.join(texts)!r}")
+    return tuple(dict.fromkeys(parts))
 
 
 def _baseline_params(settings: list[str]):
@@ -152,13 +155,18 @@ def _cells_progress():
     elapsed time and the time left, on stderr; yields the `progress(done, total, cell)` callback."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("simulating", total=None)
+    bar = Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
+    task = bar.add_task("simulating", total=None)
 
-        def on_cell(done: int, total: int, cell: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"simulating {cell}")
+    def on_cell(done: int, total: int, cell: str) -> None:
+        bar.start()  # at the first cell, so that a refusal before any work is its one line alone
+        bar.update(task, completed=done, total=total, description=f"simulating {cell}")
 
+    try:
         yield on_cell
+    finally:
+        if bar.live.is_started:  # stopping a bar never started still prints an empty line
+            bar.stop()
 
 
 def _to_json(comparison) -> dict:
