@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hybrimoe.config import PolicyConfig, TunedResult, TuningRecord, save_profile
 from hybrimoe.tune.setup import Inputs
-from hybrimoe.tune.study import BASELINES, is_baseline, storage_display, tuned_trials
+from hybrimoe.tune.study import BASELINES, PAST_TARGET, is_baseline, storage_display, tuned_trials
 from hybrimoe.tune.workload import Evaluation
 
 TOP = 5
@@ -131,7 +131,7 @@ def summarize(
         storage=storage_display(inputs.storage_url),
         trials=len(complete) + n_pruned,
         pruned=n_pruned,
-        failed=sum(t.state == TrialState.FAIL for t in trials),
+        failed=sum(t.state == TrialState.FAIL and PAST_TARGET not in t.user_attrs for t in trials),
         rows=tuple(rows),
         top=tuple(_row(inputs, f"#{t.number}", t, holdout=False) for t in distinct[:TOP]),
         importances=None if pareto else _importances(tuned),

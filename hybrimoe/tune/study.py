@@ -46,6 +46,7 @@ GRACE_S = 10  # a running trial without a heartbeat for this long is failed and 
 MAX_RETRIES = 2
 OPEN_ATTEMPTS = 5
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PAST_TARGET = "past_target"  # a trial's user attribute: started past --trials by a racing worker, ran nothing
 WORKER_FAILED = 3  # a worker's exit code when its study failed (it printed why, unless the storage went away)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
@@ -205,6 +206,10 @@ def objective(inputs: Inputs, worker: int = 0) -> Callable[[optuna.Trial], float
 
     def run(trial: optuna.Trial):
         trial.set_user_attr("worker", worker)
+        target = inputs.options.trials
+        if target is not None and _counted_before(trial) >= target:
+            trial.set_user_attr(PAST_TARGET, True)
+            raise PastTarget(trial.number)  # `_stop_at_target`, called after it, ends this worker's loop
         strategy = trial.user_attrs.get("strategy", "hybrimoe")
         if strategy == "hybrimoe":
             chosen = space.suggest(trial)
@@ -270,10 +275,22 @@ def _occupied(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
 
 
+class PastTarget(Exception):
+    """A trial a worker started after another's filled the target: it ends FAIL, marked, runs nothing."""
+
+
+def _counted_before(trial: optuna.Trial) -> int:
+    """Trials that count toward --trials (finished or running) and were created before `trial`."""
+    states = (*FINISHED, TrialState.RUNNING)
+    return sum(t.number < trial.number for t in trial.study.get_trials(deepcopy=False, states=states))
+
+
 def _stop_at_target(target: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     """After each trial: stop once finished and running trials reach the target, so a worker does not
     start a trial that another's running one will complete the study without (Optuna's
-    MaxTrialsCallback counts finished trials only, and the study overshot by a trial per worker)."""
+    MaxTrialsCallback counts finished trials only, and the study overshot by a trial per worker).
+    Two workers can still pass this check at once; the later of their trials then stops as
+    `PastTarget` before it runs (the storage numbers trials in the order they were created)."""
     def stop(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         if _occupied(study) >= target:
             study.stop()
@@ -292,7 +309,7 @@ def _optimize(inputs: Inputs, study: optuna.Study, worker: int = 0, callbacks=()
     stop = [_stop_at_target(options.trials)] if options.trials is not None else []
     study.optimize(
         objective(inputs, worker), n_trials=remaining, timeout=options.timeout_s, callbacks=[*stop, *callbacks],
-        gc_after_trial=False,
+        gc_after_trial=False, catch=(PastTarget,),
     )
 
 

@@ -204,6 +204,23 @@ def test_two_local_workers_share_one_sqlite_study(tmp_path):
     assert tuned.tuning.trials == len(trials)
 
 
+def test_a_trial_started_past_the_target_runs_nothing_and_is_not_counted(tmp_path):
+    """Two workers may both see room for one more trial; the later one's trial stops before it runs."""
+    from hybrimoe.tune.setup import TuneOptions, load_inputs
+    from hybrimoe.tune.study import PAST_TARGET, PastTarget, objective, open_storage, open_study
+
+    options = TuneOptions(traces=(QWEN_TRACE,), out=tmp_path / "t.yaml", profile=QWEN_PROFILE, storage="memory",
+                          trials=2, max_tokens=60, cache_ratio=0.25)
+    inputs = load_inputs(options)
+    study = open_study(inputs, open_storage(inputs))
+    filled = [study.ask(), study.ask()]  # two workers' running trials fill the target
+    late = study.ask()
+    with pytest.raises(PastTarget):
+        objective(inputs)(late)
+    assert late.user_attrs[PAST_TARGET]  # the report does not count it as a failure
+    assert all(PAST_TARGET not in trial.user_attrs for trial in filled)
+
+
 def _spawned_children(pid: int) -> list[int]:
     """The multiprocessing workers a process started (not its resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
