@@ -222,14 +222,14 @@ def _render(result, objective: str) -> None:
     detail = "holdout" if result.tuned.holdout is not None else "train"
     table = Table(
         title=f"{unit}: tuned vs default vs baselines ({result.trials} trials, {result.pruned} pruned, "
-        f"{result.trial_seconds:.0f} s of trials, {result.seconds:.0f} s this run); ms/token, TTFT and hit rate "
+        f"{result.trial_seconds:.0f} s of trials, {result.seconds:.0f} s this run); ms/token, TTFT and ready hit rate "
         f"on the {detail} tokens",
         title_justify="left",
         box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), collapse_padding=True, pad_edge=False,  # 80 columns
     )
     table.add_column("config", no_wrap=True, min_width=max(len(row.config) for row in result.rows))
     table.add_column("slots", justify="right", no_wrap=True)
-    for header in ("train", "x\ndef.", "hold-\nout", "x\ndef.", "ms/\ntok", "TTFT\nms", "hit"):
+    for header in ("train", "x\ndef.", "hold-\nout", "x\ndef.", "ms/\ntok", "TTFT\nms", "ready\nhit"):
         table.add_column(header, justify="right", no_wrap=True)
     for row in result.rows:
         cells = [str(row.slots)]
@@ -239,7 +239,7 @@ def _render(result, objective: str) -> None:
             speedup = None if value is None or base is None else base.objective_ms / value.objective_ms
             cells += [_time_cell(None if value is None else value.objective_ms), _cell(speedup) + ("x" if speedup else "")]
         shown = getattr(row, detail)
-        cells += [_time_cell(shown.decode_ms_per_token), _time_cell(shown.ttft_ms), f"{shown.hit_rate:.0%}"]
+        cells += [_time_cell(shown.decode_ms_per_token), _time_cell(shown.ttft_ms), f"{shown.ready_hit_rate:.0%}"]
         table.add_row(row.config, *cells, style="bold green" if row.config == "tuned" else None)
     console.print(table)
     console.print(f"tuned policy: {_describe(result.tuned)}", highlight=False)

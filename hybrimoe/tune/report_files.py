@@ -2,7 +2,7 @@
 
 Design choices:
 - `trials.csv` is Optuna's trials dataframe with parameters and user attributes (slots, decode
-  ms/token, TTFT, hit rate, the reference's name); Optuna's own system attributes are left out.
+  ms/token, TTFT, ready hit rate, the reference's name); Optuna's own system attributes are left out.
 - The images are Optuna's matplotlib plots (history, importances, Pareto front) and one of ours:
   each completed trial's time against its expert-cache slots. The default policy and each baseline
   get a marker and colour of their own (in the history too, so they stand apart from the search's
@@ -200,7 +200,7 @@ def _index_markdown(result: TuneResult, csv_path: Path, images: list[Path] | Non
         "",
         "## Tuned, default and baselines",
         "",
-        f"| config | train {unit} | holdout {unit} | decode ms/token | TTFT ms | hit rate |",
+        f"| config | train {unit} | holdout {unit} | decode ms/token | TTFT ms | ready hit rate |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result.rows:
@@ -208,9 +208,9 @@ def _index_markdown(result: TuneResult, csv_path: Path, images: list[Path] | Non
         holdout_ms = None if row.holdout is None else row.holdout.objective_ms
         lines.append(
             f"| {row.config} | {_cell(row.train.objective_ms)} | {_cell(holdout_ms)} | "
-            f"{_cell(shown.decode_ms_per_token)} | {_cell(shown.ttft_ms, '.1f')} | {shown.hit_rate:.0%} |"
+            f"{_cell(shown.decode_ms_per_token)} | {_cell(shown.ttft_ms, '.1f')} | {shown.ready_hit_rate:.0%} |"
         )
-    lines += ["", f"Decode ms/token, TTFT and hit rate are on the {detail} tokens.", "", "## Files", "",
+    lines += ["", f"Decode ms/token, TTFT and ready hit rate are on the {detail} tokens.", "", "## Files", "",
               f"- [{csv_path.name}]({csv_path.name}): every trial"]
     if images is None:
         lines.append("- images: not drawn, they need the `plot` extra (`pip install hybrimoe[plot]`)")

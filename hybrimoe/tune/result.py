@@ -70,7 +70,8 @@ class TuneResult:
 
 def _evaluation(trial: FrozenTrial) -> Evaluation:
     attrs = trial.user_attrs
-    return Evaluation(trial.values[0], attrs.get("decode_ms_per_token"), attrs.get("ttft_ms"), attrs.get("hit_rate", 0.0))
+    return Evaluation(trial.values[0], attrs.get("decode_ms_per_token"), attrs.get("ttft_ms"),
+                      attrs.get("ready_hit_rate", 0.0))
 
 
 def _row(inputs: Inputs, config: str, trial: FrozenTrial, holdout: bool) -> Row:
@@ -180,7 +181,7 @@ def _record(
         for part, value in (("train", row.train), ("holdout", row.holdout)):
             if value is not None:
                 results.append(TunedResult(row.config, part, value.objective_ms, value.decode_ms_per_token,
-                                           value.ttft_ms, value.hit_rate))
+                                           value.ttft_ms, value.ready_hit_rate))
     options = inputs.options
     return TuningRecord(
         study=inputs.study_name,

@@ -49,7 +49,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PAST_TARGET = "past_target"  # a trial's user attribute: started past --trials by a racing worker, ran nothing
 WORKER_FAILED = 3  # a worker's exit code when its study failed (it printed why, unless the storage went away)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "hit_rate")
+RESULT_ATTRS = ("slots", "decode_ms_per_token", "ttft_ms", "ready_hit_rate")
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def objective(inputs: Inputs, worker: int = 0) -> Callable[[optuna.Trial], float
         report = _pruning_reporter(trial) if strategy == "hybrimoe" and not inputs.options.pareto else None
         result = workload.evaluate(workload.train, inputs.profile, strategy, policy, slots, report)
         values = {"slots": slots, "decode_ms_per_token": result.decode_ms_per_token, "ttft_ms": result.ttft_ms,
-                  "hit_rate": result.hit_rate}
+                  "ready_hit_rate": result.ready_hit_rate}
         for name in RESULT_ATTRS:
             trial.set_user_attr(name, values[name])
         if inputs.options.pareto:

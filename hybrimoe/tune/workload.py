@@ -52,7 +52,8 @@ class Evaluation:
     objective_ms: float
     decode_ms_per_token: float | None
     ttft_ms: float | None
-    hit_rate: float  # decode's when decode is replayed, else prefill's
+    ready_hit_rate: float  # hits whose expert was resident and ready (not still copying): decode's when
+    # decode is replayed, else prefill's
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,13 @@ class Workload:
             objective_ms=float(np.mean(totals)),
             decode_ms_per_token=float(np.mean(decode_values)) if decode_values else None,
             ttft_ms=float(np.mean(ttft_values)) if ttft_values else None,
-            hit_rate=float(np.mean(hit_rates)),
+            ready_hit_rate=float(np.mean(hit_rates)),
         )
 
     def _replay(
         self, replay: Replay, planner: Callable, on_partial: Callable[[float, float], None] | None
     ) -> tuple[float | None, float | None, float]:
-        """(TTFT ms, decode ms/token, hit rate) on one trace. The last mode replayed reports the
+        """(TTFT ms, decode ms/token, ready hit rate) on one trace. The last mode replayed reports the
         running objective, `on_partial(fraction of its steps done, objective so far)`."""
         ttft_ms = decode_ms = None
         hit_rate = 0.0
@@ -118,12 +119,12 @@ class Workload:
             watch = watcher(replay.prefill, lambda mean_ms: self.combine(None, mean_ms)) if replay.decode is None else None
             result = simulate(replay.prefill, planner(), mode="prefill",
                               checkpoints=CHECKPOINTS if watch else 0, on_checkpoint=watch)
-            ttft_ms, hit_rate = result.step_ms, result.hit_rate
+            ttft_ms, hit_rate = result.step_ms, result.ready_hit_rate
         if replay.decode is not None:
             watch = watcher(replay.decode, lambda mean_ms: self.combine(mean_ms, ttft_ms))
             result = simulate(replay.decode, planner(), mode="decode",
                               checkpoints=CHECKPOINTS if watch else 0, on_checkpoint=watch)
-            decode_ms, hit_rate = result.step_ms, result.hit_rate
+            decode_ms, hit_rate = result.step_ms, result.ready_hit_rate
         return ttft_ms, decode_ms, hit_rate
 
     def combine(self, decode_ms: float | None, ttft_ms: float | None) -> float:
