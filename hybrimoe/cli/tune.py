@@ -328,5 +328,10 @@ def _blocks(blocks: tuple[int, ...]) -> str:
 def _describe(row) -> str:
     p = row.policy
     cache = f"{p.cache_policy}" + (f" (decay {p.mrs_alpha:g}, top-p {p.mrs_top_p})" if p.cache_policy == "mrs" else "")
-    prefetch = "no prefetch" if p.prefetch == "none" or not p.prefetch_depth else f"{p.prefetch} prefetch depth {p.prefetch_depth}"
+    if p.prefetch == "none" or not p.prefetch_depth:
+        prefetch = "no prefetch"
+    elif p.prefetch == "top-score":
+        prefetch = "top-score prefetch (next layer)"
+    else:
+        prefetch = f"{p.prefetch} prefetch depth {p.prefetch_depth}"
     return f"{row.slots} slots, {p.cache_layout} {cache}, {prefetch}, warm start {'on' if p.warm_start else 'off'}"

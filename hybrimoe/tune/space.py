@@ -8,7 +8,8 @@ Design choices:
   Integer knobs on an even step are ordinal for the sampler (`suggest_int`); the others are
   categorical.
 - Conditional knobs: the MRS score decay and top-p exist only when the cache policy is MRS, the
-  prefetch kind only when the prefetch depth is above zero. A trial suggests only the knobs its
+  prefetch depth only for impact prefetch (top-score prefetch copies the next layer's experts,
+  within the copy time idle before it, whatever its depth: a depth knob would repeat its trials). A trial suggests only the knobs its
   earlier choices enable, which Optuna's TPE handles with `group=True`.
 - The cache capacity is a knob only when the budget is a memory size: its values run from the
   largest capacity the budget holds downwards, so no value over the budget is ever suggested. A
@@ -92,7 +93,9 @@ class SearchSpace:
 
     def policy_of(self, chosen: Mapping[str, Any]) -> PolicyConfig:
         """The policy section for these choices; the capacity is written as a ratio, as `run` reads it."""
-        depth = chosen["prefetch_depth"]
+        prefetch = chosen["prefetch"]
+        # top-score copies the next layer's experts whatever the depth; "none" copies nothing
+        depth = chosen["prefetch_depth"] if prefetch == "impact" else int(prefetch == "top-score")
         mrs = chosen["cache_policy"] == "mrs"
         return PolicyConfig(
             cache_ratio=self.slots_of(chosen) / self.total_experts,
@@ -100,7 +103,7 @@ class SearchSpace:
             cache_policy=chosen["cache_policy"],
             mrs_alpha=chosen["mrs_alpha"] if mrs else PolicyConfig.mrs_alpha,
             mrs_top_p=chosen["mrs_top_p"] if mrs else None,
-            prefetch=chosen["prefetch"] if depth else "none",
+            prefetch=prefetch,
             prefetch_depth=depth,
             warm_start=chosen["warm_start"],
         )
@@ -116,8 +119,8 @@ class SearchSpace:
                 value = min(knob.values, key=lambda slots: abs(slots - wanted))
             elif knob.name == "mrs_top_p":
                 value = policy.mrs_top_p or 2 * top_k
-            elif knob.name == "prefetch_depth":
-                value = 0 if policy.prefetch == "none" else policy.prefetch_depth
+            elif knob.name == "prefetch":
+                value = "none" if policy.prefetch_depth == 0 else policy.prefetch
             else:
                 value = getattr(policy, knob.name)
             if value not in knob.values:
@@ -140,8 +143,8 @@ def policy_space(total_experts: int, top_k: int, max_slots: int, fixed_slots: in
         Knob("cache_policy", CONFIGURABLE_POLICIES),
         Knob("mrs_alpha", (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), when=("cache_policy", ("mrs",))),
         Knob("mrs_top_p", (top_k, 2 * top_k, 4 * top_k), when=("cache_policy", ("mrs",))),
-        Knob("prefetch_depth", (0, 1, 2, 3, 4)),
-        Knob("prefetch", tuple(p for p in PREFETCHES if p != "none"), when=("prefetch_depth", (1, 2, 3, 4))),
+        Knob("prefetch", PREFETCHES),
+        Knob("prefetch_depth", (1, 2, 3, 4), when=("prefetch", ("impact",))),
         Knob("warm_start", (True, False)),
     ]
     return SearchSpace(tuple(knobs), fixed_slots, total_experts)
