@@ -47,6 +47,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
     return None
 
 
+MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a measurement
 MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
@@ -532,10 +533,22 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
     for name, curve in curves.items():
         if curve is not None and not curve.ms(1) > 0:
             raise ProfileError(f"{source}: {name}: the latency of 1 token must be positive, got {curve.ms(1)} ms")
+        slowest = max([curve.ms(1), *(point.ms for point in curve.points)]) if curve is not None else 0.0
+        if slowest > MAX_LATENCY_MS:
+            raise ProfileError(f"{source}: {name}: a latency of {slowest:g} ms is past any machine's "
+                               f"({MAX_LATENCY_MS:g} ms at most)")
+    machine = profile.machine
+    for name in ("cores", "threads", "gpu_memory_gb", "ram_gb"):
+        value = getattr(machine, name)
+        if value is not None and not value > 0:
+            raise ProfileError(f"{source}: machine.{name} must be positive, got {value}")
     if profile.transfer is not None:
         for name in ("expert_load_ms", "h2d_pinned_gbps"):
             if not getattr(profile.transfer, name) > 0:
                 raise ProfileError(f"{source}: transfer.{name} must be positive, got {getattr(profile.transfer, name)}")
+        if profile.transfer.expert_load_ms > MAX_LATENCY_MS:
+            raise ProfileError(f"{source}: transfer.expert_load_ms {profile.transfer.expert_load_ms:g} is past any "
+                               f"machine's ({MAX_LATENCY_MS:g} ms at most)")
     for name in ("cpu_slowdown", "copy_slowdown"):
         if not 0 < getattr(profile.interference, name) <= MAX_SLOWDOWN:
             raise ProfileError(f"{source}: interference.{name} must be in (0, {MAX_SLOWDOWN:g}], "

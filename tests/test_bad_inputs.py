@@ -77,6 +77,9 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "key_twice.yaml", "schema_version: 1", "schema_version: 1\nschema_version: 1")
     _profile_with(tmp, "absurd_interference.yaml", "copy_slowdown: 1.0", "copy_slowdown: 1.0e+300")
     _profile_with(tmp, "zero_host_bandwidth.yaml", "host_memory_gbps: 58.24", "host_memory_gbps: 0")
+    _profile_with(tmp, "huge_latency.yaml", "  - [1, 0.18218, 0.0]", "  - [1, 1.0e+308, 0.0]")
+    _profile_with(tmp, "negative_cores.yaml", "cores: 16,", "cores: -1,")
+    _profile_with(tmp, "zero_card.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 0}")
     _profile_with(tmp, "inf_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .inf")
     _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
@@ -137,6 +140,10 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
     _model_dir(tmp, "zero_heads", config=_demo_config(num_attention_heads=0))
     _model_dir(tmp, "zero_experts", config=_demo_config(num_experts=0))
+    _model_dir(tmp, "small_vocabulary", config=_demo_config(vocab_size=10))
+    _model_dir(tmp, "nan_epsilon", config=_demo_config(rms_norm_eps=float("nan")))
+    (_model_dir(tmp, "text_eos") / "generation_config.json").write_text('{"eos_token_id": [99999, "x"]}')
+    (_model_dir(tmp, "broken_generation_config") / "generation_config.json").write_text('{"temperature": "hot"')
     int8_weights = _model_dir(tmp, "int8_unmarked", weights=False)
     from safetensors.numpy import load_file, save_file
 
@@ -212,6 +219,26 @@ CASES = [
     ("profile key given twice", [*SIM, "--profile", "{tmp}/key_twice.yaml"], "appears twice"),
     ("profile absurd interference", [*SIM, "--profile", "{tmp}/absurd_interference.yaml"], "copy_slowdown"),
     ("profile zero host bandwidth", [*SIM, "--profile", "{tmp}/zero_host_bandwidth.yaml"], "host_memory_gbps"),
+    ("profile latency of 1e308 ms", [*SIM, "--profile", "{tmp}/huge_latency.yaml"], "past any machine"),
+    ("profile negative cores", [*SIM, "--profile", "{tmp}/negative_cores.yaml"], "machine.cores"),
+    ("profile card of 0 GB", [*SIM, "--profile", "{tmp}/zero_card.yaml"], "machine.gpu_memory_gb"),
+    ("simulate split with a profiling trace", [*SIM, "--profile", P, "--profiling-trace", T, "--profile-split", "0.5"],
+     "--profile-split"),
+    ("tune context without a budget", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--context", "8192"],
+     "--context is used only with --gpu-memory-gb"),
+    ("tune group size without formats", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
+                                         "--group-size", "64"], "--group-size is used only with --allow-quantize"),
+    ("tune prompts without measuring", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--prompts",
+                                        str(REPO / "README.md")], "--prompts is used only with --measure-top"),
+    ("tune another model than the traces'", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--model",
+                                             str(DEMO), "--gpu-memory-gb", "24"], "is not the traces' model"),
+    ("run top-p without temperature", [*RUN, "--top-p", "0.5"], "needs a --temperature"),
+    ("run pad token outside the vocabulary", ["run", "--prompt", "x", "--model", "{tmp}/small_vocabulary"],
+     "pad_token_id 256 is outside the vocabulary"),
+    ("run NaN in the config", ["run", "--prompt", "x", "--model", "{tmp}/nan_epsilon"], "rms_norm_eps is nan"),
+    ("run EOS ids that are text", ["run", "--prompt", "x", "--model", "{tmp}/text_eos"], "eos_token_id must be"),
+    ("run broken generation config", ["run", "--prompt", "x", "--model", "{tmp}/broken_generation_config"],
+     "not readable JSON"),
     ("profile inf overhead", [*SIM, "--profile", "{tmp}/inf_overhead.yaml"], "layer_overhead_ms"),
     ("profile nan interference", [*SIM, "--profile", "{tmp}/nan_interference.yaml"], "cpu_slowdown"),
     ("run with a zero-load profile", ["run", "--prompt", "x", "--profile", "{tmp}/demo_zero_load.yaml"],

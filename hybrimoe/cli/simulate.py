@@ -20,6 +20,8 @@ from hybrimoe.errors import UserError
 from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
+DEFAULT_PROFILE_SPLIT = 0.25  # the trace's first quarter is the profiling workload
+
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
     text = ",".join(texts)
     try:
@@ -94,7 +96,7 @@ def simulate(
         help="Count expert frequencies (frequency placement, warm start) on this other trace of the same model, "
         "and replay all of --trace.",
     ),
-    profile_split: float = typer.Option(0.25, "--profile-split", help="Without --profiling-trace: the fraction of the trace's tokens used as the profiling workload."),
+    profile_split: float | None = typer.Option(None, "--profile-split", help=f"Without --profiling-trace: the fraction of the trace's tokens used as the profiling workload (default {DEFAULT_PROFILE_SPLIT})."),
     baseline: list[str] = typer.Option(
         [], "--baseline",
         help="A baseline setting KEY=VALUE, repeatable: refresh_steps, refresh_prefill_tokens, refresh_decay "
@@ -109,6 +111,9 @@ def simulate(
     from hybrimoe.policy.comparison import simulate_files
 
     with user_errors():
+        if profile_split is not None and profiling_trace is not None:
+            raise UserError("--profile-split splits the trace only without --profiling-trace: give one of them")
+        profile_split = DEFAULT_PROFILE_SPLIT if profile_split is None else profile_split
         if not 0.0 < profile_split < 1.0:
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
         if json_out and markdown:

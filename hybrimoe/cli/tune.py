@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybrimoe.capacity import DEFAULT_CONTEXT_TOKENS
+from hybrimoe.config import DEFAULT_GROUP_SIZE
 from hybrimoe.cli import app, console, err_console, finite_positive, user_errors
 
 _WORK = "Workload"
@@ -37,7 +38,7 @@ def tune(
         "(`run --quantize`); each is a study of its own (--trials each) at the same budget, and the fastest "
         "on the holdout is written.",
     ),
-    group_size: int = typer.Option(128, "--group-size", min=2, rich_help_panel=_WORK, help="Weights per scale, with --allow-quantize."),
+    group_size: int | None = typer.Option(None, "--group-size", min=2, rich_help_panel=_WORK, help=f"Weights per scale, with --allow-quantize (default {DEFAULT_GROUP_SIZE})."),
     holdout: list[Path] = typer.Option(
         [], "--holdout", rich_help_panel=_WORK, help="Trace never seen by the search, to check the result on; repeatable.",
     ),
@@ -61,8 +62,8 @@ def tune(
         help="Accelerator memory: the dense weights, a reserve and the KV cache first, then expert slots "
         "(the capacity is searched up to what fits).",
     ),
-    context: int = typer.Option(DEFAULT_CONTEXT_TOKENS, "--context", rich_help_panel=_BUDGET, help="KV-cache tokens per sequence, with --gpu-memory-gb."),
-    batch: int = typer.Option(1, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb."),
+    context: int | None = typer.Option(None, "--context", rich_help_panel=_BUDGET, help=f"KV-cache tokens per sequence, with --gpu-memory-gb (default {DEFAULT_CONTEXT_TOKENS})."),
+    batch: int | None = typer.Option(None, "--batch", rich_help_panel=_BUDGET, help="Sequences, with --gpu-memory-gb (default 1)."),
     model: Path | None = typer.Option(
         None, "--model", rich_help_panel=_BUDGET,
         help="Model directory: its config.json sizes the dense weights for --gpu-memory-gb and numbers the layers "
@@ -114,15 +115,21 @@ def tune(
         formats = () if allow_quantize is None else tuple(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
         )
+        for flag, given, needed, present in (
+            ("--context", context, "--gpu-memory-gb", gpu_memory_gb), ("--batch", batch, "--gpu-memory-gb", gpu_memory_gb),
+            ("--group-size", group_size, "--allow-quantize", allow_quantize), ("--prompts", prompts, "--measure-top", measure_top or None),
+        ):
+            if given is not None and present is None:
+                raise UserError(f"{flag} is used only with {needed}: give both, or leave {flag} out")
         quantized = [path for path in profiles if load_profile(path).expert_shape.quantize is not None]
         plain = [path for path in profiles if path not in quantized]
         if len(plain) > 1 or (quantized and not formats):
             raise UserError("give one --profile, and more only with --allow-quantize (one per format)")
         options = TuneOptions(
             traces=tuple(traces), out=out, profile=plain[0] if plain else None, allow_quantize=formats,
-            group_size=group_size, format_profiles=tuple(quantized), holdout=tuple(holdout), holdout_split=holdout_split,
+            group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, format_profiles=tuple(quantized), holdout=tuple(holdout), holdout_split=holdout_split,
             objective=objective, decode_tokens=decode_tokens, gpu_memory_gb=gpu_memory_gb,
-            cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=context, batch_size=batch,
+            cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=DEFAULT_CONTEXT_TOKENS if context is None else context, batch_size=1 if batch is None else batch,
             model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
             pareto=pareto, force=force, max_tokens=max_tokens, report_dir=report, exports=tuple(export),
             measure_top=measure_top, prompts=prompts, measure_tokens=measure_tokens,

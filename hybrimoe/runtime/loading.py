@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 import re
 import struct
@@ -265,10 +266,8 @@ def load_config(path: Path, trust_remote_code: bool):
     if not isinstance(config_data, dict):
         raise ModelError(f"{path}/config.json: expected a JSON object, got a {type(config_data).__name__}")
     model_type = config_data.get("model_type", "unknown")
-    for key in _POSITIVE_CONFIG_KEYS:  # transformers divides by them while building the model
-        value = config_data.get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise ModelError(f"{path}/config.json: {key} must be a whole number above 0, got {value!r}")
+    _check_config_numbers(path, config_data)
+    _check_generation_config(path)
     native = _is_native_model(model_type)
     if native and "auto_map" in config_data:
         _note(f"{path}: transformers implements {model_type!r} itself; the checkpoint's own code (auto_map) is not used")
@@ -280,6 +279,40 @@ def load_config(path: Path, trust_remote_code: bool):
         raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
     except Exception as exc:  # transformers' config classes validate with errors of their own (huggingface_hub's)
         raise ModelError(f"{path}/config.json: not a valid {model_type} config ({_first_line(exc)})") from None
+
+
+def _check_config_numbers(path: Path, config_data: dict) -> None:
+    """Refuses, in one line naming the field, numbers that transformers would divide by, build from
+    or compute with: sizes that are not whole numbers above 0, a non-finite number anywhere at the
+    top level (JSON lets NaN through), a pad token outside the vocabulary."""
+    for key in _POSITIVE_CONFIG_KEYS:
+        value = config_data.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ModelError(f"{path}/config.json: {key} must be a whole number above 0, got {value!r}")
+    for key, value in config_data.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModelError(f"{path}/config.json: {key} is {value}, not a finite number")
+    pad, vocab = config_data.get("pad_token_id"), config_data.get("vocab_size")
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        raise ModelError(f"{path}/config.json: pad_token_id {pad} is outside the vocabulary (vocab_size {vocab})")
+
+
+def _check_generation_config(path: Path) -> None:
+    """A generation_config.json, when there is one, must be a JSON object whose EOS ids are token ids
+    (transformers would warn and go on with a broken one, and generation would fail after loading)."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
+        raise ModelError(f"{file}: not readable JSON") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{file}: expected a JSON object, got a {type(data).__name__}")
+    eos = data.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ModelError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
 
 
 def _is_native_model(model_type: object) -> bool:
@@ -338,6 +371,8 @@ def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
+    except (AssertionError, ArithmeticError, TypeError, IndexError) as exc:  # the config's numbers do not build a model
+        raise ModelError(f"{config.model_type}: its config.json does not build a model ({_first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -41,6 +41,7 @@ from hybrimoe.serve.metrics import ServerMetrics
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 16 * 2**20  # a request body past this is refused unread (its JSON and tokens would hold the loop)
 ANSWER_S = 2.0  # after the requests' time to finish, for their answers to go out
 _POLL_S = 0.25  # how often a waiting handler looks for its client's disconnect and the shutdown's deadline
 
@@ -118,6 +119,12 @@ class _Sampled(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
         return value
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -150,6 +157,9 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+    async def __call__(self, scope, receive, send) -> None:  # answered as an ASGI app, before routing
+        await self.response()(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -190,9 +200,21 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), kind=kind).response()
 
-    def tokenize(text: str, add_special_tokens: bool) -> list[int]:
-        with engine.tokenizer_lock:
-            return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # no prompt longer than this fits the positions, whatever its tokens (each covers at most its
+    # vocabulary entry's characters; twice that for normalizers that drop characters): refused untokenized
+    max_prompt_chars = 2 * max(map(len, tokenizer.get_vocab()), default=1) * n_positions if n_positions else None
+
+    async def tokenize(text: str, add_special_tokens: bool) -> list[int]:
+        """The prompt's ids, tokenized off the event loop (a long prompt takes a while)."""
+        if max_prompt_chars is not None and len(text) > max_prompt_chars:
+            raise ApiError(400, f"the prompt is {len(text)} characters, more than the model's {n_positions} positions "
+                           "can hold", code="context_length_exceeded", param="prompt")
+
+        def encode() -> list[int]:
+            with engine.tokenizer_lock:
+                return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+        return await asyncio.to_thread(encode)
 
     def request_for(body: _Sampled, prompt_ids: list[int], deliver) -> Request:
         if body.model != model_name:
@@ -299,7 +321,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
-        request, queue = await submit(body, tokenize(body.prompt, add_special_tokens=True))
+        request, queue = await submit(body, await tokenize(body.prompt, add_special_tokens=True))
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish_reason: str | None) -> dict:
@@ -318,9 +340,9 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
             with engine.tokenizer_lock:
                 text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                                      add_generation_prompt=True)
-            prompt_ids = tokenize(text, add_special_tokens=False)
+            prompt_ids = await tokenize(text, add_special_tokens=False)
         else:
-            prompt_ids = tokenize(plain_chat_prompt(body.messages), add_special_tokens=True)
+            prompt_ids = await tokenize(plain_chat_prompt(body.messages), add_special_tokens=True)
         request, queue = await submit(body, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sent_role = []
@@ -373,6 +395,14 @@ class _CountedRequests:
             await self.app(scope, receive, send)
             return
         path = scope["path"] if scope["path"] in self.paths else "other"
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused unparsed
+            message = f"the request body is {int(declared)} bytes; this server takes at most {MAX_BODY_BYTES}"
+            while (await receive()).get("more_body"):  # drained, so the client reads the answer
+                pass
+            self.metrics.requests.labels(path, "413").inc()
+            await ApiError(413, message)(scope, receive, send)
+            return
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":

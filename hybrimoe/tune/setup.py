@@ -294,8 +294,17 @@ def _model_shape(options: TuneOptions, meta: TraceMeta) -> ModelShape | None:
     if options.model is not None:
         from hybrimoe.profile.inputs import resolve_model
 
-        return resolve_model(model_path=options.model, dtype=meta.dtype)
+        return _same_model(resolve_model(model_path=options.model, dtype=meta.dtype), meta, options.model)
     return preset_for_routing(meta.routing_shape)
+
+
+def _same_model(shape: ModelShape, meta: TraceMeta, path: Path) -> ModelShape:
+    """`shape` (read from `--model path`), refused when it is not the model the traces recorded."""
+    if shape.routing_shape != meta.routing_shape:
+        names = ("layers", "experts", "top-k", "hidden size", "expert intermediate size")
+        differ = [f"{name} {a} vs {b}" for name, a, b in zip(names, shape.routing_shape, meta.routing_shape) if a != b]
+        raise UserError(f"--model {path} is not the traces' model ({meta.model}): {', '.join(differ)}")
+    return shape
 
 
 def _gguf(options: TuneOptions, meta: TraceMeta) -> GgufModel | None:
@@ -303,10 +312,7 @@ def _gguf(options: TuneOptions, meta: TraceMeta) -> GgufModel | None:
     if not is_gguf_path(options.model):
         return None
     gguf = read_gguf(options.model, dtype=meta.dtype)
-    if gguf.shape.routing_shape != meta.routing_shape:
-        names = ("layers", "experts", "top-k", "hidden size", "expert intermediate size")
-        differ = [f"{name} {a} vs {b}" for name, a, b in zip(names, gguf.shape.routing_shape, meta.routing_shape) if a != b]
-        raise UserError(f"--model {options.model} is not the traces' model ({meta.model}): {', '.join(differ)}")
+    _same_model(gguf.shape, meta, options.model)
     return gguf
 
 
