@@ -21,6 +21,7 @@ from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
 DEFAULT_PROFILE_SPLIT = 0.25  # the trace's first quarter is the profiling workload
+COLUMNS_PER_TABLE = 3  # cache sizes side by side in one text table: three fit 80 columns
 
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
     text = ",".join(texts)
@@ -151,7 +152,8 @@ def simulate(
         print("\n\n".join(_markdown(c) for c in comparisons))
         return
     for comparison in comparisons:
-        console.print(_table(comparison))
+        for part in _tables(comparison):
+            console.print(part)
 
 
 @contextlib.contextmanager
@@ -294,26 +296,28 @@ def _markdown(comparison) -> str:
     return "\n".join(lines)
 
 
-def _table(comparison) -> Table:
-    """One column per cache size, each cell "time ratio-to-best hit": it reads at 80 columns."""
+def _tables(comparison) -> list[Table | Text]:
+    """One column per cache size, each cell "time ratio-to-best hit", at most `COLUMNS_PER_TABLE`
+    cache sizes a table so that each reads at 80 columns; then the notes."""
     unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
-    title = (
-        f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
-        f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)"
-    )
-    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  collapse_padding=True, pad_edge=False)
-    table.add_column("strategy", no_wrap=True)
-    for ratio in comparison.ratios:
-        table.add_column(_header(comparison, ratio), justify="right", no_wrap=True)
-    for strategy, row in _rows(comparison):
-        cells = []
-        for result, star, to_best in row:
-            to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
-            text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.ready_hit_rate:>4.0%}"
-            cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
-        style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in _NOT_DEPLOYABLE else None)
-        table.add_row(strategy, *cells, style=style)
+    rows = list(_rows(comparison))
+    tables = []
+    for first in range(0, len(comparison.ratios), COLUMNS_PER_TABLE):
+        shown = range(first, min(first + COLUMNS_PER_TABLE, len(comparison.ratios)))
+        table = Table(title=escape(_title(comparison)) if first == 0 else None, title_justify="left",
+                      box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
+        table.add_column("strategy", no_wrap=True)
+        for i in shown:
+            table.add_column(_header(comparison, comparison.ratios[i]), justify="right", no_wrap=True)
+        for strategy, row in rows:
+            cells = []
+            for result, star, to_best in (row[i] for i in shown):
+                to_best_text = "" if to_best is None else f" {to_best:.2f}x"  # fixed widths: the parts line up
+                text = f"{_time(result.step_ms):>5}{star or ' '}{to_best_text} {result.ready_hit_rate:>4.0%}"
+                cells.append(text if comparison.fits(result.cache_ratio) else Text(text, style="dim"))
+            style = "bold green" if strategy == "hybrimoe" else ("dim" if strategy in _NOT_DEPLOYABLE else None)
+            table.add_row(strategy, *cells, style=style)
+        tables.append(table)
     caption = [f"each cell: {unit}, its ratio to the best baseline a user can deploy (*), hit rate",
                _waited_note(comparison), _memory(comparison), _fit_note(comparison)]
     summary = _summary(comparison)
@@ -322,9 +326,12 @@ def _table(comparison) -> Table:
     if comparison.greedy_vs_exact is not None:
         mean, worst = comparison.greedy_vs_exact
         caption.append(f"greedy schedule vs exact optimum on sampled layers: mean {mean:.3f}x, worst {worst:.3f}x")
-    table.caption = "\n".join(caption)
-    table.caption_justify = "left"
-    return table
+    return [*tables, Text("\n".join(caption))]
+
+
+def _title(comparison) -> str:
+    return (f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
+            f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)")
 
 
 def _time(ms: float) -> str:
