@@ -418,6 +418,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = set(data) - set(hints)
     if unknown:
         raise ProfileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    missing = [name for name, f in hints.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ProfileError(f"{where}: missing field(s) {', '.join(missing)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name].type, value, f"{where}.{name}")

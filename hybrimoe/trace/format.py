@@ -358,9 +358,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     path = input_file(path, "trace", TraceError)
     _check_archive(path)
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise TraceError(f"{path}: not an .npz trace archive (a single .npy array?)")
+        archive = np.load(path, allow_pickle=False)  # a zip (`_check_archive`): an NpzFile
         with archive:
             unknown = set(archive.files) - set(_ARRAY_NAMES)
             if unknown:
@@ -382,7 +380,10 @@ def _check_archive(path: Path) -> None:
     from hybrimoe.host import available_ram_bytes
 
     if not zipfile.is_zipfile(path):
-        return  # np.load says what it is
+        with path.open("rb") as fh:
+            single_array = fh.read(6) == b"\x93NUMPY"
+        what = "a single .npy array" if single_array else "not a zip of numpy arrays"
+        raise TraceError(f"{path}: not an .npz trace archive ({what}); `hybrimoe trace import` converts routing logs")
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
