@@ -224,6 +224,7 @@ CASES = [
     ("profile card of 0 GB", [*SIM, "--profile", "{tmp}/zero_card.yaml"], "machine.gpu_memory_gb"),
     ("simulate split with a profiling trace", [*SIM, "--profile", P, "--profiling-trace", T, "--profile-split", "0.5"],
      "--profile-split"),
+    ("tune out that is not YAML", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.npz"], "is YAML"),
     ("tune context without a budget", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--context", "8192"],
      "--context is used only with --gpu-memory-gb"),
     ("tune group size without formats", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",

@@ -79,6 +79,7 @@ def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
     L = meta.n_layers
     if not lines:
         raise TraceError(f"{path}: no lines")
+    records = [_vllm_record(line, f"{path}:{lineno + 1}") for lineno, line in enumerate(lines)]
     if len(lines) % L:
         raise TraceError(f"{path}: {len(lines)} lines is not a multiple of n_layers={L} (one line per MoE layer)")
     steps = []
@@ -86,7 +87,7 @@ def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
         ids_per_layer, weights_per_layer = [], []
         for lineno in range(first, first + L):
             where = f"{path}:{lineno + 1}"
-            ids, weights = _vllm_line(lines[lineno], where, meta)
+            ids, weights = _vllm_routing(records[lineno], where, meta)
             if ids_per_layer and ids.shape[0] != ids_per_layer[0].shape[0]:
                 raise TraceError(
                     f"{where}: {ids.shape[0]} tokens, but layer 0 of this step had {ids_per_layer[0].shape[0]}"
@@ -103,13 +104,17 @@ def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
     return steps
 
 
-def _vllm_line(line: str, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray | None]:
+def _vllm_record(line: str, where: str) -> object:
+    """One line's JSON (every line is read before the lines are counted, so a broken line is named)."""
     try:
-        record = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as exc:
         raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
     except RecursionError:
         raise TraceError(f"{where}: JSON nested too deeply to read") from None
+
+
+def _vllm_routing(record: object, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray | None]:
     if not isinstance(record, dict) or "topk_ids" not in record:
         raise TraceError(f"{where}: expected an object with 'topk_ids'")
     try:

@@ -170,10 +170,12 @@ def check_outputs(options: TuneOptions) -> None:
     unknown = [engine for engine in options.exports if engine not in EXPORT_ENGINES]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(EXPORT_ENGINES)}")
-    check_output(options.out, options.force, "--out")
     traces = {Path(path).resolve() for path in (*options.traces, *options.holdout, *options.profiling_traces)}
     if options.out.resolve() in traces:
         raise UserError(f"--out {options.out} is one of the input traces: the tuned profile would overwrite it")
+    if options.out.suffix.lower() not in (".yaml", ".yml"):
+        raise UserError(f"--out {options.out}: the tuned profile is YAML; give a .yaml file")
+    check_output(options.out, options.force, "--out")
     if options.pareto and (options.cache_experts is not None or options.cache_ratio is not None):
         raise UserError("--pareto trades time against the cache's size: leave --cache-experts and --cache-ratio out")
     if "ktransformers" in options.exports:
