@@ -48,6 +48,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
 
 
 MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a measurement
+MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
 MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
@@ -537,7 +538,8 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
     for name, curve in curves.items():
         if curve is not None and not curve.ms(1) > 0:
             raise ProfileError(f"{source}: {name}: the latency of 1 token must be positive, got {curve.ms(1)} ms")
-        slowest = max([curve.ms(1), *(point.ms for point in curve.points)]) if curve is not None else 0.0
+        slowest = max([curve.ms(1), curve.fit.intercept_ms, curve.fit.per_token_ms,
+                       *(point.ms for point in curve.points)]) if curve is not None else 0.0
         if slowest > MAX_LATENCY_MS:
             raise ProfileError(f"{source}: {name}: a latency of {slowest:g} ms is past any machine's "
                                f"({MAX_LATENCY_MS:g} ms at most)")
@@ -550,6 +552,9 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
         for name in ("expert_load_ms", "h2d_pinned_gbps"):
             if not getattr(profile.transfer, name) > 0:
                 raise ProfileError(f"{source}: transfer.{name} must be positive, got {getattr(profile.transfer, name)}")
+        if profile.transfer.h2d_pinned_gbps < MIN_GBPS:
+            raise ProfileError(f"{source}: transfer.h2d_pinned_gbps {profile.transfer.h2d_pinned_gbps:g} is below any "
+                               f"machine's ({MIN_GBPS:g} GB/s at least)")
         if profile.transfer.expert_load_ms > MAX_LATENCY_MS:
             raise ProfileError(f"{source}: transfer.expert_load_ms {profile.transfer.expert_load_ms:g} is past any "
                                f"machine's ({MAX_LATENCY_MS:g} ms at most)")
@@ -557,8 +562,8 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
         if not 0 < getattr(profile.interference, name) <= MAX_SLOWDOWN:
             raise ProfileError(f"{source}: interference.{name} must be in (0, {MAX_SLOWDOWN:g}], "
                                f"got {getattr(profile.interference, name)}")
-    if profile.host_memory_gbps is not None and not profile.host_memory_gbps > 0:
-        raise ProfileError(f"{source}: host_memory_gbps must be positive, got {profile.host_memory_gbps}")
+    if profile.host_memory_gbps is not None and not profile.host_memory_gbps >= MIN_GBPS:
+        raise ProfileError(f"{source}: host_memory_gbps must be at least {MIN_GBPS:g}, got {profile.host_memory_gbps}")
     return profile
 
 

@@ -61,6 +61,10 @@ def check_options(options: RunOptions) -> None:
         raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
     if not 0.0 < options.sampling.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
+    if options.sampling.seed is not None and options.sampling.temperature == 0:
+        raise UserError("--seed seeds sampling, so it needs a --temperature above 0 (at 0 generation is greedy)")
+    if options.strategy == "cpu-only" and (options.cache_experts is not None or options.cache_ratio is not None):
+        raise UserError("--strategy cpu-only runs every expert on the CPU: leave --cache-experts and --cache-ratio out")
     if options.sampling.top_p < 1.0 and options.sampling.temperature == 0:
         raise UserError("--top-p samples, so it needs a --temperature above 0 (at 0 generation is greedy)")
     if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:

@@ -80,6 +80,11 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "huge_latency.yaml", "  - [1, 0.18218, 0.0]", "  - [1, 1.0e+308, 0.0]")
     _profile_with(tmp, "negative_cores.yaml", "cores: 16,", "cores: -1,")
     _profile_with(tmp, "zero_card.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 0}")
+    _profile_with(tmp, "huge_slope.yaml", "  fit: {intercept_ms: 0.0999347, per_token_ms: 0.00403833,",
+                  "  fit: {intercept_ms: 0.0999347, per_token_ms: 1.0e+300,")
+    (tmp / "long_number.jsonl").write_text('{"topk_ids": [[0, ' + "9" * 5000 + ']]}\n{"topk_ids": [[0, 1]]}\n')
+    (_model_dir(tmp, "foreign_auto_map", config=_demo_config(
+        auto_map={"AutoModelForCausalLM": "evil/repo--modeling.Evil"}))).exists()
     _profile_with(tmp, "inf_load.yaml", "expert_load_ms: 0.384491", "expert_load_ms: .inf")
     _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
@@ -224,6 +229,26 @@ CASES = [
     ("profile card of 0 GB", [*SIM, "--profile", "{tmp}/zero_card.yaml"], "machine.gpu_memory_gb"),
     ("simulate split with a profiling trace", [*SIM, "--profile", P, "--profiling-trace", T, "--profile-split", "0.5"],
      "--profile-split"),
+    ("profile fit of 1e300 ms a token", [*SIM, "--profile", "{tmp}/huge_slope.yaml"], "past any machine"),
+    ("simulate one profile twice", [*SIM, "--profile", P, "--profile", P], "given twice"),
+    ("profile estimate with --threads", ["profile", "--estimate", "rtx4090-desktop", "--out", "{tmp}/e.yaml",
+                                        "--threads", "4"], "--estimate measures nothing"),
+    ("profile plot that is not PNG", ["profile", "--preset", "demo", "--quick", "--out", "{tmp}/e.yaml", "--plot",
+                                      "{tmp}/p.jpg"], "give a .png file"),
+    ("profile dtype float8", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--dtype", "float8",
+                              "--out", "{tmp}/e.yaml"], "--dtype must be one of"),
+    ("run seed without temperature", [*RUN, "--seed", "5"], "--seed seeds sampling"),
+    ("run cache size under cpu-only", [*RUN, "--strategy", "cpu-only", "--cache-experts", "8"], "cpu-only"),
+    ("run foreign auto_map with remote code", ["run", "--prompt", "x", "--model", "{tmp}/foreign_auto_map",
+                                                "--trust-remote-code"], "another repository"),
+    ("run invalid OMP_NUM_THREADS", [*RUN], "OMP_NUM_THREADS"),
+    ("tune decode tokens with the decode objective", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
+                                                      "--objective", "decode", "--decode-tokens", "10"],
+     "--decode-tokens is used only with --objective weighted"),
+    ("tune measure tokens without measuring", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
+                                               "--measure-tokens", "50"], "--measure-tokens is used only"),
+    ("trace import a number of 5000 digits", [*IMPORT, "{tmp}/long_number.jsonl", "--out", "{tmp}/t.npz"],
+     "cannot be read"),
     ("tune out that is not YAML", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.npz"], "is YAML"),
     ("tune context without a budget", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--context", "8192"],
      "--context is used only with --gpu-memory-gb"),
@@ -425,6 +450,7 @@ STDIN = {"run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO"}  # what a case reads
 ENV = {  # what a case sets
     "run unknown HYBRIMOE_NATIVE": {"HYBRIMOE_NATIVE": "banana"},
     "run profile directory is a file": {"HYBRIMOE_PROFILE_DIR": str(REPO / "README.md")},
+    "run invalid OMP_NUM_THREADS": {"OMP_NUM_THREADS": "abc"},
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -74,6 +75,11 @@ def _root(
     ),
 ) -> None:
     _state["verbose"] = verbose
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None and not all(part.strip().isdigit() and int(part) > 0 for part in threads.split(",")):
+        # OpenMP would print its own complaint and go on with its default
+        print_error(f"OMP_NUM_THREADS={threads!r} is not a positive thread count: unset it or set it to one")
+        raise typer.Exit(2)
     if not verbose:
         for name in _IMPORT_NOISE_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)

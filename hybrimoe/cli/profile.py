@@ -100,25 +100,35 @@ def profile(
 ) -> None:
     """Measure this machine for one model: expert costs, bandwidths and, with a model's config (the demo
     model by default), the rest of a step on its own layers; write the profile."""
-    from hybrimoe.config import DEFAULT_GROUP_SIZE, save_profile
+    from hybrimoe.config import COMPUTE_DTYPES, DEFAULT_GROUP_SIZE, save_profile
     from hybrimoe.errors import UserError
     from hybrimoe.files import check_output
     from hybrimoe.profile import report
     from hybrimoe.profile.inputs import config_to_measure, resolve_model
 
     with user_errors():
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
         if group_size is not None and quantize is None:
             raise UserError("--group-size goes with --quantize int8|int4")
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if out is not None:
             check_output(out, force, "--out")
         if plot is not None:
+            if plot.suffix.lower() != ".png":
+                raise UserError(f"--plot {plot}: the plot is a PNG image; give a .png file")
             check_output(plot, True, "--plot")
             if estimate:
                 raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
             if out is not None and plot.resolve() == out.resolve():
                 raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
         if estimate:
+            ignored = [flag for flag, given in (("--threads", threads is not None), ("--quick", quick),
+                                                ("--device", device is not None), ("--name", name is not None),
+                                                ("--max-repeats", max_repeats is not None), ("--note", bool(note)),
+                                                ("--llc-mb", llc_mb is not None)) if given]
+            if ignored:
+                raise UserError(f"{ignored[0]} tunes a measurement; --estimate measures nothing: leave it out")
             if machine is None:
                 if out is not None:
                     raise UserError("--estimate --out needs a MACHINE: `hybrimoe profile --estimate` lists them")

@@ -119,6 +119,9 @@ def simulate(
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
         if json_out and markdown:
             raise UserError("give --json or --markdown, not both")
+        repeated = [path for i, path in enumerate(profiles) if path.resolve() in {q.resolve() for q in profiles[:i]}]
+        if repeated:
+            raise UserError(f"--profile {repeated[0]} is given twice")
     with user_errors(), _cells_progress() as on_cell:
         if not profiles:
             from hybrimoe.profile.directory import this_machines_profile_for

@@ -55,7 +55,7 @@ def tune(
         "weighted", "--objective", rich_help_panel=_WORK,
         help="decode (ms/token), prefill (TTFT) or weighted (a request: TTFT + --decode-tokens tokens).",
     ),
-    decode_tokens: int = typer.Option(256, "--decode-tokens", rich_help_panel=_WORK, help="Generated tokens per prompt, for weighted."),
+    decode_tokens: int | None = typer.Option(None, "--decode-tokens", rich_help_panel=_WORK, help="Generated tokens per prompt, for weighted (default 256)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, rich_help_panel=_WORK, help="Replay at most this many tokens of each trace."),
     gpu_memory_gb: float | None = typer.Option(
         None, "--gpu-memory-gb", rich_help_panel=_BUDGET,
@@ -102,7 +102,7 @@ def tune(
     prompts: Path | None = typer.Option(
         None, "--prompts", rich_help_panel=_CHECK, help="Prompts for --measure-top, one per line (default: two short ones)."
     ),
-    measure_tokens: int = typer.Option(32, "--measure-tokens", rich_help_panel=_CHECK, help="New tokens per prompt for --measure-top."),
+    measure_tokens: int | None = typer.Option(None, "--measure-tokens", rich_help_panel=_CHECK, help="New tokens per prompt for --measure-top (default 32)."),
 ) -> None:
     """Choose the policy (cache, prefetch, warm start) for a profile by simulating routing traces."""
     with user_errors():
@@ -118,6 +118,8 @@ def tune(
         for flag, given, needed, present in (
             ("--context", context, "--gpu-memory-gb", gpu_memory_gb), ("--batch", batch, "--gpu-memory-gb", gpu_memory_gb),
             ("--group-size", group_size, "--allow-quantize", allow_quantize), ("--prompts", prompts, "--measure-top", measure_top or None),
+            ("--measure-tokens", measure_tokens, "--measure-top", measure_top or None),
+            ("--decode-tokens", decode_tokens, "--objective weighted", objective if objective == "weighted" else None),
         ):
             if given is not None and present is None:
                 raise UserError(f"{flag} is used only with {needed}: give both, or leave {flag} out")
@@ -128,11 +130,11 @@ def tune(
         options = TuneOptions(
             traces=tuple(traces), out=out, profile=plain[0] if plain else None, allow_quantize=formats,
             group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size, format_profiles=tuple(quantized), holdout=tuple(holdout), holdout_split=holdout_split,
-            objective=objective, decode_tokens=decode_tokens, gpu_memory_gb=gpu_memory_gb,
+            objective=objective, decode_tokens=TuneOptions.decode_tokens if decode_tokens is None else decode_tokens, gpu_memory_gb=gpu_memory_gb,
             cache_ratio=cache_ratio, cache_experts=cache_experts, context_tokens=DEFAULT_CONTEXT_TOKENS if context is None else context, batch_size=1 if batch is None else batch,
             model=model, trials=trials, timeout_s=timeout, seed=seed, workers=workers, storage=storage,
             pareto=pareto, force=force, max_tokens=max_tokens, report_dir=report, exports=tuple(export),
-            measure_top=measure_top, prompts=prompts, measure_tokens=measure_tokens,
+            measure_top=measure_top, prompts=prompts, measure_tokens=TuneOptions.measure_tokens if measure_tokens is None else measure_tokens,
             profiling_traces=tuple(profiling_trace),
         )
         studies = prepare_formats(options) if formats else [prepare(options)]

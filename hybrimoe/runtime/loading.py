@@ -31,6 +31,7 @@ import math
 import pickle
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,8 @@ def load_config(path: Path, trust_remote_code: bool):
     _check_generation_config(path)
     native = _is_native_model(model_type)
     if native and "auto_map" in config_data:
+        if trust_remote_code:  # a reference to another repository is refused whether or not it would run
+            check_code_is_local(path, config_data, trust_remote_code)
         _note(f"{path}: transformers implements {model_type!r} itself; the checkpoint's own code (auto_map) is not used")
     else:
         check_code_is_local(path, config_data, trust_remote_code)
@@ -513,15 +516,17 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report: what matters in it is refused below, in one line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path,
-            config=config,
-            dtype="auto",
-            local_files_only=True,
-            trust_remote_code=model_code,
-            use_safetensors=None if allow_pickle else True,
-            output_loading_info=True,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle files (--allow-pickle was asked)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                dtype="auto",
+                local_files_only=True,
+                trust_remote_code=model_code,
+                use_safetensors=None if allow_pickle else True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ModelError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
     finally:

@@ -42,6 +42,7 @@ from hybrimoe.serve.metrics import ServerMetrics
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 16 * 2**20  # a request body past this is refused unread (its JSON and tokens would hold the loop)
+DRAIN_S = 2.0  # how long a refused body is read before the answer goes out anyway
 ANSWER_S = 2.0  # after the requests' time to finish, for their answers to go out
 _POLL_S = 0.25  # how often a waiting handler looks for its client's disconnect and the shutdown's deadline
 
@@ -398,8 +399,10 @@ class _CountedRequests:
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refused unparsed
             message = f"the request body is {int(declared)} bytes; this server takes at most {MAX_BODY_BYTES}"
-            while (await receive()).get("more_body"):  # drained, so the client reads the answer
-                pass
+            with contextlib.suppress(TimeoutError):  # drained (so the client reads the answer), for a while
+                async with asyncio.timeout(DRAIN_S):
+                    while (await receive()).get("more_body"):
+                        pass
             self.metrics.requests.labels(path, "413").inc()
             await ApiError(413, message)(scope, receive, send)
             return

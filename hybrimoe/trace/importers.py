@@ -112,6 +112,8 @@ def _vllm_record(line: str, where: str) -> object:
         raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
     except RecursionError:
         raise TraceError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # a number too long for Python to convert (over 4300 digits)
+        raise TraceError(f"{where}: a value cannot be read ({exc})") from None
 
 
 def _vllm_routing(record: object, where: str, meta: TraceMeta) -> tuple[np.ndarray, np.ndarray | None]:
