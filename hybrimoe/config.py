@@ -536,10 +536,12 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
     field by field as the profile is read)."""
     curves = {"cpu_expert": profile.cpu_expert, "gpu_expert": profile.gpu_expert, "dense_layer": profile.dense_layer}
     for name, curve in curves.items():
-        if curve is not None and not curve.ms(1) > 0:
+        if curve is None:
+            continue
+        if not curve.ms(1) > 0:
             raise ProfileError(f"{source}: {name}: the latency of 1 token must be positive, got {curve.ms(1)} ms")
-        slowest = max([curve.ms(1), curve.fit.intercept_ms, curve.fit.per_token_ms,
-                       *(point.ms for point in curve.points)]) if curve is not None else 0.0
+        fit = () if curve.fit is None else (curve.fit.intercept_ms, curve.fit.per_token_ms)
+        slowest = max([curve.ms(1), *fit, *(point.ms for point in curve.points)])
         if slowest > MAX_LATENCY_MS:
             raise ProfileError(f"{source}: {name}: a latency of {slowest:g} ms is past any machine's "
                                f"({MAX_LATENCY_MS:g} ms at most)")
