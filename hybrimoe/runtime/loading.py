@@ -201,7 +201,9 @@ def _safetensors_header(path: Path) -> dict:
     return tensors
 
 
-def check_weights_match(path: Path, meta_model: nn.Module, config, expert: ExpertShape) -> None:
+def check_weights_match(
+    path: Path, headers: dict[Path, dict], meta_model: nn.Module, config, expert: ExpertShape
+) -> None:
     """Refuses, before any weight is read, a checkpoint whose tensors do not fit the model its config
     describes: a tensor the model has under the same name with another shape, a per-expert matrix
     (as hub checkpoints store experts: `experts.N.gate_proj`, Mixtral's `experts.N.w1`...) of
@@ -212,8 +214,8 @@ def check_weights_match(path: Path, meta_model: nn.Module, config, expert: Exper
     d, i = expert.hidden_size, expert.intermediate_size
     per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
     quantized = getattr(config, "quantization_config", None) is not None
-    for file in sorted(path.glob("*.safetensors")):
-        for name, tensor in _safetensors_header(file).items():
+    for file, header in headers.items():
+        for name, tensor in header.items():
             shape = tuple(tensor.get("shape", ()))
             matrix = _PER_EXPERT.search(name)
             want = expected.get(name) or (per_expert[matrix.group(1)] if matrix else None)
@@ -229,8 +231,9 @@ def check_weights_match(path: Path, meta_model: nn.Module, config, expert: Exper
                 )
 
 
-def check_weight_files(path: Path, allow_pickle: bool) -> None:
-    """Refuses missing, truncated or (unless allowed) pickle-based weights with one line."""
+def check_weight_files(path: Path, allow_pickle: bool) -> dict[Path, dict]:
+    """Refuses missing, truncated or (unless allowed) pickle-based weights with one line; returns
+    each safetensors file's header (none for pickle-based weights)."""
     safetensors = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -250,9 +253,8 @@ def check_weight_files(path: Path, allow_pickle: bool) -> None:
                 f"{path}: only pickle-based weights ({pickles[0]}); they can run code when loaded. "
                 "Convert them to safetensors, or pass --allow-pickle if you trust them"
             )
-        return
-    for file in safetensors:
-        _safetensors_header(file)
+        return {}
+    return {file: _safetensors_header(file) for file in safetensors}
 
 
 def load_config(path: Path, trust_remote_code: bool):
@@ -508,8 +510,8 @@ def load_model(
     tokenizer = _load_tokenizer(path, trust_remote_code) if with_tokenizer else None
     if before_weights is not None:
         before_weights(facts, tokenizer)
-    check_weight_files(path, allow_pickle)
-    check_weights_match(path, meta_model, config, facts.expert_shape)
+    headers = check_weight_files(path, allow_pickle)
+    check_weights_match(path, headers, meta_model, config, facts.expert_shape)
     del meta_model
     if not show_progress:
         hf_logging.disable_progress_bar()
