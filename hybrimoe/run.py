@@ -211,14 +211,21 @@ def _tokenize(
     return ids, mask
 
 
+def max_prompt_chars(tokenizer, n_positions: int | None) -> int | None:
+    """The most characters a prompt can have and still fit the model's positions whatever its
+    tokens: each covers at most its vocabulary entry's characters, with a factor of 2 for
+    normalizers that drop characters. None when the model names no limit."""
+    if not n_positions:
+        return None
+    return 2 * max(map(len, tokenizer.get_vocab()), default=1) * n_positions
+
+
 def _check_prompt_chars(prompts: tuple[str, ...], tokenizer, n_positions: int | None) -> None:
     """Refuses, before tokenizing it (a 24 MB prompt took 40 s and 4.8 GB), a prompt too long to fit
-    the model's positions whatever its tokens: each covers at most its vocabulary entry's characters,
-    with a factor of 2 for normalizers that drop characters."""
-    if not n_positions:
+    the model's positions (`max_prompt_chars`)."""
+    limit = max_prompt_chars(tokenizer, n_positions)
+    if limit is None:
         return
-    longest_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
-    limit = 2 * longest_token_chars * n_positions
     for prompt in prompts:
         if len(prompt) > limit:
             raise UserError(

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hybrimoe.run import max_prompt_chars
 from hybrimoe.run_options import Sampling
 from hybrimoe.serve.engine import SHUTTING_DOWN, Done, Engine, Piece, QueueFull, Request, ShuttingDown
 from hybrimoe.serve.metrics import ServerMetrics
@@ -201,13 +202,11 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), kind=kind).response()
 
-    # no prompt longer than this fits the positions, whatever its tokens (each covers at most its
-    # vocabulary entry's characters; twice that for normalizers that drop characters): refused untokenized
-    max_prompt_chars = 2 * max(map(len, tokenizer.get_vocab()), default=1) * n_positions if n_positions else None
+    prompt_chars_limit = max_prompt_chars(tokenizer, n_positions)  # a longer prompt is refused untokenized
 
     async def tokenize(text: str, add_special_tokens: bool) -> list[int]:
         """The prompt's ids, tokenized off the event loop (a long prompt takes a while)."""
-        if max_prompt_chars is not None and len(text) > max_prompt_chars:
+        if prompt_chars_limit is not None and len(text) > prompt_chars_limit:
             raise ApiError(400, f"the prompt is {len(text)} characters, more than the model's {n_positions} positions "
                            "can hold", code="context_length_exceeded", param="prompt")
 
