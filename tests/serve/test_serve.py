@@ -258,7 +258,7 @@ def test_sigterm_finishes_or_tells_in_flight_requests_and_writes_the_trace(tmp_p
     body = json.dumps({"model": "demo", "prompt": "ROMEO:", "max_tokens": 240, "temperature": 0}).encode()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         answers = [pool.submit(http, served, "POST", "/v1/completions", body) for _ in range(3)]
-        time.sleep(1.0)  # the three are in
+        _wait_until_admitted(served, 3)  # signalled only once the three are in, however loaded the machine
         assert served.stop(signal.SIGTERM) == 0
         results = [a.result() for a in answers]
     for status, _, raw in results:
@@ -268,6 +268,20 @@ def test_sigterm_finishes_or_tells_in_flight_requests_and_writes_the_trace(tmp_p
     from hybrimoe.trace import load_trace
 
     assert load_trace(trace).n_tokens > 0
+
+
+def _wait_until_admitted(server: Server, n_requests: int) -> None:
+    """Until the server holds (waiting, running or finished) `n_requests` requests."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        text = http(server, "GET", "/metrics")[2].decode()
+        held = sum(float(value) for name, value in re.findall(
+            r"^(hybrimoe_queue_depth|hybrimoe_active_sequences|hybrimoe_finished_requests_total\{[^}]*\}) (\S+)$",
+            text, re.MULTILINE))
+        if held >= n_requests:
+            return
+        assert time.monotonic() < deadline, f"only {held} of {n_requests} requests reached the server"
+        time.sleep(0.05)
 
 
 def test_a_taken_port_is_one_line(tmp_path):
