@@ -86,8 +86,7 @@ class Request:
 class EngineStats:
     """What the engine has done, for /metrics (written by the engine thread, read by any)."""
 
-    def __init__(self, on_ttft: Callable[[float], None] = lambda s: None):
-        self.on_ttft = on_ttft  # seconds from submit to the first token
+    def __init__(self):
         self.n_prompt_tokens = 0
         self.n_completion_tokens = 0
         self.n_finished: collections.Counter[str] = collections.Counter()  # by finish reason
@@ -354,7 +353,6 @@ class Engine:
         with self.tokenizer_lock:
             row = _Sequence(request, self.session.loaded.tokenizer, self._eos_ids, device)
             row.push(logits)
-        self.stats.on_ttft(time.perf_counter() - request.submitted_s)
         self.stats.prefilled(len(request.prompt_ids))
         self.stats.step(1)
         if row.finish_reason is None:
