@@ -156,7 +156,7 @@ class PolicyPlanner:
             schedule, counts, loads, extra_cpu_ms, stall_ms, copying
         )
         finish_ms = max(ctx.cpu_ms, ctx.host_ms)
-        self._timeline.advance(ctx, finish_ms, len(loads))
+        self._timeline.advance(ctx, finish_ms, len(loads), stall_ms)
         self._count(schedule, counts, hits, len(loads), ctx.cpu, stall_ms)
         slot_of = self.cache.slots_of(layer, schedule.gpu)
         for (_, expert), slot in loads:
@@ -250,23 +250,24 @@ class PolicyPlanner:
             depth = 1
         else:
             depth = self.prefetch_depth
-        # Copies should land before the next layer's expert phase, or in the copy time later
-        # layers are expected to leave idle, so they do not delay those layers' own loads.
-        # The next layer's dense part and overhead are taken as this layer's.
-        deadline_ms = timeline.clock_ms + ctx.before_ms + (depth - 1) * timeline.pcie_idle_ms
-        idle_ms = deadline_ms - timeline.pcie_free_ms
-        max_loads = math.floor(idle_ms / self.costs.load_ms) if idle_ms > 0 else 0
-        if max_loads <= 0:
+        # A copy for the d-th layer ahead should land before that layer's experts start: by the
+        # next layer's start plus the copy time the d - 1 layers between are expected to leave idle,
+        # so it delays neither its own layer nor the loads of those between. The next layer's
+        # dense part and overhead are taken as this layer's.
+        room_ms = timeline.clock_ms + ctx.before_ms - timeline.pcie_free_ms
+        load_ms, idle_ms = self.costs.load_ms, timeline.pcie_idle_ms
+        later = self._later[layer][depth]
+        load_caps = {target: math.floor((room_ms + d * idle_ms) / load_ms) for d, target in enumerate(later)}
+        if load_caps[later[-1]] <= 0:
             return []
         self._prepare(ctx)
-        later = self._later[layer][depth]
         if self.prefetch == "top-score":
-            return top_score_prefetch(self.cache, later[0], max_loads)
+            return top_score_prefetch(self.cache, later[0], load_caps[later[0]])
         predicted_counts = ctx.predicted_counts
         if tuple(predicted_counts) != later:
             predicted_counts = {target: predicted_counts[target] for target in later if target in predicted_counts}
         return impact_prefetch(
-            self.cache, predicted_counts, max_loads, self._layer_times.layer_time, warm_layers=later,
+            self.cache, predicted_counts, load_caps, self._layer_times.layer_time, warm_layers=later,
             decode_time=self._layer_times.decode_time,
         )
 

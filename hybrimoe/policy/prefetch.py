@@ -23,7 +23,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
 import numpy as np
@@ -176,21 +176,46 @@ def _candidates_of(
     return _CountedCandidates(layer, candidates, counts, cached.intersection(counts), layer_time)
 
 
+class _Deadlines:
+    """Room on the copy queue for copies bound for several later layers, queued in their order:
+    `caps[i]` copies at most may be queued up to and including `layers[i]`'s, so that each lands
+    before its layer starts."""
+
+    def __init__(self, layers: Sequence[int], caps: Sequence[int]):
+        self.position = {layer: i for i, layer in enumerate(layers)}
+        self.room = list(caps)
+
+    def allows(self, layer: int) -> bool:
+        return min(self.room[self.position[layer]:]) > 0
+
+    def take(self, layer: int) -> None:
+        room = self.room
+        for i in range(self.position[layer], len(room)):
+            room[i] -= 1
+
+
 def impact_prefetch(
     cache: ExpertCache,
     predicted_counts: Mapping[int, Mapping[int, int]],  # later layer -> {expert: predicted tokens}
-    max_loads: int,
+    load_caps: Mapping[int, int],  # later layer, in queue order -> copies queued up to its own
     layer_time: LayerTimeFn,
     warm_layers: tuple[int, ...] = (),
     decode_time: DecodeTimeFn | None = None,
 ) -> list[SlotLoad]:
-    """Greedy by simulated gain over predicted experts, then warm fill by cache score.
+    """Greedy by simulated gain over predicted experts, then warm fill by cache score. The copies
+    come back in `load_caps`' layer order, the warm fill's last.
 
+    `load_caps` covers every predicted layer: the most copies that may be queued up to and
+    including that layer's, so that each lands before its layer starts; the warm fill, queued
+    last, has the last layer's room.
     With `decode_time`, a layer whose predicted counts are all 1 is timed by how many of its
     experts are resident, without building sets.
     """
     loads: list[SlotLoad] = []
-    if max_loads <= 0 or cache.capacity == 0:
+    if not load_caps or cache.capacity == 0:
+        return loads
+    deadlines = _Deadlines(tuple(load_caps), tuple(load_caps.values()))
+    if deadlines.room[-1] <= 0:
         return loads
     layers = []
     for layer, counts in predicted_counts.items():
@@ -198,7 +223,8 @@ def impact_prefetch(
         if candidates is not None:
             candidates.rescore()
             layers.append(candidates)
-    while len(loads) < max_loads and layers:
+    while layers:
+        layers = [candidates for candidates in layers if deadlines.allows(candidates.layer)]
         best = _best_layer(layers)
         if best is None:
             break
@@ -206,11 +232,13 @@ def impact_prefetch(
         if load is None:
             break
         loads.append(load)
+        deadlines.take(best.layer)
         best.take_best()
         if not best.candidates:
             layers.remove(best)
-    if len(loads) < max_loads and warm_layers:
-        loads.extend(warm_fill(cache, warm_layers, max_loads - len(loads)))
+    loads.sort(key=lambda load: deadlines.position[load.expert[0]])
+    if deadlines.room[-1] > 0 and warm_layers:
+        loads.extend(warm_fill(cache, warm_layers, deadlines.room[-1]))
     return loads
 
 

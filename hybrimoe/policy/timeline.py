@@ -62,12 +62,17 @@ class Timeline:
         host_ms += sum([gpu_ms(counts[expert]) for (_, expert), _ in loads])
         return cpu_ms, host_ms, 0.0
 
-    def advance(self, ctx: LayerContext, finish_ms: float, n_loads: int) -> None:
-        """Moves the clock past a layer's expert phase; its loads queue on the copy engine."""
+    def advance(self, ctx: LayerContext, finish_ms: float, n_loads: int, stall_ms: float) -> None:
+        """Moves the clock past a layer's expert phase; its loads queue on the copy engine.
+
+        The copy time the layer leaves idle is its length without its wait for copies in flight
+        (the copy engine was busy then) less its own loads' copy time.
+        """
         self.clock_ms = ctx.start_ms + finish_ms
         load_ms = self.costs.load_ms
         self.pcie_free_ms = max(self.pcie_free_ms, ctx.start_ms) + n_loads * load_ms
-        idle_ms = max(0.0, ctx.before_ms + finish_ms - n_loads * load_ms)
+        unstalled_ms = max(ctx.cpu_ms, ctx.host_ms - stall_ms)
+        idle_ms = max(0.0, ctx.before_ms + unstalled_ms - n_loads * load_ms)
         self.pcie_idle_ms += 0.1 * (idle_ms - self.pcie_idle_ms)
 
     def end_layer(self, ctx: LayerContext, n_prefetches: int, choice_ms: float) -> None:
