@@ -25,7 +25,7 @@ import yaml
 
 from hybrimoe.errors import ProfileError
 from hybrimoe.files import read_text, write_atomically
-from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES
+from hybrimoe.policy.names import CONFIGURABLE_POLICIES, LAYOUTS, PREFETCHES, STRATEGIES
 
 SCHEMA_VERSION = 1
 
@@ -49,6 +49,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
 
 MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a measurement
 MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
+MIN_MEMORY_GB = 0.25  # less memory than this (256 MB) is not a machine's RAM or a card's
 MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
@@ -274,6 +275,8 @@ class PolicyConfig:
                 raise ProfileError(f"policy.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if not 0.0 < self.mrs_alpha <= 1.0:
             raise ProfileError(f"policy.mrs_alpha must be in (0, 1], got {self.mrs_alpha}")
+        if self.mrs_top_p is not None and self.mrs_top_p < 1:
+            raise ProfileError(f"policy.mrs_top_p must be at least 1 (or left out: twice top-k), got {self.mrs_top_p}")
         if not 0 <= self.prefetch_depth <= 8:
             raise ProfileError(f"policy.prefetch_depth must be in [0, 8], got {self.prefetch_depth}")
         if self.quantize is not None and self.quantize not in QUANTIZE_FORMATS:
@@ -528,7 +531,12 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ProfileError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    return _check_physics(_build(HardwareProfile, data, source), source)
+    try:
+        profile = _build(HardwareProfile, data, source)
+    except ProfileError as exc:  # a check inside a dataclass does not know the file
+        message = str(exc)
+        raise ProfileError(message if message.startswith(source) else f"{source}: {message}") from None
+    return _check_physics(profile, source)
 
 
 def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
@@ -546,17 +554,38 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
             raise ProfileError(f"{source}: {name}: a latency of {slowest:g} ms is past any machine's "
                                f"({MAX_LATENCY_MS:g} ms at most)")
     machine = profile.machine
-    for name in ("cores", "threads", "gpu_memory_gb", "ram_gb"):
+    for name in ("cores", "threads"):
         value = getattr(machine, name)
         if value is not None and not value > 0:
             raise ProfileError(f"{source}: machine.{name} must be positive, got {value}")
+    for name in ("gpu_memory_gb", "ram_gb"):
+        value = getattr(machine, name)
+        if value is not None and not value >= MIN_MEMORY_GB:
+            raise ProfileError(f"{source}: machine.{name} {value:g} is below any machine's ({MIN_MEMORY_GB:g} GB at least)")
+    policy, shape = profile.policy, profile.expert_shape
+    if policy is not None and policy.quantize != shape.quantize:
+        kept = f"as {policy.quantize}" if policy.quantize else "unquantized"
+        raise ProfileError(f"{source}: policy.quantize keeps the experts {kept}, but the profile is for experts "
+                           f"{shape.describe()}: one profile describes one format")
+    if policy is not None and policy.quantize is not None and policy.group_size != shape.group_size:
+        raise ProfileError(f"{source}: policy.group_size {policy.group_size} is not the experts' "
+                           f"(expert_shape.group_size {shape.group_size})")
+    if policy is not None and policy.quantize is None and policy.group_size != DEFAULT_GROUP_SIZE:
+        raise ProfileError(f"{source}: policy.group_size applies only with policy.quantize")
+    if not profile.name.strip() or not profile.name.isprintable():
+        raise ProfileError(f"{source}: name must be one line of printable text, got {profile.name!r}")
+    if profile.model_costs is not None:
+        for planner in profile.model_costs.planners:
+            if planner.strategy not in STRATEGIES:
+                raise ProfileError(f"{source}: model_costs.planners: unknown strategy {planner.strategy!r}; "
+                                   f"expected one of {', '.join(STRATEGIES)}")
     if profile.transfer is not None:
-        for name in ("expert_load_ms", "h2d_pinned_gbps"):
-            if not getattr(profile.transfer, name) > 0:
-                raise ProfileError(f"{source}: transfer.{name} must be positive, got {getattr(profile.transfer, name)}")
-        if profile.transfer.h2d_pinned_gbps < MIN_GBPS:
-            raise ProfileError(f"{source}: transfer.h2d_pinned_gbps {profile.transfer.h2d_pinned_gbps:g} is below any "
-                               f"machine's ({MIN_GBPS:g} GB/s at least)")
+        if not profile.transfer.expert_load_ms > 0:
+            raise ProfileError(f"{source}: transfer.expert_load_ms must be positive, got {profile.transfer.expert_load_ms}")
+        for name in ("h2d_pinned_gbps", "h2d_pageable_gbps", "d2h_gbps", "h2d_pinned_expert_gbps"):
+            gbps = getattr(profile.transfer, name)
+            if gbps is not None and not gbps >= MIN_GBPS:
+                raise ProfileError(f"{source}: transfer.{name} {gbps:g} is below any machine's ({MIN_GBPS:g} GB/s at least)")
         if profile.transfer.expert_load_ms > MAX_LATENCY_MS:
             raise ProfileError(f"{source}: transfer.expert_load_ms {profile.transfer.expert_load_ms:g} is past any "
                                f"machine's ({MAX_LATENCY_MS:g} ms at most)")

@@ -65,8 +65,9 @@ def test_bad_baseline_settings_are_one_line_errors():
 @pytest.mark.parametrize("mode, ratios", [("prefill", "0.25,0.5,0.75"), ("decode", "0.25,0.5,0.75"),
                                           ("decode", "0.1,0.25,0.35,0.5,0.75")])
 def test_the_table_reads_at_80_columns(mode, ratios):
+    prompts = ["--prefill-tokens", "4"] if mode == "prefill" else []
     result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "40",
-                                 "--mode", mode, "--prefill-tokens", "4", "--cache-ratio", ratios],
+                                 "--mode", mode, *prompts, "--cache-ratio", ratios],
                            env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert all(len(line) <= 80 for line in result.output.splitlines())

@@ -21,6 +21,7 @@ from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
 DEFAULT_PROFILE_SPLIT = 0.25  # the trace's first quarter is the profiling workload
+DEFAULT_PREFILL_TOKENS = 512  # the prompt length of each simulated prefill
 COLUMNS_PER_TABLE = 3  # cache sizes side by side in one text table: three fit 80 columns
 
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
@@ -45,8 +46,9 @@ def _names(texts: list[str], flag: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
-def _baseline_params(settings: list[str]):
-    """`--baseline KEY=VALUE` settings as BaselineParams (values typed like the defaults)."""
+def _baseline_params(settings: list[str], strategies: tuple[str, ...]):
+    """`--baseline KEY=VALUE` settings as BaselineParams (values typed like the defaults); each key
+    once, and only for a compared strategy that reads it."""
     from hybrimoe.policy.baselines import BaselineParams
 
     defaults = BaselineParams()
@@ -57,6 +59,11 @@ def _baseline_params(settings: list[str]):
         key = key.strip().replace("-", "_")
         if key not in fields or not text.strip():
             raise UserError(f"--baseline takes KEY=VALUE with KEY one of {', '.join(fields)}, got {setting!r}")
+        if key in values:
+            raise UserError(f"--baseline {key} is given twice")
+        users = BaselineParams.USED_BY[key]
+        if not set(users) & set(strategies):
+            raise UserError(f"--baseline {key} is read only by {' and '.join(users)}, which --strategies leaves out")
         default = getattr(defaults, key)
         try:
             if isinstance(default, str):
@@ -75,7 +82,7 @@ def _baseline_params(settings: list[str]):
 
 @app.command()
 def simulate(
-    trace: Path = typer.Option(..., "--trace", help="Routing trace (.npz) from `hybrimoe trace import` or `run --record-trace`."),
+    traces: list[Path] = typer.Option(..., "--trace", help="Routing trace (.npz) from `hybrimoe trace import` or `run --record-trace`."),
     profiles: list[Path] = typer.Option(
         [], "--profile",
         help="Hardware profile (YAML): measured, estimated or tuned (default: this machine's, from "
@@ -89,7 +96,7 @@ def simulate(
     strategies: list[str] = typer.Option(
         [",".join(STRATEGIES)], "--strategies", help="Comma-separated strategies to compare; repeat to add more."
     ),
-    modes: list[str] = typer.Option(["decode,prefill"], "--mode", help="decode, prefill, or both; repeat to add."),
+    modes: list[str] = typer.Option(["decode,prefill"], "--mode", help="decode or prefill, or both as decode,prefill (the default); repeat to add."),
     accelerator_from: Path | None = typer.Option(None, "--accelerator-from", help="Take the accelerator section from this profile (what-if planning on a CPU-only profile)."),
     predictor: str = typer.Option("recent", "--predictor", help="Routing prediction for prefetch: recorded, recent or oracle."),
     profiling_trace: Path | None = typer.Option(
@@ -103,7 +110,9 @@ def simulate(
         help="A baseline setting KEY=VALUE, repeatable: refresh_steps, refresh_prefill_tokens, refresh_decay "
         "(ktransformers-dynamic), lru_inserts, lru_cpu_layers (llamacpp-lru), eviction (gpu-offload, llamacpp-lru).",
     ),
-    prefill_tokens: int = typer.Option(512, "--prefill-tokens", min=1, help="Prompt length of each simulated prefill."),
+    prefill_tokens: int | None = typer.Option(
+        None, "--prefill-tokens", min=1, help=f"Prompt length of each simulated prefill (default {DEFAULT_PREFILL_TOKENS})."
+    ),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Replay at most this many tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown (as in the README)."),
@@ -119,6 +128,14 @@ def simulate(
             raise UserError(f"--profile-split must be in (0, 1), got {profile_split}")
         if json_out and markdown:
             raise UserError("give --json or --markdown, not both")
+        if len(traces) > 1:
+            raise UserError("--trace is given more than once: simulate replays one trace (tune takes several)")
+        trace = traces[0]
+        chosen_modes, chosen_strategies = _names(modes, "--mode"), _names(strategies, "--strategies")
+        if prefill_tokens is not None and "prefill" not in chosen_modes:
+            raise UserError("--prefill-tokens sets the prompts of --mode prefill, which is not simulated")
+        prefill_tokens = DEFAULT_PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
+        baseline_params = _baseline_params(baseline, chosen_strategies)
         repeated = [path for i, path in enumerate(profiles) if path.resolve() in {q.resolve() for q in profiles[:i]}]
         if repeated:
             raise UserError(f"--profile {repeated[0]} is given twice")
@@ -136,13 +153,13 @@ def simulate(
                 trace,
                 profile,
                 ratios=_floats(cache_ratio, "--cache-ratio"),
-                strategies=_names(strategies, "--strategies"),
-                modes=_names(modes, "--mode"),
+                strategies=chosen_strategies,
+                modes=chosen_modes,
                 accelerator_from=accelerator_from,
                 predictor=predictor,
                 profile_fraction=profile_split,
                 profiling_trace=profiling_trace,
-                baseline=_baseline_params(baseline),
+                baseline=baseline_params,
                 prefill_tokens=prefill_tokens,
                 max_tokens=max_tokens,
                 progress=on_cell,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -59,6 +60,16 @@ class BaselineParams:
     lru_inserts: int = 2  # llamacpp-lru: experts uploaded per layer per step (--moe-expert-cache-inserts)
     lru_cpu_layers: int | None = None  # llamacpp-lru: --n-cpu-moe, layers with an LRU; None: every layer
     eviction: str = "lru"  # the cache policy of gpu-offload and llamacpp-lru (e.g. least-stale)
+
+    # which strategies read each setting
+    USED_BY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "refresh_steps": ("ktransformers-dynamic",),
+        "refresh_prefill_tokens": ("ktransformers-dynamic",),
+        "refresh_decay": ("ktransformers-dynamic",),
+        "lru_inserts": ("llamacpp-lru",),
+        "lru_cpu_layers": ("llamacpp-lru",),
+        "eviction": ("gpu-offload", "llamacpp-lru"),
+    }
 
     def __post_init__(self) -> None:
         if self.refresh_steps < 1 or self.refresh_prefill_tokens < 1 or self.lru_inserts < 0:

@@ -74,6 +74,8 @@ class MRSPolicy(CachePolicy):
     def __init__(self, alpha: float = 0.5, top_p: int | None = None):
         if not 0.0 < alpha <= 1.0:
             raise PolicyError(f"MRS alpha must be in (0, 1], got {alpha}")
+        if top_p is not None and top_p < 1:
+            raise PolicyError(f"MRS top-p must be at least 1, got {top_p}")
         self.alpha = alpha
         self.top_p = top_p
 

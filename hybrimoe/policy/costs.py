@@ -53,6 +53,11 @@ class CostModel:
             self.host_ms = functools.lru_cache(maxsize=4096)(model.host_layer.ms)
             self.outside_ms = functools.lru_cache(maxsize=4096)(model.outside_step.ms)
 
+    def copies_ms(self, n_copies: int) -> float:
+        """Copy-engine time of `n_copies` expert loads (none costs nothing, even where loads are
+        impossible and `load_ms` is infinite)."""
+        return n_copies * self.load_ms if n_copies else 0.0
+
     def planning_ms(self, strategy: str) -> tuple[Callable[[int], float], Callable[[int], float]]:
         """n_tokens -> wall ms per MoE layer of `strategy`'s plan_layer and plan_prefetch, where
         measured; an estimated profile counts planning in its `layer_overhead_ms`."""

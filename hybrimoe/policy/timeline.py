@@ -54,7 +54,7 @@ class Timeline:
         if cpu_ms and copying:
             cpu_ms *= costs.cpu_slowdown
             copy_slowdown = costs.copy_slowdown
-        copies_ms = len(loads) * costs.load_ms
+        copies_ms = costs.copies_ms(len(loads))
         if costs.overlaps:  # slowed copies arrive later, and the GPU waits for them
             return cpu_ms, schedule.gpu_end_ms + stall_ms + copies_ms * (copy_slowdown - 1.0), stall_ms
         gpu_ms = costs.gpu_ms
@@ -69,10 +69,10 @@ class Timeline:
         (the copy engine was busy then) less its own loads' copy time.
         """
         self.clock_ms = ctx.start_ms + finish_ms
-        load_ms = self.costs.load_ms
-        self.pcie_free_ms = max(self.pcie_free_ms, ctx.start_ms) + n_loads * load_ms
+        loads_ms = self.costs.copies_ms(n_loads)
+        self.pcie_free_ms = max(self.pcie_free_ms, ctx.start_ms) + loads_ms
         unstalled_ms = max(ctx.cpu_ms, ctx.host_ms - stall_ms)
-        idle_ms = max(0.0, ctx.before_ms + unstalled_ms - n_loads * load_ms)
+        idle_ms = max(0.0, ctx.before_ms + unstalled_ms - loads_ms)
         self.pcie_idle_ms += 0.1 * (idle_ms - self.pcie_idle_ms)
 
     def end_layer(self, ctx: LayerContext, n_prefetches: int, choice_ms: float) -> None:
@@ -81,7 +81,7 @@ class Timeline:
         if costs.overlaps:  # the host chooses while the layer's experts run
             host_ms = choice_ms
         else:  # the stand-in's host thread chooses and copies after its own experts
-            copies_ms = n_prefetches * costs.load_ms * (costs.copy_slowdown if ctx.cpu_ms else 1.0)
+            copies_ms = costs.copies_ms(n_prefetches) * (costs.copy_slowdown if ctx.cpu_ms else 1.0)
             host_ms = ctx.host_ms + choice_ms + copies_ms
         end_ms = ctx.start_ms + max(ctx.cpu_ms, host_ms)
         if end_ms > self.clock_ms:
