@@ -39,11 +39,14 @@ def local_checkpoint(path: str | os.PathLike) -> Path:
     from hybrimoe.errors import ModelError
 
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelError(
-            f"{path}: not a local directory (hybrimoe loads local checkpoints only; download a hub model first)"
-        )
-    return path
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf" and path.is_file():
+        raise ModelError(f"{path}: a GGUF file gives shapes to `profile` and `tune`; running needs the transformers "
+                         "checkpoint (a directory with config.json and safetensors)")
+    if path.exists():
+        raise ModelError(f"{path}: not a directory; give the checkpoint's directory (config.json and safetensors)")
+    raise ModelError(f"{path}: no such directory (hybrimoe loads local checkpoints only; download a hub model first)")
 
 
 def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> str:
@@ -76,6 +79,8 @@ def check_output(path: str | os.PathLike, force: bool, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():  # a device, a pipe, a terminal: never replaced by a file
+        raise UserError(f"{flag} {path} is not a regular file; give a file path")
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
     check_writable_dir(path.parent, f"{flag} {path}")

@@ -81,6 +81,17 @@ def check_options(options: RunOptions) -> None:
         check_name("quantization", options.quantize, QUANTIZE_FORMATS)
     if options.group_size is not None and options.group_size < 2:
         raise UserError("--group-size must be at least 2")
+    if options.strategy == "gpu-offload" and (options.cache_ratio == 0 or options.cache_experts == 0):
+        raise UserError("--strategy gpu-offload computes every expert on the accelerator from its cache: it needs a "
+                        "cache above 0 (--strategy cpu-only runs without one)")
+    if options.overwrite_trace and options.record_trace is None:
+        raise UserError("--force lets --record-trace overwrite a trace: it needs --record-trace")
+    if options.model is None and (options.trust_remote_code or options.allow_pickle):
+        flag = "--trust-remote-code" if options.trust_remote_code else "--allow-pickle"
+        raise UserError(f"{flag} applies to a --model checkpoint; the demo model needs no permission")
+    if (options.record_trace is not None and options.replay_trace is not None
+            and options.record_trace.resolve() == options.replay_trace.resolve()):
+        raise UserError("--record-trace would overwrite the --replay-trace it reads: give another file")
     if options.model is not None:
         local_checkpoint(options.model)
     if options.profile is not None:

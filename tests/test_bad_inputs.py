@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from hybrimoe.cli import app
@@ -58,6 +59,7 @@ def _demo_config(**changes) -> dict:
 
 def make_files(tmp: Path) -> None:
     (tmp / "a_file").write_text("not a directory")
+    (tmp / "x.gguf").write_bytes(b"GGUF" + bytes(64))
     (tmp / "a_dir").mkdir()
     os.mkfifo(tmp / "fifo.npz")  # reading it would block forever
     os.symlink("/dev/zero", tmp / "zero.yaml")  # reading it would never end
@@ -90,8 +92,6 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
     _profile_with(tmp, "zero_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [0, 0.18218, 0.0]")
     _profile_with(tmp, "nan_slope.yaml", "per_token_ms: 0.00403833", "per_token_ms: .nan")
-    import yaml
-
     zero_cpu = yaml.safe_load(PROFILE.read_text())
     zero_cpu["cpu_expert"] = {"points": [[n, 0.0, 0.0] for n, _, _ in zero_cpu["cpu_expert"]["points"]]}
     (tmp / "zero_cpu.yaml").write_text(yaml.safe_dump(zero_cpu))
@@ -102,6 +102,19 @@ def make_files(tmp: Path) -> None:
     old_value = load_line.split("expert_load_ms:")[1].split(",")[0].strip().rstrip("}")
     (tmp / "demo_zero_load.yaml").write_text(demo_text.replace(f"expert_load_ms: {old_value}", "expert_load_ms: 0", 1))
     _profile_with(tmp, "int4_profile.yaml", "dtype: bfloat16", "dtype: float16")
+    _profile_with(tmp, "negative_top_p.yaml", "schema_version: 1", "schema_version: 1\npolicy: {mrs_top_p: -5}")
+    _profile_with(tmp, "zero_expert_bandwidth.yaml", "h2d_pinned_expert_gbps: 24.5446", "h2d_pinned_expert_gbps: 0")
+    _profile_with(tmp, "tiny_card.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 1.0e-09}")
+    (tmp / "typo_planner.yaml").write_text(DEMO_PROFILE.read_text().replace("strategy: hybrimoe", "strategy: hybrid", 1))
+    _profile_with(tmp, "unprintable_name.yaml", "name: rtx4090-desktop.qwen3-30b-a3b",
+                  'name: "\\e[31mred\\nsecond line"')
+    _profile_with(tmp, "int8_policy.yaml", "schema_version: 1", "schema_version: 1\npolicy: {quantize: int8}")
+    _profile_with(tmp, "group_size_alone.yaml", "schema_version: 1", "schema_version: 1\npolicy: {group_size: 64}")
+    _profile_with(tmp, "ratio_over_one.yaml", "schema_version: 1", "schema_version: 1\npolicy: {cache_ratio: 1.5}")
+    no_accelerator = yaml.safe_load(DEMO_PROFILE.read_text())
+    for section in ("gpu_expert", "transfer"):
+        no_accelerator.pop(section, None)
+    (tmp / "demo_cpu_only.yaml").write_text(yaml.safe_dump(no_accelerator))
     # traces
     np.savez(tmp / "pickled.npz", topk_ids=np.array([object()], dtype=object))
     with open(tmp / "pwn.bin", "wb") as fh:
@@ -137,6 +150,13 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
     _model_dir(tmp, "str_experts", config=_demo_config(num_experts="16"))
     _model_dir(tmp, "zero_layers", config=_demo_config(num_hidden_layers=0))
+    _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
+    weights_dir = _model_dir(tmp, "weights_dir", weights=False)
+    (weights_dir / "model.safetensors").mkdir()
+    (tmp / "existing.png").write_bytes(b"keep me")
+    (tmp / "earlier_report").mkdir()
+    (tmp / "earlier_report" / "index.md").write_text("keep me")
+    os.symlink("/dev/null", tmp / "device_link.yaml")
     bad_tokenizer = _model_dir(tmp, "bad_tokenizer")
     (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
@@ -392,7 +412,7 @@ CASES = [
     ("simulate json and markdown", [*SIM, "--profile", P, "--json", "--markdown"], "not both"),
     ("run stdin twice", ["run", "--prompt", "-", "--prompt", "-", *RUN[3:]], "once"),
     ("run model config with a string expert count", [*RUN, "--model", "{tmp}/str_experts"], "num_experts"),
-    ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "not a valid"),
+    ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "num_hidden_layers"),
     ("run config of another model than its weights", ["run", "--prompt", "x", "--model", "{tmp}/narrower_config"],
      "the config and the weights are of different models"),
     ("run config with zero attention heads", ["run", "--prompt", "x", "--model", "{tmp}/zero_heads"],
@@ -443,6 +463,52 @@ CASES = [
                                             "{tmp}/t.npz"], "not a torch.save file"),
     ("tune report is the profile", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
                                     "--report", "{tmp}/t.yaml"], "own path"),
+    # -- sweep 4 ---------------------------------------------------------------------------------
+    ("profile negative MRS top-p", [*SIM, "--profile", "{tmp}/negative_top_p.yaml"], "mrs_top_p"),
+    ("tune profile with negative MRS top-p", ["tune", "--trace", T, "--profile", "{tmp}/negative_top_p.yaml", "--out",
+                                              "{tmp}/t.yaml"], "mrs_top_p"),
+    ("profile zero expert bandwidth", [*SIM, "--profile", "{tmp}/zero_expert_bandwidth.yaml"], "h2d_pinned_expert_gbps"),
+    ("profile card of a nanobyte", [*SIM, "--profile", "{tmp}/tiny_card.yaml"], "gpu_memory_gb"),
+    ("profile planner of an unknown strategy", [*RUN[:5], "--profile", "{tmp}/typo_planner.yaml"], "'hybrid'"),
+    ("profile name with escapes", [*SIM, "--profile", "{tmp}/unprintable_name.yaml"], "printable"),
+    ("profile policy format not its experts'", [*SIM, "--profile", "{tmp}/int8_policy.yaml"], "policy.quantize"),
+    ("profile group size without a format", [*SIM, "--profile", "{tmp}/group_size_alone.yaml"], "policy.group_size"),
+    ("simulate second profile bad, named", [*SIM, "--profile", P, "--profile", "{tmp}/ratio_over_one.yaml"],
+     "ratio_over_one.yaml: policy.cache_ratio"),
+    ("simulate trace given twice", [*SIM, "--trace", T, "--profile", P], "more than once"),
+    ("simulate baseline key twice", [*SIM, "--profile", P, "--baseline", "lru_inserts=4", "--baseline", "lru_inserts=8"],
+     "given twice"),
+    ("simulate baseline no strategy reads", [*SIM, "--profile", P, "--strategies", "hybrimoe", "--baseline",
+                                             "refresh_steps=4"], "ktransformers-dynamic"),
+    ("simulate prompt length without prefill", [*SIM, "--profile", P, "--prefill-tokens", "64"], "--prefill-tokens"),
+    ("simulate recorded look-ahead the trace lacks", [*SIM, "--profile", P, "--predictor", "recorded"], "look-ahead"),
+    ("tune trace given twice", ["tune", "--trace", T, "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml"],
+     "given twice"),
+    ("tune export given twice", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--export", "llamacpp",
+                                 "--export", "llamacpp"], "given twice"),
+    ("tune model that nothing uses", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--model",
+                                      str(DEMO)], "--model"),
+    ("tune measures a GGUF", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--model", "{tmp}/x.gguf",
+                              "--measure-top", "1"], ".gguf"),
+    ("tune report holds an earlier report", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--report",
+                                             "{tmp}/earlier_report"], "--force"),
+    ("profile out that is not YAML", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--out",
+                                      "{tmp}/p.png"], ".yaml"),
+    ("profile plot that exists", ["profile", "--preset", "demo", "--quick", "--out", "{tmp}/p.yaml", "--plot",
+                                  "{tmp}/existing.png"], "--force"),
+    ("profile out a link to a device, forced", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--out",
+                                              "{tmp}/device_link.yaml", "--force"], "not a regular file"),
+    ("run model of a billion layers", [*RUN, "--model", "{tmp}/billion_layers"], "n_layers 1000000000"),
+    ("run weights file a directory", [*RUN, "--model", "{tmp}/weights_dir"], "not a regular file"),
+    ("run force without a recording", [*RUN, "--force"], "--record-trace"),
+    ("run allow pickle for the demo", [*RUN, "--allow-pickle"], "demo model"),
+    ("run records over its replay", [*RUN, "--replay-trace", "{tmp}/trace_copy.npz", "--record-trace",
+                                     "{tmp}/trace_copy.npz", "--force"], "--replay-trace"),
+    ("run gpu-offload without a cache", [*RUN, "--strategy", "gpu-offload", "--cache-ratio", "0"], "gpu-offload"),
+    ("run a GGUF as the model", [*RUN, "--model", "{tmp}/x.gguf"], "GGUF"),
+    ("run cpu-only profile with a cache", [*RUN[:5], "--profile", "{tmp}/demo_cpu_only.yaml", "--device", "cpu",
+                                           "--cache-ratio", "0.5"], "cache"),
+    ("serve force without a recording", ["serve", "--force"], "--record-trace"),
 ]
 
 

@@ -8,6 +8,7 @@ shown only with `--verbose`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -41,7 +42,25 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             err_console.print("Aborted.")
             sys.exit(1)
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_LOST:
+                raise
+            _drop_stdout()
+            if exc.errno == errno.EPIPE:  # the reader stopped reading (`| head`): what it wanted, it has
+                sys.exit(0)
+            print_error(f"cannot write the output: {exc.strerror}")
+            sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+_OUTPUT_LOST = (errno.EPIPE, errno.ENOSPC, errno.EIO)  # writing to stdout failed: a full disk, a closed pipe
+
+
+def _drop_stdout() -> None:
+    """Points stdout at /dev/null, so that flushing what is left at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 app = typer.Typer(

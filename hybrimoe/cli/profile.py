@@ -113,11 +113,13 @@ def profile(
             raise UserError("--group-size goes with --quantize int8|int4")
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if out is not None:
+            if out.suffix.lower() not in (".yaml", ".yml"):
+                raise UserError(f"--out {out}: a profile is YAML; give a .yaml file")
             check_output(out, force, "--out")
         if plot is not None:
             if plot.suffix.lower() != ".png":
                 raise UserError(f"--plot {plot}: the plot is a PNG image; give a .png file")
-            check_output(plot, True, "--plot")
+            check_output(plot, force, "--plot")
             if estimate:
                 raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
             if out is not None and plot.resolve() == out.resolve():

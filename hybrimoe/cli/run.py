@@ -40,6 +40,8 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> tuple[str, ..
 def _stdin_text() -> str:
     from hybrimoe.errors import UserError
 
+    if sys.stdin is None:
+        raise UserError("--prompt - reads the prompt from stdin, which is closed")
     data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8")

@@ -115,6 +115,16 @@ def tune(
         formats = () if allow_quantize is None else tuple(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
         )
+        for flag, values in (("--allow-quantize", formats), ("--export", export),
+                             ("--trace", [path.resolve() for path in traces])):
+            repeated = next((value for i, value in enumerate(values) if value in values[:i]), None)
+            if repeated is not None:
+                raise UserError(f"{flag} {repeated} is given twice")
+        if model is not None and gpu_memory_gb is None and not export and not measure_top:
+            raise UserError("--model sizes --gpu-memory-gb, numbers the layers for --export and is what --measure-top "
+                            "runs: give one of them, or leave --model out")
+        if model is not None and measure_top and model.suffix == ".gguf":
+            raise UserError("--measure-top runs the model: give its checkpoint directory as --model, not a .gguf")
         for flag, given, needed, present in (
             ("--context", context, "--gpu-memory-gb", gpu_memory_gb), ("--batch", batch, "--gpu-memory-gb", gpu_memory_gb),
             ("--group-size", group_size, "--allow-quantize", allow_quantize), ("--prompts", prompts, "--measure-top", measure_top or None),

@@ -42,7 +42,7 @@ from rich.progress import Progress
 from rich.text import Text
 from torch import nn
 
-from hybrimoe.config import ExpertShape
+from hybrimoe.config import ExpertShape, over_limit
 from hybrimoe.errors import ModelError
 from hybrimoe.files import local_checkpoint
 from hybrimoe.runtime.host_experts import HostExperts, pool_layer
@@ -51,9 +51,16 @@ from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _POSITIVE_CONFIG_KEYS = (
-    "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size", "num_experts",
-    "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size",
+    "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
 )
+# config.json keys -> the SIZE_LIMITS they are held to, before transformers builds anything from them
+_CONFIG_SIZE_LIMITS = {
+    "num_hidden_layers": "n_layers", "num_experts": "n_experts", "num_local_experts": "n_experts",
+    "n_routed_experts": "n_experts", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "moe_intermediate_size": "intermediate_size", "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+}
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
@@ -235,6 +242,9 @@ def check_weight_files(path: Path, allow_pickle: bool) -> dict[Path, dict]:
     """Refuses missing, truncated or (unless allowed) pickle-based weights with one line; returns
     each safetensors file's header (none for pickle-based weights)."""
     safetensors = sorted(path.glob("*.safetensors"))
+    odd = next((file for file in safetensors if not file.is_file()), None)
+    if odd is not None:
+        raise ModelError(f"{odd}: not a regular file")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -294,6 +304,11 @@ def _check_config_numbers(path: Path, config_data: dict) -> None:
         value = config_data.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ModelError(f"{path}/config.json: {key} must be a whole number above 0, got {value!r}")
+    for key, limit in _CONFIG_SIZE_LIMITS.items():
+        value = config_data.get(key)
+        too_big = over_limit({limit: value}) if isinstance(value, int) else None
+        if too_big:
+            raise ModelError(f"{path}/config.json: {key}: {too_big}")
     for key, value in config_data.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ModelError(f"{path}/config.json: {key} is {value}, not a finite number")

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hybrimoe.errors import UserError
 from hybrimoe.run import max_prompt_chars
 from hybrimoe.run_options import Sampling
 from hybrimoe.serve.engine import SHUTTING_DOWN, Done, Engine, Piece, QueueFull, Request, ShuttingDown
@@ -80,6 +81,11 @@ _UNSUPPORTED_UNLESS = {
 }
 
 
+# OpenAI request fields that change nothing a server computes (bookkeeping for OpenAI's own
+# platform): accepted and ignored. Any other field this server does not know is refused.
+_IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+
+
 class _Sampled(BaseModel):
     """The fields both endpoints share."""
 
@@ -93,6 +99,12 @@ class _Sampled(BaseModel):
                 given = data[name] if name in data else None
                 if not any(given == value and isinstance(given, bool) == isinstance(value, bool) for value in unused):
                     raise ValueError(f"{name} is not supported by this server")
+            known = cls.model_fields.keys() | _UNSUPPORTED_UNLESS.keys() | set(_IGNORED_FIELDS)
+            unknown = sorted(str(name) for name in data if name not in known)
+            if unknown:
+                raise ValueError(f"unrecognized request argument: {unknown[0]}")
+            if data.get("max_tokens") is not None and data.get("max_completion_tokens") is not None:
+                raise ValueError("give max_tokens or max_completion_tokens, not both")
         return data
 
     model: str
@@ -138,11 +150,24 @@ class CompletionRequest(_Sampled):
     prompt: str = Field(min_length=1)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates take it: text content, the developer's role as system."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(_Sampled):
@@ -174,10 +199,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{field}: {error.get('msg')}" if field else str(error.get("msg"))), field
 
 
-def plain_chat_prompt(messages: list[Message]) -> str:
+def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
     """The demo model's chat prompt (it has no template): "ROLE:\\ntext\\n\\n" per message, then the
     assistant's turn."""
-    return "".join(f"{m.role.upper()}:\n{m.content}\n\n" for m in messages) + "ASSISTANT:\n"
+    return "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The prompt the model's chat template makes of `messages` (the plain one without a template);
+    a template that fails is the server's problem, said in OpenAI's error shape."""
+    if tokenizer.chat_template is None:
+        return plain_chat_prompt(messages)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja's errors and the template's own raise_exception, of any class
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise ApiError(500, f"the model's chat template failed: {message}", kind="server_error") from None
+
+
+def check_chat_template(tokenizer) -> None:
+    """Refuses, at start-up, a chat template that cannot render a one-message conversation."""
+    try:
+        chat_text(tokenizer, [{"role": "user", "content": "hello"}])
+    except ApiError as exc:
+        raise UserError(exc.message) from None
 
 
 def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions: int | None,
@@ -336,13 +381,9 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
-        if tokenizer.chat_template is not None:
-            with engine.tokenizer_lock:
-                text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                     add_generation_prompt=True)
-            prompt_ids = await tokenize(text, add_special_tokens=False)
-        else:
-            prompt_ids = await tokenize(plain_chat_prompt(body.messages), add_special_tokens=True)
+        with engine.tokenizer_lock:
+            text = chat_text(tokenizer, [message.for_template() for message in body.messages])
+        prompt_ids = await tokenize(text, add_special_tokens=tokenizer.chat_template is None)
         request, queue = await submit(body, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sent_role = []
@@ -364,12 +405,20 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                              "finish_reason": done.finish_reason}],
                 "usage": usage(done)}
 
+    served = {"id": model_name, "object": "model", "created": created, "owned_by": "hybrimoe"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "hybrimoe"}]}
+        return {"object": "list", "data": [served]}
 
-    @app.get("/health")
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+                           kind="not_found_error", code="model_not_found", param="model")
+        return served
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not engine.alive:
             raise ApiError(503, "the engine is not running", kind="server_error")

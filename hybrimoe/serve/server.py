@@ -125,7 +125,7 @@ def serve(
     from hybrimoe.run import open_session, prepare_tokenizer, recorded_trace
     from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, trace_step
     from hybrimoe.runtime.threads import torch_threads
-    from hybrimoe.serve.api import ANSWER_S, Shutdown, create_app
+    from hybrimoe.serve.api import ANSWER_S, Shutdown, check_chat_template, create_app
     from hybrimoe.serve.engine import Engine, EngineStats
     from hybrimoe.serve.metrics import ServerMetrics
 
@@ -137,6 +137,7 @@ def serve(
 
     def batch_shape(facts, tokenizer) -> tuple[int, int]:
         prepare_tokenizer(tokenizer)
+        check_chat_template(tokenizer)  # before the weights load
         limit = facts.config.get("max_position_embeddings")
         n_positions.append(limit)
         prompt_tokens = max(1, limit - serve_options.max_tokens) if limit else serve_options.max_tokens

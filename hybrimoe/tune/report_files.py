@@ -36,6 +36,7 @@ from hybrimoe.tune.study import tuned_trials
 
 CSV_NAME = "trials.csv"
 INDEX_NAME = "index.md"
+IMAGE_NAMES = ("history.png", "importances.png", "latency_vs_slots.png", "pareto.png")
 # (marker, colour) of the default policy and each baseline, one each; the tuned trials are blue dots
 REFERENCE_STYLES = (
     ("s", "tab:red"), ("^", "tab:green"), ("D", "tab:purple"), ("v", "tab:brown"), ("P", "tab:pink"),
@@ -74,13 +75,14 @@ def _write_images(study: optuna.Study, result: TuneResult, directory: Path, unit
     pareto = len(study.directions) > 1
     time_name = f"time ({unit})"
     time_of = (lambda t: t.values[0]) if pareto else None
+    history, importances, latency_vs_slots, pareto_front = IMAGE_NAMES
     figures = {
-        "history.png": lambda: _history_figure(study, time_of, time_name),
-        "importances.png": lambda: _importances_figure(study, time_name),
-        "latency_vs_slots.png": lambda: _latency_vs_slots_figure(study, result, time_name),
+        history: lambda: _history_figure(study, time_of, time_name),
+        importances: lambda: _importances_figure(study, time_name),
+        latency_vs_slots: lambda: _latency_vs_slots_figure(study, result, time_name),
     }
     if pareto:
-        figures["pareto.png"] = lambda: _pareto_figure(study, time_name)
+        figures[pareto_front] = lambda: _pareto_figure(study, time_name)
     written = []
     with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna's plots switch the global style to ggplot
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -166,6 +166,7 @@ def load_inputs(options: TuneOptions) -> Inputs:
 def check_outputs(options: TuneOptions) -> None:
     """Refuses, before any trial, an output that would fail or overwrite something unasked."""
     from hybrimoe.tune.ktransformers_export import ktransformers_path
+    from hybrimoe.tune.report_files import CSV_NAME, IMAGE_NAMES, INDEX_NAME
 
     unknown = [engine for engine in options.exports if engine not in EXPORT_ENGINES]
     if unknown:
@@ -187,6 +188,9 @@ def check_outputs(options: TuneOptions) -> None:
         if report.resolve() in {options.out.resolve(), ktransformers_path(options.out).resolve()}:
             raise UserError(f"--report {report} is the tuned profile's own path: give a directory of its own")
         check_writable_dir(report, f"--report {report}")
+        earlier = [name for name in (CSV_NAME, INDEX_NAME, *IMAGE_NAMES) if (report / name).exists()]
+        if earlier and not options.force:
+            raise UserError(f"--report {report} holds an earlier report ({earlier[0]}); pass --force to overwrite it")
     if options.measure_top < 0 or options.measure_tokens < 2:
         raise UserError("--measure-top must be >= 0 and --measure-tokens >= 2")
 

@@ -36,9 +36,9 @@ def test_finds_moe_layers_and_shape(checkpoint, family, n_layers, has_bias):
 
 
 def test_not_a_directory_is_refused(tmp_path):
-    with pytest.raises(ModelError, match="not a local directory"):
+    with pytest.raises(ModelError, match="no such directory"):
         load_model("mistralai/Mixtral-8x7B-v0.1", show_progress=False)
-    with pytest.raises(ModelError, match="not a local directory"):
+    with pytest.raises(ModelError, match="no such directory"):
         load_model(tmp_path / "missing", show_progress=False)
 
 

@@ -155,10 +155,28 @@ def test_sampling_is_seeded_and_stops_at_stop_strings(server):
     assert out.choices[0].text == whole[: whole.index(stop)]
 
 
+def test_openai_message_forms_and_bookkeeping_fields_are_taken(server):
+    client = server.client()
+    plain = client.chat.completions.create(
+        model="demo", messages=[{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Hail."}],
+        max_tokens=12, temperature=0,
+    ).choices[0].message.content
+    parts = client.chat.completions.create(
+        model="demo", messages=[{"role": "developer", "content": "Speak as a king."},
+                                {"role": "user", "content": [{"type": "text", "text": "Ha"}, {"type": "text", "text": "il."}],
+                                 "name": "messenger"}],
+        max_tokens=12, temperature=0, user="someone", metadata={"run": "1"},
+    ).choices[0].message.content
+    assert parts == plain
+
+
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client().models.list()] == ["demo"]
+    assert server.client().models.retrieve("demo").id == "demo"
+    assert http(server, "GET", "/v1/models/gpt-9")[0] == 404
     status, _, body = http(server, "GET", "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
+    assert http(server, "HEAD", "/health")[0] == 200
     status, headers, body = http(server, "GET", "/metrics")
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
@@ -209,6 +227,13 @@ BAD_REQUESTS = [
     ("a penalty", "/v1/completions", {"model": "demo", "prompt": "x", "frequency_penalty": 0.5}, 400, None),
     ("tools", "/v1/chat/completions",
      {"model": "demo", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, None),
+    ("a misspelt field", "/v1/completions", {"model": "demo", "prompt": "x", "max_token": 2}, 400, None),
+    ("an unknown field", "/v1/completions", {"model": "demo", "prompt": "x", "temprature": 0.5}, 400, None),
+    ("both length limits", "/v1/completions",
+     {"model": "demo", "prompt": "x", "max_tokens": 4, "max_completion_tokens": 8}, 400, None),
+    ("an image part", "/v1/chat/completions",
+     {"model": "demo", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, None),
 ]
 
 
