@@ -11,6 +11,9 @@ from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint
 
 
+MAX_TEMPERATURE = 2.0  # past it sampling is noise; OpenAI's API and `hybrimoe serve` stop there too
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0 means greedy
@@ -57,8 +60,9 @@ def check_options(options: RunOptions) -> None:
         )
     if options.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    if not options.sampling.temperature >= 0 or math.isinf(options.sampling.temperature):
-        raise UserError(f"--temperature must be a finite number, not negative, got {options.sampling.temperature}")
+    if not 0 <= options.sampling.temperature <= MAX_TEMPERATURE:
+        raise UserError(f"--temperature must be in [0, {MAX_TEMPERATURE:g}] (as OpenAI's API takes it), "
+                        f"got {options.sampling.temperature}")
     if not 0.0 < options.sampling.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {options.sampling.top_p}")
     if options.sampling.seed is not None and options.sampling.temperature == 0:

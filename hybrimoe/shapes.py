@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +190,9 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
     family = config.get("model_type")
     if family not in _FAMILIES:
         raise UserError(f"unsupported model_type {family!r}; supported: {', '.join(_FAMILIES)}")
+    odd = next((key for key, value in config.items() if isinstance(value, float) and not math.isfinite(value)), None)
+    if odd is not None:  # JSON lets NaN through; the model could not be built from it
+        raise UserError(f"{family} config: {odd} is {config[odd]}, not a finite number")
 
     def need(*keys: str) -> Any:
         for key in keys:

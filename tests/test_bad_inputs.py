@@ -147,6 +147,13 @@ def make_files(tmp: Path) -> None:
     save_trace(RoutingTrace(dataclasses.replace(small.meta, dtype="int4"), small.steps), tmp / "int4.npz")
     save_trace(RoutingTrace(dataclasses.replace(small.meta, n_experts=256), small.steps), tmp / "other_model.npz")
     _hostile_traces(tmp, tmp / "int4.npz")
+    weights = np.full(small.steps[0].topk_ids.shape, 0.125, dtype=np.float32)
+    save_trace(RoutingTrace(small.meta, (dataclasses.replace(small.steps[0], topk_weights=weights),)),
+               tmp / "negative_weight.npz")
+    with np.load(tmp / "negative_weight.npz") as archive:  # a valid trace would not be saved with it
+        arrays = dict(archive)
+    arrays["topk_weights"][0, 0, 0] = -1.0
+    np.savez(tmp / "negative_weight.npz", **arrays)
     _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
     _model_dir(tmp, "str_experts", config=_demo_config(num_experts="16"))
     _model_dir(tmp, "zero_layers", config=_demo_config(num_hidden_layers=0))
@@ -509,6 +516,10 @@ CASES = [
     ("run cpu-only profile with a cache", [*RUN[:5], "--profile", "{tmp}/demo_cpu_only.yaml", "--device", "cpu",
                                            "--cache-ratio", "0.5"], "cache"),
     ("serve force without a recording", ["serve", "--force"], "--record-trace"),
+    ("run temperature of 5", [*RUN, "--temperature", "5"], "--temperature"),
+    ("estimate a config with a NaN", ["profile", "--estimate", "rtx4090-desktop", "--model", "{tmp}/nan_epsilon",
+                                      "--out", "{tmp}/p.yaml"], "rms_norm_eps"),
+    ("trace of a negative routing weight", ["trace", "info", "{tmp}/negative_weight.npz"], "negative routing weight"),
 ]
 
 

@@ -33,7 +33,7 @@ def import_cmd(
         "dropped).",
     ),
     config: Path | None = typer.Option(
-        None, "--config", help="A transformers config.json giving the model shape.", rich_help_panel=_SHAPE
+        None, "--config", help="A transformers config.json (or its checkpoint directory) giving the model shape.", rich_help_panel=_SHAPE
     ),
     model_name: str | None = typer.Option(
         None, "--model-name", help="Model name (overrides the config's _name_or_path).", rich_help_panel=_SHAPE

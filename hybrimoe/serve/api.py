@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybrimoe.errors import UserError
 from hybrimoe.run import max_prompt_chars
-from hybrimoe.run_options import Sampling
+from hybrimoe.run_options import MAX_TEMPERATURE, Sampling
 from hybrimoe.serve.engine import SHUTTING_DOWN, Done, Engine, Piece, QueueFull, Request, ShuttingDown
 from hybrimoe.serve.metrics import ServerMetrics
 
@@ -110,7 +110,7 @@ class _Sampled(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)

@@ -308,6 +308,8 @@ def _validate(trace: RoutingTrace) -> None:
         weights = np.concatenate([step.topk_weights for step in steps], axis=1)
         if not np.isfinite(weights).all():
             raise TraceError("topk_weights holds non-finite values")
+        if weights.size and weights.min() < 0:
+            raise TraceError(f"topk_weights holds a negative routing weight ({weights.min():g})")
     if first.router_probs is not None:
         probs = np.concatenate([step.router_probs for step in steps], axis=1)
         if not (np.isfinite(probs).all() and probs.min() >= 0 and probs.max() <= 1):
@@ -498,6 +500,8 @@ def trace_meta_from_hf_config(
 ) -> TraceMeta:
     """Shape facts from a transformers config.json; `model`/`dtype` fill in what the file lacks."""
     config_path = Path(config_path)
+    if config_path.is_dir():  # a checkpoint directory, as --model takes it
+        config_path = config_path / "config.json"
     config = read_json(config_path, "config", TraceError)
     if not isinstance(config, dict):
         raise TraceError(f"{config_path}: a config must be a JSON object")
