@@ -145,6 +145,18 @@ def _placement(options: RunOptions, profile: HardwareProfile, capacity: Capacity
     return options.strategy, capacity.slots, capacity.source
 
 
+def _check_accelerator_flags(options: RunOptions, profile: HardwareProfile) -> None:
+    """Refuses placement flags a profile without an accelerator section would leave without effect."""
+    if profile.has_accelerator:
+        return
+    asked = [flag for flag, value in (("--cache-experts", options.cache_experts), ("--cache-ratio", options.cache_ratio),
+                                      ("--gpu-memory-gb", options.gpu_memory_gb)) if value is not None]
+    if asked or options.strategy not in ("hybrimoe", "cpu-only"):
+        what = asked[0] if asked else f"--strategy {options.strategy}"
+        raise UserError(f"{what} places experts on an accelerator, but profile {profile.name} has none "
+                        "(every expert runs on the CPU): leave it out, or give a profile with one")
+
+
 def _check_replay_length(replayed: RoutingTrace, prompt_shape: tuple[int, int], options: RunOptions) -> None:
     """Refuses, before the weights load, a replayed trace too short for the run."""
     n_seqs, n_prompt = prompt_shape
@@ -391,6 +403,8 @@ def open_session(
         prompt_shape = batch_shape(facts, tokenizer)
         if replayed is not None:
             _check_replay_length(replayed, prompt_shape, options)
+        if profile is not None:
+            _check_accelerator_flags(options, profile)
         capacity, reserve = plan_memory(facts, shape, prompt_shape, options, profile, accelerator)
         planned.append((shape, facts.dense_bytes, capacity, reserve))
 

@@ -209,8 +209,8 @@ def compare_strategies(
         raise PolicyError("cache ratios must be in [0, 1]")
     profile.check_trace_experts(trace.meta.expert_shape())
     if predictor == "recorded" and trace.lookahead_depth == 0:
-        raise PolicyError("predictor 'recorded' needs a trace with recorded look-ahead (`hybrimoe run --record-trace` "
-                          "records it) and this one has none: use recent or oracle")
+        raise PolicyError("predictor 'recorded' needs a trace with recorded look-ahead (a run's recorded routing has it) "
+                          "and this one has none: use recent or oracle")
     policy = policy or profile.policy or PolicyConfig()
     costs = CostModel(profile)
     dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)

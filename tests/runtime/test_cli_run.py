@@ -329,3 +329,19 @@ def test_repeated_prompts_run_as_one_batch(model_dir):
     assert len(json.loads(result.stdout)["texts"]) == 2  # neither prompt dropped
     shown = _run("--model", model_dir, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "-n", "4")
     assert shown.exit_code == 0 and "sequence 2" in shown.stdout and "JULIET: O" in shown.stdout
+
+
+def test_a_profile_without_an_accelerator_runs_every_expert_on_the_cpu(model_dir, tmp_path):
+    """A CPU-only profile (no gpu_expert or transfer section, as `profile` writes without CUDA):
+    the planner's copies are impossible, and the run says every expert ran on the CPU."""
+    from pathlib import Path
+
+    from hybrimoe.profile.estimate import estimate_for_this_machine
+    from hybrimoe.runtime.loading import load_model
+    from hybrimoe.runtime.planning import model_shape
+
+    shape = model_shape(load_model(model_dir, "cpu", show_progress=False), Path(model_dir).name)
+    cpu_only = dataclasses.replace(estimate_for_this_machine(shape, "cpu"), gpu_expert=None, transfer=None)
+    path = save_profile(cpu_only, tmp_path / "cpu_only.yaml")
+    data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "4", "--profile", str(path), "--json").stdout)
+    assert data["planner"] == "cpu-only" and data["counters"]["cpu_share"] == 1.0
