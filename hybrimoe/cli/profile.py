@@ -112,18 +112,7 @@ def profile(
         if group_size is not None and quantize is None:
             raise UserError("--group-size goes with --quantize int8|int4")
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-        if out is not None:
-            if out.suffix.lower() not in (".yaml", ".yml"):
-                raise UserError(f"--out {out}: a profile is YAML; give a .yaml file")
-            check_output(out, force, "--out")
-        if plot is not None:
-            if plot.suffix.lower() != ".png":
-                raise UserError(f"--plot {plot}: the plot is a PNG image; give a .png file")
-            check_output(plot, force, "--plot")
-            if estimate:
-                raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
-            if out is not None and plot.resolve() == out.resolve():
-                raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
+        _check_outputs(out, plot, force, estimate)
         if estimate:
             ignored = [flag for flag, given in (("--threads", threads is not None), ("--quick", quick),
                                                 ("--device", device is not None), ("--name", name is not None),
@@ -131,26 +120,14 @@ def profile(
                                                 ("--llc-mb", llc_mb is not None)) if given]
             if ignored:
                 raise UserError(f"{ignored[0]} tunes a measurement; --estimate measures nothing: leave it out")
-            if machine is None:
-                if out is not None:
-                    raise UserError("--estimate --out needs a MACHINE: `hybrimoe profile --estimate` lists them")
-                _print_datasheets()
-                return
-            from hybrimoe.profile.estimate import estimate_profile
-
-            if out is None:
-                raise UserError("--estimate MACHINE needs --out FILE")
-            shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
-            result = estimate_profile(machine, shape)
-            save_profile(result, out, overwrite=force)
-            console.print(report.summary_table(result))
-            console.print(Text("estimated profile written to ") + Text(str(out), style="bold"))
+            _estimate(machine, out, force,
+                      lambda: resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size))
             return
         if machine is not None:
             raise UserError(f"unexpected argument {machine!r}: a MACHINE goes with --estimate")
 
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
-        from hybrimoe.profile.run import ProfileOptions, default_device, profile_machine  # torch: seconds
+        from hybrimoe.profile.run import ProfileOptions, default_device  # torch: seconds
 
         to_default = out is None
         if to_default:
@@ -172,17 +149,7 @@ def profile(
             command=_command_line(model, preset, hidden_size, intermediate_size, dtype, quantize,
                                   group_size if quantize else None, device, threads, quick),
         )
-        columns = (
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("starting", total=None)
-
-            def progress(what: str, done: int, total: int) -> None:
-                bar.update(task, description=what or "measuring", completed=done, total=total)
-
-            result = profile_machine(options, progress)
+        result = _measure(options)
         # This machine's current measurement replaces its previous one; an explicit --out needs --force.
         replaced = to_default and out.exists()
         save_profile(result, out, overwrite=force or to_default)
@@ -194,6 +161,65 @@ def profile(
     console.print(Text("profile written to ") + Text(str(out), style="bold") + Text(replacing))
     if plot is not None:
         console.print(Text("plot written to ") + Text(str(report.save_png(result, plot)), style="bold"))
+
+
+def _check_outputs(out: Path | None, plot: Path | None, force: bool, estimate: bool) -> None:
+    """Refuses, before any work, a profile or plot path that would fail or overwrite unasked."""
+    from hybrimoe.errors import UserError
+    from hybrimoe.files import check_output
+
+    if out is not None:
+        if out.suffix.lower() not in (".yaml", ".yml"):
+            raise UserError(f"--out {out}: a profile is YAML; give a .yaml file")
+        check_output(out, force, "--out")
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: the plot is a PNG image; give a .png file")
+    check_output(plot, force, "--plot")
+    if estimate:
+        raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
+    if out is not None and plot.resolve() == out.resolve():
+        raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
+
+
+def _estimate(machine: str | None, out: Path | None, force: bool, shape_of) -> None:
+    """`--estimate`: the datasheets without a MACHINE, else MACHINE's estimated profile for the
+    model `shape_of()` reads, written to `out`."""
+    from hybrimoe.config import save_profile
+    from hybrimoe.errors import UserError
+    from hybrimoe.profile import report
+
+    if machine is None:
+        if out is not None:
+            raise UserError("--estimate --out needs a MACHINE: `hybrimoe profile --estimate` lists them")
+        _print_datasheets()
+        return
+    from hybrimoe.profile.estimate import estimate_profile
+
+    if out is None:
+        raise UserError("--estimate MACHINE needs --out FILE")
+    result = estimate_profile(machine, shape_of())
+    save_profile(result, out, overwrite=force)
+    console.print(report.summary_table(result))
+    console.print(Text("estimated profile written to ") + Text(str(out), style="bold"))
+
+
+def _measure(options):
+    """`profile_machine(options)` behind a progress bar of its measurements."""
+    from hybrimoe.profile.run import profile_machine
+
+    columns = (
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what or "measuring", completed=done, total=total)
+
+        return profile_machine(options, progress)
 
 
 def _this_machines_path(device: str, shape) -> Path:
