@@ -110,7 +110,7 @@ def tune(
         from hybrimoe.errors import UserError
         from hybrimoe.policy.names import check_name
         from hybrimoe.tune.setup import TuneOptions
-        from hybrimoe.tune.tuner import prepare, prepare_formats, tune as run_tune, tune_formats
+        from hybrimoe.tune.tuner import prepare, prepare_formats
 
         formats = () if allow_quantize is None else tuple(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
@@ -148,24 +148,7 @@ def tune(
             profiling_traces=tuple(profiling_trace),
         )
         studies = prepare_formats(options) if formats else [prepare(options)]
-        for inputs in studies:
-            console.print(Text("study ") + Text(inputs.study_name, style="bold") + Text(f" in {_storage(inputs)}; budget: {inputs.budget}"), highlight=False)
-        choices = []
-        try:
-            with _progress_bar(trials) as (bar, update):
-                def phase(text: str) -> None:
-                    bar.console.print(text, markup=False)
-
-                if formats:
-                    outcome, choices = tune_formats(studies, on_progress=update, on_phase=phase)
-                else:
-                    outcome = run_tune(studies[0], on_progress=update, on_phase=phase)
-        except KeyboardInterrupt:
-            inputs = studies[-1]
-            kept = ("nothing is kept (in-memory storage)" if inputs.storage_url is None else
-                    f"the finished trials are kept in {_storage(inputs)}; rerun the same command to continue")
-            err_console.print(f"interrupted: {kept}", highlight=False, markup=False)
-            raise typer.Exit(130) from None
+        outcome, choices = _run_studies(studies, formats, trials)
     if choices:
         _render_formats(choices, outcome, objective)
     _render(outcome.result, objective)
@@ -178,6 +161,30 @@ def tune(
     for path in outcome.report_files:
         console.print(f"report: {path}", highlight=False, markup=False)
     console.print(f"tuned profile written to {outcome.profile_path}", highlight=False, markup=False)
+
+
+def _run_studies(studies, formats: tuple[str, ...], trials: int | None):
+    """(outcome, each format's choice) of the prepared studies, behind a progress bar; Ctrl-C
+    says what is kept and exits 130."""
+    from hybrimoe.tune.tuner import tune as run_tune, tune_formats
+
+    for inputs in studies:
+        console.print(Text("study ") + Text(inputs.study_name, style="bold")
+                      + Text(f" in {_storage(inputs)}; budget: {inputs.budget}"), highlight=False)
+    try:
+        with _progress_bar(trials) as (bar, update):
+            def phase(text: str) -> None:
+                bar.console.print(text, markup=False)
+
+            if formats:
+                return tune_formats(studies, on_progress=update, on_phase=phase)
+            return run_tune(studies[0], on_progress=update, on_phase=phase), []
+    except KeyboardInterrupt:
+        inputs = studies[-1]
+        kept = ("nothing is kept (in-memory storage)" if inputs.storage_url is None else
+                f"the finished trials are kept in {_storage(inputs)}; rerun the same command to continue")
+        err_console.print(f"interrupted: {kept}", highlight=False, markup=False)
+        raise typer.Exit(130) from None
 
 
 def _render_formats(choices, outcome, objective: str) -> None:
