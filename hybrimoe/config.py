@@ -75,6 +75,10 @@ class LinearFit:
     r2: float | None = None
     max_rel_error: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.r2 is not None and not self.r2 <= 1.0:
+            raise ProfileError(f"fit.r2 is a coefficient of determination, at most 1, got {self.r2}")
+
     def ms(self, n_tokens: float) -> float:
         return self.intercept_ms + self.per_token_ms * n_tokens
 
@@ -590,8 +594,8 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
             raise ProfileError(f"{source}: transfer.expert_load_ms {profile.transfer.expert_load_ms:g} is past any "
                                f"machine's ({MAX_LATENCY_MS:g} ms at most)")
     for name in ("cpu_slowdown", "copy_slowdown"):
-        if not 0 < getattr(profile.interference, name) <= MAX_SLOWDOWN:
-            raise ProfileError(f"{source}: interference.{name} must be in (0, {MAX_SLOWDOWN:g}], "
+        if not 1.0 <= getattr(profile.interference, name) <= MAX_SLOWDOWN:  # `profile` writes at least 1
+            raise ProfileError(f"{source}: interference.{name} is a slowdown, in [1, {MAX_SLOWDOWN:g}], "
                                f"got {getattr(profile.interference, name)}")
     if profile.host_memory_gbps is not None and not profile.host_memory_gbps >= MIN_GBPS:
         raise ProfileError(f"{source}: host_memory_gbps must be at least {MIN_GBPS:g}, got {profile.host_memory_gbps}")

@@ -110,6 +110,8 @@ def make_files(tmp: Path) -> None:
                   'name: "\\e[31mred\\nsecond line"')
     _profile_with(tmp, "int8_policy.yaml", "schema_version: 1", "schema_version: 1\npolicy: {quantize: int8}")
     _profile_with(tmp, "group_size_alone.yaml", "schema_version: 1", "schema_version: 1\npolicy: {group_size: 64}")
+    _profile_with(tmp, "r2_of_five.yaml", "r2: 0.999407", "r2: 5")
+    _profile_with(tmp, "speedup_interference.yaml", "cpu_slowdown: 1.14286", "cpu_slowdown: 0.5")
     _profile_with(tmp, "ratio_over_one.yaml", "schema_version: 1", "schema_version: 1\npolicy: {cache_ratio: 1.5}")
     no_accelerator = yaml.safe_load(DEMO_PROFILE.read_text())
     for section in ("gpu_expert", "transfer"):
@@ -157,6 +159,8 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
     _model_dir(tmp, "str_experts", config=_demo_config(num_experts="16"))
     _model_dir(tmp, "zero_layers", config=_demo_config(num_hidden_layers=0))
+    _model_dir(tmp, "zero_positions", config=_demo_config(max_position_embeddings=0))
+    _model_dir(tmp, "fewer_layers", config=_demo_config(num_hidden_layers=2))
     _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
     (weights_dir / "model.safetensors").mkdir()
@@ -520,6 +524,13 @@ CASES = [
     ("estimate a config with a NaN", ["profile", "--estimate", "rtx4090-desktop", "--model", "{tmp}/nan_epsilon",
                                       "--out", "{tmp}/p.yaml"], "rms_norm_eps"),
     ("trace of a negative routing weight", ["trace", "info", "{tmp}/negative_weight.npz"], "negative routing weight"),
+    # -- sweep 5 ---------------------------------------------------------------------------------
+    ("profile fit R² of 5", [*SIM, "--profile", "{tmp}/r2_of_five.yaml"], "r2"),
+    ("profile interference that speeds up", [*SIM, "--profile", "{tmp}/speedup_interference.yaml"], "cpu_slowdown"),
+    ("simulate a cache size twice", ["simulate", "--trace", T, "--profile", P, "--cache-ratio", "0.5,0.5"], "twice"),
+    ("simulate placement learned on the replay", [*SIM, "--profile", P, "--profiling-trace", T], "static-oracle"),
+    ("run config of zero positions", [*RUN, "--model", "{tmp}/zero_positions"], "max_position_embeddings"),
+    ("run config of fewer layers than its weights", [*RUN, "--model", "{tmp}/fewer_layers"], "decoder layer 2"),
 ]
 
 

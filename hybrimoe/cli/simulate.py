@@ -36,14 +36,17 @@ def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
 
 
 def _names(texts: list[str], flag: str) -> tuple[str, ...]:
-    """The comma-separated names of every use of `flag`, in order, each once; an empty item (a stray
-    comma) is refused rather than dropped."""
+    """The comma-separated names of every use of `flag`, in order; an empty item (a stray comma) or
+    one given twice is refused rather than dropped."""
     parts = [part.strip() for text in texts for part in text.split(",")]
     if not parts:
         raise UserError(f"{flag} needs at least one value")
     if not all(parts):
         raise UserError(f"{flag} has an empty item in {','.join(texts)!r}")
-    return tuple(dict.fromkeys(parts))
+    repeated = next((part for i, part in enumerate(parts) if part in parts[:i]), None)
+    if repeated is not None:
+        raise UserError(f"{flag} names {repeated} twice")
+    return tuple(parts)
 
 
 def _baseline_params(settings: list[str], strategies: tuple[str, ...]):
@@ -131,6 +134,9 @@ def simulate(
         if len(traces) > 1:
             raise UserError("--trace is given more than once: simulate replays one trace (tune takes several)")
         trace = traces[0]
+        if profiling_trace is not None and profiling_trace.resolve() == trace.resolve():
+            raise UserError("--profiling-trace is the --trace: the placement would be learned on the very tokens "
+                            "replayed (that is static-oracle); give another trace, or leave it out to split --trace")
         chosen_modes, chosen_strategies = _names(modes, "--mode"), _names(strategies, "--strategies")
         if prefill_tokens is not None and "prefill" not in chosen_modes:
             raise UserError("--prefill-tokens sets the prompts of --mode prefill, which is not simulated")

@@ -51,7 +51,7 @@ from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _POSITIVE_CONFIG_KEYS = (
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size",
+    "num_hidden_layers", "max_position_embeddings", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "vocab_size",
     "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
 )
 # config.json keys -> the SIZE_LIMITS they are held to, before transformers builds anything from them
@@ -61,6 +61,7 @@ _CONFIG_SIZE_LIMITS = {
     "moe_intermediate_size": "intermediate_size", "num_attention_heads": "n_heads",
     "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
 }
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
@@ -218,6 +219,15 @@ def check_weights_match(
     quantization (they would load as numbers of the wrong kind). Other tensors are left to
     transformers' own conversions."""
     expected = {name: tuple(t.shape) for name, t in meta_model.state_dict().items()}
+    # decoder layers the weights hold past the config's (DeepSeek-V3's multi-token prediction layers
+    # follow the others, and are declared)
+    n_layers = config.num_hidden_layers + (getattr(config, "num_nextn_predict_layers", 0) or 0)
+    beyond = [name for header in headers.values() for name in header
+              if (layer := _LAYER_INDEX.match(name)) and int(layer.group(1)) >= n_layers]
+    if beyond:
+        raise ModelError(f"{path}: the weights hold decoder layer {_LAYER_INDEX.match(beyond[0]).group(1)} "
+                         f"({beyond[0]}) but config.json declares {config.num_hidden_layers} layers: the config and "
+                         "the weights are of different models")
     d, i = expert.hidden_size, expert.intermediate_size
     per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
     quantized = getattr(config, "quantization_config", None) is not None
