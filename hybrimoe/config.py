@@ -50,6 +50,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
 MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a measurement
 MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
 MIN_MEMORY_GB = 0.25  # less memory than this (256 MB) is not a machine's RAM or a card's
+MAX_MEMORY_GB = 65_536.0  # more than this (64 TB) is no machine's either: most likely bytes in a GB field
 MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
@@ -564,8 +565,9 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
             raise ProfileError(f"{source}: machine.{name} must be positive, got {value}")
     for name in ("gpu_memory_gb", "ram_gb"):
         value = getattr(machine, name)
-        if value is not None and not value >= MIN_MEMORY_GB:
-            raise ProfileError(f"{source}: machine.{name} {value:g} is below any machine's ({MIN_MEMORY_GB:g} GB at least)")
+        if value is not None and not MIN_MEMORY_GB <= value <= MAX_MEMORY_GB:
+            raise ProfileError(f"{source}: machine.{name} {value:g} is no machine's (a number of GB, "
+                               f"{MIN_MEMORY_GB:g} to {MAX_MEMORY_GB:g})")
     policy, shape = profile.policy, profile.expert_shape
     if policy is not None and policy.quantize != shape.quantize:
         kept = f"as {policy.quantize}" if policy.quantize else "unquantized"

@@ -121,6 +121,10 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
     gate_dims = _dims(gate, 3, path)
     n_embd, n_ff, n_expert = gate_dims if gate.name.endswith("gate_exps.weight") else (
         gate_dims[1], gate_dims[0], gate_dims[2])
+    declared = _count(reader, f"{architecture}.expert_count", path, SIZE_LIMITS["n_experts"], n_expert, minimum=0)
+    if declared != n_expert:  # llama.cpp checks the tensors against it, and would not load the file
+        raise ModelError(f"{path}: the GGUF header's {architecture}.expert_count is {declared}, but its expert "
+                         f"tensors hold {n_expert}")
     n_decoder_layers = _count(reader, f"{architecture}.block_count", path, SIZE_LIMITS["n_layers"])
     if moe_layers[-1] >= n_decoder_layers:
         raise ModelError(f"{path}: blk.{moe_layers[-1]} holds experts but the header says {n_decoder_layers} blocks")

@@ -47,6 +47,7 @@ def write_gguf(
     expert_type: Callable[[int, str], gguf.GGMLQuantizationType] = lambda block, role: Q.Q8_0,
     dense_type: gguf.GGMLQuantizationType = Q.Q8_0,
     truncate_bytes: int = 0,
+    declared_experts: int | None = None,  # the header's expert_count, when it should lie
 ) -> dict[str, int]:
     """Writes the GGUF; returns every tensor's bytes by name (what a reader must find)."""
     writer = gguf.GGUFWriter(path, arch)
@@ -56,7 +57,7 @@ def write_gguf(
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv_heads)
     writer.add_key_length(head_dim)
-    writer.add_expert_count(n_experts)
+    writer.add_expert_count(n_experts if declared_experts is None else declared_experts)
     writer.add_expert_used_count(top_k)
     writer.add_expert_feed_forward_length(ff_expert)
     if n_dense_blocks:

@@ -110,6 +110,7 @@ def make_files(tmp: Path) -> None:
                   'name: "\\e[31mred\\nsecond line"')
     _profile_with(tmp, "int8_policy.yaml", "schema_version: 1", "schema_version: 1\npolicy: {quantize: int8}")
     _profile_with(tmp, "group_size_alone.yaml", "schema_version: 1", "schema_version: 1\npolicy: {group_size: 64}")
+    _profile_with(tmp, "card_in_bytes.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 25769803776}")
     _profile_with(tmp, "r2_of_five.yaml", "r2: 0.999407", "r2: 5")
     _profile_with(tmp, "speedup_interference.yaml", "cpu_slowdown: 1.14286", "cpu_slowdown: 0.5")
     _profile_with(tmp, "ratio_over_one.yaml", "schema_version: 1", "schema_version: 1\npolicy: {cache_ratio: 1.5}")
@@ -159,8 +160,10 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "ten_million_layers", config=_demo_config(num_hidden_layers=10**7))
     _model_dir(tmp, "str_experts", config=_demo_config(num_experts="16"))
     _model_dir(tmp, "zero_layers", config=_demo_config(num_hidden_layers=0))
+    _model_dir(tmp, "plain")
     _model_dir(tmp, "zero_positions", config=_demo_config(max_position_embeddings=0))
-    _model_dir(tmp, "fewer_layers", config=_demo_config(num_hidden_layers=2))
+    _model_dir(tmp, "fewer_layers", config=_demo_config(num_hidden_layers=2, layer_types=None))
+    _model_dir(tmp, "more_layers", config=_demo_config(num_hidden_layers=6, layer_types=None))
     _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
     (weights_dir / "model.safetensors").mkdir()
@@ -530,7 +533,18 @@ CASES = [
     ("simulate a cache size twice", ["simulate", "--trace", T, "--profile", P, "--cache-ratio", "0.5,0.5"], "twice"),
     ("simulate placement learned on the replay", [*SIM, "--profile", P, "--profiling-trace", T], "static-oracle"),
     ("run config of zero positions", [*RUN, "--model", "{tmp}/zero_positions"], "max_position_embeddings"),
-    ("run config of fewer layers than its weights", [*RUN, "--model", "{tmp}/fewer_layers"], "decoder layer 2"),
+    ("run config of fewer layers than its weights", [*RUN, "--model", "{tmp}/fewer_layers"], "declares 2"),
+    ("run config of more layers than its weights", [*RUN, "--model", "{tmp}/more_layers"], "declares 6"),
+    ("run pickle allowed for safetensors", [*RUN, "--model", "{tmp}/plain", "--allow-pickle"], "no pickle-based"),
+    ("run remote code trusted where there is none", [*RUN, "--model", "{tmp}/plain", "--trust-remote-code"],
+     "no code of its own"),
+    ("profile name of two lines", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--name", "a\nb",
+                                   "--out", "{tmp}/p.yaml"], "--name"),
+    ("profile card of 24 GB in bytes", [*SIM, "--profile", "{tmp}/card_in_bytes.yaml"], "gpu_memory_gb"),
+    ("serve model name of two lines", ["serve", "--model-name", "a\nb"], "--model-name"),
+    ("serve shutdown timeout of 1e12 s", ["serve", "--shutdown-timeout", "1e12"], "--shutdown-timeout"),
+    ("tune context of 0 tokens", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
+                                  "--gpu-memory-gb", "24", "--context", "0"], "--context"),
 ]
 
 
@@ -577,6 +591,8 @@ GGUF_CASES = [  # need the gguf package to write them
     ("gguf not a MoE model", ["profile", "--model", "{tmp}/dense.gguf", "--out", "{tmp}/p.yaml"], "not a MoE model"),
     ("gguf of another model than the trace", [*TUNE_GGUF, "--model", "{tmp}/small.gguf"], "not the traces' model"),
     ("gguf missing", [*TUNE_GGUF, "--model", "{tmp}/missing.gguf"], "missing.gguf"),
+    ("gguf header of no experts", ["profile", "--estimate", "rtx4090-desktop", "--model", "{tmp}/no_experts.gguf",
+                                   "--out", "{tmp}/p.yaml"], "expert_count is 0"),
 ]
 
 
@@ -591,6 +607,7 @@ def gguf_scratch(scratch) -> Path:
     write_gguf(scratch / "falcon.gguf", arch="falcon")
     write_gguf(scratch / "dense.gguf", arch="llama", n_dense_blocks=4)
     write_gguf(scratch / "small.gguf")
+    write_gguf(scratch / "no_experts.gguf", declared_experts=0)
     return scratch
 
 

@@ -7,6 +7,7 @@ Without `--out` the profile is saved as this machine's, in the profile directory
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -112,15 +113,16 @@ def profile(
         if group_size is not None and quantize is None:
             raise UserError("--group-size goes with --quantize int8|int4")
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        if name is not None and (not name.strip() or not name.isprintable()):
+            raise UserError(f"--name must be one line of printable text, got {name!r}")
         _check_outputs(out, plot, force, estimate)
         if estimate:
             ignored = [flag for flag, given in (("--threads", threads is not None), ("--quick", quick),
-                                                ("--device", device is not None), ("--name", name is not None),
-                                                ("--max-repeats", max_repeats is not None), ("--note", bool(note)),
+                                                ("--device", device is not None), ("--max-repeats", max_repeats is not None),
                                                 ("--llc-mb", llc_mb is not None)) if given]
             if ignored:
                 raise UserError(f"{ignored[0]} tunes a measurement; --estimate measures nothing: leave it out")
-            _estimate(machine, out, force,
+            _estimate(machine, out, force, name, note,
                       lambda: resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size))
             return
         if machine is not None:
@@ -183,16 +185,17 @@ def _check_outputs(out: Path | None, plot: Path | None, force: bool, estimate: b
         raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
 
 
-def _estimate(machine: str | None, out: Path | None, force: bool, shape_of) -> None:
+def _estimate(machine: str | None, out: Path | None, force: bool, name: str | None, note: str, shape_of) -> None:
     """`--estimate`: the datasheets without a MACHINE, else MACHINE's estimated profile for the
-    model `shape_of()` reads, written to `out`."""
+    model `shape_of()` reads, written to `out` (named `name`, `note` added to its notes)."""
     from hybrimoe.config import save_profile
     from hybrimoe.errors import UserError
     from hybrimoe.profile import report
 
     if machine is None:
-        if out is not None:
-            raise UserError("--estimate --out needs a MACHINE: `hybrimoe profile --estimate` lists them")
+        if out is not None or name is not None or note:
+            raise UserError("--estimate with --out, --name or --note needs a MACHINE: `hybrimoe profile --estimate` "
+                            "lists them")
         _print_datasheets()
         return
     from hybrimoe.profile.estimate import estimate_profile
@@ -200,6 +203,7 @@ def _estimate(machine: str | None, out: Path | None, force: bool, shape_of) -> N
     if out is None:
         raise UserError("--estimate MACHINE needs --out FILE")
     result = estimate_profile(machine, shape_of())
+    result = dataclasses.replace(result, name=name or result.name, notes=" ".join(filter(None, (result.notes, note))))
     save_profile(result, out, overwrite=force)
     console.print(report.summary_table(result))
     console.print(Text("estimated profile written to ") + Text(str(out), style="bold"))

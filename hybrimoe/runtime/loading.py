@@ -222,12 +222,10 @@ def check_weights_match(
     # decoder layers the weights hold past the config's (DeepSeek-V3's multi-token prediction layers
     # follow the others, and are declared)
     n_layers = config.num_hidden_layers + (getattr(config, "num_nextn_predict_layers", 0) or 0)
-    beyond = [name for header in headers.values() for name in header
-              if (layer := _LAYER_INDEX.match(name)) and int(layer.group(1)) >= n_layers]
-    if beyond:
-        raise ModelError(f"{path}: the weights hold decoder layer {_LAYER_INDEX.match(beyond[0]).group(1)} "
-                         f"({beyond[0]}) but config.json declares {config.num_hidden_layers} layers: the config and "
-                         "the weights are of different models")
+    held = {int(layer.group(1)) for header in headers.values() for name in header if (layer := _LAYER_INDEX.match(name))}
+    if held and (max(held) >= n_layers or len(held) < config.num_hidden_layers):
+        raise ModelError(f"{path}: the weights hold decoder layers 0-{max(held)} ({len(held)} of them) but config.json "
+                         f"declares {config.num_hidden_layers}: the config and the weights are of different models")
     d, i = expert.hidden_size, expert.intermediate_size
     per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
     quantized = getattr(config, "quantization_config", None) is not None
@@ -360,6 +358,23 @@ def _is_native_tokenizer(tokenizer_class: object) -> bool:
 def _note(text: str) -> None:
     """One line on stderr, for what the loader decided on the user's behalf."""
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text(f"note: {text}"))
+
+
+def _check_permissions_used(path: Path, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Refuses a permission the checkpoint gives nothing to: code to trust (an `auto_map` in its
+    config or tokenizer config), pickle-based weights to allow."""
+
+    def names_code(file: Path) -> bool:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(data, dict) and "auto_map" in data
+
+    if trust_remote_code and not (names_code(path / "config.json") or names_code(path / "tokenizer_config.json")):
+        raise ModelError(f"{path}: --trust-remote-code, but the checkpoint ships no code of its own (no auto_map)")
+    if allow_pickle and not any(file.suffix in _PICKLE_SUFFIXES for file in path.iterdir()):
+        raise ModelError(f"{path}: --allow-pickle, but the checkpoint has no pickle-based weights")
 
 
 def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) -> None:
@@ -527,6 +542,7 @@ def load_model(
 
     path = local_checkpoint(path)
     config = load_config(path, trust_remote_code)
+    _check_permissions_used(path, trust_remote_code, allow_pickle)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
     meta_model = build_on_meta(config, model_code)
     facts = _facts(meta_model, config)

@@ -147,7 +147,18 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[str]  # OpenAI's list form, of one prompt: a request is answered with one completion
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError(f"one prompt per request (n is 1), got a list of {len(value)}")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
 
 
 class TextPart(BaseModel):

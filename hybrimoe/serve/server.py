@@ -23,6 +23,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.run_options import RunOptions
 
 MAX_BATCH_LIMIT = 256
+MAX_SHUTDOWN_TIMEOUT_S = 86_400.0  # a day; past it the event loop's timers overflow
 _SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
 
 
@@ -78,12 +79,13 @@ def check_serve_options(options: ServeOptions) -> None:
         raise UserError(f"--max-batch must be in 1-{MAX_BATCH_LIMIT}, got {options.max_batch}")
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be at least 0, got {options.max_queue}")
-    if options.model_name is not None and not options.model_name.strip():
-        raise UserError("--model-name must not be empty")
+    if options.model_name is not None and (not options.model_name.strip() or not options.model_name.isprintable()):
+        raise UserError(f"--model-name must be one line of printable text, got {options.model_name!r}")
     if options.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {options.max_tokens}")
-    if not 0 < options.shutdown_timeout_s < float("inf"):
-        raise UserError("the shutdown timeout must be a positive number of seconds")
+    if not 0 < options.shutdown_timeout_s <= MAX_SHUTDOWN_TIMEOUT_S:
+        raise UserError(f"--shutdown-timeout must be a number of seconds in (0, {MAX_SHUTDOWN_TIMEOUT_S:g}], "
+                        f"got {options.shutdown_timeout_s:g}")
 
 
 def check_installed() -> None:

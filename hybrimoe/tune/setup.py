@@ -213,8 +213,8 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError(f"--holdout {held_out.pop()} is also a --trace: it would not be held out from the search")
     if options.workers > 1 and options.storage == MEMORY_STORAGE:
         raise UserError("--workers above 1 need a shared storage (the default SQLite file or --storage URL), not memory")
-    if options.decode_tokens < 0 or options.context_tokens < 0 or options.batch_size < 1:
-        raise UserError("--decode-tokens and --context must be >= 0, --batch >= 1")
+    if options.decode_tokens < 0 or options.context_tokens < 1 or options.batch_size < 1:
+        raise UserError("--decode-tokens must be >= 0, --context and --batch >= 1")
 
 
 def _profile(options: TuneOptions, experts: ExpertShape) -> tuple[Path, HardwareProfile]:

@@ -92,6 +92,12 @@ def test_greedy_completion_equals_hybrimoe_run(server):
     assert served == ran and served
 
 
+def test_a_prompt_list_of_one_is_the_prompt(server):
+    client = server.client()
+    listed = client.completions.create(model="demo", prompt=["ROMEO:"], max_tokens=12, temperature=0).choices[0].text
+    assert listed == complete(client, "ROMEO:", 12)
+
+
 def test_completion_reports_usage_and_length(server):
     out = server.client().completions.create(model="demo", prompt="ROMEO:", max_tokens=12, temperature=0)
     assert out.choices[0].finish_reason == "length"
@@ -231,6 +237,7 @@ BAD_REQUESTS = [
     ("an unknown field", "/v1/completions", {"model": "demo", "prompt": "x", "temprature": 0.5}, 400, None),
     ("both length limits", "/v1/completions",
      {"model": "demo", "prompt": "x", "max_tokens": 4, "max_completion_tokens": 8}, 400, None),
+    ("two prompts", "/v1/completions", {"model": "demo", "prompt": ["x", "y"]}, 400, None),
     ("an image part", "/v1/chat/completions",
      {"model": "demo", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, None),
