@@ -109,3 +109,11 @@ def test_cache_sizes_that_do_not_fit_the_card_are_marked_in_every_format():
     rows = json.loads(runner.invoke(app, [*args, "--json"]).stdout)[0]
     assert {(row["cache_ratio"], row["fits"]) for row in rows["results"]} == {(0.25, True), (0.5, False), (0.75, False)}
     assert rows["max_slots"] == 2248
+
+
+def test_a_prompt_longer_than_the_replay_is_said():
+    result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, "--max-tokens", "40", "--mode",
+                                 "prefill", "--prefill-tokens", "100000", "--cache-ratio", "0.25", "--strategies",
+                                 "hybrimoe", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "(40 tokens replayed as one prompt, fewer than --prefill-tokens asked," in result.output

@@ -71,6 +71,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Hybrid CPU-GPU inference for Mixture-of-Experts models: profile, tune, simulate, run.",
 )
+if not os.environ.get("COLUMNS", "80").strip().isdigit() or int(os.environ.get("COLUMNS", "80")) < 1:
+    del os.environ["COLUMNS"]  # rich would take a width of 0 and print nothing at all
 console = Console()
 err_console = Console(stderr=True)
 _state = {"verbose": False}
@@ -138,4 +140,10 @@ for _module in _COMMAND_MODULES:
 
 
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): every report would vanish
+        print_error("stdout is closed: redirect it to a file or /dev/null")
+        sys.exit(2)
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only locale prints "?" for what it cannot encode
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     app()

@@ -275,6 +275,11 @@ def _memory(comparison) -> str:
     )
 
 
+def _replayed(comparison) -> str:
+    capped = " as one prompt, fewer than --prefill-tokens asked" if comparison.prompt_capped else ""
+    return f"{comparison.replay_tokens} tokens replayed{capped}"
+
+
 def _profiled(comparison) -> str:
     if comparison.profiling_trace:
         return f"placement learned on {comparison.profiling_trace} ({comparison.profiling_tokens} tokens)"
@@ -297,7 +302,7 @@ def _markdown(comparison) -> str:
     """One Markdown table: each cell ms, ratio to the best deployable baseline (marked *), hit rate."""
     unit = "ms/token" if comparison.mode == "decode" else "TTFT ms"
     lines = [
-        f"**{comparison.mode}, {comparison.profile_name}** ({comparison.replay_tokens} tokens replayed, "
+        f"**{comparison.mode}, {comparison.profile_name}** ({_replayed(comparison)}, "
         f"{_profiled(comparison)}); each cell: {unit} (ratio to the best baseline, ready hit rate, and hits "
         "that waited for a prefetch still copying); *: the best baseline",
         "",
@@ -357,7 +362,7 @@ def _tables(comparison) -> list[Table | Text]:
 
 def _title(comparison) -> str:
     return (f"{comparison.mode}: {comparison.trace_model} on {comparison.profile_name} "
-            f"({comparison.replay_tokens} tokens replayed, {_profiled(comparison)}; {comparison.seconds:.1f} s)")
+            f"({_replayed(comparison)}, {_profiled(comparison)}; {comparison.seconds:.1f} s)")
 
 
 def _time(ms: float) -> str:

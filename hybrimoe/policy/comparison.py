@@ -61,6 +61,7 @@ class Comparison:
     expert_bytes: int = 0  # one expert in that format
     n_experts_total: int = 0  # routed experts over all MoE layers
     budget: CardBudget | None = None  # what the profile's accelerator holds; None: unknown
+    prompt_capped: bool = False  # prefill: the prompt length asked was more than the tokens replayed
 
     def cache_bytes(self, ratio: float) -> int:
         """The accelerator memory the expert cache takes at `ratio`."""
@@ -256,6 +257,7 @@ def compare_strategies(
         expert_bytes=profile.expert_shape.expert_bytes,
         n_experts_total=dims.n_layers * dims.n_experts,
         budget=card_budget(profile, trace.meta),
+        prompt_capped=mode == "prefill" and prefill_tokens > workload.replay.n_tokens,
     )
 
 
