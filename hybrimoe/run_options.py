@@ -52,12 +52,12 @@ def check_options(options: RunOptions) -> None:
 
     if any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
-    check_name("strategy", options.strategy, STRATEGIES)
     if options.strategy in NEEDS_FREQUENCIES:
         raise UserError(
             f"strategy {options.strategy!r} needs expert frequencies from a profiling workload; "
             "compare it with `hybrimoe simulate` instead"
         )
+    check_name("strategy", options.strategy, tuple(s for s in STRATEGIES if s not in NEEDS_FREQUENCIES))
     if options.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if not 0 <= options.sampling.temperature <= MAX_TEMPERATURE:

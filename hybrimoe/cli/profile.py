@@ -68,7 +68,7 @@ def profile(
         help="CPU threads for expert kernels (default: every core but one with CUDA, every core without).",
     ),
     quick: bool = typer.Option(
-        False, "--quick", rich_help_panel=_RUN, help="About 30 s in all: fewer repeats and token counts."
+        False, "--quick", rich_help_panel=_RUN, help="Fewer repeats and token counts: about 30 s on an idle machine, several times less than the default."
     ),
     note: str = typer.Option("", "--note", rich_help_panel=_RUN, help="Text added to the profile's notes."),
     estimate: bool = typer.Option(

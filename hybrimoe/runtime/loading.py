@@ -386,7 +386,7 @@ def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) 
         return
     if not trust_remote_code:
         raise ModelError(
-            f"{path}: the checkpoint ships its own model code (auto_map); hybrimoe does not run it unless you "
+            f"{path}: the checkpoint ships its own code (auto_map); hybrimoe does not run it unless you "
             "pass --trust-remote-code"
         )
     references = auto_map.values() if isinstance(auto_map, dict) else [auto_map]

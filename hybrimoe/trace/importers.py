@@ -71,7 +71,10 @@ def _trace_of(steps: list[TraceStep], paths: Sequence[str | os.PathLike], fmt: s
     n_dropped = len(steps) - len(kept)
     note = f"imported from {', '.join(Path(p).name for p in paths)} ({fmt}); {n_dropped} repeated steps dropped"
     provenance = f"{meta.provenance}; {note}" if meta.provenance else note
-    return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(kept)), n_dropped
+    try:
+        return RoutingTrace(dataclasses.replace(meta, provenance=provenance), tuple(kept)), n_dropped
+    except TraceError as exc:  # the whole trace's checks: say which files they read
+        raise TraceError(f"{', '.join(str(p) for p in paths)}: {exc}") from None
 
 
 def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
