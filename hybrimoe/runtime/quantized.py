@@ -52,6 +52,9 @@ from hybrimoe.errors import UserError
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 matmul takes
+# torch's CPU int8 matmul reads a row in vectors of 16: on AVX-512 CPUs with bfloat16 activations a
+# shorter tail reads past the row (wrong numbers, or a crash), so it gets only groups of whole vectors
+INT8_KERNEL_GROUP_MULTIPLE = 16
 _RANGES = {"int8": (-128, 127), "int4": (-8, 7)}
 
 
@@ -132,13 +135,13 @@ def _int4_group_size(qdata: torch.Tensor, scale: torch.Tensor) -> int:
 
 
 def runs_packed_kernel(weights: dict[str, torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether torch's packed matmuls run these (quantized) experts on x: on the CPU, int8 always;
-    int4 with scales in x's dtype and a group size the kernel takes."""
+    """Whether torch's packed matmuls run these (quantized) experts on x: on the CPU, int8 with
+    groups of whole vectors; int4 with scales in x's dtype and a group size the kernel takes."""
     qdata, scale = weights["gate_up_proj_qdata"], weights["gate_up_proj_scale"]
     if x.device.type != "cpu" or qdata.device.type != "cpu":
         return False
-    if qdata.dtype == torch.int8:
-        return True
+    if qdata.dtype == torch.int8:  # [K/g, O, g]
+        return qdata.shape[-1] % INT8_KERNEL_GROUP_MULTIPLE == 0
     return scale.dtype == x.dtype and _int4_group_size(qdata, scale) in INT4_KERNEL_GROUP_SIZES
 
 

@@ -36,6 +36,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
     assert (actual.float() - expected.float()).abs().max().item() <= TOLERANCES[dtype] * scale
 
 
+def _within_a_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """`expected` to one rounding of its dtype at its largest value: the same products, but torch
+    picks its packed kernels' blocking by CPU (on an AMD Zen 4 an intermediate value in a few
+    thousand rounds the other way, and the output moves by a rounding of its own size)."""
+    largest = expected.float().abs().max()
+    assert (actual.float() - expected.float()).abs().max() <= torch.finfo(expected.dtype).eps * largest
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d, i", [(256, 128), (200, 72)])  # the second has tails shorter than a vector
@@ -174,14 +182,14 @@ def test_packed_experts_match_torchs_packed_kernels(quantize, dtype, d, i, group
     gen = torch.Generator().manual_seed(n_tokens)
     x = torch.randn(n_tokens, d, generator=gen).to(dtype)  # [T, D]
     assert native.runs(weights, x, n_tokens, standard_gate=True)
-    for expert in range(6):  # one expert: what torch's packed matmuls give (int4 bitwise, as torch rounds it)
+    for expert in range(6):  # one expert: what torch's packed matmuls give (int4 to a rounding, as torch rounds it)
         expected = packed_expert_mlp(x, weights, expert) if runs_packed_kernel(weights, x) else None
         actual = stacked_expert_mlp(x, weights, expert)
         reference = expert_mlp(x, *(w[0] for w in dense_experts(
             {name: stack[expert : expert + 1] for name, stack in weights.items()}, slice(None), dtype, transposed=False)))
         _close(actual, reference, dtype)
         if quantize == "int4" and native.instruction_set(dtype) == "avx512":  # the same products, in bfloat16
-            assert torch.equal(actual, expected)
+            _within_a_rounding(actual, expected)
         elif expected is not None:
             _close(actual, expected, dtype)
 

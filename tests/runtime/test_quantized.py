@@ -7,7 +7,9 @@ import torch
 
 from hybrimoe.config import ExpertShape
 from hybrimoe.errors import UserError
-from hybrimoe.runtime.quantized import dequantize, pack_int4, packed_linear, quantize_stack, unpack_int4
+from hybrimoe.runtime.quantized import (
+    dequantize, pack_int4, packed_linear, quantize_stack, runs_packed_kernel, unpack_int4,
+)
 
 E, O, K, G = 3, 16, 64, 16  # experts, output rows (int4: a multiple of 16), input size, group size
 
@@ -34,6 +36,16 @@ def test_packed_kernels_match_the_dequantized_weights(quantize, group):
     for e in range(E):
         expected = x @ dequantize(qdata[e : e + 1], scale[e : e + 1], torch.float32, False)[0].t()
         assert (packed_linear(x, qdata[e], scale[e]) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group, packed", [(16, True), (32, True), (8, False), (40, False)])
+def test_int8_groups_of_part_vectors_stay_off_torchs_kernel(dtype, group, packed):
+    """torch's CPU int8 matmul reads 16-wide vectors: with bfloat16 on an AVX-512 CPU a group of 40
+    gave numbers of 1e16 or a crash; such groups take the dequantizing path."""
+    qdata, scale = quantize_stack(torch.randn(2, 16, 160).to(dtype), "int8", group, transposed=False)
+    weights = {"gate_up_proj_qdata": qdata, "gate_up_proj_scale": scale}
+    assert runs_packed_kernel(weights, torch.zeros(1, 160, dtype=dtype)) == packed
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
