@@ -165,6 +165,7 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "fewer_layers", config=_demo_config(num_hidden_layers=2, layer_types=None))
     _model_dir(tmp, "more_layers", config=_demo_config(num_hidden_layers=6, layer_types=None))
     _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
+    _model_dir(tmp, "sparse_step_two", config=_demo_config(decoder_sparse_step=2))
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
     (weights_dir / "model.safetensors").mkdir()
     (tmp / "existing.png").write_bytes(b"keep me")
@@ -429,6 +430,8 @@ CASES = [
     ("run model config with zero layers", [*RUN, "--model", "{tmp}/zero_layers"], "num_hidden_layers"),
     ("run config of another model than its weights", ["run", "--prompt", "x", "--model", "{tmp}/narrower_config"],
      "the config and the weights are of different models"),
+    ("run config with MoE layers its weights do not have", [*RUN, "--model", "{tmp}/sparse_step_two"],
+     "routed experts in decoder layers 0-3 but config.json places them in 1, 3"),
     ("run config with zero attention heads", ["run", "--prompt", "x", "--model", "{tmp}/zero_heads"],
      "num_attention_heads must be a whole number above 0"),
     ("run config with zero experts", ["run", "--prompt", "x", "--model", "{tmp}/zero_experts"],

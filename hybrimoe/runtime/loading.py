@@ -62,6 +62,7 @@ _CONFIG_SIZE_LIMITS = {
     "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
 }
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+_ROUTED_EXPERTS_LAYER = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.")  # not Qwen's shared_expert(s)
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
@@ -226,6 +227,13 @@ def check_weights_match(
     if held and (max(held) >= n_layers or len(held) < config.num_hidden_layers):
         raise ModelError(f"{path}: the weights hold decoder layers 0-{max(held)} ({len(held)} of them) but config.json "
                          f"declares {config.num_hidden_layers}: the config and the weights are of different models")
+    with_experts = {int(layer.group(1)) for header in headers.values() for name in header
+                    if (layer := _ROUTED_EXPERTS_LAYER.match(name)) and int(layer.group(1)) < config.num_hidden_layers}
+    moe = {layer.decoder_layer for layer in find_moe_layers(meta_model, config.model_type)[0]}
+    if with_experts and with_experts != moe:
+        raise ModelError(f"{path}: the weights hold routed experts in decoder layers {_spans(with_experts)} but "
+                         f"config.json places them in {_spans(moe)} (decoder_sparse_step, mlp_only_layers or their "
+                         "like): the config and the weights are of different models")
     d, i = expert.hidden_size, expert.intermediate_size
     per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
     quantized = getattr(config, "quantization_config", None) is not None
@@ -244,6 +252,17 @@ def check_weights_match(
                     f"{path}: {name} is stored as {tensor['dtype']} but config.json declares no quantization "
                     "(quantization_config): hybrimoe reads float weights; quantize at load with --quantize instead"
                 )
+
+
+def _spans(indices: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def check_weight_files(path: Path, allow_pickle: bool) -> dict[Path, dict]:
