@@ -166,6 +166,11 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "more_layers", config=_demo_config(num_hidden_layers=6, layer_types=None))
     _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
     _model_dir(tmp, "sparse_step_two", config=_demo_config(decoder_sparse_step=2))
+    deep_header = b"[" * 100_000 + b"]" * 100_000
+    nested = _model_dir(tmp, "nested_header", weights=False)
+    (nested / "model.safetensors").write_bytes(len(deep_header).to_bytes(8, "little") + deep_header)
+    listed = _model_dir(tmp, "index_list")
+    (listed / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
     (weights_dir / "model.safetensors").mkdir()
     (tmp / "existing.png").write_bytes(b"keep me")
@@ -432,6 +437,10 @@ CASES = [
      "the config and the weights are of different models"),
     ("run config with MoE layers its weights do not have", [*RUN, "--model", "{tmp}/sparse_step_two"],
      "routed experts in decoder layers 0-3 but config.json places them in 1, 3"),
+    ("run weights header nested 100,000 deep", [*RUN, "--model", "{tmp}/nested_header"], "corrupt (unreadable header)"),
+    ("run weights index whose weight_map is a list", [*RUN, "--model", "{tmp}/index_list"],
+     "malformed safetensors index"),
+    ("profile force without an output", ["profile", "--force", "--quick"], "leave --force out"),
     ("run config with zero attention heads", ["run", "--prompt", "x", "--model", "{tmp}/zero_heads"],
      "num_attention_heads must be a whole number above 0"),
     ("run config with zero experts", ["run", "--prompt", "x", "--model", "{tmp}/zero_experts"],

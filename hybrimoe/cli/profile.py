@@ -170,6 +170,9 @@ def _check_outputs(out: Path | None, plot: Path | None, force: bool, estimate: b
     from hybrimoe.errors import UserError
     from hybrimoe.files import check_output
 
+    if force and out is None and plot is None:
+        raise UserError("--force overwrites an existing --out or --plot file, and neither is given (this machine's "
+                        "default profile is replaced without it): leave --force out")
     if out is not None:
         if out.suffix.lower() not in (".yaml", ".yml"):
             raise UserError(f"--out {out}: a profile is YAML; give a .yaml file")

@@ -203,7 +203,7 @@ def _safetensors_header(path: Path) -> dict:
             header = json.loads(fh.read(header_len))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-    except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
+    except (struct.error, ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError, RecursionError):
         raise ModelError(f"{path}: corrupt (unreadable header)") from None
     if 8 + header_len + data_end > size:
         raise ModelError(f"{path}: truncated ({size} bytes, its header needs {8 + header_len + data_end})")
@@ -276,7 +276,7 @@ def check_weight_files(path: Path, allow_pickle: bool) -> dict[Path, dict]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ModelError(f"{index}: malformed safetensors index") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
