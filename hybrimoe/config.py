@@ -51,6 +51,16 @@ MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a mea
 MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
 MIN_MEMORY_GB = 0.25  # less memory than this (256 MB) is not a machine's RAM or a card's
 MAX_MEMORY_GB = 65_536.0  # more than this (64 TB) is no machine's either: most likely bytes in a GB field
+
+
+def memory_budget_error(flag: str, value: float) -> str | None:
+    """Why a memory budget flag's GB (`--gpu-memory-gb`) is no card's, or None. Above 0, not below
+    `MIN_MEMORY_GB`: a budget may be a part of a card."""
+    if not 0 < value <= MAX_MEMORY_GB:
+        return f"{flag} must be a number of GB above 0 and at most {MAX_MEMORY_GB:g}, got {value:g}"
+    return None
+
+
 MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
 QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)

@@ -3,10 +3,10 @@ model: torch-free, so that a bad flag is refused before torch and transformers a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrimoe.config import memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint
 
@@ -71,8 +71,8 @@ def check_options(options: RunOptions) -> None:
         raise UserError("--strategy cpu-only runs every expert on the CPU: leave --cache-experts and --cache-ratio out")
     if options.sampling.top_p < 1.0 and options.sampling.temperature == 0:
         raise UserError("--top-p samples, so it needs a --temperature above 0 (at 0 generation is greedy)")
-    if options.gpu_memory_gb is not None and not 0 < options.gpu_memory_gb < math.inf:
-        raise UserError(f"--gpu-memory-gb must be a positive number, got {options.gpu_memory_gb}")
+    if options.gpu_memory_gb is not None and (error := memory_budget_error("--gpu-memory-gb", options.gpu_memory_gb)):
+        raise UserError(error)
     if options.cache_experts is not None and options.cache_ratio is not None:
         raise UserError("pass --cache-experts or --cache-ratio, not both")
     if options.cache_ratio is not None and not 0.0 <= options.cache_ratio <= 1.0:

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from hybrimoe.config import DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile
+from hybrimoe.config import (
+    DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile, memory_budget_error,
+)
 from hybrimoe.errors import UserError
 from hybrimoe.files import check_output, check_writable_dir
 from hybrimoe.gguf_header import GgufModel, is_gguf_path, read_gguf
@@ -251,8 +253,8 @@ def _capacity(
     reserve = Reserve(0, 0)
     budget_source = ""
     if options.gpu_memory_gb is not None:
-        if not 0 < options.gpu_memory_gb < float("inf"):
-            raise UserError(f"--gpu-memory-gb must be a finite number above 0, got {options.gpu_memory_gb}")
+        if error := memory_budget_error("--gpu-memory-gb", options.gpu_memory_gb):
+            raise UserError(error)
         if model is None:
             raise UserError(
                 f"--gpu-memory-gb needs the size of {meta.model}'s dense weights: pass --model DIR (its config.json) "
