@@ -240,7 +240,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                metrics: ServerMetrics, shutdown: Shutdown):
     """The API over a started engine; `max_tokens_cap` bounds a request's new tokens (and is the
     default), `n_positions` the prompt plus its new tokens."""
-    app = FastAPI(title="hybrimoe", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="hybrimoe", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     tokenizer = engine.session.loaded.tokenizer
     created = int(time.time())
 

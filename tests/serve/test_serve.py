@@ -224,6 +224,7 @@ BAD_REQUESTS = [
     ("content a list of numbers", "/v1/chat/completions",
      {"model": "demo", "messages": [{"role": "user", "content": [1, 2]}]}, 400, None),
     ("unknown path", "/v1/engines", {"model": "demo"}, 404, None),
+    ("a trailing slash", "/v1/completions/", {"model": "demo", "prompt": "x"}, 404, None),
     ("stream options without a stream", "/v1/completions",
      {"model": "demo", "prompt": "x", "stream_options": {"include_usage": True}}, 400, None),
     ("a body past the limit", "/v1/completions", b'{"model": "demo", "prompt": "' + b"x" * (17 * 2**20) + b'"}',
