@@ -50,10 +50,10 @@ def local_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> str:
-    """The UTF-8 text of `path` (see `input_file`)."""
+    """The UTF-8 text of `path` (see `input_file`), without the byte order mark some editors write."""
     path = input_file(path, what, error)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:

@@ -229,6 +229,13 @@ def test_import_vllm_jsonl_keeps_real_weights(tmp_path):
     np.testing.assert_allclose(trace.steps[0].topk_weights, 0.5)
 
 
+def test_import_vllm_jsonl_reads_a_file_that_starts_with_a_byte_order_mark(tmp_path):
+    """As Windows editors save UTF-8."""
+    path = _jsonl(tmp_path / "log.jsonl", [np.array([[[0, 1]], [[2, 3]]])])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert import_vllm_jsonl([path], META).step_lengths == (1,)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
