@@ -166,6 +166,10 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "more_layers", config=_demo_config(num_hidden_layers=6, layer_types=None))
     _model_dir(tmp, "billion_layers", config=_demo_config(num_hidden_layers=10**9, layer_types=None))
     _model_dir(tmp, "sparse_step_two", config=_demo_config(decoder_sparse_step=2))
+    config_fifo = _model_dir(tmp, "config_fifo")
+    (config_fifo / "config.json").unlink()
+    os.mkfifo(config_fifo / "config.json")  # reading it would block forever
+    os.mkfifo(_model_dir(tmp, "generation_config_fifo") / "generation_config.json")
     deep_header = b"[" * 100_000 + b"]" * 100_000
     nested = _model_dir(tmp, "nested_header", weights=False)
     (nested / "model.safetensors").write_bytes(len(deep_header).to_bytes(8, "little") + deep_header)
@@ -410,6 +414,8 @@ CASES = [
     ("tune zero timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "0"], "--timeout"),
     ("tune negative timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "-1"], "--timeout"),
     ("tune nan timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "nan"], "--timeout"),
+    ("tune timeout shorter than a trial", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--storage",
+                                           "memory", "--timeout", "1e-9"], "no trial finished within --timeout 1e-09 s"),
     ("tune negative seed", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", "-1"], "--seed"),
     ("tune seed past 32 bits", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", str(2**32)], "--seed"),
     ("tune in-memory sqlite", ["tune", "--trace", T, "--profile", str(PROFILE), "--out", "{tmp}/t.yaml",
@@ -440,6 +446,9 @@ CASES = [
      "the config and the weights are of different models"),
     ("run config with MoE layers its weights do not have", [*RUN, "--model", "{tmp}/sparse_step_two"],
      "routed experts in decoder layers 0-3 but config.json places them in 1, 3"),
+    ("run model whose config.json is a FIFO", [*RUN, "--model", "{tmp}/config_fifo"], "config.json: not a regular file"),
+    ("run model whose generation_config.json is a FIFO", [*RUN, "--model", "{tmp}/generation_config_fifo"],
+     "generation_config.json: not a regular file"),
     ("run weights header nested 100,000 deep", [*RUN, "--model", "{tmp}/nested_header"], "corrupt (unreadable header)"),
     ("run weights index whose weight_map is a list", [*RUN, "--model", "{tmp}/index_list"],
      "malformed safetensors index"),

@@ -42,11 +42,16 @@ def sampler(sampling: Sampling, device: torch.device) -> Callable[[torch.Tensor]
         generator.seed()
 
     def sample(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B]
-        probs = (logits.float() / sampling.temperature).softmax(dim=-1)
+        # in float64 from the largest logit down: a temperature near 0 (below float32's smallest
+        # number, even) divides the others into -inf, never into nan
+        logits = logits.double()
+        probs = ((logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature).softmax(dim=-1)
         if sampling.top_p < 1.0:
             sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            # keep the smallest prefix whose mass reaches top_p, and always the top token (a top_p
+            # below float32's smallest number would otherwise drop it too)
             drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
+            drop[..., 0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -299,6 +299,7 @@ def load_config(path: Path, trust_remote_code: bool):
     `trust_remote_code`) shipping its own code for a model transformers does not implement."""
     from transformers import AutoConfig
 
+    _check_regular_files(path)
     try:
         config_data = json.loads((path / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
@@ -342,6 +343,14 @@ def _check_config_numbers(path: Path, config_data: dict) -> None:
     pad, vocab = config_data.get("pad_token_id"), config_data.get("vocab_size")
     if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
         raise ModelError(f"{path}/config.json: pad_token_id {pad} is outside the vocabulary (vocab_size {vocab})")
+
+
+def _check_regular_files(path: Path) -> None:
+    """Refuses a checkpoint with a pipe, socket or device among its files (or behind a symlink),
+    which a read could wait on forever or never finish (/dev/zero)."""
+    odd = next((file for file in sorted(path.iterdir()) if file.exists() and not (file.is_file() or file.is_dir())), None)
+    if odd is not None:
+        raise ModelError(f"{odd}: not a regular file (a pipe, socket or device)")
 
 
 def _check_generation_config(path: Path) -> None:

@@ -397,6 +397,11 @@ def run_study(
             if process.is_alive():
                 process.terminate()
             process.join()
+    if not tuned_trials(study):  # a --timeout shorter than one trial
+        within = "" if options.timeout_s is None else f" within --timeout {options.timeout_s:g} s: give it more time"
+        kept = (f"; a rerun continues the study in {storage_display(inputs.storage_url)}"
+                if inputs.storage_url is not None else "")
+        raise UserError(f"no trial finished{within}{kept}")
     return study
 
 
