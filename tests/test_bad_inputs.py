@@ -324,6 +324,7 @@ CASES = [
     ("profile of another dtype", [*SIM, "--profile", "{tmp}/int4_profile.yaml"], "float16"),
     ("int4 trace, bfloat16 profile", [*SIM[:2], "{tmp}/int4.npz", *SIM[3:], "--profile", P], "int4"),
     ("accelerator-from missing", [*SIM, "--profile", P, "--accelerator-from", "{tmp}/missing.yaml"], "missing.yaml"),
+    ("accelerator-from the profile itself", [*SIM, "--profile", P, "--accelerator-from", P], "would change nothing"),
     # -- simulate flags ------------------------------------------------------------------------
     ("simulate empty cache ratios", [*SIM[:-2], "--profile", P, "--cache-ratio", ""], "--cache-ratio"),
     ("simulate empty strategies", [*SIM, "--profile", P, "--strategies", ""], "--strategies"),

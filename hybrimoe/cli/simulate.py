@@ -145,6 +145,8 @@ def simulate(
         repeated = [path for i, path in enumerate(profiles) if path.resolve() in {q.resolve() for q in profiles[:i]}]
         if repeated:
             raise UserError(f"--profile {repeated[0]} is given twice")
+        if accelerator_from is not None and accelerator_from.resolve() in {path.resolve() for path in profiles}:
+            raise UserError(f"--accelerator-from {accelerator_from} is a --profile itself: it would change nothing")
     with user_errors(), _cells_progress() as on_cell:
         if not profiles:
             from hybrimoe.profile.directory import this_machines_profile_for

@@ -92,35 +92,44 @@ def find_profile(machine: str, model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def find_profile_for_experts(machine: str, expert_shape) -> Path | None:
-    """`machine`'s saved profile for experts of `expert_shape` (any model), the newest first; for a
-    trace, whose model may be named otherwise than the directory `hybrimoe profile` measured."""
+def find_profile_for_experts(machine: str, expert_shape) -> tuple[Path | None, list[str]]:
+    """`machine`'s saved profile for experts of `expert_shape` (any model), the newest first, for a
+    trace, whose model may be named otherwise than the directory `hybrimoe profile` measured; and
+    why each of `machine`'s saved profiles that could not be read was refused."""
     from hybrimoe.config import load_profile
     from hybrimoe.errors import ProfileError
 
     candidates = sorted(profile_dir().glob(f"{machine}.*.yaml"), key=lambda p: p.stat().st_mtime, reverse=True)
+    unreadable = []
     for path in candidates:
         try:
-            load_profile(path).check_expert_shape(expert_shape)
+            profile = load_profile(path)
+        except ProfileError as exc:
+            unreadable.append(str(exc))
+            continue
+        try:
+            profile.check_expert_shape(expert_shape)
         except ProfileError:
             continue
-        return path
-    return None
+        return path, unreadable
+    return None, unreadable
 
 
 def this_machines_profile_for(expert_shape) -> Path:
     """The profile `hybrimoe profile` saved on this machine for experts of `expert_shape`
-    (`hybrimoe simulate` without --profile); a UserError saying how to make one when there is none."""
+    (`hybrimoe simulate` without --profile); a UserError saying how to make one when there is none,
+    and which saved profile could not be read."""
     import torch
 
     from hybrimoe.errors import UserError
 
     machine = this_machine_key("cuda" if torch.cuda.is_available() else "cpu")
-    path = find_profile_for_experts(machine, expert_shape)
+    path, unreadable = find_profile_for_experts(machine, expert_shape)
     if path is None:
         how = "" if expert_shape.quantize is None else f" --quantize {expert_shape.quantize} --group-size {expert_shape.group_size}"
+        broken = f" (of the saved ones, {len(unreadable)} could not be read: {unreadable[0]})" if unreadable else ""
         raise UserError(
-            f"no profile of this machine ({machine}) for experts {expert_shape.describe()}: run "
+            f"no profile of this machine ({machine}) for experts {expert_shape.describe()}{broken}: run "
             f"`hybrimoe profile --model DIR{how}` (or `--preset NAME`) for the trace's model, or pass --profile"
         )
     return path

@@ -14,7 +14,9 @@ from hybrimoe.profile.directory import (
     model_slug,
     profile_dir,
     this_machine_key,
+    this_machines_profile_for,
 )
+from hybrimoe.errors import UserError
 from hybrimoe.profile.estimate import estimate_for_this_machine, estimate_profile
 from hybrimoe.shapes import get_preset
 
@@ -76,6 +78,16 @@ def test_find_profile_hit_and_miss(tmp_path, monkeypatch):
     assert find_profile("cpu-standin-2core", "demo") == path
     assert find_profile("cpu-standin-4core", "demo") is None
     assert find_profile("cpu-standin-2core", "qwen3-30b-a3b") is None
+
+
+def test_a_saved_profile_that_cannot_be_read_is_named_when_none_fits(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIMOE_PROFILE_DIR", str(tmp_path / "profiles"))
+    shape = get_preset("demo").expert_shape()
+    path = default_profile_path(this_machine_key("cpu"), "demo")
+    path.parent.mkdir()
+    path.write_text("schema_version: 1\nname: [\n")
+    with pytest.raises(UserError, match=r"no profile of this machine .* 1 could not be read: .*demo\.yaml: malformed YAML"):
+        this_machines_profile_for(shape)
 
 
 def test_profile_without_out_saves_this_machines_profile_and_replaces_it(tmp_path, monkeypatch):
