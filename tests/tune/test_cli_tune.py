@@ -251,6 +251,36 @@ def test_a_killed_worker_is_one_line_and_the_study_still_completes(tmp_path):
     assert len(finished(storage, tuned.tuning.study)) == 14
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker process through /proc (Linux)")
+def test_a_worker_dies_with_its_main_process(tmp_path):
+    """Killed, `hybrimoe tune` takes its workers with it: none goes on adding trials as an orphan."""
+    out = tmp_path / "tuned.yaml"
+    args = [*HYBRIMOE, "tune", "--trace", str(QWEN_TRACE), "--profile", str(QWEN_PROFILE), "--out", str(out),
+            "--trials", "200", "--workers", "2", "--cache-ratio", "0.25", *QUICK]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, workers = time.monotonic() + 120, []
+    while time.monotonic() < deadline and not workers and process.poll() is None:
+        time.sleep(0.2)
+        workers = _spawned_children(process.pid)
+    assert workers, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(workers[0]):
+        time.sleep(0.2)
+    assert not _running(workers[0])
+    assert not out.exists()
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs: not gone, nor dead and waiting to be reaped (a zombie)."""
+    try:
+        return b"State:\tZ" not in Path(f"/proc/{pid}/status").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
