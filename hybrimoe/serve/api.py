@@ -236,13 +236,8 @@ def check_chat_template(tokenizer) -> None:
         raise UserError(exc.message) from None
 
 
-def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions: int | None,
-               metrics: ServerMetrics, shutdown: Shutdown):
-    """The API over a started engine; `max_tokens_cap` bounds a request's new tokens (and is the
-    default), `n_positions` the prompt plus its new tokens."""
-    app = FastAPI(title="hybrimoe", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
-    tokenizer = engine.session.loaded.tokenizer
-    created = int(time.time())
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error shape: the API's own, pydantic's and routing's."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: HttpRequest, exc: ApiError) -> JSONResponse:
@@ -258,63 +253,102 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), kind=kind).response()
 
-    prompt_chars_limit = max_prompt_chars(tokenizer, n_positions)  # a longer prompt is refused untokenized
 
-    async def tokenize(text: str, add_special_tokens: bool) -> list[int]:
+def _unknown_model(model: str, model_name: str) -> ApiError:
+    return ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
+                    kind="not_found_error", code="model_not_found", param="model")
+
+
+def _include_usage(body: _Sampled) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.n_prompt_tokens, "completion_tokens": done.n_completion_tokens,
+            "total_tokens": done.n_prompt_tokens + done.n_completion_tokens}
+
+
+def _check_succeeded(done: Done) -> None:
+    """A request that ended in an error, as the error a plain (not streamed) request answers."""
+    if done.error == SHUTTING_DOWN:
+        raise ApiError(503, done.error, kind="server_error", code="shutting_down",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    if done.error is not None:
+        raise ApiError(500, done.error, kind="server_error")
+
+
+class _Generations:
+    """A request's way through the engine: tokenized, checked against the model, submitted, and its
+    deliveries read back as a whole text or as server-sent events."""
+
+    def __init__(self, engine: Engine, model_name: str, max_tokens_cap: int, n_positions: int | None,
+                 metrics: ServerMetrics, shutdown: Shutdown):
+        self.engine, self.model_name, self.metrics, self.shutdown = engine, model_name, metrics, shutdown
+        self.max_tokens_cap, self.n_positions = max_tokens_cap, n_positions
+        self.tokenizer = engine.session.loaded.tokenizer
+        # a prompt longer than this is refused untokenized
+        self.prompt_chars_limit = max_prompt_chars(self.tokenizer, n_positions)
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """The prompt's ids, tokenized off the event loop (a long prompt takes a while)."""
-        if prompt_chars_limit is not None and len(text) > prompt_chars_limit:
-            raise ApiError(400, f"the prompt is {len(text)} characters, more than the model's {n_positions} positions "
-                           "can hold", code="context_length_exceeded", param="prompt")
+        if self.prompt_chars_limit is not None and len(text) > self.prompt_chars_limit:
+            raise ApiError(400, f"the prompt is {len(text)} characters, more than the model's {self.n_positions} "
+                           "positions can hold", code="context_length_exceeded", param="prompt")
 
         def encode() -> list[int]:
-            with engine.tokenizer_lock:
-                return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+            with self.engine.tokenizer_lock:
+                return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
         return await asyncio.to_thread(encode)
 
-    def request_for(body: _Sampled, prompt_ids: list[int], deliver) -> Request:
-        if body.model != model_name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           kind="not_found_error", code="model_not_found", param="model")
+    def chat_prompt(self, messages: list[Message]) -> str:
+        with self.engine.tokenizer_lock:
+            return chat_text(self.tokenizer, [message.for_template() for message in messages])
+
+    def _request(self, body: _Sampled, prompt_ids: list[int], deliver) -> Request:
+        if body.model != self.model_name:
+            raise _unknown_model(body.model, self.model_name)
         if not prompt_ids:
             raise ApiError(400, "the prompt has no tokens", param="prompt")
         asked = body.max_completion_tokens or body.max_tokens
-        room = max_tokens_cap if n_positions is None else min(max_tokens_cap, n_positions - len(prompt_ids))
+        cap, n_positions = self.max_tokens_cap, self.n_positions
+        room = cap if n_positions is None else min(cap, n_positions - len(prompt_ids))
         if room < 1 or (asked is not None and asked > room):
             limit = f"the model's {n_positions} positions" if n_positions is not None else "the server's limit"
             raise ApiError(
                 400,
                 f"the prompt is {len(prompt_ids)} tokens and {asked or 1} more are asked for; {limit} and the "
-                f"server's cap of {max_tokens_cap} new tokens allow {max(room, 0)}",
+                f"server's cap of {cap} new tokens allow {max(room, 0)}",
                 code="context_length_exceeded", param="max_tokens",
             )
         return Request(prompt_ids, asked or room, body.sampling(), body.stop_strings(), deliver)
 
-    async def submit(body: _Sampled, prompt_ids: list[int]) -> tuple[Request, asyncio.Queue]:
+    async def submit(self, body: _Sampled, prompt_ids: list[int]) -> tuple[Request, asyncio.Queue]:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(item: Piece | Done) -> None:  # from the engine thread
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        request = request_for(body, prompt_ids, deliver)
+        request = self._request(body, prompt_ids, deliver)
         try:
-            engine.submit(request)
+            self.engine.submit(request)
         except QueueFull:
             raise ApiError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown:
-            message = SHUTTING_DOWN if engine.failure is None else f"the engine stopped: {engine.failure}"
+            failure = self.engine.failure
+            message = SHUTTING_DOWN if failure is None else f"the engine stopped: {failure}"
             raise ApiError(503, message, kind="server_error", code="shutting_down",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return request, queue
 
-    async def next_item(request: Request, queue: asyncio.Queue, gone) -> Piece | Done:
+    async def _next_item(self, request: Request, queue: asyncio.Queue, gone) -> Piece | Done:
         """The engine's next delivery for `request`; while none comes, the request is cancelled
         (and a Done with an error returned) when the client is `gone()` or the server is stopping
         and the request has run out of its time to finish."""
         while True:
-            if shutdown.overdue():
+            if self.shutdown.overdue():
                 request.cancel()
                 return Done("error", len(request.prompt_ids), 0, SHUTTING_DOWN)
             try:
@@ -326,17 +360,23 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                 continue
             if not request.first_delivered:
                 request.first_delivered = True
-                metrics.ttft.observe(time.perf_counter() - request.submitted_s)
+                self.metrics.ttft.observe(time.perf_counter() - request.submitted_s)
             return item
 
-    async def collect(http: HttpRequest, request: Request, queue: asyncio.Queue) -> tuple[str, Done]:
-        """The whole text, and how the request ended."""
+    async def collect(self, http: HttpRequest, request: Request, queue: asyncio.Queue) -> tuple[str, Done]:
+        """The whole text, and how the request ended (an error raised as the answer's)."""
         pieces: list[str] = []
-        while isinstance(item := await next_item(request, queue, http.is_disconnected), Piece):
+        while isinstance(item := await self._next_item(request, queue, http.is_disconnected), Piece):
             pieces.append(item.text)
+        _check_succeeded(item)
         return "".join(pieces), item
 
-    async def events(request: Request, queue: asyncio.Queue, chunk, with_usage: bool) -> AsyncIterator[dict]:
+    def stream(self, request: Request, queue: asyncio.Queue, chunk, with_usage: bool) -> EventSourceResponse:
+        # sse-starlette ends streams when the server stops; `_next_item` tells them first
+        return EventSourceResponse(self._events(request, queue, chunk, with_usage), ping=15,
+                                   shutdown_grace_period=self.shutdown.timeout_s + ANSWER_S / 2)
+
+    async def _events(self, request: Request, queue: asyncio.Queue, chunk, with_usage: bool) -> AsyncIterator[dict]:
         """Server-sent events: a chunk per piece, the last with the finish reason (or an error), one
         with the usage when asked, then [DONE]. sse-starlette closes the generator when the client
         goes away."""
@@ -345,39 +385,32 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
             return False
 
         try:
-            while isinstance(item := await next_item(request, queue, never_gone), Piece):
+            while isinstance(item := await self._next_item(request, queue, never_gone), Piece):
                 yield {"data": json.dumps(chunk(item.text, None))}
             if item.error is not None:
                 yield {"data": json.dumps({"error": {"message": item.error, "type": "server_error"}})}
             else:
                 yield {"data": json.dumps(chunk("", item.finish_reason))}
             if with_usage:
-                yield {"data": json.dumps({**chunk("", None), "choices": [], "usage": usage(item)})}
+                yield {"data": json.dumps({**chunk("", None), "choices": [], "usage": _usage(item)})}
             yield {"data": "[DONE]"}
         finally:
             request.cancel()  # a no-op once it is done; frees the slot when the client went away
 
-    def streamed(events: AsyncIterator[dict]) -> EventSourceResponse:
-        # sse-starlette ends streams when the server stops; `next_item` tells them first
-        return EventSourceResponse(events, ping=15, shutdown_grace_period=shutdown.timeout_s + ANSWER_S / 2)
 
-    def include_usage(body: _Sampled) -> bool:
-        return body.stream_options is not None and body.stream_options.include_usage
-
-    def usage(done: Done) -> dict:
-        return {"prompt_tokens": done.n_prompt_tokens, "completion_tokens": done.n_completion_tokens,
-                "total_tokens": done.n_prompt_tokens + done.n_completion_tokens}
-
-    def failed(done: Done) -> None:
-        if done.error == SHUTTING_DOWN:
-            raise ApiError(503, done.error, kind="server_error", code="shutting_down",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        if done.error is not None:
-            raise ApiError(500, done.error, kind="server_error")
+def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions: int | None,
+               metrics: ServerMetrics, shutdown: Shutdown):
+    """The API over a started engine; `max_tokens_cap` bounds a request's new tokens (and is the
+    default), `n_positions` the prompt plus its new tokens."""
+    app = FastAPI(title="hybrimoe", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    _add_error_handlers(app)
+    generations = _Generations(engine, model_name, max_tokens_cap, n_positions, metrics, shutdown)
+    served = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "hybrimoe"}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
-        request, queue = await submit(body, await tokenize(body.prompt, add_special_tokens=True))
+        prompt_ids = await generations.tokenize(body.prompt, add_special_tokens=True)
+        request, queue = await generations.submit(body, prompt_ids)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish_reason: str | None) -> dict:
@@ -385,17 +418,16 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                     "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
 
         if body.stream:
-            return streamed(events(request, queue, chunk, include_usage(body)))
-        text, done = await collect(http, request, queue)
-        failed(done)
-        return {**chunk(text, done.finish_reason), "usage": usage(done)}
+            return generations.stream(request, queue, chunk, _include_usage(body))
+        text, done = await generations.collect(http, request, queue)
+        return {**chunk(text, done.finish_reason), "usage": _usage(done)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HttpRequest):
-        with engine.tokenizer_lock:
-            text = chat_text(tokenizer, [message.for_template() for message in body.messages])
-        prompt_ids = await tokenize(text, add_special_tokens=tokenizer.chat_template is None)
-        request, queue = await submit(body, prompt_ids)
+        templated = generations.tokenizer.chat_template is not None
+        prompt = generations.chat_prompt(body.messages)
+        prompt_ids = await generations.tokenize(prompt, add_special_tokens=not templated)
+        request, queue = await generations.submit(body, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sent_role = []
 
@@ -408,15 +440,12 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
         if body.stream:
-            return streamed(events(request, queue, chunk, include_usage(body)))
-        text, done = await collect(http, request, queue)
-        failed(done)
+            return generations.stream(request, queue, chunk, _include_usage(body))
+        text, done = await generations.collect(http, request, queue)
         return {"id": ident, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": done.finish_reason}],
-                "usage": usage(done)}
-
-    served = {"id": model_name, "object": "model", "created": created, "owned_by": "hybrimoe"}
+                "usage": _usage(done)}
 
     @app.get("/v1/models")
     async def models():
@@ -425,8 +454,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
         if model != model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                           kind="not_found_error", code="model_not_found", param="model")
+            raise _unknown_model(model, model_name)
         return served
 
     @app.api_route("/health", methods=["GET", "HEAD"])
