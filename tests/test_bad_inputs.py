@@ -178,6 +178,7 @@ def make_files(tmp: Path) -> None:
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
     (weights_dir / "model.safetensors").mkdir()
     (tmp / "existing.png").write_bytes(b"keep me")
+    shutil.copy(PROFILE, tmp / "own.yaml")
     (tmp / "earlier_report").mkdir()
     (tmp / "earlier_report" / "index.md").write_text("keep me")
     os.symlink("/dev/null", tmp / "device_link.yaml")
@@ -415,6 +416,9 @@ CASES = [
     ("tune zero timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "0"], "--timeout"),
     ("tune negative timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "-1"], "--timeout"),
     ("tune nan timeout", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--timeout", "nan"], "--timeout"),
+    ("tune out is its own profile", ["tune", "--trace", T, "--profile", "{tmp}/own.yaml", "--out", "{tmp}/own.yaml",
+                                     "--force", "--trials", "2"], "is a profile the study reads"),
+    ("profile empty preset", ["profile", "--preset", "", "--out", "{tmp}/p.yaml"], "unknown model preset ''"),
     ("tune timeout shorter than a trial", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--storage",
                                            "memory", "--timeout", "1e-9"], "no trial finished within --timeout 1e-09 s"),
     ("tune negative seed", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", "-1"], "--seed"),
@@ -492,6 +496,8 @@ CASES = [
     ("serve huge batch", ["serve", "--max-batch", "100000"], "--max-batch"),
     ("serve negative queue", ["serve", "--max-queue", "-1"], "--max-queue"),
     ("serve zero max tokens", ["serve", "--max-tokens", "0"], "--max-tokens"),
+    ("serve max tokens past the model's positions", ["serve", "--max-tokens", "100000", "--port", "0"],
+     "leaves no room for a prompt in the model's 256 positions"),
     ("serve nan shutdown timeout", ["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout"),
     ("serve model missing", ["serve", "--model", "{tmp}/missing"], "missing"),
     ("serve trace not npz", ["serve", "--record-trace", "{tmp}/t.txt"], ".npz"),

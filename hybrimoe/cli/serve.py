@@ -33,9 +33,10 @@ def serve(
         64, "--max-queue", rich_help_panel=_SERVER,
         help="Requests waiting for a place in the batch (beyond its free places), at most; more are answered 503.",
     ),
-    max_tokens: int = typer.Option(
-        512, "--max-tokens", rich_help_panel=_SERVER,
-        help="New tokens per request at most (and for a request that names none, within the model's positions).",
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", rich_help_panel=_SERVER,
+        help="New tokens per request at most, below the model's positions (and for a request that names none). "
+        "Default: 512, within the model's positions.",
     ),
     shutdown_timeout: float = typer.Option(
         30.0, "--shutdown-timeout", callback=finite_positive, rich_help_panel=_SERVER,
@@ -67,7 +68,7 @@ def serve(
             model=model, device=device, profile=profile, strategy=strategy, cache_experts=cache_experts,
             cache_ratio=cache_ratio, gpu_memory_gb=gpu_memory_gb, threads=threads, quantize=quantize,
             group_size=group_size, quantize_dense=quantize_dense, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, record_trace=record_trace, overwrite_trace=force, max_new_tokens=max_tokens,
+            allow_pickle=allow_pickle, record_trace=record_trace, overwrite_trace=force,
         )
         serve_options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                                      max_tokens=max_tokens, model_name=model_name, shutdown_timeout_s=shutdown_timeout)

@@ -54,7 +54,8 @@ def _unquantized(
     dtype: str | None,
 ) -> ModelShape:
     explicit = hidden_size is not None or intermediate_size is not None
-    given = [name for name, on in (("--model", model_path), ("--preset", preset), ("--hidden-size", explicit)) if on]
+    given = [name for name, on in (("--model", model_path is not None), ("--preset", preset is not None),
+                                   ("--hidden-size", explicit)) if on]
     if len(given) > 1:
         raise UserError(
             "give one of --model PATH, --preset NAME or --hidden-size with --intermediate-size "

@@ -129,8 +129,10 @@ class _Sampled(BaseModel):
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty stop strings")
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         return value
 
     @model_validator(mode="after")
@@ -206,6 +208,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     where = [str(part) for part in error.get("loc", ()) if part != "body"]
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if not where and error.get("type") == "model_attributes_type":  # a body not parsed as JSON: text, or no type
+        return "the request body must be a JSON object, sent as Content-Type: application/json", None
     field = ".".join(where) or None
     return (f"{field}: {error.get('msg')}" if field else str(error.get("msg"))), field
 

@@ -27,15 +27,24 @@ MAX_SHUTDOWN_TIMEOUT_S = 86_400.0  # a day; past it the event loop's timers over
 _SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
 
 
+DEFAULT_MAX_TOKENS = 512  # without --max-tokens
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 64  # requests waiting to join the full batch before 503s
-    max_tokens: int = 512  # new tokens per request at most (and when a request names none)
+    max_tokens: int | None = None  # new tokens per request at most, and for one that names none
     model_name: str | None = None  # the id clients ask for; None: the checkpoint directory's name, or "demo"
     shutdown_timeout_s: float = 30.0
+
+    @property
+    def token_cap(self) -> int:
+        """New tokens per request at most: `max_tokens`, else `DEFAULT_MAX_TOKENS` (each request's
+        capped by the positions its prompt leaves)."""
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
 
 @dataclass
@@ -81,7 +90,7 @@ def check_serve_options(options: ServeOptions) -> None:
         raise UserError(f"--max-queue must be at least 0, got {options.max_queue}")
     if options.model_name is not None and (not options.model_name.strip() or not options.model_name.isprintable()):
         raise UserError(f"--model-name must be one line of printable text, got {options.model_name!r}")
-    if options.max_tokens < 1:
+    if options.max_tokens is not None and options.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {options.max_tokens}")
     if not 0 < options.shutdown_timeout_s <= MAX_SHUTDOWN_TIMEOUT_S:
         raise UserError(f"--shutdown-timeout must be a number of seconds in (0, {MAX_SHUTDOWN_TIMEOUT_S:g}], "
@@ -133,7 +142,7 @@ def serve(
 
     check_serve_options(serve_options)
     check_installed()
-    options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.max_tokens})
+    options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.token_cap})
     sock = _listen(serve_options.host, serve_options.port)
     n_positions: list[int | None] = []
 
@@ -142,7 +151,10 @@ def serve(
         check_chat_template(tokenizer)  # before the weights load
         limit = facts.config.get("max_position_embeddings")
         n_positions.append(limit)
-        prompt_tokens = max(1, limit - serve_options.max_tokens) if limit else serve_options.max_tokens
+        if limit and serve_options.max_tokens is not None and serve_options.max_tokens >= limit:
+            raise UserError(f"--max-tokens {serve_options.max_tokens} leaves no room for a prompt in the model's "
+                            f"{limit} positions: give fewer (without it, requests get what the positions allow)")
+        prompt_tokens = max(1, limit - serve_options.token_cap) if limit else serve_options.token_cap
         return serve_options.max_batch, prompt_tokens
 
     try:
@@ -171,7 +183,7 @@ def serve(
         )
         metrics.watch(engine)
         shutdown = Shutdown(serve_options.shutdown_timeout_s)
-        app = create_app(engine, model_name, serve_options.max_tokens, n_positions[0], metrics, shutdown)
+        app = create_app(engine, model_name, serve_options.token_cap, n_positions[0], metrics, shutdown)
         config = uvicorn.Config(app, log_level="warning",
                                 timeout_graceful_shutdown=serve_options.shutdown_timeout_s + ANSWER_S)
         server = _server(config, shutdown)

@@ -179,6 +179,8 @@ def check_outputs(options: TuneOptions) -> None:
     if options.out.suffix.lower() not in (".yaml", ".yml"):
         raise UserError(f"--out {options.out}: the tuned profile is YAML; give a .yaml file")
     check_output(options.out, options.force, "--out")
+    if options.out.resolve() in {path.resolve() for path in (options.profile, *options.format_profiles) if path}:
+        raise UserError(f"--out {options.out} is a profile the study reads: write the tuned profile to a file of its own")
     if options.pareto and (options.cache_experts is not None or options.cache_ratio is not None):
         raise UserError("--pareto trades time against the cache's size: leave --cache-experts and --cache-ratio out")
     if "ktransformers" in options.exports:

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import multiprocessing
@@ -31,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -69,9 +71,13 @@ def open_storage(inputs: Inputs):
     or programming error, SQLite with "table ... already exists") and simply open again."""
     if inputs.storage_url is None:
         return optuna.storages.InMemoryStorage()
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     sqlite = inputs.storage_url.startswith("sqlite")
+    if sqlite and (database := make_url(inputs.storage_url).database):  # beside --out: its folder may not exist yet
+        with contextlib.suppress(OSError):  # one that cannot be made fails to open below, in one line
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}
     for attempt in range(OPEN_ATTEMPTS):
         try:

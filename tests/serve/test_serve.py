@@ -257,6 +257,19 @@ def test_bad_request_gets_an_openai_error(server, case, path, body, status, code
     assert http(server, "GET", "/health")[0] == 200  # the server lives on
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", ""])
+def test_a_json_body_sent_as_another_type_is_told_the_type(server, content_type):
+    body = json.dumps({"model": "demo", "prompt": "x"}).encode()
+    got, _, raw = http(server, "POST", "/v1/completions", body, headers={"Content-Type": content_type})
+    assert got == 400 and "Content-Type: application/json" in json.loads(raw)["error"]["message"]
+
+
+def test_an_empty_stop_string_is_named(server):
+    body = json.dumps({"model": "demo", "prompt": "x", "stop": ""}).encode()
+    got, _, raw = http(server, "POST", "/v1/completions", body)
+    assert got == 400 and "must not be empty" in json.loads(raw)["error"]["message"]
+
+
 def test_a_client_that_goes_away_frees_its_place(server):
     cancelled = _metric(server, 'hybrimoe_finished_requests_total{reason="cancelled"}')
     stream = server.client().completions.create(model="demo", prompt="ROMEO:", max_tokens=200, temperature=0,

@@ -95,6 +95,13 @@ def test_tuned_profile_is_used_by_run_and_simulate(tmp_path, demo_trace):
 
 
 @pytest.mark.slow
+def test_the_study_beside_the_output_goes_into_a_folder_made_for_it(tmp_path):
+    out = tmp_path / "new" / "folder" / "tuned.yaml"
+    result = invoke("--trace", QWEN_TRACE, "--profile", QWEN_PROFILE, "--out", out, "--trials", "3", *QUICK)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.with_suffix(".optuna.db").is_file()
+
+
 def test_measure_top_runs_candidates_on_the_runtime(tmp_path, demo_trace):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ROMEO:\nJULIET: O Romeo\n")
