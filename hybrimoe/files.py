@@ -34,6 +34,12 @@ def input_file(path: str | os.PathLike, what: str, error: type[UserError] = User
     return path
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """`path` with its symbolic links followed, to tell whether two paths are one file; a link that
+    loops stays as it is (`Path.resolve` raises on one)."""
+    return Path(os.path.realpath(path))
+
+
 def local_checkpoint(path: str | os.PathLike) -> Path:
     """A model directory given by the user, refused in one line when it is not a local directory."""
     from hybrimoe.errors import ModelError
@@ -81,7 +87,7 @@ def check_output(path: str | os.PathLike, force: bool, flag: str) -> Path:
         raise UserError(f"{flag} {path} is a directory; give a file path")
     if path.exists() and not path.is_file():  # a device, a pipe, a terminal: never replaced by a file
         raise UserError(f"{flag} {path} is not a regular file; give a file path")
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:  # a symbolic link that leads nowhere (a loop, a missing file) too
         raise UserError(f"{path} exists; pass --force to overwrite it")
     check_writable_dir(path.parent, f"{flag} {path}")
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hybrimoe.config import memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
-from hybrimoe.files import check_output, input_file, local_checkpoint
+from hybrimoe.files import check_output, input_file, local_checkpoint, real_path
 
 
 MAX_TEMPERATURE = 2.0  # past it sampling is noise; OpenAI's API and `hybrimoe serve` stop there too
@@ -94,7 +94,7 @@ def check_options(options: RunOptions) -> None:
         flag = "--trust-remote-code" if options.trust_remote_code else "--allow-pickle"
         raise UserError(f"{flag} applies to a --model checkpoint; the demo model needs no permission")
     if (options.record_trace is not None and options.replay_trace is not None
-            and options.record_trace.resolve() == options.replay_trace.resolve()):
+            and real_path(options.record_trace) == real_path(options.replay_trace)):
         raise UserError("--record-trace would overwrite the --replay-trace it reads: give another file")
     if options.model is not None:
         local_checkpoint(options.model)

@@ -179,6 +179,9 @@ def make_files(tmp: Path) -> None:
     (weights_dir / "model.safetensors").mkdir()
     (tmp / "existing.png").write_bytes(b"keep me")
     shutil.copy(PROFILE, tmp / "own.yaml")
+    for name in ("loop.yaml", "loop.png", "loop.npz"):  # each a link to the other of its pair
+        os.symlink(tmp / f"back_{name}", tmp / name)
+        os.symlink(tmp / name, tmp / f"back_{name}")
     (tmp / "earlier_report").mkdir()
     (tmp / "earlier_report" / "index.md").write_text("keep me")
     os.symlink("/dev/null", tmp / "device_link.yaml")
@@ -201,6 +204,10 @@ def make_files(tmp: Path) -> None:
     name = "model.layers.0.mlp.experts.0.gate_proj.weight"
     tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
     save_file(tensors, int8_weights / "model.safetensors")
+    _model_dir(tmp, "config_only", config=_demo_config(shared_expert_intermediate_size=0), weights=False, tokenizer=False)
+    tensors = load_file(DEMO / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, _model_dir(tmp, "missing_expert", weights=False) / "model.safetensors")
     (tmp / "huge_prompt.txt").write_text("hello world " * 2_000_000)
     (tmp / "deep.yaml").write_text("[" * 100_000 + "]" * 100_000)
     import torch
@@ -419,6 +426,20 @@ CASES = [
     ("tune out is its own profile", ["tune", "--trace", T, "--profile", "{tmp}/own.yaml", "--out", "{tmp}/own.yaml",
                                      "--force", "--trials", "2"], "is a profile the study reads"),
     ("profile empty preset", ["profile", "--preset", "", "--out", "{tmp}/p.yaml"], "unknown model preset ''"),
+    ("simulate profile is a symlink loop", [*SIM, "--profile", "{tmp}/loop.yaml"], "not found"),
+    ("simulate accelerator-from is a symlink loop", [*SIM, "--profile", P, "--accelerator-from", "{tmp}/loop.yaml"],
+     "not found"),
+    ("tune out is a symlink loop", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/loop.yaml"],
+     "exists; pass --force"),
+    ("tune report is a symlink loop", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--report",
+                                       "{tmp}/loop.yaml"], "--report"),
+    ("profile plot is a symlink loop", ["profile", "--quick", "--out", "{tmp}/p.yaml", "--plot", "{tmp}/loop.png"],
+     "exists; pass --force"),
+    ("run record trace is a symlink loop", [*RUN, "--record-trace", "{tmp}/loop.npz"], "exists; pass --force"),
+    ("run config without tokenizer, with an empty shared expert", [*RUN, "--model", "{tmp}/config_only"],
+     "no tokenizer files"),
+    ("run checkpoint lacking one expert's matrix", [*RUN, "--model", "{tmp}/missing_expert"],
+     "the weights lack model.layers.0.mlp.experts.5.up_proj.weight"),
     ("tune timeout shorter than a trial", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--storage",
                                            "memory", "--timeout", "1e-9"], "no trial finished within --timeout 1e-09 s"),
     ("tune negative seed", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", "-1"], "--seed"),

@@ -168,7 +168,7 @@ def profile(
 def _check_outputs(out: Path | None, plot: Path | None, force: bool, estimate: bool) -> None:
     """Refuses, before any work, a profile or plot path that would fail or overwrite unasked."""
     from hybrimoe.errors import UserError
-    from hybrimoe.files import check_output
+    from hybrimoe.files import check_output, real_path
 
     if force and out is None and plot is None:
         raise UserError("--force overwrites an existing --out or --plot file, and neither is given (this machine's "
@@ -184,7 +184,7 @@ def _check_outputs(out: Path | None, plot: Path | None, force: bool, estimate: b
     check_output(plot, force, "--plot")
     if estimate:
         raise UserError("--plot draws a measured profile; --estimate measures nothing: leave --plot out")
-    if out is not None and plot.resolve() == out.resolve():
+    if out is not None and real_path(plot) == real_path(out):
         raise UserError(f"--plot {plot} is --out's own path: give the image a file of its own")
 
 

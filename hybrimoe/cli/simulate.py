@@ -17,6 +17,7 @@ from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
 from hybrimoe.errors import UserError
+from hybrimoe.files import real_path
 from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 
@@ -134,7 +135,7 @@ def simulate(
         if len(traces) > 1:
             raise UserError("--trace is given more than once: simulate replays one trace (tune takes several)")
         trace = traces[0]
-        if profiling_trace is not None and profiling_trace.resolve() == trace.resolve():
+        if profiling_trace is not None and real_path(profiling_trace) == real_path(trace):
             raise UserError("--profiling-trace is the --trace: the placement would be learned on the very tokens "
                             "replayed (that is static-oracle); give another trace, or leave it out to split --trace")
         chosen_modes, chosen_strategies = _names(modes, "--mode"), _names(strategies, "--strategies")
@@ -142,10 +143,10 @@ def simulate(
             raise UserError("--prefill-tokens sets the prompts of --mode prefill, which is not simulated")
         prefill_tokens = DEFAULT_PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
         baseline_params = _baseline_params(baseline, chosen_strategies)
-        repeated = [path for i, path in enumerate(profiles) if path.resolve() in {q.resolve() for q in profiles[:i]}]
+        repeated = [path for i, path in enumerate(profiles) if real_path(path) in {real_path(q) for q in profiles[:i]}]
         if repeated:
             raise UserError(f"--profile {repeated[0]} is given twice")
-        if accelerator_from is not None and accelerator_from.resolve() in {path.resolve() for path in profiles}:
+        if accelerator_from is not None and real_path(accelerator_from) in {real_path(path) for path in profiles}:
             raise UserError(f"--accelerator-from {accelerator_from} is a --profile itself: it would change nothing")
     with user_errors(), _cells_progress() as on_cell:
         if not profiles:

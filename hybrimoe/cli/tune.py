@@ -12,6 +12,7 @@ from rich.text import Text
 
 from hybrimoe.capacity import DEFAULT_CONTEXT_TOKENS
 from hybrimoe.config import DEFAULT_GROUP_SIZE
+from hybrimoe.files import real_path
 from hybrimoe.cli import app, console, err_console, finite_positive, user_errors
 
 _WORK = "Workload"
@@ -116,7 +117,7 @@ def tune(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
         )
         for flag, values in (("--allow-quantize", formats), ("--export", export),
-                             ("--trace", [path.resolve() for path in traces])):
+                             ("--trace", [real_path(path) for path in traces])):
             repeated = next((value for i, value in enumerate(values) if value in values[:i]), None)
             if repeated is not None:
                 raise UserError(f"{flag} {repeated} is given twice")

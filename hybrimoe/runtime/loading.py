@@ -63,7 +63,8 @@ _CONFIG_SIZE_LIMITS = {
 }
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 _ROUTED_EXPERTS_LAYER = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.")  # not Qwen's shared_expert(s)
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_PROJECTIONS = ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"})  # hub checkpoints' names, and Mixtral's
 _INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
 
 
@@ -229,7 +230,8 @@ def check_weights_match(
                          f"declares {config.num_hidden_layers}: the config and the weights are of different models")
     with_experts = {int(layer.group(1)) for header in headers.values() for name in header
                     if (layer := _ROUTED_EXPERTS_LAYER.match(name)) and int(layer.group(1)) < config.num_hidden_layers}
-    moe = {layer.decoder_layer for layer in find_moe_layers(meta_model, config.model_type)[0]}
+    moe_layers, _, n_experts, _ = find_moe_layers(meta_model, config.model_type)
+    moe = {layer.decoder_layer for layer in moe_layers}
     if with_experts and with_experts != moe:
         raise ModelError(f"{path}: the weights hold routed experts in decoder layers {_spans(with_experts)} but "
                          f"config.json places them in {_spans(moe)} (decoder_sparse_step, mlp_only_layers or their "
@@ -240,8 +242,8 @@ def check_weights_match(
     for file, header in headers.items():
         for name, tensor in header.items():
             shape = tuple(tensor.get("shape", ()))
-            matrix = _PER_EXPERT.search(name)
-            want = expected.get(name) or (per_expert[matrix.group(1)] if matrix else None)
+            matrix = _PER_EXPERT.match(name)
+            want = expected.get(name) or (per_expert[matrix.group(3)] if matrix else None)
             if want is not None and shape != want:
                 raise ModelError(
                     f"{path}: {name} is {list(shape)} in {file.name} but {list(want)} in the model its "
@@ -252,6 +254,26 @@ def check_weights_match(
                     f"{path}: {name} is stored as {tensor['dtype']} but config.json declares no quantization "
                     "(quantization_config): hybrimoe reads float weights; quantize at load with --quantize instead"
                 )
+    _check_every_expert_held(path, headers, n_experts)
+
+
+def _check_every_expert_held(path: Path, headers: dict[Path, dict], n_experts: int) -> None:
+    """Refuses, naming it, a per-expert matrix the weights lack (`experts.5.up_proj` of a layer that
+    holds the others): transformers would fail on it while merging the experts, after reading."""
+    held: dict[str, dict[str, set[int]]] = {}  # "model.layers.0.mlp.experts" -> projection -> experts
+    for header in headers.values():
+        for name in header:
+            if matrix := _PER_EXPERT.match(name):
+                prefix, expert, projection = matrix.groups()
+                held.setdefault(prefix, {}).setdefault(projection, set()).add(int(expert))
+    for prefix, projections in sorted(held.items()):
+        names = next(names for names in _PROJECTIONS if names & projections.keys())
+        for projection in sorted(names):
+            missing = set(range(n_experts)) - projections.get(projection, set())
+            if missing:
+                raise ModelError(f"{path}: the weights lack {prefix}.{min(missing)}.{projection}.weight"
+                                 f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: "
+                                 "the checkpoint is incomplete")
 
 
 def _spans(indices: set[int]) -> str:
@@ -440,7 +462,8 @@ def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # advice about other uses of a model (a dense one is refused just after)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's on initializing empty tensors (a size of 0)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None

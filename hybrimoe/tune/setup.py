@@ -33,7 +33,7 @@ from hybrimoe.config import (
     DEFAULT_GROUP_SIZE, ExpertShape, HardwareProfile, PolicyConfig, TraceRef, load_profile, memory_budget_error,
 )
 from hybrimoe.errors import UserError
-from hybrimoe.files import check_output, check_writable_dir
+from hybrimoe.files import check_output, check_writable_dir, real_path
 from hybrimoe.gguf_header import GgufModel, is_gguf_path, read_gguf
 from hybrimoe.capacity import DEFAULT_CONTEXT_TOKENS, GIB, Reserve, reserve_for, resolve_capacity, slots_in_budget
 from hybrimoe.shapes import ModelShape, preset_for_routing
@@ -173,13 +173,13 @@ def check_outputs(options: TuneOptions) -> None:
     unknown = [engine for engine in options.exports if engine not in EXPORT_ENGINES]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(EXPORT_ENGINES)}")
-    traces = {Path(path).resolve() for path in (*options.traces, *options.holdout, *options.profiling_traces)}
-    if options.out.resolve() in traces:
+    traces = {real_path(path) for path in (*options.traces, *options.holdout, *options.profiling_traces)}
+    if real_path(options.out) in traces:
         raise UserError(f"--out {options.out} is one of the input traces: the tuned profile would overwrite it")
     if options.out.suffix.lower() not in (".yaml", ".yml"):
         raise UserError(f"--out {options.out}: the tuned profile is YAML; give a .yaml file")
     check_output(options.out, options.force, "--out")
-    if options.out.resolve() in {path.resolve() for path in (options.profile, *options.format_profiles) if path}:
+    if real_path(options.out) in {real_path(path) for path in (options.profile, *options.format_profiles) if path}:
         raise UserError(f"--out {options.out} is a profile the study reads: write the tuned profile to a file of its own")
     if options.pareto and (options.cache_experts is not None or options.cache_ratio is not None):
         raise UserError("--pareto trades time against the cache's size: leave --cache-experts and --cache-ratio out")
@@ -187,9 +187,9 @@ def check_outputs(options: TuneOptions) -> None:
         check_output(ktransformers_path(options.out), options.force, "--export ktransformers")
     if options.report_dir is not None:
         report = options.report_dir
-        if report.exists() and not report.is_dir():
+        if os.path.lexists(report) and not report.is_dir():  # a file, or a link that leads nowhere
             raise UserError(f"--report {report} is not a directory")
-        if report.resolve() in {options.out.resolve(), ktransformers_path(options.out).resolve()}:
+        if real_path(report) in {real_path(options.out), real_path(ktransformers_path(options.out))}:
             raise UserError(f"--report {report} is the tuned profile's own path: give a directory of its own")
         check_writable_dir(report, f"--report {report}")
         earlier = [name for name in (CSV_NAME, INDEX_NAME, *IMAGE_NAMES) if (report / name).exists()]
@@ -212,7 +212,7 @@ def _check_numbers(options: TuneOptions) -> None:
     if options.workers > max_workers:
         raise UserError(f"--workers {options.workers} is more than {max_workers} ({MAX_WORKERS_PER_CORE} per core of "
                         "this machine): each worker is a process with its own copy of the workload")
-    held_out = {Path(path).resolve() for path in options.holdout} & {Path(path).resolve() for path in options.traces}
+    held_out = {real_path(path) for path in options.holdout} & {real_path(path) for path in options.traces}
     if held_out:
         raise UserError(f"--holdout {held_out.pop()} is also a --trace: it would not be held out from the search")
     if options.workers > 1 and options.storage == MEMORY_STORAGE:
@@ -332,7 +332,7 @@ def _storage_url(options: TuneOptions) -> str | None:
     if options.storage is not None:
         _check_storage_url(options.storage)
         return options.storage
-    return f"sqlite:///{options.out.with_suffix('.optuna.db').resolve()}"
+    return f"sqlite:///{real_path(options.out.with_suffix('.optuna.db'))}"
 
 
 def _check_storage_url(url: str) -> None:
