@@ -440,6 +440,8 @@ CASES = [
      "no tokenizer files"),
     ("run checkpoint lacking one expert's matrix", [*RUN, "--model", "{tmp}/missing_expert"],
      "the weights lack model.layers.0.mlp.experts.5.up_proj.weight"),
+    ("tune holdout given twice", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--holdout",
+                                  "{tmp}/trace_copy.npz", "--holdout", "{tmp}/trace_copy.npz"], "--holdout"),
     ("tune timeout shorter than a trial", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--storage",
                                            "memory", "--timeout", "1e-9"], "no trial finished within --timeout 1e-09 s"),
     ("tune negative seed", ["tune", "--trace", T, "--out", "{tmp}/t.yaml", "--seed", "-1"], "--seed"),

@@ -117,7 +117,9 @@ def tune(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
         )
         for flag, values in (("--allow-quantize", formats), ("--export", export),
-                             ("--trace", [real_path(path) for path in traces])):
+                             ("--trace", [real_path(path) for path in traces]),
+                             ("--holdout", [real_path(path) for path in holdout]),
+                             ("--profiling-trace", [real_path(path) for path in profiling_trace])):
             repeated = next((value for i, value in enumerate(values) if value in values[:i]), None)
             if repeated is not None:
                 raise UserError(f"{flag} {repeated} is given twice")
