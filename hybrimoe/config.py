@@ -554,20 +554,32 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
     return _check_physics(profile, source)
 
 
+def _check_latency(source: str, name: str, ms: float) -> None:
+    if ms > MAX_LATENCY_MS:
+        raise ProfileError(f"{source}: {name}: a latency of {ms:g} ms is past any machine's ({MAX_LATENCY_MS:g} ms at most)")
+
+
 def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
     """What the cost model divides by or relies on is strictly positive (finiteness is checked
     field by field as the profile is read)."""
     curves = {"cpu_expert": profile.cpu_expert, "gpu_expert": profile.gpu_expert, "dense_layer": profile.dense_layer}
     for name, curve in curves.items():
-        if curve is None:
-            continue
-        if not curve.ms(1) > 0:
+        if curve is not None and not curve.ms(1) > 0:
             raise ProfileError(f"{source}: {name}: the latency of 1 token must be positive, got {curve.ms(1)} ms")
-        fit = () if curve.fit is None else (curve.fit.intercept_ms, curve.fit.per_token_ms)
-        slowest = max([curve.ms(1), *fit, *(point.ms for point in curve.points)])
-        if slowest > MAX_LATENCY_MS:
-            raise ProfileError(f"{source}: {name}: a latency of {slowest:g} ms is past any machine's "
-                               f"({MAX_LATENCY_MS:g} ms at most)")
+    costs = profile.model_costs
+    if costs is not None:
+        curves |= {"model_costs.outside_step": costs.outside_step, "model_costs.host_layer": costs.host_layer}
+        for planner in costs.planners:
+            curves |= {f"model_costs.planners.{planner.strategy}.plan_layer": planner.plan_layer,
+                       f"model_costs.planners.{planner.strategy}.plan_prefetch": planner.plan_prefetch}
+    for name, curve in curves.items():
+        if curve is not None:
+            fit = () if curve.fit is None else (curve.fit.intercept_ms, curve.fit.per_token_ms)
+            _check_latency(source, name, max([0.0, *fit, *(point.ms for point in curve.points)]))
+    _check_latency(source, "layer_overhead_ms", profile.layer_overhead_ms)
+    _check_latency(source, "cpu_first_expert_extra_ms", profile.cpu_first_expert_extra_ms)
+    if costs is not None:
+        _check_latency(source, "model_costs.dense_ms_per_context_token", costs.dense_ms_per_context_token)
     machine = profile.machine
     for name in ("cores", "threads"):
         value = getattr(machine, name)

@@ -81,6 +81,8 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "zero_host_bandwidth.yaml", "host_memory_gbps: 58.24", "host_memory_gbps: 0")
     _profile_with(tmp, "huge_latency.yaml", "  - [1, 0.18218, 0.0]", "  - [1, 1.0e+308, 0.0]")
     _profile_with(tmp, "negative_cores.yaml", "cores: 16,", "cores: -1,")
+    _profile_with(tmp, "huge_overhead.yaml", "layer_overhead_ms: 0.05", "layer_overhead_ms: 1.0e+40")
+    _profile_with(tmp, "huge_first_expert.yaml", "cpu_first_expert_extra_ms: 0.05", "cpu_first_expert_extra_ms: 1.0e+30")
     _profile_with(tmp, "zero_card.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 0}")
     _profile_with(tmp, "huge_slope.yaml", "  fit: {intercept_ms: 0.0999347, per_token_ms: 0.00403833,",
                   "  fit: {intercept_ms: 0.0999347, per_token_ms: 1.0e+300,")
@@ -105,6 +107,8 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "negative_top_p.yaml", "schema_version: 1", "schema_version: 1\npolicy: {mrs_top_p: -5}")
     _profile_with(tmp, "zero_expert_bandwidth.yaml", "h2d_pinned_expert_gbps: 24.5446", "h2d_pinned_expert_gbps: 0")
     _profile_with(tmp, "tiny_card.yaml", "gpu_memory_gb: 24.0}", "gpu_memory_gb: 1.0e-09}")
+    (tmp / "huge_outside_step.yaml").write_text(DEMO_PROFILE.read_text().replace(
+        "    - [1, 0.988132, 0.833424]", "    - [1, 1.0e+40, 0.833424]", 1))
     (tmp / "typo_planner.yaml").write_text(DEMO_PROFILE.read_text().replace("strategy: hybrimoe", "strategy: hybrid", 1))
     _profile_with(tmp, "unprintable_name.yaml", "name: rtx4090-desktop.qwen3-30b-a3b",
                   'name: "\\e[31mred\\nsecond line"')
@@ -277,6 +281,12 @@ CASES = [
     ("profile absurd interference", [*SIM, "--profile", "{tmp}/absurd_interference.yaml"], "copy_slowdown"),
     ("profile zero host bandwidth", [*SIM, "--profile", "{tmp}/zero_host_bandwidth.yaml"], "host_memory_gbps"),
     ("profile latency of 1e308 ms", [*SIM, "--profile", "{tmp}/huge_latency.yaml"], "past any machine"),
+    ("profile layer overhead of 1e40 ms", [*SIM, "--profile", "{tmp}/huge_overhead.yaml"],
+     "layer_overhead_ms: a latency of 1e+40 ms is past any machine"),
+    ("profile first-expert extra of 1e30 ms", [*SIM, "--profile", "{tmp}/huge_first_expert.yaml"],
+     "cpu_first_expert_extra_ms"),
+    ("profile step outside the layers of 1e40 ms", [*RUN, "--profile", "{tmp}/huge_outside_step.yaml"],
+     "model_costs.outside_step"),
     ("profile negative cores", [*SIM, "--profile", "{tmp}/negative_cores.yaml"], "machine.cores"),
     ("profile card of 0 GB", [*SIM, "--profile", "{tmp}/zero_card.yaml"], "machine.gpu_memory_gb"),
     ("simulate split with a profiling trace", [*SIM, "--profile", P, "--profiling-trace", T, "--profile-split", "0.5"],
