@@ -49,6 +49,7 @@ def over_limit(sizes: dict[str, int]) -> str | None:
 
 MAX_LATENCY_MS = 1e6  # a measured latency beyond this (17 minutes) is not a measurement
 MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
+MAX_GBPS = 100_000.0  # nor one above this (100 TB/s; HBM3e reads about 5)
 MIN_MEMORY_GB = 0.25  # less memory than this (256 MB) is not a machine's RAM or a card's
 MAX_MEMORY_GB = 65_536.0  # more than this (64 TB) is no machine's either: most likely bytes in a GB field
 
@@ -612,8 +613,8 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
             raise ProfileError(f"{source}: transfer.expert_load_ms must be positive, got {profile.transfer.expert_load_ms}")
         for name in ("h2d_pinned_gbps", "h2d_pageable_gbps", "d2h_gbps", "h2d_pinned_expert_gbps"):
             gbps = getattr(profile.transfer, name)
-            if gbps is not None and not gbps >= MIN_GBPS:
-                raise ProfileError(f"{source}: transfer.{name} {gbps:g} is below any machine's ({MIN_GBPS:g} GB/s at least)")
+            if gbps is not None and not MIN_GBPS <= gbps <= MAX_GBPS:
+                raise ProfileError(f"{source}: transfer.{name} {gbps:g} is no machine's ({MIN_GBPS:g} to {MAX_GBPS:g} GB/s)")
         if profile.transfer.expert_load_ms > MAX_LATENCY_MS:
             raise ProfileError(f"{source}: transfer.expert_load_ms {profile.transfer.expert_load_ms:g} is past any "
                                f"machine's ({MAX_LATENCY_MS:g} ms at most)")
@@ -621,8 +622,9 @@ def _check_physics(profile: HardwareProfile, source: str) -> HardwareProfile:
         if not 1.0 <= getattr(profile.interference, name) <= MAX_SLOWDOWN:  # `profile` writes at least 1
             raise ProfileError(f"{source}: interference.{name} is a slowdown, in [1, {MAX_SLOWDOWN:g}], "
                                f"got {getattr(profile.interference, name)}")
-    if profile.host_memory_gbps is not None and not profile.host_memory_gbps >= MIN_GBPS:
-        raise ProfileError(f"{source}: host_memory_gbps must be at least {MIN_GBPS:g}, got {profile.host_memory_gbps}")
+    if profile.host_memory_gbps is not None and not MIN_GBPS <= profile.host_memory_gbps <= MAX_GBPS:
+        raise ProfileError(f"{source}: host_memory_gbps must be in {MIN_GBPS:g} to {MAX_GBPS:g}, "
+                           f"got {profile.host_memory_gbps:g}")
     return profile
 
 

@@ -79,6 +79,8 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "key_twice.yaml", "schema_version: 1", "schema_version: 1\nschema_version: 1")
     _profile_with(tmp, "absurd_interference.yaml", "copy_slowdown: 1.0", "copy_slowdown: 1.0e+300")
     _profile_with(tmp, "zero_host_bandwidth.yaml", "host_memory_gbps: 58.24", "host_memory_gbps: 0")
+    _profile_with(tmp, "huge_host_bandwidth.yaml", "host_memory_gbps: 58.24", "host_memory_gbps: 1.0e+30")
+    _profile_with(tmp, "huge_copy_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: 1.0e+30")
     _profile_with(tmp, "huge_latency.yaml", "  - [1, 0.18218, 0.0]", "  - [1, 1.0e+308, 0.0]")
     _profile_with(tmp, "negative_cores.yaml", "cores: 16,", "cores: -1,")
     _profile_with(tmp, "huge_overhead.yaml", "layer_overhead_ms: 0.05", "layer_overhead_ms: 1.0e+40")
@@ -279,6 +281,9 @@ CASES = [
     ("profile number of 5000 digits", [*SIM, "--profile", "{tmp}/long_number.yaml"], "cannot be read"),
     ("profile key given twice", [*SIM, "--profile", "{tmp}/key_twice.yaml"], "appears twice"),
     ("profile absurd interference", [*SIM, "--profile", "{tmp}/absurd_interference.yaml"], "copy_slowdown"),
+    ("profile host bandwidth of 1e30 GB/s", [*SIM, "--profile", "{tmp}/huge_host_bandwidth.yaml"], "host_memory_gbps"),
+    ("profile copy bandwidth of 1e30 GB/s", [*SIM, "--profile", "{tmp}/huge_copy_bandwidth.yaml"],
+     "h2d_pinned_gbps 1e+30 is no machine's"),
     ("profile zero host bandwidth", [*SIM, "--profile", "{tmp}/zero_host_bandwidth.yaml"], "host_memory_gbps"),
     ("profile latency of 1e308 ms", [*SIM, "--profile", "{tmp}/huge_latency.yaml"], "past any machine"),
     ("profile layer overhead of 1e40 ms", [*SIM, "--profile", "{tmp}/huge_overhead.yaml"],

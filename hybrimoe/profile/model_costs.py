@@ -33,7 +33,9 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ def build_random_model(
 ) -> LoadedModel:
     """The model of `config_path` with random weights and at most MAX_MOE_LAYERS MoE layers (its
     experts quantized as the runtime quantizes them, when asked)."""
-    config = load_config(config_path.parent, trust_remote_code)
+    config = _load_config_file(config_path, trust_remote_code)
     meta = build_on_meta(config, trust_remote_code)
     layers, shape, n_experts, _ = find_moe_layers(meta, config.model_type)
     free = available_ram_bytes()
@@ -135,6 +137,16 @@ def build_random_model(
             else:
                 fill_weights(param.data)
     return from_model(model, device, quantization=quantization)
+
+
+def _load_config_file(config_path: Path, trust_remote_code: bool):
+    """`load_config` reads a checkpoint directory's config.json: a config file of another name
+    (`--model tiny-mixtral.json`) is read from a directory of its own, as config.json."""
+    if config_path.name == "config.json":
+        return load_config(config_path.parent, trust_remote_code)
+    with tempfile.TemporaryDirectory() as directory:
+        shutil.copyfile(config_path, Path(directory) / "config.json")
+        return load_config(Path(directory), trust_remote_code)
 
 
 def _build_uninitialised(config, trust_remote_code: bool) -> torch.nn.Module:

@@ -168,8 +168,11 @@ def stacked_expert_mlp(
 
 
 def groups_natively(weight: torch.Tensor) -> bool:
-    """Whether torch has a grouped matmul kernel for this stacked weight."""
+    """Whether torch has a grouped matmul kernel for this stacked weight: one whose rows (and so the
+    activations' rows, of the same sizes) start at multiples of 16 bytes, as `grouped_mm` needs."""
     if not hasattr(F, "grouped_mm"):
+        return False
+    if any(stride * weight.element_size() % 16 for stride in weight.stride()[:-1]):
         return False
     if weight.device.type == "cpu":
         return True
@@ -208,7 +211,7 @@ def grouped_experts_mlp(
         group_indices = torch.arange(window.start, window.stop, device=x.device)
         offsets = index.ends
         positions = [stacked - groups.first for stacked, _, _ in groups.runs]
-    if not groups_natively(gate_up):
+    if not (groups_natively(gate_up) and groups_natively(down)):
         return torch.cat([
             expert_mlp(
                 x[start:stop], gate_up[position], down[position], apply_gate,

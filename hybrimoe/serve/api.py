@@ -252,6 +252,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         message, field = _validation_message(exc)
         return ApiError(400, message, param=field).response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: HttpRequest, exc: Exception) -> JSONResponse:  # a bug: answered, then logged
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -298,6 +302,11 @@ class _Generations:
         if self.prompt_chars_limit is not None and len(text) > self.prompt_chars_limit:
             raise ApiError(400, f"the prompt is {len(text)} characters, more than the model's {self.n_positions} "
                            "positions can hold", code="context_length_exceeded", param="prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON may escape half of a UTF-16 pair ("\ud800"), which is no text
+            raise ApiError(400, f"the prompt holds a lone surrogate ({text[exc.start]!r} at character {exc.start}): "
+                           "not text", param="prompt") from None
 
         def encode() -> list[int]:
             with self.engine.tokenizer_lock:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from hybrimoe.policy.names import STRATEGIES
 from hybrimoe.profile.inputs import resolve_model
+from hybrimoe.profile.model_costs import build_random_model
 from hybrimoe.profile.run import ProfileOptions, profile_machine
 
 from .conftest import TINY_CACHE_BYTES
@@ -54,3 +57,11 @@ def test_the_model_costs_round_trip_through_yaml(measured, tmp_path):
 
     path = save_profile(measured, tmp_path / "m.yaml")
     assert profile_to_dict(load_profile(path)) == profile_to_dict(measured)
+
+
+def test_a_config_file_of_another_name_builds_its_model(tiny_config_dir, tmp_path):
+    """`profile --model tiny.json`: the shapes and the measured model come from the same file."""
+    renamed = tmp_path / "tiny-qwen2-moe.json"
+    shutil.copyfile(tiny_config_dir / "config.json", renamed)
+    loaded = build_random_model(renamed, torch.device("cpu"))
+    assert loaded.n_experts == 8 and loaded.expert_shape.hidden_size == 32

@@ -65,6 +65,23 @@ def test_grouped_kernel_matches_the_per_expert_loop(monkeypatch, transposed, bia
     assert (grouped.float() - loop.float()).abs().max().item() <= tolerance * scale
 
 
+@pytest.mark.parametrize("hidden, intermediate", [(65, 8), (16, 9)])  # rows of 130 or 18 bfloat16 bytes
+def test_rows_that_grouped_mm_cannot_take_run_expert_by_expert(hidden, intermediate):
+    """torch's grouped_mm wants rows at multiples of 16 bytes ("strides should be multiple of 16
+    bytes"): other sizes run through the per-expert loop."""
+    weights = {"gate_up_proj": torch.randn(N, 2 * intermediate, hidden).to(torch.bfloat16),
+               "down_proj": torch.randn(N, hidden, intermediate).to(torch.bfloat16)}
+    assert not (kernels.groups_natively(weights["gate_up_proj"]) and kernels.groups_natively(weights["down_proj"]))
+    order, span = _routing()
+    groups = group_pairs(order, span, {1: 5, 2: 1, 4: 2, 5: 4})
+    rows = torch.randn(len(order), hidden).to(torch.bfloat16)  # [R, D]
+    _, index = split_indices(torch.from_numpy(groups.index_arrays()), groups)
+    out = grouped_experts_mlp(rows, weights, groups, index)
+    by_expert = torch.cat([expert_mlp(rows[start:stop], weights["gate_up_proj"][s], weights["down_proj"][s])
+                           for s, start, stop in groups.runs])
+    assert torch.equal(out, by_expert)
+
+
 def test_groups_follow_the_stacked_index_not_the_expert_id():
     order, span = _routing()
     groups = group_pairs(order, span, {5: 0, 1: 3})

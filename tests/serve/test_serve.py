@@ -264,6 +264,16 @@ def test_a_json_body_sent_as_another_type_is_told_the_type(server, content_type)
     assert got == 400 and "Content-Type: application/json" in json.loads(raw)["error"]["message"]
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", b'{"model": "demo", "prompt": "\\ud800", "max_tokens": 2}'),
+    ("/v1/completions", b'{"model": "demo", "prompt": "\\ud800", "max_tokens": 2, "stream": true}'),
+    ("/v1/chat/completions", b'{"model": "demo", "messages": [{"role": "user", "content": "hi \\udc80"}]}'),
+])
+def test_a_lone_surrogate_is_a_bad_request(server, path, body):
+    got, _, raw = http(server, "POST", path, body)
+    assert got == 400 and "lone surrogate" in json.loads(raw)["error"]["message"]
+
+
 def test_an_empty_stop_string_is_named(server):
     body = json.dumps({"model": "demo", "prompt": "x", "stop": ""}).encode()
     got, _, raw = http(server, "POST", "/v1/completions", body)
