@@ -167,11 +167,13 @@ class ExpertShape:
                 f"(torch's int4 layout), not {self.hidden_size} and {2 * self.intermediate_size}"
             )
         if self.group_size is not None:
+            if self.group_size < 2 or self.group_size % 2:
+                raise ProfileError(f"group size {self.group_size} is not an even number of weights (2 at least)")
             for size in (self.hidden_size, self.intermediate_size):
-                if self.group_size < 2 or self.group_size % 2 or size % self.group_size:
+                if size % self.group_size:
                     raise ProfileError(
                         f"group size {self.group_size} does not divide the experts' input sizes "
-                        f"({self.hidden_size} and {self.intermediate_size}) into even groups"
+                        f"({self.hidden_size} and {self.intermediate_size}) into whole groups"
                     )
 
     @property

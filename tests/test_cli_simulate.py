@@ -54,7 +54,7 @@ def test_placement_learned_on_another_trace_as_markdown():
 
 
 def test_bad_baseline_settings_are_one_line_errors():
-    for setting, message in [("warp=3", "KEY one of"), ("lru_inserts=two", "takes a number"),
+    for setting, message in [("warp=3", "KEY one of"), ("lru_inserts=two", "takes a whole number"),
                              ("eviction=static", "eviction must be one of"),
                              ("lru_cpu_layers=2", "llamacpp-lru at 50% cache: llamacpp-lru with 2 CPU layers")]:
         result = runner.invoke(app, ["simulate", "--trace", TRACE, "--profile", PROFILE, *SMALL, "--strategies",

@@ -77,7 +77,8 @@ def _baseline_params(settings: list[str], strategies: tuple[str, ...]):
             else:
                 values[key] = int(text)
         except ValueError:
-            raise UserError(f"--baseline {key} takes a number, got {text!r}") from None
+            kind = "a number" if isinstance(default, float) else "a whole number"
+            raise UserError(f"--baseline {key} takes {kind}, got {text!r}") from None
     try:
         return BaselineParams(**values)
     except ValueError as exc:
