@@ -3,6 +3,7 @@ model: torch-free, so that a bad flag is refused before torch and transformers a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,3 +109,18 @@ def check_options(options: RunOptions) -> None:
         check_output(options.record_trace, options.overwrite_trace, "--record-trace")
 
 
+def check_new_tokens_fit(options: RunOptions) -> None:
+    """Refuses, from config.json alone (no transformers), a --max-new-tokens that leaves no room for
+    a prompt in the model's positions; a config that cannot be read is left to the loader to name."""
+    from hybrimoe.demo import demo_model_path
+
+    config = (demo_model_path() if options.model is None else options.model) / "config.json"
+    if not config.is_file():  # a pipe is refused by the loader, without reading it
+        return
+    try:
+        positions = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return
+    if isinstance(positions, int) and 0 < positions <= options.max_new_tokens:
+        raise UserError(f"--max-new-tokens {options.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{positions} positions (max_position_embeddings): give fewer")

@@ -403,6 +403,8 @@ CASES = [
     ("run nan temperature", [*RUN, "--temperature", "nan"], "--temperature"),
     ("run top-p 0", [*RUN, "--top-p", "0"], "--top-p"),
     ("run top-p nan", [*RUN, "--top-p", "nan"], "--top-p"),
+    ("run new tokens past the model's positions", ["run", "--prompt", "x", "--max-new-tokens", "10000000000"],
+     "leaves no room for a prompt in the model's 256 positions"),
     ("run zero gpu memory", [*RUN, "--gpu-memory-gb", "0"], "--gpu-memory-gb"),
     ("run gpu memory of 1e300 GB", [*RUN, "--gpu-memory-gb", "1e300"], "at most 65536"),
     ("tune gpu memory of 1e300 GB", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
