@@ -4,6 +4,7 @@ model: torch-free, so that a bad flag is refused before torch and transformers a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def check_options(options: RunOptions) -> None:
     from hybrimoe.config import QUANTIZE_FORMATS
     from hybrimoe.policy.names import NEEDS_FREQUENCIES, STRATEGIES, check_name
 
+    check_device(options.device)
     if any(not p.strip() for p in options.prompts):
         raise UserError("the prompt is empty")
     if options.strategy in NEEDS_FREQUENCIES:
@@ -107,6 +109,15 @@ def check_options(options: RunOptions) -> None:
         if options.record_trace.suffix != ".npz":
             raise UserError(f"{options.record_trace}: a trace file must end in .npz")
         check_output(options.record_trace, options.overwrite_trace, "--record-trace")
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def check_device(device: str | None) -> None:
+    """Refuses, without torch, a --device that is neither cpu nor cuda[:N] (None: the default)."""
+    if device is not None and not _DEVICE.fullmatch(device):
+        raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]")
 
 
 def check_new_tokens_fit(options: RunOptions) -> None:

@@ -405,6 +405,8 @@ CASES = [
     ("run top-p nan", [*RUN, "--top-p", "nan"], "--top-p"),
     ("run new tokens past the model's positions", ["run", "--prompt", "x", "--max-new-tokens", "10000000000"],
      "leaves no room for a prompt in the model's 256 positions"),
+    ("profile empty device", ["profile", "--quick", "--device", "", "--out", "{tmp}/p.yaml"], "unknown device ''"),
+    ("run device of another kind", [*RUN, "--device", "tpu"], "unknown device 'tpu'"),
     ("run zero gpu memory", [*RUN, "--gpu-memory-gb", "0"], "--gpu-memory-gb"),
     ("run gpu memory of 1e300 GB", [*RUN, "--gpu-memory-gb", "1e300"], "at most 65536"),
     ("tune gpu memory of 1e300 GB", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",

@@ -106,6 +106,7 @@ def profile(
     from hybrimoe.files import check_output
     from hybrimoe.profile import report
     from hybrimoe.profile.inputs import config_to_measure, resolve_model
+    from hybrimoe.run_options import check_device
 
     with user_errors():
         if dtype is not None and dtype not in COMPUTE_DTYPES:
@@ -116,6 +117,7 @@ def profile(
         if name is not None and (not name.strip() or not name.isprintable()):
             raise UserError(f"--name must be one line of printable text, got {name!r}")
         _check_outputs(out, plot, force, estimate)
+        check_device(device)
         if estimate:
             ignored = [flag for flag, given in (("--threads", threads is not None), ("--quick", quick),
                                                 ("--device", device is not None), ("--max-repeats", max_repeats is not None),
@@ -131,9 +133,10 @@ def profile(
         shape = resolve_model(model, preset, hidden_size, intermediate_size, dtype, quantize, group_size)
         from hybrimoe.profile.run import ProfileOptions, default_device  # torch: seconds
 
+        measured_on = default_device() if device is None else device
         to_default = out is None
         if to_default:
-            out = check_output(_this_machines_path(device or default_device(), shape), True, "profile")
+            out = check_output(_this_machines_path(measured_on, shape), True, "profile")
         if plot is not None and not report.png_available():
             err_console.print("matplotlib is not installed: --plot is skipped (pip install matplotlib)", style="yellow",
                               markup=False)
@@ -141,7 +144,7 @@ def profile(
         options = ProfileOptions(
             model=shape,
             model_config=config_to_measure(model, preset, hidden_size, intermediate_size),
-            device=device or default_device(),
+            device=measured_on,
             threads=threads,
             quick=quick,
             max_repeats=max_repeats,
