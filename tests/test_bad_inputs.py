@@ -459,6 +459,8 @@ CASES = [
      "no tokenizer files"),
     ("run checkpoint lacking one expert's matrix", [*RUN, "--model", "{tmp}/missing_expert"],
      "the weights lack model.layers.0.mlp.experts.5.up_proj.weight"),
+    ("tune profiling trace that is the trace", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
+                                                "--profiling-trace", T], "--profiling-trace is a --trace"),
     ("tune holdout given twice", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--holdout",
                                   "{tmp}/trace_copy.npz", "--holdout", "{tmp}/trace_copy.npz"], "--holdout"),
     ("tune timeout shorter than a trial", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--storage",

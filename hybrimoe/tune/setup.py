@@ -173,6 +173,10 @@ def check_outputs(options: TuneOptions) -> None:
     unknown = [engine for engine in options.exports if engine not in EXPORT_ENGINES]
     if unknown:
         raise UserError(f"unknown --export {unknown[0]!r}; expected one of {', '.join(EXPORT_ENGINES)}")
+    replayed = {real_path(path) for path in (*options.traces, *options.holdout)}
+    if any(real_path(path) in replayed for path in options.profiling_traces):
+        raise UserError("--profiling-trace is a --trace or --holdout: the warm start would be learned on the very "
+                        "tokens tuned and checked; give another trace, or leave it out to split each --trace")
     traces = {real_path(path) for path in (*options.traces, *options.holdout, *options.profiling_traces)}
     if real_path(options.out) in traces:
         raise UserError(f"--out {options.out} is one of the input traces: the tuned profile would overwrite it")
