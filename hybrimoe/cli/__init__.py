@@ -108,14 +108,22 @@ def _root(
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turns a UserError into one red line and exit code 2 (the traceback too with --verbose)."""
+    """Turns a UserError, or the system's refusal of a path the user named (a name too long for the
+    file system, say), into one red line and exit code 2 (the traceback too with --verbose)."""
     try:
         yield
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is None:  # not about a path: a fault, not a mistake
+            raise
         if _state["verbose"]:
             err_console.print_exception()
-        print_error(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+        print_error(str(exc) if isinstance(exc, UserError) else f"{_shortened(exc.filename)}: {exc.strerror}")
+        raise typer.Exit(exc.exit_code if isinstance(exc, UserError) else 2) from None
+
+
+def _shortened(path: object, most: int = 120) -> str:
+    text = str(path)
+    return text if len(text) <= most else f"{text[: most // 2]}…{text[-most // 2:]}"
 
 
 def finite_positive(value: float | None) -> float | None:
