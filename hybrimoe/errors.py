@@ -25,3 +25,14 @@ class ModelError(UserError):
 class PolicyError(UserError, ValueError):
     """The policy core was asked for what it does not do: an unknown name, a size or setting out of
     range. The message names the setting, never a command-line flag: the CLI words flags itself."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line error. torch's refusal to unpickle other objects
+    is said without its advice to allow them: a hostile file would run its code."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Weights only load failed"):
+        return "it holds Python objects besides tensors, lists, dicts and numbers, which hybrimoe never unpickles"
+    return lines[0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybrimoe.config import SIZE_LIMITS
-from hybrimoe.errors import ModelError, UserError
+from hybrimoe.errors import ModelError, UserError, first_line
 from hybrimoe.files import input_file
 from hybrimoe.shapes import ModelShape
 
@@ -74,7 +74,7 @@ def read_gguf(path: str | Path, dtype: str | None = None) -> GgufModel:
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError) as exc:
-        raise ModelError(f"{path}: not a GGUF file, or a truncated one ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: not a GGUF file, or a truncated one ({first_line(exc)})") from None
     size_bytes = path.stat().st_size
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     for tensor in reader.tensors:
@@ -205,7 +205,3 @@ def _optional(reader, key: str):
     if field is None:
         return None
     return field.contents()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -43,7 +43,7 @@ from rich.text import Text
 from torch import nn
 
 from hybrimoe.config import ExpertShape, over_limit
-from hybrimoe.errors import ModelError
+from hybrimoe.errors import ModelError, first_line
 from hybrimoe.files import local_checkpoint
 from hybrimoe.runtime.host_experts import HostExperts, pool_layer
 from hybrimoe.runtime.quantized import quantize_dense_layers, quantize_experts
@@ -341,9 +341,9 @@ def load_config(path: Path, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"{path}: unknown architecture {model_type!r} ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: unknown architecture {model_type!r} ({first_line(exc)})") from None
     except Exception as exc:  # transformers' config classes validate with errors of their own (huggingface_hub's)
-        raise ModelError(f"{path}/config.json: not a valid {model_type} config ({_first_line(exc)})") from None
+        raise ModelError(f"{path}/config.json: not a valid {model_type} config ({first_line(exc)})") from None
 
 
 def _check_config_numbers(path: Path, config_data: dict) -> None:
@@ -449,11 +449,6 @@ def check_code_is_local(path: Path, config_data: dict, trust_remote_code: bool) 
                 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
     """The model of `config` on the meta device: its structure, no memory."""
     from transformers import AutoModelForCausalLM
@@ -466,9 +461,9 @@ def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
             warnings.simplefilter("ignore", UserWarning)  # torch's on initializing empty tensors (a size of 0)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({_first_line(exc)})") from None
+        raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({first_line(exc)})") from None
     except (AssertionError, ArithmeticError, TypeError, IndexError) as exc:  # the config's numbers do not build a model
-        raise ModelError(f"{config.model_type}: its config.json does not build a model ({_first_line(exc)})") from None
+        raise ModelError(f"{config.model_type}: its config.json does not build a model ({first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -516,7 +511,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # a malformed tokenizer file fails in the tokenizers library in many ways
-        raise ModelError(f"{path}: no usable tokenizer ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ModelError(f"{path}: no usable tokenizer ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +617,7 @@ def load_model(
                 output_loading_info=True,
             )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise ModelError(f"{path}: cannot load the weights ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: cannot load the weights ({first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if not show_progress:

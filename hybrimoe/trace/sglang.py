@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybrimoe.errors import TraceError
+from hybrimoe.errors import TraceError, first_line
 from hybrimoe.files import input_file
 from hybrimoe.trace.format import ID_DTYPE, TraceMeta, TraceStep
 
@@ -60,7 +60,7 @@ def _load(path: Path) -> dict:
             warnings.simplefilter("ignore")
             dump = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise TraceError(f"{path}: not a torch.save file of plain data ({_first_line(exc)})") from None
+        raise TraceError(f"{path}: not a torch.save file of plain data ({first_line(exc)})") from None
     if isinstance(dump, dict) and "logical_count" in dump and "records" not in dump:
         raise TraceError(f"{path}: a 'stat' mode dump (summed counts only); record with "
                          "--expert-distribution-recorder-mode per_token for a routing trace")
@@ -151,8 +151,3 @@ def _check_experts(ids: np.ndarray, where: str, meta: TraceMeta) -> None:
     ordered = np.sort(ids, axis=2)
     if (ordered[..., 1:] == ordered[..., :-1]).any():
         raise TraceError(f"{where}: a token's top-k repeats an expert")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-

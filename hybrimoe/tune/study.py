@@ -38,7 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hybrimoe.config import PolicyConfig
-from hybrimoe.errors import UserError
+from hybrimoe.errors import UserError, first_line
 from hybrimoe.policy.names import BASELINES
 from hybrimoe.capacity import GIB
 from hybrimoe.tune.setup import Inputs, TuneOptions, load_inputs
@@ -160,11 +160,7 @@ def _transactions_lock_first(engine) -> None:
 
 
 def _storage_error(inputs: Inputs, exc: Exception) -> UserError:
-    return UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {_first_line(exc)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"cannot open storage {storage_display(inputs.storage_url)}: {first_line(exc)}")
 
 
 def storage_display(url: str | None) -> str:
@@ -345,7 +341,7 @@ def _worker(options: TuneOptions, worker: int) -> None:
         _optimize(inputs, open_study(inputs, open_storage(inputs), worker), worker, callbacks=[_parent_alive])
     except Exception as exc:  # the main process reports the exit code (and a lost storage); one line says why
         if _storage_failure(exc) is None:
-            print(f"tuning worker {worker}: {_first_line(exc)}", file=sys.stderr)
+            print(f"tuning worker {worker}: {first_line(exc)}", file=sys.stderr)
         sys.exit(WORKER_FAILED)
 
 
@@ -393,7 +389,7 @@ def run_study(
                 else "nothing is kept (in-memory storage)")
         if lost is not None:
             raise UserError(f"lost the storage {storage_display(inputs.storage_url)} during the study "
-                            f"({_first_line(lost)}); {kept}") from None
+                            f"({first_line(lost)}); {kept}") from None
         if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):  # a trial's heartbeat thread
             raise UserError(f"could not start a thread (the system's limit on threads or memory); {kept}, and "
                             "the trial it had claimed is retried") from None
