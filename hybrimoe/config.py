@@ -17,6 +17,7 @@ import bisect
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -649,6 +650,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"the key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats without a dot ("5e-2", "1e9"), which YAML 1.1 (PyYAML) would read as strings
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_profile(path: str | os.PathLike) -> HardwareProfile:

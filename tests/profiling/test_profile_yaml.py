@@ -51,6 +51,16 @@ def test_measured_profile_round_trips_through_yaml(measured, tmp_path):
         save_profile(profile, path)
 
 
+def test_numbers_written_as_yaml_1_2_reads_them(measured, tmp_path):
+    """A hand edit of "5e-2" (no dot) is a number, as YAML 1.2 and JSON read it (PyYAML: a string)."""
+    path = save_profile(measured[0], tmp_path / "p.yaml")
+    text = path.read_text()
+    assert "layer_overhead_ms: " in text
+    path.write_text("\n".join("layer_overhead_ms: 5e-2" if line.startswith("layer_overhead_ms:") else line
+                              for line in text.splitlines()))
+    assert load_profile(path).layer_overhead_ms == 0.05
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
