@@ -485,7 +485,8 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
 
 class _CountedRequests:
     """Counts responses by endpoint and status (an ASGI wrapper: it sees every response, streams
-    and errors included, without buffering them); unknown paths count as "other"."""
+    and errors included, without buffering them); unknown paths count as "other". Refuses a body
+    past MAX_BODY_BYTES with a 413: unread when its length is declared, as it comes when chunked."""
 
     def __init__(self, app: FastAPI, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -512,4 +513,15 @@ class _CountedRequests:
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        received_bytes = 0
+
+        async def capped_receive():  # a body that declares no length (chunked) stops at the cap as it comes
+            nonlocal received_bytes
+            message = await receive()
+            received_bytes += len(message.get("body", b""))
+            if received_bytes > MAX_BODY_BYTES:
+                refusal = f"the request body is over {MAX_BODY_BYTES} bytes, this server's most"
+                raise StarletteHTTPException(413, refusal)
+            return message
+
+        await self.app(scope, capped_receive, counting_send)

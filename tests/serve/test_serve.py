@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -272,6 +273,19 @@ def test_a_json_body_sent_as_another_type_is_told_the_type(server, content_type)
 def test_a_lone_surrogate_is_a_bad_request(server, path, body):
     got, _, raw = http(server, "POST", path, body)
     assert got == 400 and "lone surrogate" in json.loads(raw)["error"]["message"]
+
+
+def test_a_chunked_body_past_the_limit_is_refused_as_it_comes(server):
+    """Without a Content-Length the body is counted as it arrives: 413, never read whole."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = HTTPConnection(host, int(port), timeout=120)
+    chunks = (b'{"model": "demo", "prompt": "' if i == 0 else b"x" * 2**20 for i in range(20))  # 19 MiB
+    connection.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
+                       headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    response = connection.getresponse()
+    assert response.status == 413 and "over" in json.loads(response.read())["error"]["message"]
+    connection.close()
+    assert http(server, "GET", "/health")[0] == 200
 
 
 def test_an_empty_stop_string_is_named(server):
