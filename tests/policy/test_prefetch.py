@@ -1,11 +1,20 @@
-from hybrimoe.policy.cache import ExpertCache
-from hybrimoe.policy.costs import CostModel
-from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch, warm_fill
-from hybrimoe.policy.scheduler import schedule_hybrid
+from pathlib import Path
 
 import numpy as np
 
+from hybrimoe.config import PolicyConfig, load_profile
+from hybrimoe.policy.cache import ExpertCache
+from hybrimoe.policy.costs import CostModel
+from hybrimoe.policy.planner import ModelDims
+from hybrimoe.policy.prefetch import impact_prefetch, token_counts, top_score_prefetch, warm_fill
+from hybrimoe.policy.scheduler import schedule_hybrid
+from hybrimoe.policy.simulator import simulate
+from hybrimoe.policy.strategies import cache_capacity, make_planner
+from hybrimoe.trace import load_trace
+
 from .conftest import make_profile
+
+REPO = Path(__file__).resolve().parents[2]
 
 COSTS = CostModel(make_profile(cpu_ms=0.2, cpu_per_token_ms=0.05, gpu_ms=0.02, load_ms=0.4))
 
@@ -89,25 +98,22 @@ def test_decode_timing_by_resident_count_picks_the_same_loads():
         assert picks[0] == picks[1]
 
 
+def _shipped_decode(prefetch: str):
+    """200 decode tokens of the shipped trace on the RTX 4090 estimate, a shared LRU cache of a
+    quarter of the experts, `prefetch` at depth 3: (the simulation, its planner, the costs)."""
+    trace = load_trace(REPO / "traces" / "qwen3-30b-a3b.npz").tokens(0, 200)
+    costs = CostModel(load_profile(REPO / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"))
+    dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
+    policy = PolicyConfig(cache_layout="shared", cache_policy="lru", prefetch=prefetch, prefetch_depth=3)
+    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
+    return simulate(trace.as_decode(), planner), planner, costs
+
+
 def test_the_storm_configuration_copies_only_in_idle_copy_time():
     """A shared LRU cache with top-score prefetch at depth 3 (inside tune's space) on the shipped
     trace and RTX 4090 estimate: the prefetches use only copy time the demand loads leave idle and
     land before their layer starts, so no layer waits for them (it once copied ~50 GB per token)."""
-    from pathlib import Path
-
-    from hybrimoe.config import PolicyConfig, load_profile
-    from hybrimoe.policy.planner import ModelDims
-    from hybrimoe.policy.simulator import simulate
-    from hybrimoe.policy.strategies import cache_capacity, make_planner
-    from hybrimoe.trace import load_trace
-
-    repo = Path(__file__).resolve().parents[2]
-    trace = load_trace(repo / "traces" / "qwen3-30b-a3b.npz").tokens(0, 200)
-    costs = CostModel(load_profile(repo / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"))
-    dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
-    policy = PolicyConfig(cache_layout="shared", cache_policy="lru", prefetch="top-score", prefetch_depth=3)
-    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
-    result = simulate(trace.as_decode(), planner)
+    result, planner, costs = _shipped_decode("top-score")
     stats = planner.stats
     assert stats.prefetch_loads > 0
     idle_copy_ms = result.total_ms - stats.demand_loads * costs.load_ms
@@ -120,20 +126,6 @@ def test_deep_impact_prefetch_waits_little_for_its_copies():
     layer further ahead are queued after those for nearer layers, each layer's copies within the
     copy time left idle before it starts (a layer's wait for copies is not idle time). It once
     waited 3.9 ms a token, 15% of its step."""
-    from pathlib import Path
-
-    from hybrimoe.config import PolicyConfig, load_profile
-    from hybrimoe.policy.planner import ModelDims
-    from hybrimoe.policy.simulator import simulate
-    from hybrimoe.policy.strategies import cache_capacity, make_planner
-    from hybrimoe.trace import load_trace
-
-    repo = Path(__file__).resolve().parents[2]
-    trace = load_trace(repo / "traces" / "qwen3-30b-a3b.npz").tokens(0, 200)
-    costs = CostModel(load_profile(repo / "profiles" / "rtx4090-desktop.qwen3-30b-a3b.yaml"))
-    dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
-    policy = PolicyConfig(cache_layout="shared", cache_policy="lru", prefetch="impact", prefetch_depth=3)
-    planner = make_planner("hybrimoe", dims, costs, policy, cache_capacity(dims, 0.25), trace.expert_frequencies())
-    result = simulate(trace.as_decode(), planner)
+    result, planner, _ = _shipped_decode("impact")
     assert planner.stats.prefetch_loads > 0
     assert result.stall_ms < 0.05 * result.total_ms
