@@ -89,6 +89,7 @@ class ModelFacts:
     top_k: int
     dense_bytes: int  # every weight but the routed experts
     config: dict  # the model's config, as transformers reads it
+    moe_decoder_layers: tuple[int, ...]  # the decoder layers that have routed experts
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def check_weights_match(
-    path: Path, headers: dict[Path, dict], meta_model: nn.Module, config, expert: ExpertShape
+    path: Path, headers: dict[Path, dict], meta_model: nn.Module, config, facts: ModelFacts
 ) -> None:
     """Refuses, before any weight is read, a checkpoint whose tensors do not fit the model its config
     describes: a tensor the model has under the same name with another shape, a per-expert matrix
@@ -230,13 +231,12 @@ def check_weights_match(
                          f"declares {config.num_hidden_layers}: the config and the weights are of different models")
     with_experts = {int(layer.group(1)) for header in headers.values() for name in header
                     if (layer := _ROUTED_EXPERTS_LAYER.match(name)) and int(layer.group(1)) < config.num_hidden_layers}
-    moe_layers, _, n_experts, _ = find_moe_layers(meta_model, config.model_type)
-    moe = {layer.decoder_layer for layer in moe_layers}
+    moe = set(facts.moe_decoder_layers)
     if with_experts and with_experts != moe:
         raise ModelError(f"{path}: the weights hold routed experts in decoder layers {_spans(with_experts)} but "
                          f"config.json places them in {_spans(moe)} (decoder_sparse_step, mlp_only_layers or their "
                          "like): the config and the weights are of different models")
-    d, i = expert.hidden_size, expert.intermediate_size
+    d, i = facts.expert_shape.hidden_size, facts.expert_shape.intermediate_size
     per_expert = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i), "w1": (i, d), "w3": (i, d), "w2": (d, i)}
     quantized = getattr(config, "quantization_config", None) is not None
     for file, header in headers.items():
@@ -254,7 +254,7 @@ def check_weights_match(
                     f"{path}: {name} is stored as {tensor['dtype']} but config.json declares no quantization "
                     "(quantization_config): hybrimoe reads float weights; quantize at load with --quantize instead"
                 )
-    _check_every_expert_held(path, headers, n_experts)
+    _check_every_expert_held(path, headers, facts.n_experts)
 
 
 def _check_every_expert_held(path: Path, headers: dict[Path, dict], n_experts: int) -> None:
@@ -483,7 +483,8 @@ def _facts(meta_model: nn.Module, config) -> ModelFacts:
     dense_params = sum(p.numel() for p in meta_model.parameters() if id(p) not in experts)
     shape = dataclasses.replace(shape, dtype=_DTYPE_NAMES[dtype])
     return ModelFacts(
-        config.model_type, shape, len(layers), n_experts, top_k, dense_params * dtype.itemsize, config.to_dict()
+        config.model_type, shape, len(layers), n_experts, top_k, dense_params * dtype.itemsize, config.to_dict(),
+        tuple(layer.decoder_layer for layer in layers),
     )
 
 
@@ -598,7 +599,7 @@ def load_model(
     if before_weights is not None:
         before_weights(facts, tokenizer)
     headers = check_weight_files(path, allow_pickle)
-    check_weights_match(path, headers, meta_model, config, facts.expert_shape)
+    check_weights_match(path, headers, meta_model, config, facts)
     del meta_model
     if not show_progress:
         hf_logging.disable_progress_bar()
