@@ -120,18 +120,19 @@ def check_device(device: str | None) -> None:
         raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]")
 
 
-def check_new_tokens_fit(options: RunOptions) -> None:
-    """Refuses, from config.json alone (no transformers), a --max-new-tokens that leaves no room for
-    a prompt in the model's positions; a config that cannot be read is left to the loader to name."""
+def check_new_tokens_fit(model: Path | None, new_tokens: int, flag: str) -> None:
+    """Refuses, from config.json alone (no transformers), `new_tokens` (given as `flag`) that leave
+    no room for a prompt in the model's positions (`model` None: the demo model's); a config that
+    cannot be read is left to the loader to name."""
     from hybrimoe.demo import demo_model_path
 
-    config = (demo_model_path() if options.model is None else options.model) / "config.json"
+    config = (demo_model_path() if model is None else model) / "config.json"
     if not config.is_file():  # a pipe is refused by the loader, without reading it
         return
     try:
         positions = json.loads(config.read_text()).get("max_position_embeddings")
     except (OSError, ValueError, AttributeError, RecursionError):
         return
-    if isinstance(positions, int) and 0 < positions <= options.max_new_tokens:
-        raise UserError(f"--max-new-tokens {options.max_new_tokens} leaves no room for a prompt in the model's "
-                        f"{positions} positions (max_position_embeddings): give fewer")
+    if isinstance(positions, int) and 0 < positions <= new_tokens:
+        raise UserError(f"{flag} {new_tokens} leaves no room for a prompt in the model's {positions} positions "
+                        "(max_position_embeddings): give fewer")

@@ -185,7 +185,7 @@ def run(
             replay_trace=replay_trace,
         )
         check_options(options)  # before torch and transformers are imported (seconds)
-        check_new_tokens_fit(options)
+        check_new_tokens_fit(options.model, options.max_new_tokens, "--max-new-tokens")
         from hybrimoe.run import run as run_model
 
         if json_out:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hybrimoe.errors import UserError
-from hybrimoe.run_options import RunOptions
+from hybrimoe.run_options import RunOptions, check_new_tokens_fit
 
 MAX_BATCH_LIMIT = 256
 MAX_SHUTDOWN_TIMEOUT_S = 86_400.0  # a day; past it the event loop's timers overflow
@@ -141,6 +141,8 @@ def serve(
     from hybrimoe.serve.metrics import ServerMetrics
 
     check_serve_options(serve_options)
+    if serve_options.max_tokens is not None:  # the default is capped by the positions, request by request
+        check_new_tokens_fit(options.model, serve_options.max_tokens, "--max-tokens")
     check_installed()
     options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.token_cap})
     sock = _listen(serve_options.host, serve_options.port)
@@ -151,9 +153,6 @@ def serve(
         check_chat_template(tokenizer)  # before the weights load
         limit = facts.config.get("max_position_embeddings")
         n_positions.append(limit)
-        if limit and serve_options.max_tokens is not None and serve_options.max_tokens >= limit:
-            raise UserError(f"--max-tokens {serve_options.max_tokens} leaves no room for a prompt in the model's "
-                            f"{limit} positions: give fewer (without it, requests get what the positions allow)")
         prompt_tokens = max(1, limit - serve_options.token_cap) if limit else serve_options.token_cap
         return serve_options.max_batch, prompt_tokens
 
