@@ -53,6 +53,11 @@ MIN_GBPS = 0.01  # a bandwidth below this (10 MB/s) is not a machine's
 MAX_GBPS = 100_000.0  # nor one above this (100 TB/s; HBM3e reads about 5)
 MIN_MEMORY_GB = 0.25  # less memory than this (256 MB) is not a machine's RAM or a card's
 MAX_MEMORY_GB = 65_536.0  # more than this (64 TB) is no machine's either: most likely bytes in a GB field
+MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
+QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
+DEFAULT_GROUP_SIZE = 128
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what quantized experts are dequantized to
 
 
 def memory_budget_error(flag: str, value: float) -> str | None:
@@ -61,13 +66,6 @@ def memory_budget_error(flag: str, value: float) -> str | None:
     if not 0 < value <= MAX_MEMORY_GB:
         return f"{flag} must be a number of GB above 0 and at most {MAX_MEMORY_GB:g}, got {value:g}"
     return None
-
-
-MAX_SLOWDOWN = 100.0  # interference beyond this is a measurement gone wrong, not a machine
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1, "int4": 0.5}
-QUANTIZE_FORMATS = ("int8", "int4")  # weight-only, group-wise (runtime/quantized.py)
-DEFAULT_GROUP_SIZE = 128
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what quantized experts are dequantized to
 
 
 @dataclass(frozen=True)

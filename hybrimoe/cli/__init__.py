@@ -71,7 +71,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Hybrid CPU-GPU inference for Mixture-of-Experts models: profile, tune, simulate, run.",
 )
-if not os.environ.get("COLUMNS", "80").strip().isdigit() or int(os.environ.get("COLUMNS", "80")) < 1:
+_columns = os.environ.get("COLUMNS")
+if _columns is not None and (not _columns.strip().isdigit() or int(_columns) < 1):
     del os.environ["COLUMNS"]  # rich would take a width of 0 and print nothing at all
 console = Console()
 err_console = Console(stderr=True)
