@@ -63,11 +63,10 @@ def this_machine_key(device: str) -> str:
     import torch
 
     from hybrimoe.errors import UserError
+    from hybrimoe.run_options import check_device
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]") from None
+    check_device(device)
+    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {device!r}: no CUDA device is available to torch {torch.__version__}")

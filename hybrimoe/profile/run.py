@@ -63,6 +63,7 @@ from hybrimoe.profile.timing import FULL, QUICK, Budget, Sample, device_timer, h
 from hybrimoe.runtime.loading import Quantization
 from hybrimoe.runtime.threads import default_threads, torch_threads
 from hybrimoe.shapes import ModelShape
+from hybrimoe.run_options import check_device
 
 FIRST_EXPERT_GAP_S = 0.002  # idle time before each layer's first CPU expert, as while the GPU runs attention
 REMEASURE_ADVICE = "Other processes probably held the cores: profile again on an idle machine, or with fewer --threads."
@@ -90,12 +91,8 @@ def default_device() -> str:
 
 
 def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device must be cpu or cuda, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {name!r}")
+    check_device(name)
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA device is available to torch {torch.__version__}")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hybrimoe.errors import UserError
+from hybrimoe.run_options import check_device
 
 
 class CpuStandIn:
@@ -143,14 +144,10 @@ def make_accelerator(device: str | None = None) -> Accelerator:
     """`None` means CUDA when present, else the CPU stand-in."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]") from None
+    check_device(device)
+    dev = torch.device(device)
     if dev.type == "cpu":
         return CpuStandIn()
-    if dev.type != "cuda":
-        raise UserError(f"device {device!r} is not supported; expected cpu or cuda[:N]")
     if not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA device is available")
     if dev.index is None:
