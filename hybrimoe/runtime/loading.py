@@ -410,18 +410,18 @@ def _note(text: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text(f"note: {text}"))
 
 
-def _check_permissions_used(path: Path, trust_remote_code: bool, allow_pickle: bool) -> None:
+def _check_permissions_used(path: Path, config, trust_remote_code: bool, allow_pickle: bool) -> None:
     """Refuses a permission the checkpoint gives nothing to: code to trust (an `auto_map` in its
-    config or tokenizer config), pickle-based weights to allow."""
+    config, already loaded, or in its tokenizer config), pickle-based weights to allow."""
 
-    def names_code(file: Path) -> bool:
+    def tokenizer_names_code() -> bool:
         try:
-            data = json.loads(file.read_text())
+            data = json.loads((path / "tokenizer_config.json").read_text())
         except (OSError, ValueError, RecursionError):
             return False
         return isinstance(data, dict) and "auto_map" in data
 
-    if trust_remote_code and not (names_code(path / "config.json") or names_code(path / "tokenizer_config.json")):
+    if trust_remote_code and getattr(config, "auto_map", None) is None and not tokenizer_names_code():
         raise ModelError(f"{path}: --trust-remote-code, but the checkpoint ships no code of its own (no auto_map)")
     if allow_pickle and not any(file.suffix in _PICKLE_SUFFIXES for file in path.iterdir()):
         raise ModelError(f"{path}: --allow-pickle, but the checkpoint has no pickle-based weights")
@@ -589,7 +589,7 @@ def load_model(
 
     path = local_checkpoint(path)
     config = load_config(path, trust_remote_code)
-    _check_permissions_used(path, trust_remote_code, allow_pickle)
+    _check_permissions_used(path, config, trust_remote_code, allow_pickle)
     model_code = trust_remote_code and not _is_native_model(config.model_type)  # the checkpoint's own
     meta_model = build_on_meta(config, model_code)
     facts = _facts(meta_model, config)
