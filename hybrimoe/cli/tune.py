@@ -116,26 +116,21 @@ def tune(
         formats = () if allow_quantize is None else tuple(
             check_name("--allow-quantize format", part.strip(), QUANTIZE_FORMATS) for part in allow_quantize.split(",")
         )
-        for flag, values in (("--allow-quantize", formats), ("--export", export),
-                             ("--trace", [real_path(path) for path in traces]),
-                             ("--holdout", [real_path(path) for path in holdout]),
-                             ("--profiling-trace", [real_path(path) for path in profiling_trace])):
-            repeated = next((value for i, value in enumerate(values) if value in values[:i]), None)
-            if repeated is not None:
-                raise UserError(f"{flag} {repeated} is given twice")
+        _refuse_repeats({"--allow-quantize": formats, "--export": export, "--trace": traces, "--holdout": holdout,
+                         "--profiling-trace": profiling_trace})
+        _refuse_unpaired({
+            ("--context", "--gpu-memory-gb"): (context, gpu_memory_gb),
+            ("--batch", "--gpu-memory-gb"): (batch, gpu_memory_gb),
+            ("--group-size", "--allow-quantize"): (group_size, allow_quantize),
+            ("--prompts", "--measure-top"): (prompts, measure_top or None),
+            ("--measure-tokens", "--measure-top"): (measure_tokens, measure_top or None),
+            ("--decode-tokens", "--objective weighted"): (decode_tokens, objective if objective == "weighted" else None),
+        })
         if model is not None and gpu_memory_gb is None and not export and not measure_top:
             raise UserError("--model sizes --gpu-memory-gb, numbers the layers for --export and is what --measure-top "
                             "runs: give one of them, or leave --model out")
         if model is not None and measure_top and model.suffix == ".gguf":
             raise UserError("--measure-top runs the model: give its checkpoint directory as --model, not a .gguf")
-        for flag, given, needed, present in (
-            ("--context", context, "--gpu-memory-gb", gpu_memory_gb), ("--batch", batch, "--gpu-memory-gb", gpu_memory_gb),
-            ("--group-size", group_size, "--allow-quantize", allow_quantize), ("--prompts", prompts, "--measure-top", measure_top or None),
-            ("--measure-tokens", measure_tokens, "--measure-top", measure_top or None),
-            ("--decode-tokens", decode_tokens, "--objective weighted", objective if objective == "weighted" else None),
-        ):
-            if given is not None and present is None:
-                raise UserError(f"{flag} is used only with {needed}: give both, or leave {flag} out")
         quantized = [path for path in profiles if load_profile(path).expert_shape.quantize is not None]
         plain = [path for path in profiles if path not in quantized]
         if len(plain) > 1 or (quantized and not formats):
@@ -164,6 +159,26 @@ def tune(
     for path in outcome.report_files:
         console.print(f"report: {path}", highlight=False, markup=False)
     console.print(f"tuned profile written to {outcome.profile_path}", highlight=False, markup=False)
+
+
+def _refuse_repeats(values_by_flag: dict[str, list | tuple]) -> None:
+    """A flag given the same value twice (paths compared as the files they are) is a slip."""
+    from hybrimoe.errors import UserError
+
+    for flag, values in values_by_flag.items():
+        seen = [real_path(value) if isinstance(value, Path) else value for value in values]
+        repeated = next((value for i, value in enumerate(seen) if value in seen[:i]), None)
+        if repeated is not None:
+            raise UserError(f"{flag} {repeated} is given twice")
+
+
+def _refuse_unpaired(given_and_needed: dict[tuple[str, str], tuple]) -> None:
+    """A flag that only means something beside another, given without it."""
+    from hybrimoe.errors import UserError
+
+    for (flag, needed), (given, present) in given_and_needed.items():
+        if given is not None and present is None:
+            raise UserError(f"{flag} is used only with {needed}: give both, or leave {flag} out")
 
 
 def _run_studies(studies, formats: tuple[str, ...], trials: int | None):
