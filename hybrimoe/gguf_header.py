@@ -1,9 +1,10 @@
 """A GGUF file's header: the model's shape and the bytes llama.cpp places for each of its tensors.
 
 Design choices:
-- Only the header is read. `gguf.GGUFReader` (the package llama.cpp maintains) memory-maps the file
-  and parses the key-value metadata and the tensor infos; no page of weights is touched. The
-  `gguf` package is optional (`pip install 'hybrimoe[gguf]'`); without it a `.gguf` model is one line.
+- Only the header is read, by `gguf_reader` (bounded: what the file declares is checked against
+  its size before it is read); no page of weights is touched. The GGML types' sizes come from the
+  `gguf` package (llama.cpp's own), which is optional (`pip install 'hybrimoe[gguf]'`); without it
+  a `.gguf` model is one line.
 - The sizes come from the tensors themselves (`blk.N.ffn_gate_exps.weight` is [n_embd, n_ff_exp,
   n_expert] in GGUF's order, innermost first), the bytes from each tensor's own type, so a Q4_K_M
   file, whose down projections are Q6_K in some layers and Q4_K in others, is counted tensor by
@@ -23,13 +24,15 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from hybrimoe.config import SIZE_LIMITS
-from hybrimoe.errors import ModelError, UserError, first_line
+from hybrimoe.errors import ModelError, UserError
 from hybrimoe.files import input_file
+from hybrimoe.gguf_reader import GgufHeader, read_header
 from hybrimoe.shapes import ModelShape
 
 # llama.cpp's names for the MoE families hybrimoe simulates (src/llama-arch.cpp: LLM_ARCH_NAMES);
@@ -66,21 +69,14 @@ def read_gguf(path: str | Path, dtype: str | None = None) -> GgufModel:
     """The header of the GGUF at `path`. `dtype` is the shape's dtype (what hybrimoe's own runtime and
     profile would time the experts in): default the experts' own when they are F32/F16/BF16, else
     bfloat16 (hybrimoe does not run GGML quantizations; their bytes are `layer_expert_bytes`)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UserError("reading a .gguf model needs the gguf package: pip install 'hybrimoe[gguf]'") from None
     path = input_file(path, "GGUF model", ModelError)
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, OverflowError, TypeError) as exc:
-        raise ModelError(f"{path}: not a GGUF file, or a truncated one ({first_line(exc)})") from None
+    header = read_header(path)
     size_bytes = path.stat().st_size
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    for tensor in reader.tensors:
-        if tensor.data_offset + int(tensor.n_bytes) > size_bytes:
+    tensors = {tensor.name: tensor for tensor in header.tensors}
+    for tensor in header.tensors:
+        if tensor.data_offset + tensor.n_bytes > size_bytes:
             raise ModelError(f"{path}: truncated: tensor {tensor.name} ends past the end of the file")
-    architecture = _field(reader, "general.architecture", path)
+    architecture = _field(header, "general.architecture", path)
     if architecture not in ARCHITECTURES:
         raise ModelError(f"{path}: unsupported architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
     per_layer: dict[int, int] = defaultdict(int)
@@ -90,15 +86,15 @@ def read_gguf(path: str | Path, dtype: str | None = None) -> GgufModel:
         match = EXPERT_TENSOR.match(name)
         if match is None:
             on_cpu = name == "token_embd.weight" and "output.weight" in tensors
-            gpu_dense_bytes += 0 if on_cpu else int(tensor.n_bytes)
+            gpu_dense_bytes += 0 if on_cpu else tensor.n_bytes
             continue
-        per_layer[int(match.group(1))] += int(tensor.n_bytes)
+        per_layer[int(match.group(1))] += tensor.n_bytes
         if name.endswith(".weight"):
-            types[match.group(2)][tensor.tensor_type.name] += 1
+            types[match.group(2)][tensor.type_name] += 1
     if not per_layer:
         raise ModelError(f"{path}: {architecture} model without routed experts (no ffn_*_exps tensors): not a MoE model")
     moe_layers = tuple(sorted(per_layer))
-    shape = _shape(reader, tensors, architecture, moe_layers, path, dtype)
+    shape = _shape(header, tensors, architecture, moe_layers, path, dtype)
     return GgufModel(
         path=path,
         architecture=architecture,
@@ -112,7 +108,7 @@ def read_gguf(path: str | Path, dtype: str | None = None) -> GgufModel:
     )
 
 
-def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...], path: Path, dtype: str | None) -> ModelShape:
+def _shape(header, tensors: dict, architecture: str, moe_layers: tuple[int, ...], path: Path, dtype: str | None) -> ModelShape:
     first = moe_layers[0]
     gate = tensors.get(f"blk.{first}.ffn_gate_exps.weight") or tensors.get(f"blk.{first}.ffn_down_exps.weight")
     embed = tensors.get("token_embd.weight")
@@ -121,24 +117,24 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
     gate_dims = _dims(gate, 3, path)
     n_embd, n_ff, n_expert = gate_dims if gate.name.endswith("gate_exps.weight") else (
         gate_dims[1], gate_dims[0], gate_dims[2])
-    declared = _count(reader, f"{architecture}.expert_count", path, SIZE_LIMITS["n_experts"], n_expert, minimum=0)
+    declared = _count(header, f"{architecture}.expert_count", path, SIZE_LIMITS["n_experts"], n_expert, minimum=0)
     if declared != n_expert:  # llama.cpp checks the tensors against it, and would not load the file
         raise ModelError(f"{path}: the GGUF header's {architecture}.expert_count is {declared}, but its expert "
                          f"tensors hold {n_expert}")
-    n_decoder_layers = _count(reader, f"{architecture}.block_count", path, SIZE_LIMITS["n_layers"])
+    n_decoder_layers = _count(header, f"{architecture}.block_count", path, SIZE_LIMITS["n_layers"])
     if moe_layers[-1] >= n_decoder_layers:
         raise ModelError(f"{path}: blk.{moe_layers[-1]} holds experts but the header says {n_decoder_layers} blocks")
-    n_heads = _count(reader, f"{architecture}.attention.head_count", path, SIZE_LIMITS["n_heads"])
-    n_kv_heads = _count(reader, f"{architecture}.attention.head_count_kv", path, SIZE_LIMITS["n_kv_heads"], n_heads)
+    n_heads = _count(header, f"{architecture}.attention.head_count", path, SIZE_LIMITS["n_heads"])
+    n_kv_heads = _count(header, f"{architecture}.attention.head_count_kv", path, SIZE_LIMITS["n_kv_heads"], n_heads)
     shared = tensors.get(f"blk.{first}.ffn_gate_shexp.weight")
     dense = next((tensors[f"blk.{b}.ffn_gate.weight"] for b in range(n_decoder_layers)
                   if f"blk.{b}.ffn_gate.weight" in tensors), None)
-    expert_type = gate.tensor_type.name
+    expert_type = gate.type_name
     # llama.cpp's ffn_*_shexp tensors hold every shared expert side by side; ModelShape counts one
-    n_shared = _count(reader, f"{architecture}.expert_shared_count", path, SIZE_LIMITS["n_experts"],
+    n_shared = _count(header, f"{architecture}.expert_shared_count", path, SIZE_LIMITS["n_experts"],
                       1 if shared is not None else 0, minimum=0)
-    top_k = _count(reader, f"{architecture}.expert_used_count", path, SIZE_LIMITS["n_experts"])
-    head_dim = _count(reader, f"{architecture}.attention.key_length", path, SIZE_LIMITS["head_dim"],
+    top_k = _count(header, f"{architecture}.expert_used_count", path, SIZE_LIMITS["n_experts"])
+    head_dim = _count(header, f"{architecture}.attention.key_length", path, SIZE_LIMITS["head_dim"],
                       max(1, n_embd // n_heads))
     shared_width = 0 if shared is None else _dims(shared, 2, path)[1] // max(1, n_shared)
     dense_width = 0 if dense is None else _dims(dense, 2, path)[1]
@@ -169,39 +165,33 @@ def _shape(reader, tensors: dict, architecture: str, moe_layers: tuple[int, ...]
 
 def _dims(tensor, n_dims: int, path: Path) -> tuple[int, ...]:
     """A tensor's dimensions (GGUF's order, innermost first), refused unless there are `n_dims`."""
-    dims = tuple(int(n) for n in tensor.shape)
+    dims = tensor.dims
     if len(dims) != n_dims or min(dims) < 1:
         raise ModelError(f"{path}: tensor {tensor.name} has dimensions {list(dims)}; llama.cpp's has {n_dims}")
     return dims
 
 
-def _count(reader, key: str, path: Path, maximum: int, default: int | None = None, minimum: int = 1) -> int:
+def _count(header: GgufHeader, key: str, path: Path, maximum: int, default: int | None = None, minimum: int = 1) -> int:
     """A whole number from the header within [minimum, maximum] (a per-layer array, as some
     architectures vary heads by layer, read as its largest entry); `default` when absent, a
     `ModelError` when absent without one or not such a number."""
-    value = _optional(reader, key)
+    value = header.fields.get(key)
     if value is None:
         if default is None:
             raise ModelError(f"{path}: the GGUF header has no {key}")
         return default
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ModelError(f"{path}: the GGUF header's {key} is {value!r}, not a whole number")
+        raise ModelError(f"{path}: the GGUF header's {key} is {reprlib.repr(value)}, not a whole number")
     largest = max(values)
     if not minimum <= largest <= maximum:
         raise ModelError(f"{path}: the GGUF header's {key} is {largest}, outside {minimum}-{maximum}")
     return largest
 
 
-def _field(reader, key: str, path: Path):
-    value = _optional(reader, key)
+def _field(header: GgufHeader, key: str, path: Path):
+    value = header.fields.get(key)
     if value is None:
         raise ModelError(f"{path}: the GGUF header has no {key}")
     return value
 
-
-def _optional(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    return field.contents()

@@ -64,6 +64,8 @@ def write_gguf(
         writer.add_leading_dense_block_count(n_dense_blocks)
     if n_shared:
         writer.add_expert_shared_count(n_shared)
+    writer.add_token_list([f"t{i}" for i in range(vocab)])  # arrays, as a real file's vocabulary
+    writer.add_token_types([1] * vocab)
     sizes: dict[str, int] = {}
 
     def add(name: str, shape: tuple[int, ...], kind: gguf.GGMLQuantizationType) -> None:

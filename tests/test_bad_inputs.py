@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -673,6 +674,9 @@ GGUF_CASES = [  # need the gguf package to write them
     ("gguf missing", [*TUNE_GGUF, "--model", "{tmp}/missing.gguf"], "missing.gguf"),
     ("gguf header of no experts", ["profile", "--estimate", "rtx4090-desktop", "--model", "{tmp}/no_experts.gguf",
                                    "--out", "{tmp}/p.yaml"], "expert_count is 0"),
+    ("gguf array of 2**62 entries", ["profile", "--estimate", "rtx4090-desktop", "--model", "{tmp}/huge_array.gguf",
+                                     "--out", "{tmp}/p.yaml"], "declares 4611686018427387904 entries"),
+    ("gguf arrays nested", [*TUNE_GGUF, "--model", "{tmp}/nested.gguf"], "an array of GGUF value type 9"),
 ]
 
 
@@ -688,6 +692,9 @@ def gguf_scratch(scratch) -> Path:
     write_gguf(scratch / "dense.gguf", arch="llama", n_dense_blocks=4)
     write_gguf(scratch / "small.gguf")
     write_gguf(scratch / "no_experts.gguf", declared_experts=0)
+    one_field = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 5) + b"x.arr"  # its type and value follow
+    (scratch / "huge_array.gguf").write_bytes(one_field + struct.pack("<IIQ", 9, 0, 1 << 62))  # of bytes
+    (scratch / "nested.gguf").write_bytes(one_field + struct.pack("<IIQ", 9, 9, 1) * 10_000)  # of arrays of arrays...
     return scratch
 
 

@@ -9,6 +9,7 @@ and the data left as a sparse hole; no llama.cpp build is needed.
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 from gguf_files import Q, write_gguf  # skips this module without the gguf package
 from hybrimoe.cli import app
 from hybrimoe.config import load_profile
+from hybrimoe.errors import ModelError
+from hybrimoe import gguf_reader
 from hybrimoe.gguf_header import read_gguf
 from hybrimoe.profile.inputs import resolve_model
 from hybrimoe.capacity import GIB, reserve_for
@@ -114,9 +117,62 @@ def test_leading_dense_blocks_shift_the_llamacpp_block_numbers(tmp_path):
     (lambda p: write_gguf(p, arch="llama", n_dense_blocks=4), "not a MoE model"),
 ])
 def test_bad_gguf_is_a_model_error(tmp_path, make, message):
-    from hybrimoe.errors import ModelError
-
     path = tmp_path / "bad.gguf"
     make(path)
     with pytest.raises(ModelError, match=message):
         read_gguf(path)
+
+
+def test_the_bounded_header_reader_reads_what_ggufs_own_reader_reads(tmp_path):
+    from gguf import GGUFReader
+
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, arch="deepseek2", n_blocks=3, n_dense_blocks=1, n_shared=1,
+               expert_type=q8_with_q6k_down_in_odd_blocks)
+    header, reference = gguf_reader.read_header(path), GGUFReader(path)
+    assert [(t.name, t.dims, t.type_name, t.n_bytes, t.data_offset) for t in header.tensors] == [
+        (t.name, tuple(int(n) for n in t.shape), t.tensor_type.name, int(t.n_bytes), t.data_offset)
+        for t in reference.tensors]
+    for key, field in reference.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        expected = None if key == "tokenizer.ggml.tokens" else field.contents()  # string arrays are skipped
+        assert header.fields[key] == expected, key
+
+
+def _header(*fields: bytes, n_tensors: int = 0, tensors: bytes = b"") -> bytes:
+    """A GGUF v3 header of these raw fields (each key, type and value) and tensor infos."""
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(fields)) + b"".join(fields) + tensors
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name.encode())) + name.encode()
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_header(_key("x.arr") + struct.pack("<IIQ", 9, 0, 1 << 62)), "declares 4611686018427387904 entries"),
+    (_header(_key("x.arr") + struct.pack("<IIQ", 9, 0, 1000)), "truncated: x.arr runs past the end"),
+    (_header(_key("x.arr") + struct.pack("<IIQIIQ", 9, 9, 1, 9, 9, 1)), "an array of GGUF value type 9"),
+    (_header(_key("x.arr") + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1 << 40)), "truncated: x.arr"),
+    (_header(struct.pack("<Q", 2) + b"\xff\xfe" + struct.pack("<IB", 0, 1)), "a metadata key is not UTF-8"),
+    (_header(_key("a") + struct.pack("<IB", 0, 1), _key("a") + struct.pack("<IB", 0, 1)), "has a twice"),
+    (_header(_key("a") + struct.pack("<I", 77)), "unknown GGUF value type 77"),
+    (_header(_key("general.alignment") + struct.pack("<II", 4, 3)), "not a power of two"),
+    (_header(n_tensors=1, tensors=_key("w") + struct.pack("<I5QIQ", 5, 1, 1, 1, 1, 1, 0, 0)), "5 dimensions"),
+    (_header(n_tensors=1, tensors=_key("w") + struct.pack("<I1QIQ", 1, 4, 999, 0)), "unknown GGML type 999"),
+    (_header(n_tensors=1 << 60), "truncated: a tensor name"),
+    (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "GGUF version 1"),
+])
+def test_a_header_that_declares_more_than_it_holds_is_refused_at_once(tmp_path, raw, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw)
+    with pytest.raises(ModelError, match=re.escape(message)):
+        gguf_reader.read_header(path)
+
+
+def test_an_array_past_the_entry_limit_is_refused_before_it_is_walked(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_reader, "MAX_ARRAY_ITEMS", 1000)
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(_header(_key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1001) + bytes(8 * 1001)))
+    with pytest.raises(ModelError, match="declares 1001 entries; hybrimoe reads at most 1000"):
+        gguf_reader.read_header(path)
