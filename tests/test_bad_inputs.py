@@ -130,6 +130,10 @@ def make_files(tmp: Path) -> None:
     with open(tmp / "pwn.bin", "wb") as fh:
         fh.write(b"cos\nsystem\n(S'touch " + str(tmp).encode() + b"/pwned'\ntR.")
     (tmp / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    ids = list(range(8))  # one token of each of the 48 layers, the first weighted past float32's range
+    (tmp / "weight_past_float32.jsonl").write_text("".join(
+        json.dumps({"topk_ids": [ids], "topk_weights": [[0.1] * 7 + [1e39 if layer == 0 else 0.1]]}) + "\n"
+        for layer in range(48)))
     (tmp / "latin1.jsonl").write_bytes(b'{"topk_ids": [[1, 2]], "note": "\xe9"}\n')
     (tmp / "prompt_latin1.txt").write_bytes(b"ROMEO: caf\xe9\n")
     # model directories
@@ -220,6 +224,9 @@ def make_files(tmp: Path) -> None:
     import torch
 
     torch.save({"logical_count": torch.zeros(1, 48, 128, dtype=torch.int32)}, tmp / "sglang_stat.pt")
+    torch.save({"records": [{"forward_pass_id": 0, "topk_ids_of_layer": torch.zeros(48, 1, 8, dtype=torch.int32,
+                                                                                    device="meta")}]},
+               tmp / "sglang_meta.pt")
 
 
 def _patch_zip(path: Path, local_offset: int, central_offset: int, value: int) -> None:
@@ -372,6 +379,8 @@ CASES = [
     ("trace info markup in the name", ["trace", "info", "{tmp}/[/red].npz"], "[/red].npz"),
     ("trace info bracketed name", ["trace", "info", "{tmp}/[bold]x[/bold].npz"], "[bold]x[/bold].npz"),
     ("trace import missing log", [*IMPORT, "{tmp}/missing.jsonl", "--out", "{tmp}/t.npz"], "missing.jsonl"),
+    ("trace import a weight past float32", [*IMPORT, "{tmp}/weight_past_float32.jsonl", "--out", "{tmp}/t.npz"],
+     "past float32's range"),
     ("trace import not utf-8", [*IMPORT, "{tmp}/latin1.jsonl", "--out", "{tmp}/t.npz"], "UTF-8"),
     ("trace import deeply nested", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz"], "deep.jsonl"),
     ("trace import out under a file", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/a_file/t.npz"], "a_file"),
@@ -552,6 +561,8 @@ CASES = [
     ("serve model missing", ["serve", "--model", "{tmp}/missing"], "missing"),
     ("serve trace not npz", ["serve", "--record-trace", "{tmp}/t.txt"], ".npz"),
     ("serve unknown strategy", ["serve", "--strategy", "banana"], "banana"),
+    ("trace import sglang dump on the meta device", [*IMPORT, "--format", "sglang-dump", "{tmp}/sglang_meta.pt",
+                                                      "--out", "{tmp}/t.npz"], "dense integer tensor"),
     ("trace import sglang stat-mode dump", [*IMPORT, "--format", "sglang-dump", "{tmp}/sglang_stat.pt", "--out",
                                             "{tmp}/t.npz"], "'stat' mode dump"),
     ("trace import sglang pickle payload", [*IMPORT, "--format", "sglang-dump", "{tmp}/pwn.bin", "--out",

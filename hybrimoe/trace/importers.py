@@ -142,16 +142,16 @@ def _vllm_routing(record: object, where: str, meta: TraceMeta) -> tuple[np.ndarr
     if raw == list(ids.shape):
         return ids.astype(ID_DTYPE), None  # only the weight tensor's shape was logged
     try:
-        weights = np.array(raw, dtype=np.float32)
+        weights = np.array(raw, dtype=np.float64)  # checked before the float32 a trace keeps
     except (ValueError, TypeError):
         raise TraceError(
             f"{where}: topk_weights is neither a [tokens, k] shape nor a [tokens][k] list of numbers"
         ) from None
     if weights.shape != ids.shape:
         raise TraceError(f"{where}: topk_weights has shape {list(weights.shape)}, topk_ids {list(ids.shape)}")
-    if not np.isfinite(weights).all():
-        raise TraceError(f"{where}: topk_weights holds non-finite values")
-    return ids.astype(ID_DTYPE), weights
+    if not (np.abs(weights) <= np.finfo(np.float32).max).all():
+        raise TraceError(f"{where}: topk_weights holds non-finite values or values past float32's range")
+    return ids.astype(ID_DTYPE), weights.astype(np.float32)
 
 
 IMPORT_FORMATS = ("vllm-jsonl", "sglang-dump")

@@ -136,11 +136,12 @@ def _physical_to_logical(value, path: Path, meta: TraceMeta) -> np.ndarray | Non
 
 
 def _is_integer_tensor(value, n_dims: int) -> bool:
-    """A dense (strided) tensor of `n_dims` dimensions holding integers (not floats, complex numbers
-    or booleans)."""
+    """A dense (strided) tensor in host memory of `n_dims` dimensions holding integers (not floats,
+    complex numbers or booleans); `map_location` leaves a tensor saved on the meta device there."""
     import torch
 
-    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.dim() == n_dims
+    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
+            and value.dim() == n_dims
             and not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool)
 
 
