@@ -215,6 +215,9 @@ def make_files(tmp: Path) -> None:
     name = "model.layers.0.mlp.experts.0.gate_proj.weight"
     tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
     save_file(tensors, int8_weights / "model.safetensors")
+    tensors = load_file(DEMO / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
+    save_file(tensors, _model_dir(tmp, "bool_weights", weights=False) / "model.safetensors")
     _model_dir(tmp, "config_only", config=_demo_config(shared_expert_intermediate_size=0), weights=False, tokenizer=False)
     tensors = load_file(DEMO / "model.safetensors")
     del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
@@ -525,6 +528,7 @@ CASES = [
     ("serve empty model name", ["serve", "--model-name", " "], "--model-name"),
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
      "declares no quantization"),
+    ("run boolean weights", [*RUN, "--model", "{tmp}/bool_weights"], "model.norm.weight is stored as BOOL"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
     ("profile config of 10**12 layers", ["profile", "--model", "{tmp}/huge_layers.json", "--out", "{tmp}/p.yaml"],
      "num_hidden_layers"),

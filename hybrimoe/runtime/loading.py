@@ -65,7 +65,7 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 _ROUTED_EXPERTS_LAYER = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.")  # not Qwen's shared_expert(s)
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _PROJECTIONS = ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"})  # hub checkpoints' names, and Mixtral's
-_INTEGER_DTYPES = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names of integer tensors
+_NOT_FLOAT_DTYPES = ("BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def check_weights_match(
                     f"{path}: {name} is {list(shape)} in {file.name} but {list(want)} in the model its "
                     "config.json describes: the config and the weights are of different models"
                 )
-            if not quantized and tensor.get("dtype") in _INTEGER_DTYPES and want is not None:
+            if not quantized and tensor.get("dtype") in _NOT_FLOAT_DTYPES and want is not None:
                 raise ModelError(
                     f"{path}: {name} is stored as {tensor['dtype']} but config.json declares no quantization "
                     "(quantization_config): hybrimoe reads float weights; quantize at load with --quantize instead"
