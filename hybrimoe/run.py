@@ -40,7 +40,7 @@ import torch
 
 from hybrimoe import __version__
 from hybrimoe.config import DEFAULT_GROUP_SIZE, HardwareProfile, PolicyConfig, load_profile
-from hybrimoe.errors import UserError
+from hybrimoe.errors import ModelError, UserError
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
@@ -361,10 +361,14 @@ class Session:
     def warm_up(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """One prefill and one decode step on a throwaway runtime, so timed work pays no first calls;
         the accelerator's peak memory is counted from after it. The model routes by its own routers
-        (a replayed trace is kept for the timed steps)."""
+        (a replayed trace is kept for the timed steps). Outputs that are not finite are refused: the
+        weights hold NaN or inf."""
         with self.runtime(replaying=False) as runtime:
-            generate(self.loaded.model, ids, mask, 2, before_step=runtime.begin_step, on_step=runtime.end_step,
-                     sync=self.accelerator.synchronize)
+            warm = generate(self.loaded.model, ids, mask, 2, before_step=runtime.begin_step,
+                            on_step=runtime.end_step, sync=self.accelerator.synchronize, keep_logits=True)
+        if not all(bool(torch.isfinite(logits).all()) for logits in warm.step_logits):
+            raise ModelError(f"{self.loaded.path or 'the model'}: its outputs on a warm-up step are not finite (NaN "
+                             "or inf): the checkpoint's weights hold NaN or inf values")
         self.accelerator.reset_peak_memory()
 
 

@@ -112,6 +112,7 @@ def check_options(options: RunOptions) -> None:
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the families' names
 
 
 def check_device(device: str | None) -> None:
@@ -120,19 +121,33 @@ def check_device(device: str | None) -> None:
         raise UserError(f"unknown device {device!r}; expected cpu or cuda[:N]")
 
 
-def check_new_tokens_fit(model: Path | None, new_tokens: int, flag: str) -> None:
+def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> None:
     """Refuses, from config.json alone (no transformers), `new_tokens` (given as `flag`) that leave
-    no room for a prompt in the model's positions (`model` None: the demo model's); a config that
-    cannot be read is left to the loader to name."""
+    no room for a prompt in the model's positions, and a `--cache-experts` past the experts of all
+    its layers (`options.model` None: the demo model); a config that cannot be read is left to the
+    loader to name."""
     from hybrimoe.demo import demo_model_path
 
-    config = (demo_model_path() if model is None else model) / "config.json"
-    if not config.is_file():  # a pipe is refused by the loader, without reading it
+    config_path = (demo_model_path() if options.model is None else options.model) / "config.json"
+    if not config_path.is_file():  # a pipe is refused by the loader, without reading it
         return
     try:
-        positions = json.loads(config.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError, RecursionError):
         return
-    if isinstance(positions, int) and 0 < positions <= new_tokens:
+    if not isinstance(config, dict):
+        return
+    positions = config.get("max_position_embeddings")
+    if _whole(positions) and 0 < positions <= new_tokens:
         raise UserError(f"{flag} {new_tokens} leaves no room for a prompt in the model's {positions} positions "
                         "(max_position_embeddings): give fewer")
+    n_layers = config.get("num_hidden_layers")
+    n_experts = next((config[key] for key in _EXPERT_COUNT_KEYS if key in config), None)
+    if options.cache_experts is not None and _whole(n_layers) and _whole(n_experts) and (
+            options.cache_experts > n_layers * n_experts > 0):
+        raise UserError(f"--cache-experts {options.cache_experts} is more than the model holds: at most "
+                        f"{n_layers * n_experts} routed experts ({n_experts} in each of {n_layers} layers)")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

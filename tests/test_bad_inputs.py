@@ -216,6 +216,8 @@ def make_files(tmp: Path) -> None:
     tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
     save_file(tensors, int8_weights / "model.safetensors")
     tensors = load_file(DEMO / "model.safetensors")
+    tensors["model.norm.weight"][0] = np.nan
+    save_file(tensors, _model_dir(tmp, "nan_weights", weights=False) / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
     save_file(tensors, _model_dir(tmp, "bool_weights", weights=False) / "model.safetensors")
     _model_dir(tmp, "config_only", config=_demo_config(shared_expert_intermediate_size=0), weights=False, tokenizer=False)
@@ -316,6 +318,10 @@ CASES = [
     ("profile dtype float8", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--dtype", "float8",
                               "--out", "{tmp}/e.yaml"], "--dtype must be one of"),
     ("run seed without temperature", [*RUN, "--seed", "5"], "--seed seeds sampling"),
+    ("run cache past the demo model's experts", ["run", "--prompt", "x", "--cache-experts", "100000"],
+     "at most 64 routed experts"),
+    ("serve cache past the demo model's experts", ["serve", "--cache-experts", "100000", "--port", "0"],
+     "at most 64 routed experts"),
     ("run cache size under cpu-only", [*RUN, "--strategy", "cpu-only", "--cache-experts", "8"], "cpu-only"),
     ("run foreign auto_map with remote code", ["run", "--prompt", "x", "--model", "{tmp}/foreign_auto_map",
                                                 "--trust-remote-code"], "another repository"),
@@ -528,6 +534,7 @@ CASES = [
     ("serve empty model name", ["serve", "--model-name", " "], "--model-name"),
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
      "declares no quantization"),
+    ("run weights holding NaN", [*RUN, "--model", "{tmp}/nan_weights"], "outputs on a warm-up step are not finite"),
     ("run boolean weights", [*RUN, "--model", "{tmp}/bool_weights"], "model.norm.weight is stored as BOOL"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
     ("profile config of 10**12 layers", ["profile", "--model", "{tmp}/huge_layers.json", "--out", "{tmp}/p.yaml"],

@@ -160,7 +160,7 @@ def run(
 ) -> None:
     """Generate text with the hybrid runtime: experts on the CPU and the accelerator, planned per layer."""
     with user_errors():
-        from hybrimoe.run_options import RunOptions, Sampling, check_new_tokens_fit, check_options
+        from hybrimoe.run_options import RunOptions, Sampling, check_against_config, check_options
 
         texts = _read_prompts(prompt, prompt_file)
         options = RunOptions(
@@ -185,7 +185,7 @@ def run(
             replay_trace=replay_trace,
         )
         check_options(options)  # before torch and transformers are imported (seconds)
-        check_new_tokens_fit(options.model, options.max_new_tokens, "--max-new-tokens")
+        check_against_config(options, options.max_new_tokens, "--max-new-tokens")
         from hybrimoe.run import run as run_model
 
         if json_out:

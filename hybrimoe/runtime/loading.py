@@ -25,6 +25,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 from torch import nn
 
@@ -540,7 +541,8 @@ def place(
     experts = {id(layer.experts) for layer in loaded.layers}
     modules = list(loaded.model.modules())
     moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new): tied stay tied
-    with Progress(console=Console(stderr=True), transient=True, disable=not show_progress) as progress:
+    stderr = Console(stderr=True)
+    with Progress(console=stderr, transient=True, disable=not (show_progress and stderr.is_terminal)) as progress:
         task = progress.add_task("Placing weights", total=len(modules) + len(loaded.layers))
         for module in modules:
             if id(module) not in experts:
@@ -601,12 +603,12 @@ def load_model(
     headers = check_weight_files(path, allow_pickle)
     check_weights_match(path, headers, meta_model, config, facts)
     del meta_model
-    if not show_progress:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # its tqdm bar stays on the terminal; ours goes when done
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report: what matters in it is refused below, in one line
+    weight_bytes = sum(file.stat().st_size for file in headers)
     try:
-        with warnings.catch_warnings():
+        with _reading(weight_bytes, show_progress), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle files (--allow-pickle was asked)
             model, info = AutoModelForCausalLM.from_pretrained(
                 path,
@@ -621,8 +623,7 @@ def load_model(
         raise ModelError(f"{path}: cannot load the weights ({first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        if not show_progress:
-            hf_logging.enable_progress_bar()
+        hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ModelError(f"{path}: {len(missing)} weight(s) missing from the checkpoint, e.g. {missing[0]}")
@@ -632,6 +633,16 @@ def load_model(
     loaded = LoadedModel(model, tokenizer, layers, shape, n_experts, top_k, config.model_type, path)
     place(loaded, torch.device(device), show_progress, quantization)
     return loaded
+
+
+@contextlib.contextmanager
+def _reading(weight_bytes: int, show: bool) -> Iterator[None]:
+    """A transient line on a terminal's stderr while transformers reads `weight_bytes` of weights."""
+    columns = (SpinnerColumn(), TextColumn(f"Reading weights ({weight_bytes / 2**30:.2f} GiB)"), TimeElapsedColumn())
+    stderr = Console(stderr=True)
+    with Progress(*columns, console=stderr, transient=True, disable=not (show and stderr.is_terminal)) as progress:
+        progress.add_task("read", total=None)
+        yield
 
 
 def from_model(

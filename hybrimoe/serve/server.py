@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hybrimoe.errors import UserError
-from hybrimoe.run_options import RunOptions, check_new_tokens_fit
+from hybrimoe.run_options import RunOptions, check_against_config
 
 MAX_BATCH_LIMIT = 256
 MAX_SHUTDOWN_TIMEOUT_S = 86_400.0  # a day; past it the event loop's timers overflow
@@ -141,8 +141,8 @@ def serve(
     from hybrimoe.serve.metrics import ServerMetrics
 
     check_serve_options(serve_options)
-    if serve_options.max_tokens is not None:  # the default is capped by the positions, request by request
-        check_new_tokens_fit(options.model, serve_options.max_tokens, "--max-tokens")
+    # the default --max-tokens is capped by the positions, request by request
+    check_against_config(options, 0 if serve_options.max_tokens is None else serve_options.max_tokens, "--max-tokens")
     check_installed()
     options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.token_cap})
     sock = _listen(serve_options.host, serve_options.port)
