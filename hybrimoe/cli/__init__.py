@@ -17,16 +17,24 @@ from collections.abc import Iterator
 
 import typer
 from typer._click import exceptions as click_errors  # typer vendors click: its own exception classes
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 from rich.console import Console
 from rich.text import Text
 
 from hybrimoe import __version__
 from hybrimoe.errors import UserError
 
-class _OneLineErrors(TyperGroup):
+class OneLineErrors(TyperGroup):
     """Typer's command group, with a bad option value or a usage mistake reported like every other
-    user error: one `error:` line on stderr and exit code 2 (typer would draw a box)."""
+    user error: one `error:` line on stderr and exit code 2 (typer would draw a box). An option
+    that takes one value is refused when given twice (typer would keep the last silently)."""
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, TyperGroup):
+            _refuse_repeated_options(command, command.context_class(command, info_name=name, parent=ctx,
+                                                                   resilient_parsing=True), rest)
+        return name, command, rest
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -53,6 +61,18 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _refuse_repeated_options(command, ctx, args: list[str]) -> None:
+    """Parses `args` as `command` will (without running a callback) and refuses an option given a
+    second time that is not repeatable: `--layers 2 --layers 3` is a slip, not a choice."""
+    _, _, seen_in_order = command.make_parser(ctx).parse_args(list(args))
+    seen = set()
+    for param in seen_in_order:
+        if isinstance(param, TyperOption) and not param.multiple and not param.count:
+            if param.name in seen:
+                raise click_errors.UsageError(f"{max(param.opts, key=len)} is given twice; give it once", ctx)
+            seen.add(param.name)
+
+
 _OUTPUT_LOST = (errno.EPIPE, errno.ENOSPC, errno.EIO)  # writing to stdout failed: a full disk, a closed pipe
 
 
@@ -65,7 +85,7 @@ def _drop_stdout() -> None:
 
 app = typer.Typer(
     name="hybrimoe",
-    cls=_OneLineErrors,
+    cls=OneLineErrors,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,

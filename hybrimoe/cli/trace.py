@@ -10,9 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hybrimoe.cli import app, console, user_errors
+from hybrimoe.cli import OneLineErrors, app, console, user_errors
 
 trace_app = typer.Typer(
+    cls=OneLineErrors,
     rich_markup_mode="rich",
     no_args_is_help=True,
     help="Routing traces: import foreign routing logs, describe a trace.",
