@@ -36,3 +36,9 @@ def first_line(exc: BaseException) -> str:
     if lines[0].startswith("Weights only load failed"):
         return "it holds Python objects besides tensors, lists, dicts and numbers, which hybrimoe never unpickles"
     return lines[0]
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (escape sequences, carriage returns...)
+    written as its Python escape: names and metadata from files are shown, never obeyed."""
+    return "".join(char if char.isprintable() or char == " " else ascii(char)[1:-1] for char in text)

@@ -40,7 +40,7 @@ import torch
 
 from hybrimoe import __version__
 from hybrimoe.config import DEFAULT_GROUP_SIZE, HardwareProfile, PolicyConfig, load_profile
-from hybrimoe.errors import ModelError, UserError
+from hybrimoe.errors import ModelError, UserError, printable
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
@@ -389,7 +389,7 @@ def open_session(
     native.check_setting()
     accelerator = make_accelerator(options.device)
     path = options.model if options.model is not None else demo_model_path()
-    model_name = path.name if options.model is not None else "demo"
+    model_name = printable(path.name) if options.model is not None else "demo"  # a trace's model name
     profile_path = options.profile or this_machines_profile(
         model_name, str(accelerator.device), options.quantize, options.group_size
     )

@@ -400,6 +400,7 @@ CASES = [
     ("trace import not utf-8", [*IMPORT, "{tmp}/latin1.jsonl", "--out", "{tmp}/t.npz"], "UTF-8"),
     ("trace import deeply nested", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz"], "deep.jsonl"),
     ("trace import out under a file", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/a_file/t.npz"], "a_file"),
+    ("trace info a name holding an escape sequence", ["trace", "info", "{tmp}/\x1b[2Jx.npz"], "\\x1b[2Jx.npz"),
     ("trace import out is a directory", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/a_dir", "--force"], "a_dir"),
     ("trace import out exists", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/existing.npz"], "--force"),
     ("trace import unknown format", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz", "--format", "csv"], "csv"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -342,3 +343,17 @@ def test_cli_errors_exit_2(tmp_path):
     bad_config = runner.invoke(app, ["trace", "import", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o.npz"),
                                      "--config", str(config)])
     assert bad_config.exit_code == 2 and "unsupported model_type None" in bad_config.output
+
+
+def test_trace_info_shows_control_characters_in_metadata_escaped(tmp_path):
+    """A trace's metadata comes from a file: an escape sequence in it is shown, never sent to the
+    terminal; a model name that is not printable text is refused like a profile's."""
+    trace = load_trace(COMMITTED)
+    hostile = tmp_path / "hostile.npz"
+    save_trace(dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, provenance="x\x1b]0;pwned\x07\ry")),
+               hostile)
+    table = runner.invoke(app, ["trace", "info", str(hostile)])
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.output and "\r" not in table.output and "\\x1b]0;pwned\\x07\\ry" in table.output
+    with pytest.raises(TraceError, match="printable"):
+        dataclasses.replace(trace.meta, model="qwen\x1b[2J")

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from hybrimoe import __version__
-from hybrimoe.errors import UserError
+from hybrimoe.errors import UserError, printable
 
 class OneLineErrors(TyperGroup):
     """Typer's command group, with a bad option value or a usage mistake reported like every other
@@ -157,8 +157,8 @@ def finite_positive(value: float | None) -> float | None:
 
 def print_error(message: str) -> None:
     """One line on stderr: "error: " and the message as plain text (never read as markup)."""
-    err_console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False,
-                      soft_wrap=True)
+    err_console.print(Text("error: ", style="bold red") + Text(printable(" ".join(message.split()))),
+                      highlight=False, soft_wrap=True)
 
 
 # Modules beside this one that register sub-commands on `app`. They import torch and other heavy

@@ -79,6 +79,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Describe a trace: size, model shape, expert popularity skew and token-to-token reuse."""
+    from hybrimoe.errors import printable
     from hybrimoe.trace import load_trace, trace_summary
 
     with user_errors():
@@ -106,7 +107,7 @@ def info_cmd(
         ("provenance", summary.provenance),
     ]
     for name, value in rows:
-        table.add_row(name, escape(value))
+        table.add_row(name, escape(printable(value)))
     console.print(table)
 
 

@@ -80,8 +80,8 @@ class TraceMeta:
         for name in ("model", "provenance"):
             if not isinstance(getattr(self, name), str):
                 raise TraceError(f"trace metadata: {name} must be a string")
-        if not self.model:
-            raise TraceError("trace metadata: model must not be empty")
+        if not self.model.strip() or not self.model.isprintable():
+            raise TraceError(f"trace metadata: model must be one line of printable text, got {self.model!r}")
 
     def expert_shape(self) -> ExpertShape:
         return ExpertShape(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, dtype=self.dtype)
