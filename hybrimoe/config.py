@@ -36,8 +36,9 @@ SCHEMA_VERSION = 1
 SIZE_LIMITS = {
     "n_layers": 1024, "n_experts": 65_536, "hidden_size": 65_536, "intermediate_size": 262_144,
     "shared_intermediate_size": 262_144, "dense_intermediate_size": 262_144, "n_heads": 4096,
-    "n_kv_heads": 4096, "head_dim": 4096, "vocab_size": 4_194_304,
+    "n_kv_heads": 4096, "head_dim": 4096, "vocab_size": 4_194_304, "n_shared_experts": 65_536,
 }
+MAX_CURVE_TOKENS = 1 << 24  # a latency point's tokens for one expert: past a whole prefill batch's
 
 
 def over_limit(sizes: dict[str, int]) -> str | None:
@@ -487,8 +488,9 @@ def _convert(annotation: str, value: Any, where: str) -> Any:
             if not (isinstance(item, list) and len(item) in (2, 3)):
                 raise ProfileError(f"{where}[{i}]: expected [n_tokens, ms] or [n_tokens, ms, spread_ms]")
             numbers = [_convert("float", v, f"{where}[{i}]") for v in item]
-            if numbers[0] != int(numbers[0]) or numbers[0] < 1:
-                raise ProfileError(f"{where}[{i}]: n_tokens must be a positive integer, got {item[0]!r}")
+            if numbers[0] != int(numbers[0]) or not 1 <= numbers[0] <= MAX_CURVE_TOKENS:
+                raise ProfileError(f"{where}[{i}]: n_tokens must be a whole number in [1, {MAX_CURVE_TOKENS}], "
+                                   f"got {item[0]!r}")
             points.append(CurvePoint(int(numbers[0]), numbers[1], numbers[2] if len(numbers) == 3 else 0.0))
         return tuple(points)
     if base.startswith("tuple[") and base.removeprefix("tuple[").removesuffix(", ...]") in _NESTED:

@@ -132,9 +132,12 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     if not config_path.is_file():  # a pipe is refused by the loader, without reading it
         return
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(), object_pairs_hook=_refusing_repeats)
     except (OSError, ValueError, RecursionError):
         return
+    except _RepeatedKey as exc:
+        raise UserError(f"{config_path}: the key {exc.key!r} is given twice (JSON keeps the last silently): "
+                        "keep one") from None
     if not isinstance(config, dict):
         return
     positions = config.get("max_position_embeddings")
@@ -147,6 +150,21 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
             options.cache_experts > n_layers * n_experts > 0):
         raise UserError(f"--cache-experts {options.cache_experts} is more than the model holds: at most "
                         f"{n_layers * n_experts} routed experts ({n_experts} in each of {n_layers} layers)")
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _refusing_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused (`_RepeatedKey`) where a key appears twice."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen[key] = value
+    return seen
 
 
 def _whole(value) -> bool:

@@ -96,6 +96,7 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
     _profile_with(tmp, "zero_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [0, 0.18218, 0.0]")
+    _profile_with(tmp, "huge_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [1.0e+30, 0.18218, 0.0]")
     _profile_with(tmp, "nan_slope.yaml", "per_token_ms: 0.00403833", "per_token_ms: .nan")
     zero_cpu = yaml.safe_load(PROFILE.read_text())
     zero_cpu["cpu_expert"] = {"points": [[n, 0.0, 0.0] for n, _, _ in zero_cpu["cpu_expert"]["points"]]}
@@ -203,6 +204,8 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
     _model_dir(tmp, "zero_heads", config=_demo_config(num_attention_heads=0))
+    config_text = json.dumps(_demo_config())
+    (_model_dir(tmp, "repeated_key") / "config.json").write_text(config_text[:-1] + ', "num_experts": 999}')
     _model_dir(tmp, "zero_experts", config=_demo_config(num_experts=0))
     _model_dir(tmp, "small_vocabulary", config=_demo_config(vocab_size=10))
     _model_dir(tmp, "nan_epsilon", config=_demo_config(rms_norm_eps=float("nan")))
@@ -287,6 +290,11 @@ CASES = [
     ("profile negative bandwidth", [*SIM, "--profile", "{tmp}/neg_bandwidth.yaml"], "h2d_pinned_gbps"),
     ("profile nan curve point", [*SIM, "--profile", "{tmp}/nan_point.yaml"], "cpu_expert"),
     ("profile zero-token point", [*SIM, "--profile", "{tmp}/zero_tokens.yaml"], "cpu_expert"),
+    ("profile point at 10**30 tokens", [*SIM, "--profile", "{tmp}/huge_tokens.yaml"], "n_tokens must be a whole number"),
+    ("tune trials past a million", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml", "--trials",
+                                    str(10**20)], "--trials must be in [1, 1000000]"),
+    ("trace import shared experts past any model's", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz",
+                                                      "--shared-experts", "99999999999"], "n_shared_experts"),
     ("profile nan slope", [*SIM, "--profile", "{tmp}/nan_slope.yaml"], "per_token_ms"),
     ("profile all-zero cpu latency", [*SIM, "--profile", "{tmp}/zero_cpu.yaml"], "cpu_expert"),
     ("simulate cache ratio with an empty item", ["simulate", "--trace", T, "--profile", str(PROFILE),
@@ -543,6 +551,7 @@ CASES = [
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
      "declares no quantization"),
     ("run weights holding NaN", [*RUN, "--model", "{tmp}/nan_weights"], "outputs on a warm-up step are not finite"),
+    ("run config with a key twice", [*RUN, "--model", "{tmp}/repeated_key"], "'num_experts' is given twice"),
     ("run boolean weights", [*RUN, "--model", "{tmp}/bool_weights"], "model.norm.weight is stored as BOOL"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
     ("profile config of 10**12 layers", ["profile", "--model", "{tmp}/huge_layers.json", "--out", "{tmp}/p.yaml"],

@@ -68,7 +68,8 @@ class TraceMeta:
         shared = self.n_shared_experts
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
             raise TraceError(f"trace metadata: n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
-        too_big = over_limit({name: getattr(self, name) for name in ("n_layers", "n_experts", "hidden_size", "intermediate_size")})
+        too_big = over_limit({name: getattr(self, name) for name in (
+            "n_layers", "n_experts", "n_shared_experts", "hidden_size", "intermediate_size")})
         if too_big:
             raise TraceError(f"trace metadata: {too_big}")
         if self.top_k > self.n_experts:

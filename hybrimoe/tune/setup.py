@@ -45,6 +45,7 @@ DEFAULT_HOLDOUT_SPLIT = 0.3
 MEMORY_STORAGE = "memory"
 EXPORT_ENGINES = ("llamacpp", "ktransformers")  # --export: placements for these engines at the tuned budget
 MAX_WORKERS_PER_CORE = 4  # each worker is a process with its own workload; 1000 of them hung a 2-core machine
+MAX_TRIALS = 1_000_000  # at a tenth of a second each, twelve days: more is a typo, never a plan
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,8 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError(f"unknown objective {options.objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if options.trials is None and options.timeout_s is None:
         raise UserError("give --trials N or --timeout S (or both)")
-    if options.trials is not None and options.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {options.trials}")
+    if options.trials is not None and not 1 <= options.trials <= MAX_TRIALS:
+        raise UserError(f"--trials must be in [1, {MAX_TRIALS}], got {options.trials}")
     if options.workers < 1:
         raise UserError(f"--workers must be at least 1, got {options.workers}")
     max_workers = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
