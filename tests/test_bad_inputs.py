@@ -58,6 +58,34 @@ def _demo_config(**changes) -> dict:
     return {**json.loads((DEMO / "config.json").read_text()), **changes}
 
 
+def _unknown_dtype(header: dict) -> None:
+    header["model.norm.weight"]["dtype"] = "XX"
+
+
+def _overlapping_offsets(header: dict) -> None:
+    tensor = header["model.norm.weight"]
+    tensor["data_offsets"] = [0, tensor["data_offsets"][1] - tensor["data_offsets"][0]]
+
+
+def _nested_metadata(header: dict) -> None:
+    header["__metadata__"] = {"format": {"nested": "map"}}
+
+
+_HEADER_CHANGES = {"unknown_dtype": _unknown_dtype, "overlapping_offsets": _overlapping_offsets,
+                   "nested_metadata": _nested_metadata}
+
+
+def _with_changed_header(source: Path, target: Path, change) -> None:
+    """`source`'s safetensors file with `change(header)` applied to its JSON header (data offsets
+    count from the data's start, so the data follows the new header unchanged)."""
+    raw = source.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    change(header)
+    new_header = json.dumps(header).encode()
+    target.write_bytes(len(new_header).to_bytes(8, "little") + new_header + raw[8 + header_len:])
+
+
 def make_files(tmp: Path) -> None:
     (tmp / "a_file").write_text("not a directory")
     (tmp / "x.gguf").write_bytes(b"GGUF" + bytes(64))
@@ -185,6 +213,9 @@ def make_files(tmp: Path) -> None:
     deep_header = b"[" * 100_000 + b"]" * 100_000
     nested = _model_dir(tmp, "nested_header", weights=False)
     (nested / "model.safetensors").write_bytes(len(deep_header).to_bytes(8, "little") + deep_header)
+    for name, change in _HEADER_CHANGES.items():
+        _with_changed_header(DEMO / "model.safetensors", _model_dir(tmp, name, weights=False) / "model.safetensors",
+                             change)
     listed = _model_dir(tmp, "index_list")
     (listed / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
     weights_dir = _model_dir(tmp, "weights_dir", weights=False)
@@ -538,6 +569,9 @@ CASES = [
     ("run model whose config.json is a FIFO", [*RUN, "--model", "{tmp}/config_fifo"], "config.json: not a regular file"),
     ("run model whose generation_config.json is a FIFO", [*RUN, "--model", "{tmp}/generation_config_fifo"],
      "generation_config.json: not a regular file"),
+    ("run weights of an unknown dtype", [*RUN, "--model", "{tmp}/unknown_dtype"], "unknown variant `XX`"),
+    ("run weights whose data overlap", [*RUN, "--model", "{tmp}/overlapping_offsets"], "invalid offset"),
+    ("run weights metadata not strings", [*RUN, "--model", "{tmp}/nested_metadata"], "expected a string"),
     ("run weights header nested 100,000 deep", [*RUN, "--model", "{tmp}/nested_header"], "corrupt (unreadable header)"),
     ("run weights index whose weight_map is a list", [*RUN, "--model", "{tmp}/index_list"],
      "malformed safetensors index"),

@@ -210,6 +210,13 @@ def _safetensors_header(path: Path) -> dict:
         raise ModelError(f"{path}: corrupt (unreadable header)") from None
     if 8 + header_len + data_end > size:
         raise ModelError(f"{path}: truncated ({size} bytes, its header needs {8 + header_len + data_end})")
+    from safetensors import SafetensorError, safe_open
+
+    try:  # the library's own checks of the header: known dtypes, offsets that tile the data, string metadata
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise ModelError(f"{path}: corrupt ({first_line(exc)})") from None
     return tensors
 
 
