@@ -38,6 +38,7 @@ SIZE_LIMITS = {
     "shared_intermediate_size": 262_144, "dense_intermediate_size": 262_144, "n_heads": 4096,
     "n_kv_heads": 4096, "head_dim": 4096, "vocab_size": 4_194_304, "n_shared_experts": 65_536,
 }
+MAX_PROFILE_BYTES = 4 << 20  # a measured profile is tens of KB; YAML reads 3 MB a second
 MAX_CURVE_TOKENS = 1 << 24  # a latency point's tokens for one expert: past a whole prefill batch's
 
 
@@ -661,7 +662,7 @@ _UniqueKeyLoader.add_implicit_resolver(
 def load_profile(path: str | os.PathLike) -> HardwareProfile:
     """Reads and validates a profile; every problem is one line naming the file and the field."""
     path = Path(path)
-    text = read_text(path, "profile", ProfileError)
+    text = read_text(path, "profile", ProfileError, MAX_PROFILE_BYTES)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 from hybrimoe.errors import UserError
 
+MAX_TEXT_BYTES = 64 << 20  # a prompt, a config, a list of prompts: far past any real one
+
 
 def input_file(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> Path:
     """`path`, refused with one `error` line when it is missing or not a regular file (`what` names
@@ -55,9 +57,15 @@ def local_checkpoint(path: str | os.PathLike) -> Path:
     raise ModelError(f"{path}: no such directory (hybrimoe loads local checkpoints only; download a hub model first)")
 
 
-def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError) -> str:
-    """The UTF-8 text of `path` (see `input_file`), without the byte order mark some editors write."""
+def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserError,
+              max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of `path` (see `input_file`), without the byte order mark some editors write;
+    a file past `max_bytes` is refused before it is read."""
     path = input_file(path, what, error)
+    size_bytes = path.stat().st_size
+    if size_bytes > max_bytes:
+        raise error(f"{what} {path} is {size_bytes / 2**20:,.1f} MiB; hybrimoe reads at most "
+                    f"{max_bytes / 2**20:,.0f} MiB of it")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

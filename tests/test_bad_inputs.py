@@ -124,6 +124,7 @@ def make_files(tmp: Path) -> None:
     _profile_with(tmp, "neg_bandwidth.yaml", "h2d_pinned_gbps: 25.2", "h2d_pinned_gbps: -25.2")
     _profile_with(tmp, "nan_point.yaml", "  - [1, 0.18218, 0.0]", "  - [1, .nan, 0.0]")
     _profile_with(tmp, "zero_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [0, 0.18218, 0.0]")
+    (tmp / "huge_comment.yaml").write_text("#" * (5 << 20) + "\n" + PROFILE.read_text())
     _profile_with(tmp, "huge_tokens.yaml", "  - [1, 0.18218, 0.0]", "  - [1.0e+30, 0.18218, 0.0]")
     _profile_with(tmp, "nan_slope.yaml", "per_token_ms: 0.00403833", "per_token_ms: .nan")
     zero_cpu = yaml.safe_load(PROFILE.read_text())
@@ -545,6 +546,8 @@ CASES = [
     ("run prompt past the positions", [*RUN[:2], "x" * 5000, *RUN[3:]], "max_position_embeddings"),
     ("profile group size without quantize", ["profile", "--estimate", "x", "--group-size", "64"], "--group-size"),
     ("profile inf llc", ["profile", "--llc-mb", "inf"], "--llc-mb"),
+    ("run a prompt on stdin past 64 MiB", ["run", "--prompt", "-"], "past 64 MiB"),
+    ("profile past 4 MiB", [*SIM, "--profile", "{tmp}/huge_comment.yaml"], "at most 4 MiB"),
     ("run non-UTF-8 prompt on stdin", ["run", "--prompt", "-", *RUN[3:]], "not UTF-8"),
     ("trace declaring a huge shape", ["simulate", "--trace", "{tmp}/huge_shape.npz", "--profile", P], "declares shape"),
     ("trace encrypted", ["simulate", "--trace", "{tmp}/encrypted.npz", "--profile", P], "encrypted"),
@@ -702,7 +705,10 @@ CASES = [
 ]
 
 
-STDIN = {"run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO"}  # what a case reads on stdin
+STDIN = {  # what a case reads on stdin
+    "run non-UTF-8 prompt on stdin": b"\xff\xfeROMEO",
+    "run a prompt on stdin past 64 MiB": bytes(64 * 2**20 + 1),  # what `< /dev/zero` would give, and more
+}
 ENV = {  # what a case sets
     "run unknown HYBRIMOE_NATIVE": {"HYBRIMOE_NATIVE": "banana"},
     "run profile directory is a file": {"HYBRIMOE_PROFILE_DIR": str(REPO / "README.md")},

@@ -39,10 +39,13 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> tuple[str, ..
 
 def _stdin_text() -> str:
     from hybrimoe.errors import UserError
+    from hybrimoe.files import MAX_TEXT_BYTES
 
     if sys.stdin is None:
         raise UserError("--prompt - reads the prompt from stdin, which is closed")
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"the prompt on stdin is past {MAX_TEXT_BYTES >> 20} MiB; hybrimoe reads at most that")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

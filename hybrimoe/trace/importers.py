@@ -23,6 +23,8 @@ from hybrimoe.errors import TraceError
 from hybrimoe.files import check_output, read_text
 from hybrimoe.trace.format import ID_DTYPE, RoutingTrace, TraceMeta, TraceStep, save_trace, trace_meta_from_hf_config
 
+MAX_LOG_BYTES = 4 << 30  # a routing log is read whole: a serving engine's long recording, not a disk
+
 
 def import_vllm_jsonl(paths: Sequence[str | os.PathLike], meta: TraceMeta) -> RoutingTrace:
     """`read_vllm_jsonl`'s trace."""
@@ -78,7 +80,7 @@ def _trace_of(steps: list[TraceStep], paths: Sequence[str | os.PathLike], fmt: s
 
 
 def _vllm_steps(path: Path, meta: TraceMeta) -> list[TraceStep]:
-    lines = [line for line in read_text(path, "trace input", TraceError).splitlines() if line.strip()]
+    lines = [line for line in read_text(path, "trace input", TraceError, MAX_LOG_BYTES).splitlines() if line.strip()]
     L = meta.n_layers
     if not lines:
         raise TraceError(f"{path}: no lines")
