@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrimoe.config import memory_budget_error
+from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint, real_path
+from hybrimoe.shapes import ModelShape, shape_from_hf_config
 
 
 MAX_TEMPERATURE = 2.0  # past it sampling is noise; OpenAI's API and `hybrimoe serve` stop there too
@@ -86,8 +87,8 @@ def check_options(options: RunOptions) -> None:
         raise UserError("--threads must be at least 1")
     if options.quantize is not None:
         check_name("quantization", options.quantize, QUANTIZE_FORMATS)
-    if options.group_size is not None and options.group_size < 2:
-        raise UserError("--group-size must be at least 2")
+    if options.group_size is not None and (options.group_size < 2 or options.group_size % 2):
+        raise UserError(f"--group-size {options.group_size} is not an even number of weights (2 at least)")
     if options.strategy == "gpu-offload" and (options.cache_ratio == 0 or options.cache_experts == 0):
         raise UserError("--strategy gpu-offload computes every expert on the accelerator from its cache: it needs a "
                         "cache above 0 (--strategy cpu-only runs without one)")
@@ -112,7 +113,6 @@ def check_options(options: RunOptions) -> None:
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the families' names
 
 
 def check_device(device: str | None) -> None:
@@ -123,9 +123,9 @@ def check_device(device: str | None) -> None:
 
 def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> None:
     """Refuses, from config.json alone (no transformers), `new_tokens` (given as `flag`) that leave
-    no room for a prompt in the model's positions, and a `--cache-experts` past the experts of all
-    its layers (`options.model` None: the demo model); a config that cannot be read is left to the
-    loader to name."""
+    no room for a prompt in the model's positions, a `--cache-experts` past the model's routed
+    experts and a `--group-size` that does not split its experts' rows (`options.model` None: the
+    demo model); a config that cannot be read is left to the loader to name."""
     from hybrimoe.demo import demo_model_path
 
     config_path = (demo_model_path() if options.model is None else options.model) / "config.json"
@@ -144,12 +144,24 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     if _whole(positions) and 0 < positions <= new_tokens:
         raise UserError(f"{flag} {new_tokens} leaves no room for a prompt in the model's {positions} positions "
                         "(max_position_embeddings): give fewer")
-    n_layers = config.get("num_hidden_layers")
-    n_experts = next((config[key] for key in _EXPERT_COUNT_KEYS if key in config), None)
-    if options.cache_experts is not None and _whole(n_layers) and _whole(n_experts) and (
-            options.cache_experts > n_layers * n_experts > 0):
-        raise UserError(f"--cache-experts {options.cache_experts} is more than the model holds: at most "
-                        f"{n_layers * n_experts} routed experts ({n_experts} in each of {n_layers} layers)")
+    shape = _shape(config)
+    if shape is None:
+        return
+    n_routed = shape.n_layers * shape.n_experts
+    if options.cache_experts is not None and options.cache_experts > n_routed:
+        raise UserError(f"--cache-experts must be in [0, {n_routed}] (the model's routed experts)")
+    if options.quantize is not None:  # a group size that does not split the experts' rows
+        shape.expert_shape().quantized(options.quantize, options.group_size or DEFAULT_GROUP_SIZE)
+
+
+def _shape(config: dict) -> ModelShape | None:
+    """The model's shape as the loader will read it; None where the loader will refuse the config
+    (and name the checkpoint)."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    try:
+        return shape_from_hf_config(config, name="config.json", dtype=dtype if dtype in DTYPE_BYTES else "float32")
+    except UserError:
+        return None
 
 
 class _RepeatedKey(Exception):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES
+from hybrimoe.config import DEFAULT_GROUP_SIZE
 from hybrimoe.demo import demo_model_path
 from hybrimoe.errors import UserError
 from hybrimoe.files import read_json
@@ -42,6 +42,12 @@ def resolve_model(
     none given means the demo model. `quantize`: its experts kept as int8 or int4 (groups of
     `group_size` weights), as `hybrimoe run --quantize` keeps them."""
     shape = _unquantized(model_path, preset, hidden_size, intermediate_size, dtype)
+    expert_bytes = shape.expert_shape().expert_bytes
+    if expert_bytes > MAX_EXPERT_BYTES:
+        raise UserError(
+            f"an expert of hidden size {shape.hidden_size} x intermediate size {shape.intermediate_size} takes "
+            f"{expert_bytes / 2**30:,.0f} GiB; hybrimoe profiles experts of at most {MAX_EXPERT_BYTES >> 30} GiB"
+        )
     if quantize is None:
         return shape
     shape = shape.quantized(quantize, group_size)
@@ -73,12 +79,6 @@ def _unquantized(
         return shape if dtype is None else dataclasses.replace(shape, dtype=dtype)
     if hidden_size is None or intermediate_size is None:
         raise UserError("--hidden-size and --intermediate-size go together")
-    expert_bytes = 3 * hidden_size * intermediate_size * DTYPE_BYTES.get(dtype or "bfloat16", 2)
-    if expert_bytes > MAX_EXPERT_BYTES:
-        raise UserError(
-            f"an expert of hidden size {hidden_size} x intermediate size {intermediate_size} takes "
-            f"{expert_bytes / 2**30:,.0f} GiB; hybrimoe profiles experts of at most {MAX_EXPERT_BYTES >> 30} GiB"
-        )
     n_heads = max(1, hidden_size // 128)
     return ModelShape(
         name=f"custom-{hidden_size}x{intermediate_size}",
