@@ -13,6 +13,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import threading
@@ -79,6 +80,26 @@ def _server(config, shutdown):
                     signal.signal(sig, handler)
 
     return Server(config)
+
+
+def _json_400_protocol():
+    """uvicorn's HTTP/1.1 protocol (h11, whichever parsers are installed), answering a request it
+    cannot parse (a garbage request line, a negative Content-Length) with the API's JSON error
+    instead of plain text."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrors(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}", "type": "invalid_request_error",
+                                         "param": None, "code": None}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrors
 
 
 def check_serve_options(options: ServeOptions) -> None:
@@ -183,7 +204,7 @@ def serve(
         metrics.watch(engine)
         shutdown = Shutdown(serve_options.shutdown_timeout_s)
         app = create_app(engine, model_name, serve_options.token_cap, n_positions[0], metrics, shutdown)
-        config = uvicorn.Config(app, log_level="warning",
+        config = uvicorn.Config(app, log_level="warning", http=_json_400_protocol(),
                                 timeout_graceful_shutdown=serve_options.shutdown_timeout_s + ANSWER_S)
         server = _server(config, shutdown)
         servers.append(server)

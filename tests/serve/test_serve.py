@@ -288,6 +288,23 @@ def test_a_chunked_body_past_the_limit_is_refused_as_it_comes(server):
     assert http(server, "GET", "/health")[0] == 200
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+])
+def test_a_request_http_cannot_parse_gets_the_json_error(server, request_bytes):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request_bytes)
+        raw = b""
+        while chunk := connection.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), raw
+    assert json.loads(body)["error"]["message"].startswith("malformed HTTP request")
+    assert http(server, "GET", "/health")[0] == 200
+
+
 def test_an_empty_stop_string_is_named(server):
     body = json.dumps({"model": "demo", "prompt": "x", "stop": ""}).encode()
     got, _, raw = http(server, "POST", "/v1/completions", body)
