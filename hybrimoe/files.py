@@ -1,7 +1,7 @@
 """Reading inputs and writing results, with every problem a user can cause as one line.
 
-- `read_text` / `read_json`: a missing, unreadable or non-UTF-8 file, a directory, or JSON nested
-  too deeply to parse becomes a UserError naming the file.
+- `read_text` / `read_json`: a missing, unreadable, oversized or non-UTF-8 file, a directory, JSON
+  nested too deeply to parse or giving a key twice becomes a UserError naming the file.
 - `check_output`: before the work starts, an output path must be writable: not a directory, its
   nearest existing ancestor a writable directory, and not an existing file unless `force`.
 - `write_atomically`: a temp file beside the target, then a rename, so a profile or trace is either
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -74,10 +75,23 @@ def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserE
         raise error(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
 
 
+def object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A `json.loads` object hook: a key given twice in one object is refused (JSON would keep the
+    last silently, so a config's second `num_experts` would win unseen)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        repeated = next(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+        raise UserError(f"the key {repeated!r} is given twice (JSON keeps the last silently): keep one")
+    return obj
+
+
 def parse_json(text: str, where: str) -> Any:
-    """JSON from `text`; malformed or too deeply nested JSON is one line naming `where`."""
+    """JSON from `text`; malformed or too deeply nested JSON, or an object giving a key twice, is
+    one line naming `where`."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=object_without_repeats)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:

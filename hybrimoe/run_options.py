@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
-from hybrimoe.files import check_output, input_file, local_checkpoint, real_path
+from hybrimoe.files import check_output, input_file, local_checkpoint, object_without_repeats, real_path
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
 
 
@@ -132,12 +132,11 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     if not config_path.is_file():  # a pipe is refused by the loader, without reading it
         return
     try:
-        config = json.loads(config_path.read_text(), object_pairs_hook=_refusing_repeats)
+        config = json.loads(config_path.read_text(), object_pairs_hook=object_without_repeats)
     except (OSError, ValueError, RecursionError):
         return
-    except _RepeatedKey as exc:
-        raise UserError(f"{config_path}: the key {exc.key!r} is given twice (JSON keeps the last silently): "
-                        "keep one") from None
+    except UserError as exc:
+        raise UserError(f"{config_path}: {exc}") from None
     if not isinstance(config, dict):
         return
     positions = config.get("max_position_embeddings")
@@ -162,21 +161,6 @@ def _shape(config: dict) -> ModelShape | None:
         return shape_from_hf_config(config, name="config.json", dtype=dtype if dtype in DTYPE_BYTES else "float32")
     except UserError:
         return None
-
-
-class _RepeatedKey(Exception):
-    def __init__(self, key: str):
-        self.key = key
-
-
-def _refusing_repeats(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object, refused (`_RepeatedKey`) where a key appears twice."""
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _RepeatedKey(key)
-        seen[key] = value
-    return seen
 
 
 def _whole(value) -> bool:

@@ -232,6 +232,7 @@ def make_files(tmp: Path) -> None:
     bad_tokenizer = _model_dir(tmp, "bad_tokenizer")
     (bad_tokenizer / "tokenizer.json").write_text('{"version": "1.0", "model": 42}')
     (tmp / "huge_layers.json").write_text(json.dumps(_demo_config(num_hidden_layers=10**12)))
+    (tmp / "repeated_key.json").write_text(json.dumps(_demo_config())[:-1] + ', "hidden_size": 4096}')
     (tmp / "huge_experts.json").write_text(json.dumps(_demo_config(hidden_size=65536, moe_intermediate_size=65536,
                                                                           num_attention_heads=512, head_dim=128)))
     shutil.copy(TRACE, tmp / "trace_copy.npz")
@@ -597,6 +598,9 @@ CASES = [
     ("run config with a key twice", [*RUN, "--model", "{tmp}/repeated_key"], "'num_experts' is given twice"),
     ("run boolean weights", [*RUN, "--model", "{tmp}/bool_weights"], "model.norm.weight is stored as BOOL"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
+    ("profile a config giving a key twice", ["profile", "--estimate", "rtx4090-desktop", "--model",
+                                             "{tmp}/repeated_key.json", "--out", "{tmp}/p.yaml"],
+     "'hidden_size' is given twice"),
     ("profile estimate of a config's 24 GiB experts", ["profile", "--estimate", "rtx4090-desktop", "--model",
                                                          "{tmp}/huge_experts.json", "--out", "{tmp}/p.yaml"],
      "profiles experts of at most 16 GiB"),
