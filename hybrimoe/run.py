@@ -44,7 +44,7 @@ from hybrimoe.errors import ModelError, UserError, printable
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
-from hybrimoe.run_options import RunOptions, check_options
+from hybrimoe.run_options import RunOptions, check_options, kept_format
 from hybrimoe.runtime import native
 from hybrimoe.runtime.generate import Generated, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
@@ -103,15 +103,8 @@ def _policy(profile: HardwareProfile | None) -> PolicyConfig:
 
 def quantization_for_run(options: RunOptions, profile: HardwareProfile | None) -> Quantization | None:
     """How the run keeps its weights: the options', else the profile's tuned policy's."""
-    policy = _policy(profile)
-    quantize = options.quantize or policy.quantize
-    if quantize is None:
-        if options.quantize_dense or options.group_size is not None:
-            flag = "--quantize-dense" if options.quantize_dense else "--group-size"
-            raise UserError(f"{flag} needs --quantize int8 or int4 (the format the weights are kept in)")
-        return None
-    group_size = options.group_size or policy.group_size
-    return Quantization(quantize, group_size, dense=options.quantize_dense)
+    quantize, group_size = kept_format(options, _policy(profile))
+    return None if quantize is None else Quantization(quantize, group_size, dense=options.quantize_dense)
 
 
 def _profile_for_run(
@@ -403,7 +396,7 @@ def open_session(
         if profile is not None:
             profile.check_expert_shape(shape.expert_shape())
         if replayed is not None:
-            check_fits(replayed, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
+            check_fits(replayed.meta, facts.n_layers, facts.n_experts, facts.top_k, str(options.replay_trace))
         prompt_shape = batch_shape(facts, tokenizer)
         if replayed is not None:
             _check_replay_length(replayed, prompt_shape, options)

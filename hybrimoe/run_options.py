@@ -8,10 +8,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrimoe.config import DEFAULT_GROUP_SIZE, DTYPE_BYTES, memory_budget_error
+from hybrimoe.capacity import GIB, MARGIN_BYTES
+from hybrimoe.config import DTYPE_BYTES, PolicyConfig, load_profile, memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint, object_without_repeats, real_path
+from hybrimoe.runtime.replay import check_fits
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
+from hybrimoe.trace import load_trace_meta
 
 
 MAX_TEMPERATURE = 2.0  # past it sampling is noise; OpenAI's API and `hybrimoe serve` stop there too
@@ -77,6 +80,9 @@ def check_options(options: RunOptions) -> None:
         raise UserError("--top-p samples, so it needs a --temperature above 0 (at 0 generation is greedy)")
     if options.gpu_memory_gb is not None and (error := memory_budget_error("--gpu-memory-gb", options.gpu_memory_gb)):
         raise UserError(error)
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb * GIB < MARGIN_BYTES:
+        raise UserError(f"--gpu-memory-gb {options.gpu_memory_gb:g} is not enough: the margin for kernel workspaces "
+                        f"alone takes {MARGIN_BYTES / GIB:.2f} GiB, before any weight")
     if options.cache_experts is not None and options.cache_ratio is not None:
         raise UserError("pass --cache-experts or --cache-ratio, not both")
     if options.cache_ratio is not None and not 0.0 <= options.cache_ratio <= 1.0:
@@ -149,8 +155,26 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     n_routed = shape.n_layers * shape.n_experts
     if options.cache_experts is not None and options.cache_experts > n_routed:
         raise UserError(f"--cache-experts must be in [0, {n_routed}] (the model's routed experts)")
-    if options.quantize is not None:  # a group size that does not split the experts' rows
-        shape.expert_shape().quantized(options.quantize, options.group_size or DEFAULT_GROUP_SIZE)
+    if options.replay_trace is not None:
+        check_fits(load_trace_meta(options.replay_trace), shape.n_layers, shape.n_experts, shape.top_k,
+                   str(options.replay_trace))
+    if options.profile is None and options.quantize is None:
+        return  # the experts' format may be this machine's tuned profile's, found once torch names the device
+    profile = load_profile(options.profile) if options.profile is not None else None
+    quantize, group_size = kept_format(options, profile.policy if profile and profile.policy else PolicyConfig())
+    experts = shape.expert_shape().quantized(quantize, group_size)  # refuses a group size that does not split rows
+    if profile is not None:
+        profile.check_expert_shape(experts)
+
+
+def kept_format(options: RunOptions, policy: PolicyConfig) -> tuple[str | None, int]:
+    """The format the run keeps the routed experts in (`--quantize`, else the tuned policy's; None:
+    the checkpoint's) and its group size."""
+    quantize = options.quantize or policy.quantize
+    if quantize is None and (options.quantize_dense or options.group_size is not None):
+        flag = "--quantize-dense" if options.quantize_dense else "--group-size"
+        raise UserError(f"{flag} needs --quantize int8 or int4 (the format the weights are kept in)")
+    return quantize, options.group_size or policy.group_size
 
 
 def _shape(config: dict) -> ModelShape | None:

@@ -34,6 +34,11 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> tuple[str, ..
         return (_stdin_text() if prompt_file == Path("-") else read_text(prompt_file, "--prompt-file"),)
     if not prompts:
         raise UserError("give a prompt: --prompt TEXT, --prompt-file FILE, or --prompt - to read stdin")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes the locale could not decode, kept as surrogates
+            raise UserError(f"--prompt is not UTF-8 text (character {exc.start})") from None
     return tuple(_stdin_text() if prompt == "-" else prompt for prompt in prompts)
 
 

@@ -79,6 +79,11 @@ class BaselineParams:
         if self.eviction not in ADMITTING_POLICIES:
             raise PolicyError(f"eviction must be one of {', '.join(ADMITTING_POLICIES)}, got {self.eviction!r}")
 
+    def check_layers(self, n_layers: int) -> None:
+        """Refuses settings a model of `n_layers` MoE layers cannot take, before any cell runs."""
+        if self.lru_cpu_layers is not None and not 0 <= self.lru_cpu_layers <= n_layers:
+            raise PolicyError(f"llamacpp-lru's CPU layers must be in [0, {n_layers}], got {self.lru_cpu_layers}")
+
 
 class PeriodicRefresh:
     """kTransformers' dynamic expert update, as modelled here: after the last layer of every
@@ -171,10 +176,9 @@ def llamacpp_lru_planner(
     dims: ModelDims, costs: CostModel, capacity: int, baseline: BaselineParams, planning: PlanningMs
 ) -> PolicyPlanner:
     n_layers, n_experts = dims.n_layers, dims.n_experts
+    baseline.check_layers(n_layers)
     cpu_layers = n_layers if baseline.lru_cpu_layers is None else baseline.lru_cpu_layers
     gpu_layers = n_layers - cpu_layers
-    if not 0 <= cpu_layers <= n_layers:
-        raise PolicyError(f"llamacpp-lru's CPU layers must be in [0, {n_layers}], got {cpu_layers}")
     if gpu_layers * n_experts > capacity:
         raise PolicyError(
             f"llamacpp-lru with {cpu_layers} CPU layers needs {gpu_layers * n_experts} slots for the rest; "

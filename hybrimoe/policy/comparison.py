@@ -215,6 +215,7 @@ def compare_strategies(
     policy = policy or profile.policy or PolicyConfig()
     costs = CostModel(profile)
     dims = ModelDims(trace.meta.n_layers, trace.meta.n_experts, trace.meta.top_k)
+    baseline.check_layers(dims.n_layers)
     workload = make_workload(trace, mode, profile_fraction, prefill_tokens, max_tokens, profiling)
     started = time.perf_counter()
     results = {}

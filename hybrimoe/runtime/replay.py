@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hybrimoe.errors import UserError
-from hybrimoe.trace import RoutingTrace
+from hybrimoe.trace import RoutingTrace, TraceMeta
 
 
 class ReplayStep(NamedTuple):
@@ -62,7 +62,7 @@ class RoutingReplay:
     ) -> RoutingReplay:
         """The replay of `trace` on a model of these shapes: its first `n_layers` MoE layers when it
         has more; one UserError line when it has fewer, or other experts or top-k."""
-        check_fits(trace, n_layers, n_experts, top_k, source)
+        check_fits(trace.meta, n_layers, n_experts, top_k, source)
         if trace.meta.n_layers > n_layers:
             trace = trace.select_layers(range(n_layers))
         return cls(trace, source)
@@ -88,9 +88,8 @@ class RoutingReplay:
         )
 
 
-def check_fits(trace: RoutingTrace, n_layers: int, n_experts: int, top_k: int, source: str) -> None:
-    """Refuses a trace that cannot route this model, as one UserError line."""
-    meta = trace.meta
+def check_fits(meta: TraceMeta, n_layers: int, n_experts: int, top_k: int, source: str) -> None:
+    """Refuses a trace (its metadata) that cannot route this model, as one UserError line."""
     if (meta.n_experts, meta.top_k) != (n_experts, top_k):
         raise UserError(
             f"{source}: the trace routes top-{meta.top_k} of {meta.n_experts} experts, "

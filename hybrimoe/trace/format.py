@@ -375,6 +375,24 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         raise TraceError(f"{path}: {exc}") from None
 
 
+def load_trace_meta(path: str | os.PathLike) -> TraceMeta:
+    """A trace's metadata alone (its model and routing shape), to check a trace against a model
+    before the trace is read whole; a problem is one TraceError line naming the file."""
+    path = input_file(path, "trace", TraceError)
+    _check_archive(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "meta" not in archive.files:
+                raise TraceError(f"{path}: no meta array")
+            array = archive["meta"]
+    except _UNREADABLE as exc:
+        raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
+    try:
+        return _meta_from_json(array)
+    except TraceError as exc:
+        raise TraceError(f"{path}: {exc}") from None
+
+
 def _check_archive(path: Path) -> None:
     """Bounds what reading the archive costs before numpy reads it: every member compressed in a way
     zipfile reads and not encrypted, each array's declared shape exactly the bytes
