@@ -75,7 +75,7 @@ def read_header(path: Path) -> GgufHeader:
         for _ in range(n_fields):  # each field takes bytes, so a false count ends at the file's end
             key = cursor.string("a metadata key")
             if key in fields:
-                raise ModelError(f"{path}: the GGUF header has {key} twice")
+                raise ModelError(f"{path}: the GGUF header has the key {key!r} twice")
             fields[key] = cursor.value(cursor.take("I"), key)
         infos = [_tensor_info(cursor) for _ in range(n_tensors)]
         alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -85,7 +85,7 @@ def read_header(path: Path) -> GgufHeader:
     tensors, names = [], set()
     for name, dims, raw_type, offset in infos:
         if name in names:
-            raise ModelError(f"{path}: the GGUF header has tensor {name} twice")
+            raise ModelError(f"{path}: the GGUF header has tensor {name!r} twice")
         names.add(name)
         try:
             kind = GGMLQuantizationType(raw_type)

@@ -239,6 +239,9 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "bert", config={"model_type": "bert"})
     _model_dir(tmp, "narrower_config", config=_demo_config(moe_intermediate_size=64))
     _model_dir(tmp, "zero_heads", config=_demo_config(num_attention_heads=0))
+    _model_dir(tmp, "unknown_rope", config=_demo_config(rope_scaling={"type": "bogus", "factor": -1}))
+    broken_template = _model_dir(tmp, "broken_template") / "tokenizer_config.json"
+    broken_template.write_text(json.dumps({**json.loads(broken_template.read_text()), "chat_template": "{% if %}"}))
     config_text = json.dumps(_demo_config())
     (_model_dir(tmp, "repeated_key") / "config.json").write_text(config_text[:-1] + ', "num_experts": 999}')
     _model_dir(tmp, "zero_experts", config=_demo_config(num_experts=0))
@@ -599,6 +602,8 @@ CASES = [
     ("run int8 weights the config does not declare", [*RUN, "--model", "{tmp}/int8_unmarked"],
      "declares no quantization"),
     ("run weights holding NaN", [*RUN, "--model", "{tmp}/nan_weights"], "outputs on a warm-up step are not finite"),
+    ("run config of an unknown rope scaling", [*RUN, "--model", "{tmp}/unknown_rope"],
+     "'bogus' is not a value transformers knows"),
     ("run config with a key twice", [*RUN, "--model", "{tmp}/repeated_key"], "'num_experts' is given twice"),
     ("run boolean weights", [*RUN, "--model", "{tmp}/bool_weights"], "model.norm.weight is stored as BOOL"),
     ("run malformed tokenizer", [*RUN, "--model", "{tmp}/bad_tokenizer"], "no usable tokenizer"),
@@ -636,10 +641,17 @@ CASES = [
     ("serve zero batch", ["serve", "--max-batch", "0"], "--max-batch"),
     ("serve huge batch", ["serve", "--max-batch", "100000"], "--max-batch"),
     ("serve negative queue", ["serve", "--max-queue", "-1"], "--max-queue"),
+    ("serve a queue of 10**13", ["serve", "--max-queue", str(10**13)], "--max-queue must be in 0-100000"),
+    ("tune decode tokens of 10**23", ["tune", "--trace", T, "--profile", P, "--out", "{tmp}/t.yaml",
+                                      "--decode-tokens", str(10**23)], "--decode-tokens must be in [0, 16777216]"),
+    ("profile a note that is not UTF-8", ["profile", "--estimate", "rtx4090-desktop", "--preset", "demo", "--out",
+                                          "{tmp}/p.yaml", "--note", "n\udcff"], "--note is not UTF-8 text"),
     ("serve zero max tokens", ["serve", "--max-tokens", "0"], "--max-tokens"),
     ("serve max tokens past the model's positions", ["serve", "--max-tokens", "100000", "--port", "0"],
      "leaves no room for a prompt in the model's 256 positions"),
     ("serve nan shutdown timeout", ["serve", "--shutdown-timeout", "nan"], "--shutdown-timeout"),
+    ("serve a chat template that does not render", ["serve", "--model", "{tmp}/broken_template", "--port", "0"],
+     "the model's chat template failed"),
     ("serve model missing", ["serve", "--model", "{tmp}/missing"], "missing"),
     ("serve trace not npz", ["serve", "--record-trace", "{tmp}/t.txt"], ".npz"),
     ("serve unknown strategy", ["serve", "--strategy", "banana"], "banana"),

@@ -155,7 +155,7 @@ def _key(name: str) -> bytes:
     (_header(_key("x.arr") + struct.pack("<IIQIIQ", 9, 9, 1, 9, 9, 1)), "an array of GGUF value type 9"),
     (_header(_key("x.arr") + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1 << 40)), "truncated: x.arr"),
     (_header(struct.pack("<Q", 2) + b"\xff\xfe" + struct.pack("<IB", 0, 1)), "a metadata key is not UTF-8"),
-    (_header(_key("a") + struct.pack("<IB", 0, 1), _key("a") + struct.pack("<IB", 0, 1)), "has a twice"),
+    (_header(_key("a") + struct.pack("<IB", 0, 1), _key("a") + struct.pack("<IB", 0, 1)), "has the key 'a' twice"),
     (_header(_key("a") + struct.pack("<I", 77)), "unknown GGUF value type 77"),
     (_header(_key("general.alignment") + struct.pack("<II", 4, 3)), "not a power of two"),
     (_header(n_tensors=1, tensors=_key("w") + struct.pack("<I5QIQ", 5, 1, 1, 1, 1, 1, 0, 0)), "5 dimensions"),

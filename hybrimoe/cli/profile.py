@@ -116,6 +116,10 @@ def profile(
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if name is not None and (not name.strip() or not name.isprintable()):
             raise UserError(f"--name must be one line of printable text, got {name!r}")
+        try:
+            note.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
+            raise UserError(f"--note is not UTF-8 text, got {note!r}") from None
         _check_outputs(out, plot, force, estimate)
         check_device(device)
         if estimate:

@@ -328,6 +328,7 @@ def load_config(path: Path, trust_remote_code: bool):
     """The checkpoint directory's config, refused in one line when unreadable, unknown or (without
     `trust_remote_code`) shipping its own code for a model transformers does not implement."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
     _check_regular_files(path)
     try:
@@ -346,12 +347,16 @@ def load_config(path: Path, trust_remote_code: bool):
         _note(f"{path}: transformers implements {model_type!r} itself; the checkpoint's own code (auto_map) is not used")
     else:
         check_code_is_local(path, config_data, trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on odd fields: what cannot build a model is refused in one line
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native, local_files_only=True)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelError(f"{path}: unknown architecture {model_type!r} ({first_line(exc)})") from None
     except Exception as exc:  # transformers' config classes validate with errors of their own (huggingface_hub's)
         raise ModelError(f"{path}/config.json: not a valid {model_type} config ({first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _check_config_numbers(path: Path, config_data: dict) -> None:
@@ -470,8 +475,9 @@ def build_on_meta(config, trust_remote_code: bool) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise ModelError(f"{config.model_type}: not a causal language model transformers knows ({first_line(exc)})") from None
-    except (AssertionError, ArithmeticError, TypeError, IndexError) as exc:  # the config's numbers do not build a model
-        raise ModelError(f"{config.model_type}: its config.json does not build a model ({first_line(exc)})") from None
+    except (AssertionError, ArithmeticError, TypeError, IndexError, KeyError) as exc:  # the config does not build a model
+        detail = f"{first_line(exc)} is not a value transformers knows" if isinstance(exc, KeyError) else first_line(exc)
+        raise ModelError(f"{config.model_type}: its config.json does not build a model ({detail})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

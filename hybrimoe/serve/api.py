@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -232,12 +234,43 @@ def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
         raise ApiError(500, f"the model's chat template failed: {message}", kind="server_error") from None
 
 
-def check_chat_template(tokenizer) -> None:
-    """Refuses, at start-up, a chat template that cannot render a one-message conversation."""
+TEMPLATE_LIMIT_S = 5.0
+
+
+class _TooSlow(BaseException):  # not an Exception: chat_text's catch-all must let it through
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def too_slow(signum, frame):
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        chat_text(tokenizer, [{"role": "user", "content": "hello"}])
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_chat_template(tokenizer) -> None:
+    """Refuses, at start-up, a chat template that cannot render a one-message conversation, or that
+    takes over `TEMPLATE_LIMIT_S` to (every chat request renders it; jinja's sandbox bounds each
+    loop, not loops within loops). The limit is kept in the main thread only (a signal's)."""
+    try:
+        with _time_limit(TEMPLATE_LIMIT_S):
+            chat_text(tokenizer, [{"role": "user", "content": "hello"}])
     except ApiError as exc:
         raise UserError(exc.message) from None
+    except _TooSlow:
+        raise UserError(f"the model's chat template takes over {TEMPLATE_LIMIT_S:g} s to render one message: "
+                        "fix its tokenizer_config.json (chat_template)") from None
 
 
 def _add_error_handlers(app: FastAPI) -> None:

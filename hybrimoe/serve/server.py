@@ -24,6 +24,7 @@ from hybrimoe.errors import UserError
 from hybrimoe.run_options import RunOptions, check_against_config
 
 MAX_BATCH_LIMIT = 256
+MAX_QUEUE_LIMIT = 100_000  # waiting requests, each holding its prompt: past it a client storm, not a queue
 MAX_SHUTDOWN_TIMEOUT_S = 86_400.0  # a day; past it the event loop's timers overflow
 _SERVE_MODULES = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
 
@@ -95,7 +96,8 @@ def _json_400_protocol():
                                          "param": None, "code": None}}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 
@@ -107,8 +109,8 @@ def check_serve_options(options: ServeOptions) -> None:
         raise UserError(f"--port must be in 0-65535, got {options.port}")
     if not 1 <= options.max_batch <= MAX_BATCH_LIMIT:
         raise UserError(f"--max-batch must be in 1-{MAX_BATCH_LIMIT}, got {options.max_batch}")
-    if options.max_queue < 0:
-        raise UserError(f"--max-queue must be at least 0, got {options.max_queue}")
+    if not 0 <= options.max_queue <= MAX_QUEUE_LIMIT:
+        raise UserError(f"--max-queue must be in 0-{MAX_QUEUE_LIMIT}, got {options.max_queue}")
     if options.model_name is not None and (not options.model_name.strip() or not options.model_name.isprintable()):
         raise UserError(f"--model-name must be one line of printable text, got {options.model_name!r}")
     if options.max_tokens is not None and options.max_tokens < 1:

@@ -45,6 +45,7 @@ DEFAULT_HOLDOUT_SPLIT = 0.3
 MEMORY_STORAGE = "memory"
 EXPORT_ENGINES = ("llamacpp", "ktransformers")  # --export: placements for these engines at the tuned budget
 MAX_WORKERS_PER_CORE = 4  # each worker is a process with its own workload; 1000 of them hung a 2-core machine
+MAX_DECODE_TOKENS = 1 << 24  # generated tokens per request: past any model's positions
 MAX_TRIALS = 1_000_000  # at a tenth of a second each, twelve days: more is a typo, never a plan
 
 
@@ -222,8 +223,8 @@ def _check_numbers(options: TuneOptions) -> None:
         raise UserError(f"--holdout {held_out.pop()} is also a --trace: it would not be held out from the search")
     if options.workers > 1 and options.storage == MEMORY_STORAGE:
         raise UserError("--workers above 1 need a shared storage (the default SQLite file or --storage URL), not memory")
-    if options.decode_tokens < 0 or options.context_tokens < 1 or options.batch_size < 1:
-        raise UserError("--decode-tokens must be >= 0, --context and --batch >= 1")
+    if not 0 <= options.decode_tokens <= MAX_DECODE_TOKENS or options.context_tokens < 1 or options.batch_size < 1:
+        raise UserError(f"--decode-tokens must be in [0, {MAX_DECODE_TOKENS}], --context and --batch >= 1")
 
 
 def _profile(options: TuneOptions, experts: ExpertShape) -> tuple[Path, HardwareProfile]:

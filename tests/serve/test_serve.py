@@ -300,7 +300,7 @@ def test_a_request_http_cannot_parse_gets_the_json_error(server, request_bytes):
         while chunk := connection.recv(65536):
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), raw
+    assert head.startswith(b"HTTP/1.1 400 Bad Request") and b"content-type: application/json" in head.lower(), raw
     assert json.loads(body)["error"]["message"].startswith("malformed HTTP request")
     assert http(server, "GET", "/health")[0] == 200
 
@@ -383,3 +383,20 @@ def test_a_taken_port_is_one_line(tmp_path):
         taken.close()
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], done.stderr
+
+
+def test_a_chat_template_that_renders_for_ever_is_refused_at_start_up(monkeypatch):
+    """jinja's sandbox bounds each loop, not loops within loops: the start-up render has a time limit."""
+    from types import SimpleNamespace
+
+    from hybrimoe.errors import UserError
+    from hybrimoe.serve import api
+
+    def render_for_ever(*args, **kwargs):
+        while True:
+            pass
+
+    monkeypatch.setattr(api, "TEMPLATE_LIMIT_S", 0.2)
+    tokenizer = SimpleNamespace(chat_template="{% for i in range(99999) %}...", apply_chat_template=render_for_ever)
+    with pytest.raises(UserError, match="takes over 0.2 s to render one message"):
+        api.check_chat_template(tokenizer)
