@@ -154,7 +154,11 @@ def serve(
 ) -> ServeReport:
     """Loads the model for `options` (its prompts unused), serves it until SIGINT/SIGTERM, and
     reports what was served. `on_ready(url, session)` is called once requests are answered."""
-    import uvicorn
+    check_serve_options(serve_options)
+    # the default --max-tokens is capped by the positions, request by request
+    check_against_config(options, 0 if serve_options.max_tokens is None else serve_options.max_tokens, "--max-tokens")
+    check_installed()
+    import uvicorn  # torch, transformers and the web stack: seconds, so after every check that needs none
 
     from hybrimoe.run import open_session, prepare_tokenizer, recorded_trace
     from hybrimoe.runtime.planning import TRACE_LOOKAHEAD_DEPTH, trace_step
@@ -163,10 +167,6 @@ def serve(
     from hybrimoe.serve.engine import Engine, EngineStats
     from hybrimoe.serve.metrics import ServerMetrics
 
-    check_serve_options(serve_options)
-    # the default --max-tokens is capped by the positions, request by request
-    check_against_config(options, 0 if serve_options.max_tokens is None else serve_options.max_tokens, "--max-tokens")
-    check_installed()
     options = RunOptions(**{**options.__dict__, "prompts": (), "max_new_tokens": serve_options.token_cap})
     sock = _listen(serve_options.host, serve_options.port)
     n_positions: list[int | None] = []
