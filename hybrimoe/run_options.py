@@ -130,8 +130,9 @@ def check_device(device: str | None) -> None:
 def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> None:
     """Refuses, from config.json alone (no transformers), `new_tokens` (given as `flag`) that leave
     no room for a prompt in the model's positions, a `--cache-experts` past the model's routed
-    experts and a `--group-size` that does not split its experts' rows (`options.model` None: the
-    demo model); a config that cannot be read is left to the loader to name."""
+    experts, a replayed trace of another model (its metadata alone), a `--group-size` that does not
+    split the experts' rows and a `--profile` for other experts (`options.model` None: the demo
+    model); a config that cannot be read is left to the loader to name."""
     from hybrimoe.demo import demo_model_path
 
     config_path = (demo_model_path() if options.model is None else options.model) / "config.json"

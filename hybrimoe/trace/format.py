@@ -358,17 +358,7 @@ _ARRAY_NAMES = ("meta", "step_lengths", "topk_ids", "topk_weights", "router_prob
 
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Reads and validates a trace; every problem is one TraceError line naming the file."""
-    path = input_file(path, "trace", TraceError)
-    _check_archive(path)
-    try:
-        archive = np.load(path, allow_pickle=False)  # a zip (`_check_archive`): an NpzFile
-        with archive:
-            unknown = set(archive.files) - set(_ARRAY_NAMES)
-            if unknown:
-                raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
-            arrays = {name: archive[name] for name in archive.files}
-    except _UNREADABLE as exc:
-        raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
+    path, arrays = _read_arrays(path, _ARRAY_NAMES)
     try:
         return _trace_from_arrays(arrays)
     except TraceError as exc:
@@ -378,19 +368,28 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 def load_trace_meta(path: str | os.PathLike) -> TraceMeta:
     """A trace's metadata alone (its model and routing shape), to check a trace against a model
     before the trace is read whole; a problem is one TraceError line naming the file."""
+    path, arrays = _read_arrays(path, ("meta",))
+    if "meta" not in arrays:
+        raise TraceError(f"{path}: no meta array")
+    try:
+        return _meta_from_json(arrays["meta"])
+    except TraceError as exc:
+        raise TraceError(f"{path}: {exc}") from None
+
+
+def _read_arrays(path: str | os.PathLike, names: tuple[str, ...]) -> tuple[Path, dict[str, np.ndarray]]:
+    """The trace archive's path and those of its arrays named in `names` (bounded first by
+    `_check_archive`); an array no trace has is refused."""
     path = input_file(path, "trace", TraceError)
     _check_archive(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "meta" not in archive.files:
-                raise TraceError(f"{path}: no meta array")
-            array = archive["meta"]
+        with np.load(path, allow_pickle=False) as archive:  # a zip (`_check_archive`): an NpzFile
+            unknown = set(archive.files) - set(_ARRAY_NAMES)
+            if unknown:
+                raise TraceError(f"{path}: unknown array(s) {', '.join(sorted(unknown))}")
+            return path, {name: archive[name] for name in archive.files if name in names}
     except _UNREADABLE as exc:
         raise TraceError(f"{path}: not a readable .npz trace archive ({_one_line(exc)})") from None
-    try:
-        return _meta_from_json(array)
-    except TraceError as exc:
-        raise TraceError(f"{path}: {exc}") from None
 
 
 def _check_archive(path: Path) -> None:
