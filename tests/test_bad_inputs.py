@@ -356,6 +356,8 @@ CASES = [
     ("simulate split with a profiling trace", [*SIM, "--profile", P, "--profiling-trace", T, "--profile-split", "0.5"],
      "--profile-split"),
     ("profile fit of 1e300 ms a token", [*SIM, "--profile", "{tmp}/huge_slope.yaml"], "past any machine"),
+    ("simulate prefill of 10**14 tokens", [*SIM[:5], "--profile", P, "--prefill-tokens", str(10**14)],
+     "less than or equal to 16777216"),
     ("simulate llamacpp-lru CPU layers below 0", ["simulate", "--trace", T, "--profile", P, "--baseline",
                                                   "lru_cpu_layers=-3"], "CPU layers must be in [0, 48], got -3"),
     ("simulate a one-value option twice", [*SIM, "--max-tokens", "8"], "--max-tokens is given twice"),

@@ -23,6 +23,7 @@ from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
 DEFAULT_PROFILE_SPLIT = 0.25  # the trace's first quarter is the profiling workload
 DEFAULT_PREFILL_TOKENS = 512  # the prompt length of each simulated prefill
+MAX_PREFILL_TOKENS = 1 << 24  # past any model's positions
 COLUMNS_PER_TABLE = 3  # cache sizes side by side in one text table: three fit 80 columns
 
 def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
@@ -116,7 +117,7 @@ def simulate(
         "(ktransformers-dynamic), lru_inserts, lru_cpu_layers (llamacpp-lru), eviction (gpu-offload, llamacpp-lru).",
     ),
     prefill_tokens: int | None = typer.Option(
-        None, "--prefill-tokens", min=1, help=f"Prompt length of each simulated prefill (default {DEFAULT_PREFILL_TOKENS})."
+        None, "--prefill-tokens", min=1, max=MAX_PREFILL_TOKENS, help=f"Prompt length of each simulated prefill (default {DEFAULT_PREFILL_TOKENS})."
     ),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Replay at most this many tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
