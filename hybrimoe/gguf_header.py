@@ -39,6 +39,7 @@ from hybrimoe.shapes import ModelShape
 # Mixtral converts as "llama" with experts
 ARCHITECTURES = ("qwen3moe", "qwen2moe", "deepseek2", "llama", "olmoe", "gpt-oss")
 EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(\w+?)_exps\.")  # what `-ot blk\.N\.ffn_.*_exps\.=CPU` moves
+EXPERT_ROLES = ("gate", "up", "down")
 FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -94,6 +95,10 @@ def read_gguf(path: str | Path, dtype: str | None = None) -> GgufModel:
     if not per_layer:
         raise ModelError(f"{path}: {architecture} model without routed experts (no ffn_*_exps tensors): not a MoE model")
     moe_layers = tuple(sorted(per_layer))
+    for layer in moe_layers:  # llama.cpp's MoE blocks of these architectures hold all three projections
+        missing = [role for role in EXPERT_ROLES if f"blk.{layer}.ffn_{role}_exps.weight" not in tensors]
+        if missing:
+            raise ModelError(f"{path}: blk.{layer} holds routed experts but no blk.{layer}.ffn_{missing[0]}_exps.weight")
     shape = _shape(header, tensors, architecture, moe_layers, path, dtype)
     return GgufModel(
         path=path,

@@ -13,7 +13,7 @@ from hybrimoe.config import DTYPE_BYTES, PolicyConfig, load_profile, memory_budg
 from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint, object_without_repeats, real_path
 from hybrimoe.runtime.replay import check_fits
-from hybrimoe.shapes import ModelShape, shape_from_hf_config
+from hybrimoe.shapes import ModelShape, check_aliases, shape_from_hf_config
 from hybrimoe.trace import load_trace_meta
 
 
@@ -146,6 +146,10 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
         raise UserError(f"{config_path}: {exc}") from None
     if not isinstance(config, dict):
         return
+    try:
+        check_aliases(config)
+    except UserError as exc:
+        raise UserError(f"{config_path}: {exc}") from None
     positions = config.get("max_position_embeddings")
     if _whole(positions) and 0 < positions <= new_tokens:
         raise UserError(f"{flag} {new_tokens} leaves no room for a prompt in the model's {positions} positions "

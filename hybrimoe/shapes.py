@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,21 @@ def preset_for_routing(routing_shape: tuple[int, int, int, int, int]) -> ModelSh
 _FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
 
+# names transformers' families give one setting (a config class maps the others onto its own)
+_ALIASES = (("num_experts", "num_local_experts", "n_routed_experts"),)
+
+
+def check_aliases(config: dict[str, Any]) -> None:
+    """Refuses a config giving one setting two values under its different names: which one a
+    family reads is its config class's choice (Qwen3-MoE's reads num_local_experts over num_experts),
+    so the model built and the shape read could disagree."""
+    for names in _ALIASES:
+        given = {name: config[name] for name in names if config.get(name) is not None}
+        if len({json.dumps(value) for value in given.values()}) > 1:
+            raise UserError("config gives " + " and ".join(f"{name} {value!r}" for name, value in given.items())
+                            + ": one setting, keep one of them")
+
+
 def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype: str | None = None) -> ModelShape:
     """Reads a transformers `config.json` (as a dict) of a supported MoE family.
 
@@ -190,6 +206,7 @@ def shape_from_hf_config(config: dict[str, Any], name: str | None = None, dtype:
     family = config.get("model_type")
     if family not in _FAMILIES:
         raise UserError(f"unsupported model_type {family!r}; supported: {', '.join(_FAMILIES)}")
+    check_aliases(config)
     odd = next((key for key, value in config.items() if isinstance(value, float) and not math.isfinite(value)), None)
     if odd is not None:  # JSON lets NaN through; the model could not be built from it
         raise UserError(f"{family} config: {odd} is {config[odd]}, not a finite number")

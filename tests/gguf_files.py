@@ -48,6 +48,7 @@ def write_gguf(
     dense_type: gguf.GGMLQuantizationType = Q.Q8_0,
     truncate_bytes: int = 0,
     declared_experts: int | None = None,  # the header's expert_count, when it should lie
+    drop: tuple[str, ...] = (),  # tensors left out
 ) -> dict[str, int]:
     """Writes the GGUF; returns every tensor's bytes by name (what a reader must find)."""
     writer = gguf.GGUFWriter(path, arch)
@@ -69,6 +70,8 @@ def write_gguf(
     sizes: dict[str, int] = {}
 
     def add(name: str, shape: tuple[int, ...], kind: gguf.GGMLQuantizationType) -> None:
+        if name in drop:
+            return
         nbytes = tensor_bytes(shape, kind)
         writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=None if kind == Q.F32 else kind)
         sizes[name] = nbytes

@@ -249,6 +249,10 @@ def make_files(tmp: Path) -> None:
     _model_dir(tmp, "nan_epsilon", config=_demo_config(rms_norm_eps=float("nan")))
     (_model_dir(tmp, "text_eos") / "generation_config.json").write_text('{"eos_token_id": [99999, "x"]}')
     (_model_dir(tmp, "broken_generation_config") / "generation_config.json").write_text('{"temperature": "hot"')
+    (_model_dir(tmp, "text_max_new_tokens") / "generation_config.json").write_text('{"max_new_tokens": "x"}')
+    (_model_dir(tmp, "text_top_p") / "generation_config.json").write_text('{"top_p": "x"}')
+    (_model_dir(tmp, "eos_past_vocabulary") / "generation_config.json").write_text('{"eos_token_id": 1000000000}')
+    _model_dir(tmp, "two_expert_counts", config=_demo_config(num_local_experts=8))
     int8_weights = _model_dir(tmp, "int8_unmarked", weights=False)
     from safetensors.numpy import load_file, save_file
 
@@ -410,6 +414,16 @@ CASES = [
      "pad_token_id 256 is outside the vocabulary"),
     ("run NaN in the config", ["run", "--prompt", "x", "--model", "{tmp}/nan_epsilon"], "rms_norm_eps is nan"),
     ("run EOS ids that are text", ["run", "--prompt", "x", "--model", "{tmp}/text_eos"], "eos_token_id must be"),
+    ("run generation config with a text length", [*RUN, "--model", "{tmp}/text_max_new_tokens"],
+     "max_new_tokens must be a whole number"),
+    ("run generation config with a text top_p", [*RUN, "--model", "{tmp}/text_top_p"], "top_p must be a finite number"),
+    ("run generation config's EOS past the vocabulary", [*RUN, "--model", "{tmp}/eos_past_vocabulary"],
+     "outside the vocabulary"),
+    ("run config giving two expert counts", [*RUN, "--model", "{tmp}/two_expert_counts"],
+     "num_experts 16 and num_local_experts 8"),
+    ("profile config giving two expert counts", ["profile", "--estimate", "rtx4090-desktop", "--model",
+                                                 "{tmp}/two_expert_counts", "--out", "{tmp}/p.yaml"],
+     "config.json: config gives num_experts 16"),
     ("run broken generation config", ["run", "--prompt", "x", "--model", "{tmp}/broken_generation_config"],
      "not readable JSON"),
     ("profile inf overhead", [*SIM, "--profile", "{tmp}/inf_overhead.yaml"], "layer_overhead_ms"),

@@ -115,6 +115,7 @@ def test_leading_dense_blocks_shift_the_llamacpp_block_numbers(tmp_path):
     (lambda p: write_gguf(p, truncate_bytes=4096), "truncated"),
     (lambda p: write_gguf(p, arch="falcon"), "unsupported architecture"),
     (lambda p: write_gguf(p, arch="llama", n_dense_blocks=4), "not a MoE model"),
+    (lambda p: write_gguf(p, drop=("blk.1.ffn_up_exps.weight",)), "no blk.1.ffn_up_exps.weight"),
 ])
 def test_bad_gguf_is_a_model_error(tmp_path, make, message):
     path = tmp_path / "bad.gguf"

@@ -113,4 +113,7 @@ def _shape_from_config(config_path: Path, name: str, dtype: str | None) -> Model
     config = read_json(config_path, "config")
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    return shape_from_hf_config(config, name=name, dtype=dtype)
+    try:
+        return shape_from_hf_config(config, name=name, dtype=dtype)
+    except UserError as exc:
+        raise UserError(f"{config_path}: {exc}") from None

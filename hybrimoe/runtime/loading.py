@@ -66,6 +66,10 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 _ROUTED_EXPERTS_LAYER = re.compile(r"^model\.layers\.(\d+)\..*\.experts\.")  # not Qwen's shared_expert(s)
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _PROJECTIONS = ({"gate_proj", "up_proj", "down_proj"}, {"w1", "w2", "w3"})  # hub checkpoints' names, and Mixtral's
+# generation_config.json's fields that transformers compares as numbers while loading
+_GENERATION_COUNTS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "num_beams",
+                      "num_return_sequences", "no_repeat_ngram_size")
+_GENERATION_NUMBERS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")
 _NOT_FLOAT_DTYPES = ("BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")  # safetensors names
 
 
@@ -339,7 +343,7 @@ def load_config(path: Path, trust_remote_code: bool):
         raise ModelError(f"{path}/config.json: expected a JSON object, got a {type(config_data).__name__}")
     model_type = config_data.get("model_type", "unknown")
     _check_config_numbers(path, config_data)
-    _check_generation_config(path)
+    _check_generation_config(path, config_data.get("vocab_size"))
     native = _is_native_model(model_type)
     if native and "auto_map" in config_data:
         if trust_remote_code:  # a reference to another repository is refused whether or not it would run
@@ -388,9 +392,10 @@ def _check_regular_files(path: Path) -> None:
         raise ModelError(f"{odd}: not a regular file (a pipe, socket or device)")
 
 
-def _check_generation_config(path: Path) -> None:
+def _check_generation_config(path: Path, vocab_size: object) -> None:
     """A generation_config.json, when there is one, must be a JSON object whose EOS ids are token ids
-    (transformers would warn and go on with a broken one, and generation would fail after loading)."""
+    of the vocabulary and whose lengths and sampling numbers are numbers (transformers would warn
+    and go on, or fail with a TypeError while loading)."""
     file = path / "generation_config.json"
     if not file.exists():
         return
@@ -404,6 +409,17 @@ def _check_generation_config(path: Path) -> None:
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ModelError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    if isinstance(vocab_size, int) and any(i >= vocab_size for i in ids):
+        raise ModelError(f"{file}: eos_token_id {eos!r} is outside the vocabulary (vocab_size {vocab_size})")
+    for key in _GENERATION_COUNTS:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ModelError(f"{file}: {key} must be a whole number of at least 0, got {value!r}")
+    for key in _GENERATION_NUMBERS:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value >= 0):
+            raise ModelError(f"{file}: {key} must be a finite number of at least 0, got {value!r}")
 
 
 def _is_native_model(model_type: object) -> bool:
