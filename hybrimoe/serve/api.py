@@ -47,6 +47,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI's API
 RETRY_AFTER_S = 1
 MAX_BODY_BYTES = 16 * 2**20  # a request body past this is refused unread (its JSON and tokens would hold the loop)
 DRAIN_S = 2.0  # how long a refused body is read before the answer goes out anyway
+BODY_WAIT_S = 30.0  # the longest a request body may pause before it is refused (a client that never sends it)
 ANSWER_S = 2.0  # after the requests' time to finish, for their answers to go out
 _POLL_S = 0.25  # how often a waiting handler looks for its client's disconnect and the shutdown's deadline
 
@@ -519,7 +520,8 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, n_positions
 class _CountedRequests:
     """Counts responses by endpoint and status (an ASGI wrapper: it sees every response, streams
     and errors included, without buffering them); unknown paths count as "other". Refuses a body
-    past MAX_BODY_BYTES with a 413: unread when its length is declared, as it comes when chunked."""
+    past MAX_BODY_BYTES with a 413: unread when its length is declared, as it comes when chunked;
+    and a body that pauses past BODY_WAIT_S (shorter than its Content-Length, say) with a 408."""
 
     def __init__(self, app: FastAPI, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -546,11 +548,18 @@ class _CountedRequests:
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        received_bytes = 0
+        received_bytes, body_done = 0, False
 
         async def capped_receive():  # a body that declares no length (chunked) stops at the cap as it comes
-            nonlocal received_bytes
-            message = await receive()
+            nonlocal received_bytes, body_done
+            if body_done:  # then receive waits for the client to go away, for as long as a stream lasts
+                return await receive()
+            try:
+                async with asyncio.timeout(BODY_WAIT_S):
+                    message = await receive()
+            except TimeoutError:
+                raise StarletteHTTPException(408, f"the request body paused over {BODY_WAIT_S:g} s") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             received_bytes += len(message.get("body", b""))
             if received_bytes > MAX_BODY_BYTES:
                 refusal = f"the request body is over {MAX_BODY_BYTES} bytes, this server's most"

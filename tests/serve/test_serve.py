@@ -400,3 +400,42 @@ def test_a_chat_template_that_renders_for_ever_is_refused_at_start_up(monkeypatc
     tokenizer = SimpleNamespace(chat_template="{% for i in range(99999) %}...", apply_chat_template=render_for_ever)
     with pytest.raises(UserError, match="takes over 0.2 s to render one message"):
         api.check_chat_template(tokenizer)
+
+
+def test_a_body_that_never_comes_is_refused_with_408(monkeypatch):
+    """A request shorter than its Content-Length used to hold its connection for good; a stream's
+    wait for the client to go away, once the body is in, has no such limit."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from hybrimoe.serve import api
+    from hybrimoe.serve.metrics import ServerMetrics
+
+    async def echo(request):
+        return JSONResponse(await request.json())
+
+    monkeypatch.setattr(api, "BODY_WAIT_S", 0.2)
+    inner = FastAPI()
+    api._add_error_handlers(inner)
+    inner.router.routes.append(Route("/v1/completions", echo, methods=["POST"]))
+    app = api._CountedRequests(inner, ServerMetrics())
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"content-length", b"100")], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1), "root_path": ""}
+    sent = []
+    first = [{"type": "http.request", "body": b'{"model": ', "more_body": True}]
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(3600)  # the rest of the body never comes
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    assert sent[0]["status"] == 408
+    assert "paused over 0.2 s" in json.loads(sent[1]["body"])["error"]["message"]
