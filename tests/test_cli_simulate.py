@@ -29,7 +29,7 @@ def test_simulate_with_a_profile():
 
 def test_simulate_takes_this_machines_profile_by_default():
     missing = runner.invoke(app, ["simulate", "--trace", TRACE, *SMALL])
-    assert missing.exit_code == 2 and "no profile of this machine" in missing.output
+    assert missing.exit_code == 2 and "no profile saved in" in missing.output
     path = default_profile_path(this_machine_key("cpu"), "qwen3-30b-a3b")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(estimate_for_this_machine(get_preset("qwen3-30b-a3b"), "cpu"), path)

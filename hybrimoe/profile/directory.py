@@ -117,18 +117,21 @@ def find_profile_for_experts(machine: str, expert_shape) -> tuple[Path | None, l
 def this_machines_profile_for(expert_shape) -> Path:
     """The profile `hybrimoe profile` saved on this machine for experts of `expert_shape`
     (`hybrimoe simulate` without --profile); a UserError saying how to make one when there is none,
-    and which saved profile could not be read."""
-    import torch
-
+    and which saved profile could not be read. With no profile saved at all, that is said before
+    torch is imported to name this machine's kind (seconds)."""
     from hybrimoe.errors import UserError
+
+    how = "" if expert_shape.quantize is None else f" --quantize {expert_shape.quantize} --group-size {expert_shape.group_size}"
+    make_one = f"run `hybrimoe profile --model DIR{how}` (or `--preset NAME`) for the trace's model, or pass --profile"
+    directory = profile_dir()
+    if not any(directory.glob("*.yaml")):
+        raise UserError(f"no profile saved in {directory}: {make_one}")
+    import torch
 
     machine = this_machine_key("cuda" if torch.cuda.is_available() else "cpu")
     path, unreadable = find_profile_for_experts(machine, expert_shape)
     if path is None:
-        how = "" if expert_shape.quantize is None else f" --quantize {expert_shape.quantize} --group-size {expert_shape.group_size}"
         broken = f" (of the saved ones, {len(unreadable)} could not be read: {unreadable[0]})" if unreadable else ""
-        raise UserError(
-            f"no profile of this machine ({machine}) for experts {expert_shape.describe()}{broken}: run "
-            f"`hybrimoe profile --model DIR{how}` (or `--preset NAME`) for the trace's model, or pass --profile"
-        )
+        raise UserError(f"no profile of this machine ({machine}) for experts {expert_shape.describe()}{broken}: "
+                        f"{make_one}")
     return path
