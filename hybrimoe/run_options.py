@@ -12,6 +12,7 @@ from hybrimoe.capacity import GIB, MARGIN_BYTES
 from hybrimoe.config import DTYPE_BYTES, PolicyConfig, load_profile, memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
 from hybrimoe.files import check_output, input_file, local_checkpoint, object_without_repeats, real_path
+from hybrimoe.profile.directory import profile_dir
 from hybrimoe.runtime.replay import check_fits
 from hybrimoe.shapes import ModelShape, check_aliases, shape_from_hf_config
 from hybrimoe.trace import load_trace_meta
@@ -163,8 +164,8 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     if options.replay_trace is not None:
         check_fits(load_trace_meta(options.replay_trace), shape.n_layers, shape.n_experts, shape.top_k,
                    str(options.replay_trace))
-    if options.profile is None and options.quantize is None:
-        return  # the experts' format may be this machine's tuned profile's, found once torch names the device
+    if options.profile is None and options.quantize is None and any(profile_dir().glob("*.yaml")):
+        return  # the experts' format may be a saved tuned profile's, found once torch names the device
     profile = load_profile(options.profile) if options.profile is not None else None
     quantize, group_size = kept_format(options, profile.policy if profile and profile.policy else PolicyConfig())
     experts = shape.expert_shape().quantized(quantize, group_size)  # refuses a group size that does not split rows
