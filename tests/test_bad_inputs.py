@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,12 @@ def _hostile_traces(tmp: Path, valid: Path) -> None:
         np.savez_compressed(tmp / f"{name}.npz", **arrays)
     _patch_zip(tmp / "encrypted.npz", 6, 8, 0x1)
     _patch_zip(tmp / "unknown_method.npz", 8, 10, 99)  # 99: AES, which zipfile cannot read
+    with zipfile.ZipFile(tmp / "repeated_member.npz", "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name": the point of this file
+        for name in ("meta", "step_lengths", "topk_ids", "topk_ids"):
+            member = io.BytesIO()
+            np.save(member, arrays[name])
+            archive.writestr(f"{name}.npy", member.getvalue())
     np.savez_compressed(tmp / "deep_meta.npz", **{**arrays, "meta": np.array("[" * 100_000 + "]" * 100_000)})
     n_steps = 5_000_000  # one token each: 68 KB compressed
     np.savez_compressed(tmp / "many_steps.npz", meta=arrays["meta"], step_lengths=np.ones(n_steps, dtype=np.int8),
@@ -465,6 +472,11 @@ CASES = [
     ("trace info markup in the name", ["trace", "info", "{tmp}/[/red].npz"], "[/red].npz"),
     ("trace info bracketed name", ["trace", "info", "{tmp}/[bold]x[/bold].npz"], "[bold]x[/bold].npz"),
     ("trace import missing log", [*IMPORT, "{tmp}/missing.jsonl", "--out", "{tmp}/t.npz"], "missing.jsonl"),
+    ("trace import a provenance of two lines", [*IMPORT, "{tmp}/deep.jsonl", "--out", "{tmp}/t.npz", "--provenance",
+                                                "a\nb"], "--provenance must be one line"),
+    ("trace info a member given twice", ["trace", "info", "{tmp}/repeated_member.npz"], "appears twice"),
+    ("simulate 2000 cache sizes", [*SIM[:5], "--profile", P, "--cache-ratio",
+                                   ",".join(f"{i / 2000:.4f}" for i in range(1, 2001))], "at most 64 cache sizes"),
     ("trace import a weight past float32", [*IMPORT, "{tmp}/weight_past_float32.jsonl", "--out", "{tmp}/t.npz"],
      "past float32's range"),
     ("trace import not utf-8", [*IMPORT, "{tmp}/latin1.jsonl", "--out", "{tmp}/t.npz"], "UTF-8"),

@@ -357,3 +357,22 @@ def test_trace_info_shows_control_characters_in_metadata_escaped(tmp_path):
     assert "\x1b" not in table.output and "\r" not in table.output and "\\x1b]0;pwned\\x07\\ry" in table.output
     with pytest.raises(TraceError, match="printable"):
         dataclasses.replace(trace.meta, model="qwen\x1b[2J")
+
+
+def test_import_with_a_config_that_names_no_model_takes_its_directorys_name(tmp_path):
+    """As `run` names a checkpoint: a config.json saved without _name_or_path needs no --model-name."""
+    from hybrimoe.demo import demo_model_path
+
+    config = json.loads((demo_model_path() / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    checkpoint = tmp_path / "my-moe"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(3)
+    step = np.stack([np.stack([rng.permutation(config["num_experts"])[:config["num_experts_per_tok"]]
+                               for _ in range(2)]) for _ in range(config["num_hidden_layers"])])  # [L, 2, k]
+    out = tmp_path / "t.npz"
+    result = runner.invoke(app, ["trace", "import", str(_jsonl(tmp_path / "log.jsonl", [step])), "--out", str(out),
+                                 "--config", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert load_trace(out).meta.model == "my-moe"

@@ -24,9 +24,10 @@ from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 DEFAULT_PROFILE_SPLIT = 0.25  # the trace's first quarter is the profiling workload
 DEFAULT_PREFILL_TOKENS = 512  # the prompt length of each simulated prefill
 MAX_PREFILL_TOKENS = 1 << 24  # past any model's positions
+MAX_CACHE_SIZES = 64  # --cache-ratio values: each is a simulation of every strategy
 COLUMNS_PER_TABLE = 3  # cache sizes side by side in one text table: three fit 80 columns
 
-def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
+def _cache_ratios(texts: list[str], flag: str) -> tuple[float, ...]:
     text = ",".join(texts)
     try:
         values = tuple(float(part) for part in _names(texts, flag))
@@ -34,6 +35,9 @@ def _floats(texts: list[str], flag: str) -> tuple[float, ...]:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
     if not all(math.isfinite(value) for value in values):
         raise UserError(f"{flag} takes finite numbers, got {text!r}")
+    if len(values) > MAX_CACHE_SIZES:
+        raise UserError(f"{flag} takes at most {MAX_CACHE_SIZES} cache sizes (each is a simulation of every "
+                        f"strategy), got {len(values)}")
     return values
 
 
@@ -163,7 +167,7 @@ def simulate(
             for comparison in simulate_files(
                 trace,
                 profile,
-                ratios=_floats(cache_ratio, "--cache-ratio"),
+                ratios=_cache_ratios(cache_ratio, "--cache-ratio"),
                 strategies=chosen_strategies,
                 modes=chosen_modes,
                 accelerator_from=accelerator_from,

@@ -407,6 +407,10 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
+            names = [info.filename for info in infos]
+            repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            if repeated is not None:  # which copy numpy reads is the zip's order, not the writer's intent
+                raise TraceError(f"{path}: member {repeated} appears twice")
             for info in infos:
                 if info.flag_bits & 0x1:
                     raise TraceError(f"{path}: member {info.filename} is encrypted")
@@ -523,6 +527,8 @@ def trace_meta_from_hf_config(
     config = read_json(config_path, "config", TraceError)
     if not isinstance(config, dict):
         raise TraceError(f"{config_path}: a config must be a JSON object")
+    if model is None and not config.get("_name_or_path"):
+        model = config_path.resolve().parent.name or None  # the checkpoint directory's name, as `run` names it
     overrides = {k: v for k, v in (("name", model), ("dtype", dtype)) if v is not None}
     try:
         shape = shape_from_hf_config(config, **overrides)

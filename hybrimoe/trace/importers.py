@@ -183,6 +183,8 @@ def import_trace_files(
         raise TraceError(f"unknown trace format {fmt!r}; expected one of {', '.join(IMPORT_FORMATS)}")
     if out.suffix != ".npz":
         raise TraceError(f"{out}: a trace file must end in .npz")
+    if not provenance.isprintable():
+        raise TraceError(f"--provenance must be one line of printable text, got {provenance!r}")
     check_output(out, overwrite, "--out")
     explicit = {
         "n_layers": n_layers,
