@@ -44,7 +44,7 @@ from hybrimoe.errors import ModelError, UserError, printable
 from hybrimoe.host import available_ram_bytes
 from hybrimoe.policy.plan import Planner
 from hybrimoe.capacity import GIB, Capacity, Reserve, check_host_memory, reserve_for, resolve_capacity
-from hybrimoe.run_options import RunOptions, check_options, kept_format
+from hybrimoe.run_options import RunOptions, check_options, check_prompt_chars, kept_format, prompt_chars_limit
 from hybrimoe.runtime import native
 from hybrimoe.runtime.generate import Generated, TextStream, generate
 from hybrimoe.runtime.loading import LoadedModel, ModelFacts, Quantization
@@ -209,7 +209,7 @@ def _tokenize(
     is read) when they cannot fit the model's positions with `max_new_tokens` more."""
     prepare_tokenizer(tokenizer)
     n_positions = facts.config.get("max_position_embeddings")
-    _check_prompt_chars(prompts, tokenizer, n_positions)
+    check_prompt_chars(prompts, _longest_entry(tokenizer), n_positions)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     _check_positions(ids.shape[1], max_new_tokens, n_positions)
@@ -217,26 +217,12 @@ def _tokenize(
 
 
 def max_prompt_chars(tokenizer, n_positions: int | None) -> int | None:
-    """The most characters a prompt can have and still fit the model's positions whatever its
-    tokens: each covers at most its vocabulary entry's characters, with a factor of 2 for
-    normalizers that drop characters. None when the model names no limit."""
-    if not n_positions:
-        return None
-    return 2 * max(map(len, tokenizer.get_vocab()), default=1) * n_positions
+    """`prompt_chars_limit` for this tokenizer's vocabulary."""
+    return prompt_chars_limit(_longest_entry(tokenizer), n_positions)
 
 
-def _check_prompt_chars(prompts: tuple[str, ...], tokenizer, n_positions: int | None) -> None:
-    """Refuses, before tokenizing it (a 24 MB prompt took 40 s and 4.8 GB), a prompt too long to fit
-    the model's positions (`max_prompt_chars`)."""
-    limit = max_prompt_chars(tokenizer, n_positions)
-    if limit is None:
-        return
-    for prompt in prompts:
-        if len(prompt) > limit:
-            raise UserError(
-                f"the prompt is {len(prompt)} characters, more than any {n_positions} tokens hold (the model's "
-                "max_position_embeddings): shorten it"
-            )
+def _longest_entry(tokenizer) -> int:
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def _check_positions(n_prompt_tokens: int, max_new_tokens: int, n_positions: int | None) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from hybrimoe.capacity import GIB, MARGIN_BYTES
 from hybrimoe.config import DTYPE_BYTES, PolicyConfig, load_profile, memory_budget_error
 from hybrimoe.errors import ProfileError, TraceError, UserError
-from hybrimoe.files import check_output, input_file, local_checkpoint, object_without_repeats, real_path
+from hybrimoe.files import (
+    MAX_TEXT_BYTES, check_output, input_file, local_checkpoint, object_without_repeats, real_path,
+)
 from hybrimoe.profile.directory import profile_dir
 from hybrimoe.runtime.replay import check_fits
 from hybrimoe.shapes import ModelShape, check_aliases, shape_from_hf_config
@@ -155,6 +157,10 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     if _whole(positions) and 0 < positions <= new_tokens:
         raise UserError(f"{flag} {new_tokens} leaves no room for a prompt in the model's {positions} positions "
                         "(max_position_embeddings): give fewer")
+    if _whole(positions) and max(map(len, options.prompts), default=0) > 2 * positions:  # may not fit
+        longest = _longest_token_chars(config_path.parent)
+        if longest is not None:
+            check_prompt_chars(options.prompts, longest, positions)
     shape = _shape(config)
     if shape is None:
         return
@@ -171,6 +177,39 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
     experts = shape.expert_shape().quantized(quantize, group_size)  # refuses a group size that does not split rows
     if profile is not None:
         profile.check_expert_shape(experts)
+
+
+def prompt_chars_limit(longest_token_chars: int, n_positions: int | None) -> int | None:
+    """The most characters a prompt can have and still fit the model's positions whatever its
+    tokens: each covers at most the longest vocabulary entry's characters, with a factor of 2 for
+    normalizers that drop characters. None when the model names no limit."""
+    return 2 * max(1, longest_token_chars) * n_positions if n_positions else None
+
+
+def check_prompt_chars(prompts: tuple[str, ...], longest_token_chars: int, n_positions: int | None) -> None:
+    """Refuses, before tokenizing it (a 24 MB prompt took 40 s and 4.8 GB), a prompt too long to fit
+    the model's positions (`prompt_chars_limit`)."""
+    limit = prompt_chars_limit(longest_token_chars, n_positions)
+    for prompt in prompts:
+        if limit is not None and len(prompt) > limit:
+            raise UserError(f"the prompt is {len(prompt)} characters, more than any {n_positions} tokens hold (the "
+                            "model's max_position_embeddings): shorten it")
+
+
+def _longest_token_chars(model_dir: Path) -> int | None:
+    """The longest entry of the vocabulary in `model_dir`'s tokenizer.json (None when there is no
+    such file the loader would read), as the tokenizer's `get_vocab` lists it."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file() or path.stat().st_size > MAX_TEXT_BYTES:
+        return None
+    try:
+        data = json.loads(path.read_text())
+        vocab = data["model"]["vocab"]  # BPE and WordPiece: {piece: id}; Unigram: [[piece, score], ...]
+        pieces = list(vocab) if isinstance(vocab, dict) else [entry[0] for entry in vocab]
+        pieces += [token["content"] for token in data.get("added_tokens") or ()]
+        return max(map(len, pieces), default=None)
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, IndexError):
+        return None
 
 
 def kept_format(options: RunOptions, policy: PolicyConfig) -> tuple[str | None, int]:

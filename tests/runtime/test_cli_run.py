@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,13 +294,15 @@ def test_a_tuned_profile_chooses_the_format(model_dir, tmp_path):
 
 def test_a_refusal_after_loading_is_one_line_without_import_noise(model_dir):
     """Installed optional libraries (torchao, imported by transformers) and transformers' progress bars
-    must not add lines to stderr: a prompt longer than the model's positions is refused after the
-    model's import in one line."""
+    must not add lines to stderr: a prompt of more tokens than the model's positions (but few enough
+    characters to pass the check before the import) is refused after tokenizing, in one line."""
     import subprocess
     import sys
 
+    positions = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
     result = subprocess.run(
-        [sys.executable, "-c", "from hybrimoe.cli import main; main()", "run", "--model", str(model_dir), "--prompt", "x" * 100_000, "-n", "1"],
+        [sys.executable, "-c", "from hybrimoe.cli import main; main()", "run", "--model", str(model_dir), "--prompt",
+         "x " * (positions + 10), "-n", "1"],
         capture_output=True, text=True, timeout=300,
     )
     lines = result.stderr.splitlines()
@@ -346,3 +349,15 @@ def test_a_profile_without_an_accelerator_runs_every_expert_on_the_cpu(model_dir
     path = save_profile(cpu_only, tmp_path / "cpu_only.yaml")
     data = json.loads(_run("--model", model_dir, "--prompt", "ROMEO:", "-n", "4", "--profile", str(path), "--json").stdout)
     assert data["planner"] == "cpu-only" and data["counters"]["cpu_share"] == 1.0
+
+
+def test_the_early_prompt_bound_reads_the_vocabulary_the_tokenizer_has():
+    """`run` refuses an over-long prompt from tokenizer.json before transformers is imported; the
+    bound must be the one the loaded tokenizer gives, or the early check would refuse what fits."""
+    from transformers import AutoTokenizer
+
+    from hybrimoe.demo import demo_model_path
+    from hybrimoe.run_options import _longest_token_chars
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    assert _longest_token_chars(demo_model_path()) == max(map(len, tokenizer.get_vocab()))
