@@ -3,6 +3,13 @@
 Everything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
+
+_Item = TypeVar("_Item")
+
 
 class UserError(Exception):
     """A problem with the user's input (path, flag, file contents, model, budget)."""
@@ -42,3 +49,14 @@ def printable(text: str) -> str:
     """`text` with every character a terminal would act on (escape sequences, carriage returns...)
     written as its Python escape: names and metadata from files are shown, never obeyed."""
     return "".join(char if char.isprintable() or char == " " else ascii(char)[1:-1] for char in text)
+
+
+def first_repeated(items: Iterable[_Item], key: Callable[[_Item], Hashable] = lambda item: item) -> _Item | None:
+    """The first of `items` whose `key` an earlier one had (a flag's value, a file's member, a JSON
+    key given twice), or None."""
+    seen: set[Hashable] = set()
+    for item in items:
+        if key(item) in seen:
+            return item
+        seen.add(key(item))
+    return None

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hybrimoe.errors import UserError
+from hybrimoe.errors import UserError, first_repeated
 
 MAX_TEXT_BYTES = 64 << 20  # a prompt, a config, a list of prompts: far past any real one
 
@@ -78,11 +77,10 @@ def read_text(path: str | os.PathLike, what: str, error: type[UserError] = UserE
 def object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A `json.loads` object hook: a key given twice in one object is refused (JSON would keep the
     last silently, so a config's second `num_experts` would win unseen)."""
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        repeated = next(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+    repeated = first_repeated(key for key, _ in pairs)
+    if repeated is not None:
         raise UserError(f"the key {repeated!r} is given twice (JSON keeps the last silently): keep one")
-    return obj
+    return dict(pairs)
 
 
 def parse_json(text: str, where: str) -> Any:

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hybrimoe.cli import app, console, err_console, user_errors
-from hybrimoe.errors import UserError
+from hybrimoe.errors import UserError, first_repeated
 from hybrimoe.files import real_path
 from hybrimoe.policy.names import BELADY_ORACLE, LOWER_BOUND, STRATEGIES
 
@@ -49,7 +49,7 @@ def _names(texts: list[str], flag: str) -> tuple[str, ...]:
         raise UserError(f"{flag} needs at least one value")
     if not all(parts):
         raise UserError(f"{flag} has an empty item in {','.join(texts)!r}")
-    repeated = next((part for i, part in enumerate(parts) if part in parts[:i]), None)
+    repeated = first_repeated(parts)
     if repeated is not None:
         raise UserError(f"{flag} names {repeated} twice")
     return tuple(parts)
@@ -149,9 +149,9 @@ def simulate(
             raise UserError("--prefill-tokens sets the prompts of --mode prefill, which is not simulated")
         prefill_tokens = DEFAULT_PREFILL_TOKENS if prefill_tokens is None else prefill_tokens
         baseline_params = _baseline_params(baseline, chosen_strategies)
-        repeated = [path for i, path in enumerate(profiles) if real_path(path) in {real_path(q) for q in profiles[:i]}]
-        if repeated:
-            raise UserError(f"--profile {repeated[0]} is given twice")
+        repeated = first_repeated(profiles, key=real_path)
+        if repeated is not None:
+            raise UserError(f"--profile {repeated} is given twice")
         if accelerator_from is not None and real_path(accelerator_from) in {real_path(path) for path in profiles}:
             raise UserError(f"--accelerator-from {accelerator_from} is a --profile itself: it would change nothing")
     with user_errors(), _cells_progress() as on_cell:

@@ -163,11 +163,10 @@ def tune(
 
 def _refuse_repeats(values_by_flag: dict[str, list | tuple]) -> None:
     """A flag given the same value twice (paths compared as the files they are) is a slip."""
-    from hybrimoe.errors import UserError
+    from hybrimoe.errors import UserError, first_repeated
 
     for flag, values in values_by_flag.items():
-        seen = [real_path(value) if isinstance(value, Path) else value for value in values]
-        repeated = next((value for i, value in enumerate(seen) if value in seen[:i]), None)
+        repeated = first_repeated(real_path(value) if isinstance(value, Path) else value for value in values)
         if repeated is not None:
             raise UserError(f"{flag} {repeated} is given twice")
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from hybrimoe.config import DTYPE_BYTES, ExpertShape, over_limit
-from hybrimoe.errors import TraceError, UserError
+from hybrimoe.errors import TraceError, UserError, first_repeated
 from hybrimoe.files import input_file, read_json, write_atomically
 from hybrimoe.shapes import ModelShape, shape_from_hf_config
 
@@ -407,8 +407,7 @@ def _check_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-            names = [info.filename for info in infos]
-            repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            repeated = first_repeated(info.filename for info in infos)
             if repeated is not None:  # which copy numpy reads is the zip's order, not the writer's intent
                 raise TraceError(f"{path}: member {repeated} appears twice")
             for info in infos:
