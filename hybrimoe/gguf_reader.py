@@ -50,7 +50,8 @@ class GgufHeader:
 
 def read_header(path: Path) -> GgufHeader:
     """The header of the GGUF file at `path` (a regular file); a `ModelError` naming what is wrong
-    when it is not a GGUF, is truncated or declares more than it holds."""
+    when it is not a GGUF, is truncated (a tensor's data past the file's end, too) or declares more
+    than it holds."""
     try:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     except ImportError:
@@ -92,7 +93,10 @@ def read_header(path: Path) -> GgufHeader:
         except ValueError:
             raise ModelError(f"{path}: tensor {name} has unknown GGML type {raw_type}") from None
         block_size, type_bytes = GGML_QUANT_SIZES[kind]
-        tensors.append(TensorInfo(name, dims, kind.name, math.prod(dims) // block_size * type_bytes, data_start + offset))
+        tensor = TensorInfo(name, dims, kind.name, math.prod(dims) // block_size * type_bytes, data_start + offset)
+        if tensor.data_offset + tensor.n_bytes > size_bytes:
+            raise ModelError(f"{path}: truncated: tensor {name} ends past the end of the file")
+        tensors.append(tensor)
     return GgufHeader(fields, tuple(tensors))
 
 
