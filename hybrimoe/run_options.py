@@ -143,15 +143,12 @@ def check_against_config(options: RunOptions, new_tokens: int, flag: str) -> Non
         return
     try:
         config = json.loads(config_path.read_text(), object_pairs_hook=object_without_repeats)
+        if not isinstance(config, dict):
+            return
+        check_aliases(config)
     except (OSError, ValueError, RecursionError):
         return
-    except UserError as exc:
-        raise UserError(f"{config_path}: {exc}") from None
-    if not isinstance(config, dict):
-        return
-    try:
-        check_aliases(config)
-    except UserError as exc:
+    except UserError as exc:  # a key given twice, or one setting under two names
         raise UserError(f"{config_path}: {exc}") from None
     positions = config.get("max_position_embeddings")
     if _whole(positions) and 0 < positions <= new_tokens:

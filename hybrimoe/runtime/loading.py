@@ -570,8 +570,7 @@ def place(
     experts = {id(layer.experts) for layer in loaded.layers}
     modules = list(loaded.model.modules())
     moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(old) -> (old, new): tied stay tied
-    stderr = Console(stderr=True)
-    with Progress(console=stderr, transient=True, disable=not (show_progress and stderr.is_terminal)) as progress:
+    with _terminal_progress(show_progress) as progress:
         task = progress.add_task("Placing weights", total=len(modules) + len(loaded.layers))
         for module in modules:
             if id(module) not in experts:
@@ -666,12 +665,18 @@ def load_model(
 
 @contextlib.contextmanager
 def _reading(weight_bytes: int, show: bool) -> Iterator[None]:
-    """A transient line on a terminal's stderr while transformers reads `weight_bytes` of weights."""
+    """A transient line while transformers reads `weight_bytes` of weights."""
     columns = (SpinnerColumn(), TextColumn(f"Reading weights ({weight_bytes / 2**30:.2f} GiB)"), TimeElapsedColumn())
-    stderr = Console(stderr=True)
-    with Progress(*columns, console=stderr, transient=True, disable=not (show and stderr.is_terminal)) as progress:
+    with _terminal_progress(show, *columns) as progress:
         progress.add_task("read", total=None)
         yield
+
+
+def _terminal_progress(show: bool, *columns) -> Progress:
+    """A transient progress display on stderr, shown only on a terminal (elsewhere it would leave
+    blank lines behind)."""
+    stderr = Console(stderr=True)
+    return Progress(*columns, console=stderr, transient=True, disable=not (show and stderr.is_terminal))
 
 
 def from_model(
